@@ -1,0 +1,112 @@
+"""Peak memory and tokens/s of the diagnose statistics pass: chunked (tsopsd) vs naive full logits, same run.
+
+    python benchmarks/diagnose_memory.py [--vocab 151936] [--tokens 4096] [--hidden 256] [--layers 2]
+
+Each arm runs in a fresh subprocess on the same random-initialised Qwen3 model and the same 4,096 completion
+tokens. Peak extra memory is the process's peak RSS minus its RSS after setup (CPU), or
+torch.cuda.max_memory_allocated minus the allocation after setup (CUDA). Both arms compute the same statistics:
+entropy, top-1 probability, top-k mass (k = 1, 5, 10, 50), entropy at τ = 1.6, and log p(token).
+Target (issue 2): chunked uses at least 5x less peak extra memory and is no slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def arm(name: str, args) -> dict:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tsopsd_cli.core import stats as S
+    from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
+                      intermediate_size=args.hidden * 3, max_position_embeddings=4096, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg).to(dev).eval()
+    seq_len = args.tokens // args.seqs
+    prompt_len = 16
+    seqs = [(torch.randint(0, args.vocab, (prompt_len,)).tolist(),
+             torch.randint(0, args.vocab, (seq_len,)).tolist()) for _ in range(args.seqs)]
+    temps, ks = [1.0, 1.6], [1, 5, 10, 50]
+    _, head = decoder_and_head(model)
+    batch = pack(seqs, 0, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = rss_mb()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if name == "chunked":
+            hidden, _ = completion_hidden(model, batch)
+            st = S.chunked_token_stats(hidden, head, temps, ks, args.chunk_size, target=batch.targets)
+        else:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, T, V]
+            flat = logits[batch.rows, batch.cols]  # [N, V]
+            st = S.logits_token_stats(flat, temps, ks, target=batch.targets)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"arm": name, "tokens": int(st.entropy.numel()), "seconds": seconds,
+            "tokens_per_s": st.entropy.numel() / seconds, "peak_extra_mb": peak,
+            "entropy_mean": float(st.entropy.mean())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arm", choices=["chunked", "naive"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.arm:
+        print(json.dumps(arm(args.arm, args)))
+        return 0
+    results = {}
+    for name in ("naive", "chunked"):
+        cmd = [sys.executable, __file__, "--arm", name] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "arm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{name} arm failed:\n{proc.stderr}", file=sys.stderr)
+            return 1
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[name]
+        print(f"{name:8s} tokens={r['tokens']} peak_extra={r['peak_extra_mb']:.0f} MiB "
+              f"time={r['seconds']:.2f} s tokens/s={r['tokens_per_s']:.0f} entropy={r['entropy_mean']:.5f}")
+    n, c = results["naive"], results["chunked"]
+    mem_ratio = n["peak_extra_mb"] / max(c["peak_extra_mb"], 1e-9)
+    speed_ratio = c["tokens_per_s"] / n["tokens_per_s"]
+    agree = abs(n["entropy_mean"] - c["entropy_mean"]) < 1e-3
+    print(f"memory: naive/chunked = {mem_ratio:.1f}x (target >= 5x)  "
+          f"speed: chunked/naive = {speed_ratio:.2f}x (target >= 1.0)  same statistics: {agree}")
+    print(json.dumps({"device": args.device, "vocab": args.vocab, "tokens": args.tokens,
+                      "memory_ratio": mem_ratio, "speed_ratio": speed_ratio, "same_statistics": agree}))
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny Qwen3 checkpoints built from a config with the toy tokenizer (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def make_tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    from transformers import Qwen3ForCausalLM
+
+    from tsopsd_cli.checkpoint import provenance, save_checkpoint
+    from tsopsd_cli.tasks import toy
+
+    torch.manual_seed(seed)
+    tok = toy.build_tokenizer()
+    cfg = toy.build_model_config(len(tok), hidden, layers, 2, 2 * hidden, 128, tok.pad_token_id, tok.eos_token_id)
+    model = Qwen3ForCausalLM(cfg).eval()
+    save_checkpoint(model, tok, path, provenance("test", {}, None, None))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_other(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-other", seed=1)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the real console entry point; returns CompletedProcess with text stdout/stderr."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env.pop("TSOPSD_PROGRESS", None)
+    exe = Path(sys.executable).parent / "tsopsd"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

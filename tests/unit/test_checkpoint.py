@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tsopsd_cli.checkpoint import atomic_dir, fingerprint, inspect_checkpoint, load_checkpoint
+from tsopsd_cli.errors import CheckpointError, OutputExistsError
+
+
+def test_saved_checkpoint_reloads_with_plain_transformers(tiny_ckpt):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours = load_checkpoint(tiny_ckpt, device="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    ids = torch.tensor([tok("(1+2)*3=?\n")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, ours.model(input_ids=ids).logits)
+    prov = json.loads((tiny_ckpt / "tsopsd.json").read_text())
+    assert prov["tool"] == "tsopsd" and "recipe" in prov
+    gen = json.loads((tiny_ckpt / "generation_config.json").read_text())
+    assert gen["top_k"] == 0 and gen["top_p"] == 1.0
+
+
+def test_fingerprint_is_stable_and_content_sensitive(tiny_ckpt, tiny_ckpt_other):
+    assert fingerprint(tiny_ckpt) == fingerprint(tiny_ckpt)
+    assert fingerprint(tiny_ckpt) != fingerprint(tiny_ckpt_other)
+    assert fingerprint(tiny_ckpt, full_hash_limit=0) != fingerprint(tiny_ckpt_other, full_hash_limit=0)
+
+
+def test_atomic_dir_leaves_nothing_on_failure_and_refuses_existing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(OutputExistsError):
+        with atomic_dir(out):
+            pass
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def broken_copies(src, root):
+    """(name, path, expected message fragment) for each kind of bad checkpoint."""
+    cases = []
+
+    def copy(name):
+        d = root / name
+        shutil.copytree(src, d)
+        return d
+
+    cases.append(("missing", root / "nope", "no such checkpoint directory"))
+    d = copy("noconfig"); (d / "config.json").unlink(); cases.append(("noconfig", d, "no config.json"))  # noqa: E702
+    d = copy("noweights"); (d / "model.safetensors").unlink(); cases.append(("noweights", d, "no model weights"))  # noqa: E702,E501
+    d = copy("truncated")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases.append(("truncated", d, "truncated safetensors"))
+    d = copy("corrupt"); (d / "model.safetensors").write_bytes(b"\x00" * 4 + b"garbage"); cases.append(("corrupt", d, "corrupt safetensors"))  # noqa: E702,E501
+    d = copy("notok")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).unlink()
+    cases.append(("notok", d, "no tokenizer files"))
+    d = copy("arch")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "not-a-real-arch"
+    (d / "config.json").write_text(json.dumps(cfg))
+    cases.append(("arch", d, "unsupported architecture"))
+    d = copy("pickle")
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    cases.append(("pickle", d, "only pickle weights"))
+    f = root / "afile"
+    f.write_text("x")
+    cases.append(("file", f, "must be a directory"))
+    return cases
+
+
+def test_each_bad_checkpoint_gets_one_clear_error(tiny_ckpt, tmp_path):
+    for name, path, fragment in broken_copies(tiny_ckpt, tmp_path):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path, device="cpu")
+        assert fragment in str(e.value), (name, str(e.value))
+        assert "\n" not in str(e.value)
+
+
+def test_inspect_accepts_good_checkpoint(tiny_ckpt):
+    config, files = inspect_checkpoint(tiny_ckpt)
+    assert config["model_type"] == "qwen3" and files[0].name == "model.safetensors"

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import torch
+
+from tsopsd_cli.checkpoint import load_checkpoint
+from tsopsd_cli.engines import SamplingParams
+from tsopsd_cli.engines.hf import HFEngine, filter_logits
+from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all()
+    kept = ~torch.isinf(filter_logits(logits, 0, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert not torch.isinf(filter_logits(logits, 0, 1.0)).any()
+
+
+def test_generation_is_seeded_and_logprobs_match_teacher_forcing(tiny_ckpt):
+    ld = load_checkpoint(tiny_ckpt, device="cpu")
+    eng = HFEngine(ld.model, ld.tokenizer, batch_size=3)  # batches of 3 over 2 prompts x 3 samples (ragged)
+    params = SamplingParams(num_generations=3, temperature=1.3, max_new_tokens=12, seed=5)
+    prompts = ["1+2=?\n", "(3*4)-5=?\n"]
+    a = eng.generate(prompts, params)
+    b = eng.generate(prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [(c.prompt_index, c.sample_index) for c in a] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    # logprobs are log softmax(logits / T) of the sampled tokens, as a teacher-forced pass computes them
+    _, head = decoder_and_head(ld.model)
+    seqs = [(c.prompt_ids, c.token_ids) for c in a]
+    batch = pack(seqs, ld.tokenizer.pad_token_id, ld.device)
+    with torch.no_grad():
+        hidden, _ = completion_hidden(ld.model, batch)
+        lp = (head(hidden) / 1.3).log_softmax(-1).gather(-1, batch.targets[:, None]).squeeze(-1)
+    want = torch.tensor([x for c in a for x in c.logprobs])
+    torch.testing.assert_close(lp, want, atol=2e-4, rtol=1e-4)
+    for c in a:
+        assert len(c.logprobs) == len(c.token_ids) <= 12
+        assert c.finish_reason == ("stop" if ld.tokenizer.eos_token_id in c.token_ids else "length")
+        # completions end at the first eos; the pad token is a real token a model may sample, so it may appear
+        assert ld.tokenizer.eos_token_id not in c.token_ids[:-1]
+
+
+def test_stop_strings_end_completions(tiny_ckpt):
+    ld = load_checkpoint(tiny_ckpt, device="cpu")
+    eng = HFEngine(ld.model, ld.tokenizer)
+    free = eng.generate(["1+1=?\n"], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0))
+    # stop on a character that some unconstrained sample contains
+    char = next(ch for c in free for ch in c.text if ch.strip())
+    cut = eng.generate(["1+1=?\n"], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0,
+                                                   stop=(char,)))
+    for f, c in zip(free, cut):
+        if char in f.text:
+            assert c.finish_reason == "stop" and c.text.endswith(char) and c.text.count(char) == 1
+            assert f.text.startswith(c.text)

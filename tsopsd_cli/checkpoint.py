@@ -1,0 +1,271 @@
+"""Hugging Face checkpoint directories: checked loading, atomic saving, fingerprints, provenance.
+
+Loading refuses, with one line each (exit 2): a missing path, no config.json, no weights, pickle weights without
+`allow_pickle`, corrupt or truncated safetensors, a missing tokenizer, an architecture transformers cannot load
+as a causal LM. Saving writes into a hidden temporary sibling and renames it into place, so a crash never leaves
+a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tsopsd_cli import __version__
+from tsopsd_cli.errors import CheckpointError, OutputExistsError
+
+PROVENANCE_FILE = "tsopsd.json"
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class Loaded:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # PreTrainedTokenizerBase
+    path: Path
+    fingerprint: str
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+
+
+# ----------------------------------------------------------------------------------------------- inspection
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index") from None
+        files = sorted({path / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{path}: shard {f.name} named in the index is missing")
+        return files
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def check_safetensors(file: Path) -> dict:
+    """Read and check a safetensors header against the file size; returns the header."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+    return header
+
+
+def inspect_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, list[Path]]:
+    """Check a checkpoint directory without loading weights; returns (config dict, weight files)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a checkpoint must be a directory (a Hugging Face model folder)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint)")
+    try:
+        config = json.loads(cfg_file.read_text())
+        assert isinstance(config, dict)
+    except (ValueError, AssertionError):
+        raise CheckpointError(f"{cfg_file}: not valid JSON") from None
+    files = _safetensors_files(path)
+    if not files:
+        pickles = [path / n for n in PICKLE_WEIGHTS if (path / n).is_file()]
+        if pickles and not allow_pickle:
+            raise CheckpointError(f"{path}: only pickle weights ({pickles[0].name}); pickle can run code on load, "
+                                  "pass --allow-pickle if you trust this checkpoint")
+        if not pickles:
+            raise CheckpointError(f"{path}: no model weights (model.safetensors or an index)")
+        files = pickles
+    else:
+        for f in files:
+            check_safetensors(f)
+    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    return config, files
+
+
+def fingerprint(path: str | os.PathLike, full_hash_limit: int = 1 << 30) -> str:
+    """sha256 over config.json and the weights: whole files when they total under `full_hash_limit` bytes,
+    else each file's header, size and 1 MiB at start, middle and end (fast for multi-GB checkpoints)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    files = _safetensors_files(path) or [path / n for n in PICKLE_WEIGHTS if (path / n).is_file()]
+    total = sum(f.stat().st_size for f in files)
+    for f in files:
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            if total <= full_hash_limit:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                for offset in (0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))):
+                    fh.seek(offset)
+                    h.update(fh.read(1 << 20))
+    return "sha256:" + h.hexdigest()[:32]
+
+
+# -------------------------------------------------------------------------------------------------- loading
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto",
+                    trust_remote_code: bool = False, allow_pickle: bool = False,
+                    attn_implementation: str | None = None) -> Loaded:
+    config, _ = inspect_checkpoint(path, allow_pickle=allow_pickle)
+    path = Path(path)
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    model_type = config.get("model_type")
+    if not trust_remote_code and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CheckpointError(f"{path}: unsupported architecture (model_type={model_type!r} is not a causal LM "
+                              "that transformers knows; --trust-remote-code runs the checkpoint's own code)")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise CheckpointError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
+    kwargs: dict[str, Any] = dict(dtype=dt, trust_remote_code=trust_remote_code,
+                                  use_safetensors=not allow_pickle or None)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot load model ({_first_line(e)})") from None
+    model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return Loaded(model=model, tokenizer=tokenizer, path=path, fingerprint=fingerprint(path), device=dev, dtype=dt)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------------- saving
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success rename it to `out` (replacing it only with `overwrite`).
+    On any exception the temporary directory is removed and `out` is left as it was."""
+    out = Path(out)
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_out(out: str | os.PathLike | None, overwrite: bool) -> None:
+    """Refuse an existing output path unless `overwrite` (call before any work starts)."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
+
+
+def provenance(command: str, recipe: Any, source: str | None, source_fingerprint: str | None,
+               metrics: dict | None = None, started: float | None = None) -> dict:
+    import torch
+    import transformers
+
+    now = time.time()
+    return {
+        "tool": "tsopsd",
+        "version": __version__,
+        "command": command,
+        "argv": sys.argv,
+        "recipe": recipe.model_dump(mode="json") if hasattr(recipe, "model_dump") else recipe,
+        "source_checkpoint": source,
+        "source_fingerprint": source_fingerprint,
+        "metrics": metrics or {},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started or now)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "seconds": round(now - (started or now), 3),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def write_checkpoint(model, tokenizer, directory: Path, prov: dict, max_shard_size: str = "5GB") -> None:
+    """Write an HF checkpoint into an existing (temporary) directory: sharded safetensors, tokenizer,
+    a generation config that samples without hidden top-k/top-p, and the tsopsd.json provenance."""
+    import transformers
+    from transformers import GenerationConfig
+
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(directory)
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    gen.save_pretrained(directory)
+    (directory / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+
+
+def save_checkpoint(model, tokenizer, out: str | os.PathLike, prov: dict, overwrite: bool = False) -> Path:
+    with atomic_dir(out, overwrite) as tmp:
+        write_checkpoint(model, tokenizer, tmp, prov)
+    return Path(out)

@@ -1,0 +1,65 @@
+"""What every command shares: recipe resolution from flags, output modes, progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from tsopsd_cli.progress import Progress
+from tsopsd_cli.recipe import build_recipe, parse_set_options
+from tsopsd_cli.report import json_safe
+
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML file.",
+                                                   rich_help_panel="Recipe")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override any recipe field: section.field=value (repeatable).", rich_help_panel="Recipe")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; no progress.",
+                                       rich_help_panel="Output")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (written atomically).",
+                                                rich_help_panel="Output")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.",
+                                            rich_help_panel="Output")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N.",
+                                                  rich_help_panel="Model")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16.",
+                                                 rich_help_panel="Model")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights (can run code).",
+                                         rich_help_panel="Model")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the checkpoint.",
+                                         rich_help_panel="Model")]
+
+
+def resolve(command: str, recipe_file: Path | None, sets: list[str] | None, flags: dict[str, Any]):
+    """Recipe from defaults < file < typed flags < --set. Flags left at None/False are not applied."""
+    overrides = [(k, v) for k, v in flags.items() if v is not None and v is not False]
+    overrides += parse_set_options(sets or [])
+    return build_recipe(command, recipe_file, overrides)
+
+
+def progress_for(json_out: bool, quiet: bool) -> Progress:
+    return Progress(enabled=not (json_out or quiet) and sys.stderr.isatty() or _forced())
+
+
+def _forced() -> bool:
+    import os
+
+    return os.environ.get("TSOPSD_PROGRESS") == "1"
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(json_safe(obj), indent=None) + "\n")
+    sys.stdout.flush()
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+EXAMPLE = "[bold]Example:[/bold] "

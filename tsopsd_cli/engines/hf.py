@@ -1,0 +1,122 @@
+"""Rollouts with transformers: batched, left-padded, KV-cached sampling written out step by step.
+
+Why not `model.generate`: its generation config can silently add top_k=50 or a max_length, and its scores are
+after logit processing. This loop samples exactly softmax(logits / temperature), optionally truncated by the
+explicit top_k/top_p of the recipe, and returns the untruncated temperature-scaled log-probs of sampled tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tsopsd_cli.engines.base import Completion, SamplingParams
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k / nucleus sets with -inf.  logits: [B, V] -> [B, V]"""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model, tokenizer, batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams, progress=None) -> list[Completion]:
+        tok = self.tokenizer
+        prompt_ids = [tok(p)["input_ids"] for p in prompts]
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(params.num_generations)]
+        gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        out: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(jobs), self.batch_size):
+                batch = jobs[s:s + self.batch_size]
+                out.extend(self._generate_batch([prompt_ids[i] for i, _ in batch], batch, params, gen))
+                if progress is not None:
+                    progress(len(batch))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_batch(self, ids: list[list[int]], jobs, params: SamplingParams, gen) -> list[Completion]:
+        from transformers import DynamicCache
+
+        tok, dev = self.tokenizer, self.device
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+        bsz, width = len(ids), max(len(x) for x in ids)
+        input_ids = torch.full((bsz, width), pad, dtype=torch.long)
+        mask = torch.zeros((bsz, width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            input_ids[r, width - len(x):] = torch.tensor(x)
+            mask[r, width - len(x):] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        tokens = torch.empty((bsz, 0), dtype=torch.long, device=dev)
+        logps = torch.empty((bsz, 0), dtype=torch.float32, device=dev)
+        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        stopped_by_string = [False] * bsz
+        step_ids, step_pos = input_ids, positions
+        for _ in range(params.max_new_tokens):
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            scaled = logits.float() / params.temperature  # [B, V]
+            logp = scaled.log_softmax(-1)
+            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # [B]
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            logps = torch.cat([logps, logp.gather(-1, nxt[:, None])], 1)
+            done = done | (nxt == eos)
+            if params.stop:
+                for r in range(bsz):
+                    if not done[r]:
+                        tail = tok.decode(tokens[r, -16:].tolist(), skip_special_tokens=True)
+                        if any(s in tail for s in params.stop):
+                            done[r] = True
+                            stopped_by_string[r] = True
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=dev)], 1)
+            step_pos = step_pos[:, -1:] + 1
+            step_ids = nxt[:, None]
+        result = []
+        tokens, logps = tokens.cpu(), logps.cpu()
+        for r, (pi, si) in enumerate(jobs):
+            row = tokens[r].tolist()
+            n = len(row)
+            reason = "length"
+            if eos in row:
+                n, reason = row.index(eos) + 1, "stop"
+            elif stopped_by_string[r]:
+                n = _first_stop_end(tok, row, params.stop)
+                reason = "stop"
+            text = tok.decode(row[:n], skip_special_tokens=True)
+            result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=ids[r], token_ids=row[:n],
+                                     text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason))
+        return result
+
+
+def _first_stop_end(tok, row: list[int], stop: tuple[str, ...]) -> int:
+    """Shortest prefix of `row` whose text contains a stop string."""
+    for n in range(1, len(row) + 1):
+        text = tok.decode(row[:n], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            return n
+    return len(row)

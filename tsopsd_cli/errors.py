@@ -1,0 +1,56 @@
+"""Errors a user can act on, each with its documented exit code (docs/cli.md).
+
+The CLI prints `tsopsd: error: <message>` on stderr and exits with `exit_code`; any other exception is a bug and
+exits 1 (with the traceback only when TSOPSD_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected error (a bug) or a failed run
+EXIT_USAGE = 2  # bad input: flags, recipe, checkpoint, data, existing --out
+EXIT_NONFINITE = 3  # training stopped on a non-finite loss or gradient; last good checkpoint kept
+EXIT_MISSING_DEPENDENCY = 4  # an optional extra (vllm, matplotlib, trl, ...) was asked for and is not installed
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: a resumable checkpoint was saved first
+
+
+class TsopsdError(Exception):
+    """Base class: a message for the user and an exit code."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, *, lines: list[str] | None = None):
+        super().__init__(message)
+        self.lines = lines or [message]
+
+
+class UsageError(TsopsdError):
+    exit_code = EXIT_USAGE
+
+
+class RecipeError(UsageError):
+    """One line per problem, `field.path: message`."""
+
+
+class CheckpointError(UsageError):
+    pass
+
+
+class DataError(UsageError):
+    pass
+
+
+class OutputExistsError(UsageError):
+    pass
+
+
+class MissingDependencyError(TsopsdError):
+    exit_code = EXIT_MISSING_DEPENDENCY
+
+
+class NonFiniteError(TsopsdError):
+    exit_code = EXIT_NONFINITE
+
+
+class Interrupted(TsopsdError):
+    exit_code = EXIT_INTERRUPTED

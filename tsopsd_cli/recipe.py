@@ -1,0 +1,278 @@
+"""Recipes: one pydantic model per command, built from shared sections.
+
+A recipe is resolved in three layers, later ones winning: the model's defaults, `--recipe FILE.yaml`, then the
+command line (typed flags and `--set section.field=value`). Every problem is reported as `field.path: message`
+and exits 2 before anything is written. The effective recipe is saved beside every output.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tsopsd_cli.errors import RecipeError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------- shared sections
+class ModelSection(Section):
+    """How a checkpoint is loaded."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and compute dtype. auto: bfloat16 on GPU, float32 on CPU.")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the checkpoint. Off unless asked.")
+    allow_pickle: bool = Field(False, description="Accept pickle (.bin/.pt) weights. Off: safetensors only.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; None lets transformers choose.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return v
+
+
+class ToyData(Section):
+    """Prompts from the built-in toy world."""
+
+    type: Literal["toy"] = "toy"
+    split: Literal["train", "test"] = Field("test", description="Toy split the prompts come from.")
+    num_prompts: PositiveInt = Field(64, description="Number of distinct problems.")
+    levels: list[Literal[1, 2, 3]] = Field([1, 2, 3], min_length=1, description="Number of chained operations.")
+    seed: int = Field(0, description="Seed of the problem draw.")
+
+
+class JsonlData(Section):
+    """Prompts from a local JSON-lines file."""
+
+    type: Literal["jsonl"] = "jsonl"
+    path: Path = Field(description="JSONL file, one problem per line.")
+    question_field: str = Field("problem", description="Field holding the question text.")
+    answer_field: str | None = Field("answer", description="Field holding the gold answer (None: no grading).")
+    id_field: str | None = Field(None, description="Field holding a problem id (None: the line number).")
+    prompt_template: str = Field("{question}", description="Python format string with {question}.")
+    limit: PositiveInt | None = Field(None, description="Use only the first N problems.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain {question}")
+        return v
+
+
+DataSection = Annotated[Union[ToyData, JsonlData], Field(discriminator="type")]
+
+
+class RolloutSection(Section):
+    """Sampling of completions (the engines)."""
+
+    engine: Literal["hf"] = Field("hf", description="hf: transformers on CPU or GPU (batched, KV cache).")
+    num_generations: PositiveInt = Field(4, description="Completions sampled per prompt.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0 is off.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 is off.")
+    max_new_tokens: PositiveInt = Field(64, description="Longest completion, in tokens.")
+    batch_size: PositiveInt = Field(64, description="Sequences per generation call.")
+    stop: list[str] = Field([], description="Strings that end a completion (kept in the text).")
+    seed: int = Field(0, description="Sampling seed.")
+
+
+class OutputSection(Section):
+    out: Path | None = Field(None, description="Output directory (written atomically).")
+    overwrite: bool = Field(False, description="Replace an existing output directory.")
+    plots: bool = Field(True, description="Write PNG plots when matplotlib (the plots extra) is installed.")
+
+
+# -------------------------------------------------------------------------------------------------- diagnose
+class DiagnoseSection(Section):
+    texts: Path | None = Field(None, description="JSONL of {prompt, completion} pairs: teacher-forced mode.")
+    reference: Path | None = Field(None, description="Reference checkpoint (same tokenizer) to compare against.")
+    chunk_size: PositiveInt = Field(256, description="Tokens per chunk of the vocabulary projection.")
+    batch_size: PositiveInt = Field(16, description="Sequences per forward pass.")
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field(
+        [1.0, 1.2, 1.4, 1.6, 2.0], min_length=1, description="Temperatures for the entropy-sensitivity curve.")
+    topk: list[PositiveInt] = Field([1, 5, 10, 50], min_length=1, description="k for top-k mass and Jaccard@k.")
+    entropy_thresholds: list[Annotated[float, Field(ge=0)]] = Field(
+        [0.1, 0.5, 1.0], description="Report the fraction of tokens with entropy above each (nats).")
+    top_entropy_fraction: float = Field(0.2, gt=0, le=1, description="Share of highest-entropy tokens whose "
+                                        "part of the total entropy is reported.")
+    histogram_bins: PositiveInt = Field(20, description="Bins of the entropy histogram.")
+
+
+class DiagnoseRecipe(Section):
+    command: Literal["diagnose"] = "diagnose"
+    model: ModelSection = ModelSection()
+    data: DataSection = ToyData()
+    rollout: RolloutSection = RolloutSection()
+    diagnose: DiagnoseSection = DiagnoseSection()
+    output: OutputSection = OutputSection()
+
+
+# -------------------------------------------------------------------------------------------------- toy init
+class ToyModelSection(Section):
+    hidden_size: PositiveInt = Field(128, description="Width of the tiny Qwen3 model.")
+    num_layers: PositiveInt = Field(5, description="Decoder layers.")
+    num_heads: PositiveInt = Field(4, description="Attention heads (key/value heads: half).")
+    intermediate_size: PositiveInt = Field(384, description="MLP width.")
+    max_positions: PositiveInt = Field(256, description="Longest sequence the model is built for.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class SFTSection(Section):
+    steps: PositiveInt = Field(360, description="Optimiser steps of supervised training on worked solutions.")
+    batch_size: PositiveInt = Field(64, description="Worked solutions per step.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, linear warm-up, cosine decay).")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0)
+    levels: list[Literal[1, 2, 3]] = Field([1, 2, 3], min_length=1, description="Problem levels trained on.")
+    eval_problems: PositiveInt = Field(128, description="Test problems for the accuracy stated at the end.")
+    seed: int = Field(0, description="Seed of initialisation and training data.")
+
+
+class ToyInitRecipe(Section):
+    command: Literal["toy-init"] = "toy-init"
+    model: ToyModelSection = ToyModelSection()
+    train: SFTSection = SFTSection()
+    output: OutputSection = OutputSection()
+
+
+RECIPES: dict[str, type[Section]] = {
+    "diagnose": DiagnoseRecipe,
+    "toy-init": ToyInitRecipe,
+}
+
+
+# ---------------------------------------------------------------------------------------- loading/overriding
+def _format_errors(err: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("toy", "jsonl")
+                                                         and e["loc"][0] == "data"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{prefix}{loc or '(recipe)'}: {msg}")
+    return lines
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML scalars and flow collections (1.6, true, null, [1, 2]); anything else is a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise RecipeError(f"--set {dotted}: empty field name")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"{dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set_options(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item}: expected section.field=value")
+        out.append((key.strip(), parse_value(raw)))
+    return out
+
+
+def read_recipe_file(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections")
+    return data
+
+
+def build_recipe(command: str, recipe_file: Path | None = None,
+                 overrides: list[tuple[str, Any]] = ()) -> Section:
+    """Defaults < recipe file < overrides; raises RecipeError with one line per problem."""
+    cls = RECIPES[command]
+    tree: dict = read_recipe_file(recipe_file) if recipe_file else {}
+    if tree.get("command", command) != command:
+        raise RecipeError(f"{recipe_file}: this recipe is for '{tree['command']}', not '{command}'")
+    data_override = any(k.startswith("data.") for k, _ in overrides)
+    for key, value in overrides:
+        if key == "data.type" and isinstance(tree.get("data"), dict) and tree["data"].get("type") != value:
+            tree["data"] = {}  # switching prompt source: the old source's fields do not apply
+        set_path(tree, key, value)
+    if data_override and isinstance(tree.get("data"), dict) and "type" not in tree["data"]:
+        tree["data"]["type"] = "toy"
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        prefix = f"{recipe_file}: " if recipe_file else ""
+        raise RecipeError("invalid recipe", lines=_format_errors(e, prefix)) from None
+
+
+def command_of_file(path: Path, tree: dict) -> str:
+    """The command a recipe file is for: its `command:` key, else its folder (recipes/<command>/x.yaml)."""
+    if "command" in tree:
+        return str(tree["command"])
+    parent = Path(path).resolve().parent.name
+    return {"toy": "toy-init"}.get(parent, parent)
+
+
+def validate_file(path: Path) -> list[str]:
+    """Problems of one recipe file, `file: field.path: message` each; empty when it is valid."""
+    try:
+        tree = read_recipe_file(path)
+        command = command_of_file(path, tree)
+        if command not in RECIPES:
+            return [f"{path}: cannot tell which command this recipe is for (add 'command: "
+                    f"{'|'.join(RECIPES)}')"]
+        RECIPES[command].model_validate(tree)
+    except RecipeError as e:
+        return e.lines
+    except ValidationError as e:
+        return _format_errors(e, f"{path}: ")
+    return []
+
+
+def recipe_to_yaml(recipe: Section) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def defaults_yaml(command: str) -> str:
+    return recipe_to_yaml(RECIPES[command]())

@@ -1,0 +1,241 @@
+"""`tsopsd diagnose`: entropy, sharpness, temperature sensitivity and top-k statistics of a checkpoint, on its own
+rollouts (sampled mode) or on given (prompt, completion) pairs (teacher-forced mode), optionally against a
+reference checkpoint (KL both ways, top-1 agreement, Jaccard@k, per-layer CKA and cosine).
+
+Every statistic covers completion tokens only and comes from a chunked pass over hidden states (core.stats).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from tsopsd_cli.checkpoint import Loaded, atomic_dir, check_out, load_checkpoint
+from tsopsd_cli.core import stats as S
+from tsopsd_cli.core.representation import LayerSimilarity
+from tsopsd_cli.errors import CheckpointError, DataError
+from tsopsd_cli.modeling import check_head_matches, completion_hidden, decoder_and_head, pack
+from tsopsd_cli.progress import NULL, Progress
+from tsopsd_cli.report import json_safe
+from tsopsd_cli.recipe import DiagnoseRecipe, recipe_to_yaml
+
+
+def load_for(recipe, path) -> Loaded:
+    m = recipe.model
+    return load_checkpoint(path, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code,
+                           allow_pickle=m.allow_pickle, attn_implementation=m.attn_implementation)
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
+    from tsopsd_cli.tasks import read_jsonl
+
+    seqs = []
+    for n, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise DataError(f"{path}:{n}: needs string fields 'prompt' and 'completion'")
+        p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        if not p or not c:
+            raise DataError(f"{path}:{n}: empty prompt or completion")
+        seqs.append((p, c))
+    return seqs
+
+
+def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
+    """Rollouts from the checkpoint; returns sequences and the rollout summary (diversity, accuracy)."""
+    from tsopsd_cli.engines import make_engine, sampling_params
+    from tsopsd_cli.tasks import load_problems
+    from tsopsd_cli.tasks.grading import Grader, extract_answer
+
+    problems = load_problems(recipe.data)
+    params = sampling_params(recipe.rollout)
+    engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size)
+    with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
+        comps = engine.generate([p.prompt for p in problems], params, progress=advance)
+    seqs = [(c.prompt_ids, c.token_ids) for c in comps if c.token_ids]
+    by_prompt: dict[int, list] = {}
+    for c in comps:
+        by_prompt.setdefault(c.prompt_index, []).append(c)
+    summary = {
+        "num_prompts": len(problems),
+        "num_generations": params.num_generations,
+        "temperature": params.temperature,
+        "distinct_completions": _mean([len({c.text for c in cs}) for cs in by_prompt.values()]),
+        "distinct_answers": _mean([len({extract_answer(c.text) for c in cs}) for cs in by_prompt.values()]),
+        "mean_length": _mean([len(c.token_ids) for c in comps]),
+        "truncation_rate": _mean([c.finish_reason == "length" for c in comps]),
+    }
+    graded = [(c.text, problems[c.prompt_index].answer) for c in comps if problems[c.prompt_index].answer]
+    if graded:
+        with Grader() as grader:
+            grades = grader.grade_many(graded)
+        summary["accuracy"] = _mean([g.correct for g in grades])
+        summary["graded"] = len(grades)
+    return seqs, summary
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(sum(xs)) / len(xs) if xs else float("nan")
+
+
+def token_pass(recipe: DiagnoseRecipe, seqs, loaded: Loaded, ref: Loaded | None, progress: Progress):
+    """Chunked statistics over all completion tokens; returns (TokenStats, positions [N], layer similarity)."""
+    d = recipe.diagnose
+    _, head = decoder_and_head(loaded.model)
+    ref_head = decoder_and_head(ref.model)[1] if ref else None
+    layer_sim = LayerSimilarity() if ref else None
+    parts, positions = [], []
+    with progress.task("statistics", total=len(seqs)) as advance, torch.no_grad():
+        for s in range(0, len(seqs), d.batch_size):
+            chunk = seqs[s:s + d.batch_size]
+            batch = pack(chunk, loaded.tokenizer.pad_token_id, loaded.device)
+            hidden, layers = completion_hidden(loaded.model, batch, all_layers=ref is not None)
+            ref_hidden = None
+            if ref is not None:
+                rb = pack(chunk, ref.tokenizer.pad_token_id, ref.device)
+                ref_hidden, ref_layers = completion_hidden(ref.model, rb, all_layers=True)
+                ref_hidden = ref_hidden.to(loaded.device)
+                if len(layers) == len(ref_layers):
+                    layer_sim.add(layers, [h.to(loaded.device) for h in ref_layers])
+            parts.append(S.chunked_token_stats(hidden, head, d.temperatures, d.topk, d.chunk_size,
+                                               target=batch.targets, ref_hidden=ref_hidden, ref_head=ref_head))
+            positions.append(batch.completion_pos)
+            advance(len(chunk))
+    return S._cat(parts), torch.cat(positions), layer_sim
+
+
+def summarize(recipe: DiagnoseRecipe, st: S.TokenStats, positions: torch.Tensor) -> dict:
+    d = recipe.diagnose
+    ent = st.entropy
+    report = {
+        "num_tokens": int(ent.numel()),
+        "entropy": {
+            "mean": float(ent.double().mean()),
+            "std": float(ent.double().std()) if ent.numel() > 1 else 0.0,
+            "median": float(ent.double().median()),
+            "quantiles": S.quantiles(ent),
+            "above": {str(t): float((ent > t).double().mean()) for t in d.entropy_thresholds},
+            "top_fraction": d.top_entropy_fraction,
+            "top_fraction_share": S.top_fraction_share(ent, d.top_entropy_fraction),
+            "histogram": S.histogram(ent, d.histogram_bins),
+        },
+        "top1_prob": {"mean": float(st.top1_prob.double().mean()), "median": float(st.top1_prob.double().median())},
+        "topk_mass": {str(k): float(v.double().mean()) for k, v in st.topk_mass.items()},
+        "effective_support": {"mean": float(ent.double().exp().mean()),
+                              "median": float(ent.double().exp().median())},
+        "temperature_entropy": {f"{t:g}": float(v.double().mean()) for t, v in st.entropy_at.items()},
+        "nll": float(-st.token_logprob.double().mean()) if st.token_logprob is not None else None,
+    }
+    means, counts = S.per_position_mean(ent, positions)
+    report["per_position"] = {"entropy": means, "count": counts}
+    if st.kl_forward is not None:
+        report["reference"] = {
+            "kl_forward": float(st.kl_forward.double().mean()),
+            "kl_reverse": float(st.kl_reverse.double().mean()),
+            "top1_agreement": float(st.top1_agree.double().mean()),
+            "topk_jaccard": {str(k): float(v.double().mean()) for k, v in st.jaccard.items()},
+        }
+    return report
+
+
+def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = NULL) -> dict:
+    out = recipe.output.out
+    check_out(out, recipe.output.overwrite)
+    started = time.time()
+    d = recipe.diagnose
+    loaded = load_for(recipe, checkpoint)
+    ref = None
+    if d.reference is not None:
+        ref = load_for(recipe, d.reference)
+        if not same_tokenizer(loaded.tokenizer, ref.tokenizer):
+            raise CheckpointError(f"{d.reference}: the reference has a different tokenizer; "
+                                  "token-level comparisons need the same vocabulary")
+    check_head_matches(loaded.model, loaded.tokenizer)
+    rollout_summary = None
+    if d.texts is not None:
+        seqs = texts_sequences(loaded.tokenizer, d.texts)
+    else:
+        seqs, rollout_summary = sample_sequences(recipe, loaded, progress)
+        if not seqs:
+            raise DataError("every sampled completion was empty; nothing to measure")
+    st, positions, layer_sim = token_pass(recipe, seqs, loaded, ref, progress)
+    report = {"command": "diagnose", "checkpoint": str(checkpoint), "fingerprint": loaded.fingerprint,
+              "mode": "texts" if d.texts is not None else "sampled", "num_sequences": len(seqs)}
+    report.update(summarize(recipe, st, positions))
+    if rollout_summary is not None:
+        report["rollouts"] = rollout_summary
+    if ref is not None:
+        sim = layer_sim.result() if layer_sim.count else {"cka": [], "cosine": [], "cka_tokens": 0}
+        report["reference"].update({"checkpoint": str(d.reference), "fingerprint": ref.fingerprint, **sim})
+    report["seconds"] = round(time.time() - started, 3)
+    report["recipe"] = recipe.model_dump(mode="json")
+    if out is not None:
+        with atomic_dir(out, recipe.output.overwrite) as tmp:
+            write_outputs(tmp, report, st, positions, recipe)
+        report["out"] = str(out)
+    return report
+
+
+def write_outputs(directory: Path, report: dict, st: S.TokenStats, positions: torch.Tensor, recipe) -> None:
+    if recipe.output.plots:
+        report["plots"] = write_plots(directory, report)
+    (directory / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    (directory / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    counts = Counter(positions.tolist())
+    cols = {"entropy": st.entropy, "top1_prob": st.top1_prob}
+    if st.kl_forward is not None:
+        cols.update({"kl_forward": st.kl_forward, "kl_reverse": st.kl_reverse, "top1_agreement": st.top1_agree})
+    means = {name: S.per_position_mean(v, positions)[0] for name, v in cols.items()}
+    with open(directory / "per_position.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["position", "count", *cols])
+        for pos in range(len(means["entropy"])):
+            w.writerow([pos, counts.get(pos, 0), *(f"{means[c][pos]:.6g}" for c in cols)])
+
+
+def write_plots(directory: Path, report: dict) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    files = []
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    h = report["entropy"]["histogram"]
+    ax.stairs(h["counts"], h["edges"], fill=True)
+    ax.set_xlabel("token entropy (nats)")
+    ax.set_ylabel("tokens")
+    fig.tight_layout()
+    fig.savefig(directory / "entropy_histogram.png", dpi=110)
+    files.append("entropy_histogram.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(report["per_position"]["entropy"])
+    ax.set_xlabel("completion position")
+    ax.set_ylabel("mean entropy (nats)")
+    fig.tight_layout()
+    fig.savefig(directory / "entropy_by_position.png", dpi=110)
+    files.append("entropy_by_position.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    te = report["temperature_entropy"]
+    ax.plot([float(t) for t in te], list(te.values()), marker="o")
+    ax.set_xlabel("temperature")
+    ax.set_ylabel("mean entropy (nats)")
+    fig.tight_layout()
+    fig.savefig(directory / "entropy_vs_temperature.png", dpi=110)
+    files.append("entropy_vs_temperature.png")
+    plt.close(fig)
+    return files

@@ -1,0 +1,65 @@
+"""Prompt sources (toy world, JSONL files) and graders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tsopsd_cli.errors import DataError
+from tsopsd_cli.tasks.base import Problem
+
+
+def load_problems(data) -> list[Problem]:
+    """Problems for a recipe's `data` section."""
+    if data.type == "toy":
+        from tsopsd_cli.tasks import toy
+
+        levels = tuple(sorted(set(data.levels)))
+        return [p.to_problem(i) for i, p in
+                enumerate(toy.make_problems(data.split, data.num_prompts, data.seed, levels))]
+    if data.type == "jsonl":
+        rows = read_jsonl(data.path)
+        if data.limit:
+            rows = rows[:data.limit]
+        out = []
+        for n, row in enumerate(rows, 1):
+            if data.question_field not in row:
+                raise DataError(f"{data.path}:{n}: no field {data.question_field!r} (set data.question_field)")
+            answer = None
+            if data.answer_field is not None:
+                if data.answer_field not in row:
+                    raise DataError(f"{data.path}:{n}: no field {data.answer_field!r} (set data.answer_field)")
+                answer = _answer_text(row[data.answer_field])
+            pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
+            out.append(Problem(id=pid, prompt=data.prompt_template.format(question=row[data.question_field]),
+                               answer=answer))
+        return out
+    raise DataError(f"unknown data type {data.type!r}")
+
+
+def _answer_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file; one clear DataError for a missing file or a bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: each line must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return rows
