@@ -50,3 +50,27 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_dir() -> Path:
+    if not (SHARED_BENCHMARKS / "math500.jsonl").is_file():
+        pytest.skip(f"benchmark records not found at {SHARED_BENCHMARKS}")
+    return SHARED_BENCHMARKS
+
+
+@pytest.fixture(scope="session")
+def toy_base(tmp_path_factory) -> Path:
+    """A small toy checkpoint trained by SFT (~20 s): accurate enough that accuracy comparisons mean something."""
+    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.runners.toy_init import run_toy_init
+
+    out = tmp_path_factory.mktemp("toy") / "base"
+    recipe = build_recipe("toy-init", None, parse_set_options([
+        f"output.out={out}", "train.steps=300", "model.hidden_size=64", "model.num_layers=3",
+        "model.intermediate_size=192", "model.num_heads=2", "train.levels=[1,2]", "train.eval_problems=32"]))
+    run_toy_init(recipe)
+    return out

@@ -157,7 +157,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "auto", device: str
     config, _ = inspect_checkpoint(path, allow_pickle=allow_pickle)
     path = Path(path)
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     transformers.utils.logging.disable_progress_bar()
@@ -168,10 +168,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "auto", device: str
                               "that transformers knows; --trust-remote-code runs the checkpoint's own code)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types here
-        raise CheckpointError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
+    tokenizer = load_tokenizer(path, trust_remote_code)
     kwargs: dict[str, Any] = dict(dtype=dt, trust_remote_code=trust_remote_code,
                                   use_safetensors=not allow_pickle or None)
     if attn_implementation:
@@ -182,10 +179,21 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "auto", device: str
         raise CheckpointError(f"{path}: cannot load model ({_first_line(e)})") from None
     model.to(dev)
     model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, path=path, fingerprint=fingerprint(path), device=dev, dtype=dt)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, left-padding, with the eos token as pad when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise CheckpointError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return Loaded(model=model, tokenizer=tokenizer, path=path, fingerprint=fingerprint(path), device=dev, dtype=dt)
+    return tokenizer
 
 
 def _first_line(e: BaseException) -> str:

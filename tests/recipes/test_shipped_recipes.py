@@ -15,6 +15,8 @@ SHRINK = {
     "diagnose": ["--set", "data.num_prompts=2", "--set", "rollout.num_generations=2",
                  "--set", "rollout.max_new_tokens=8", "--set", "model.dtype=float32", "--set", "model.device=cpu"],
     "toy": ["--steps", "2", "--set", "train.eval_problems=4", "--set", "train.batch_size=4"],
+    "eval": ["--limit", "2", "-n", "2", "--max-new-tokens", "8", "--set", "eval.toy_num_problems=2",
+             "--set", "model.device=cpu"],
 }
 
 
@@ -24,6 +26,8 @@ def test_recipe_runs_for_a_couple_of_steps(recipe, cli, tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     if kind == "diagnose":
         p = cli("diagnose", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
+    elif kind == "eval":
+        p = cli("eval", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
     elif kind == "toy":
         p = cli("toy", "init", "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
     else:

@@ -20,7 +20,7 @@ def test_generation_is_seeded_and_logprobs_match_teacher_forcing(tiny_ckpt):
     ld = load_checkpoint(tiny_ckpt, device="cpu")
     eng = HFEngine(ld.model, ld.tokenizer, batch_size=3)  # batches of 3 over 2 prompts x 3 samples (ragged)
     params = SamplingParams(num_generations=3, temperature=1.3, max_new_tokens=12, seed=5)
-    prompts = ["1+2=?\n", "(3*4)-5=?\n"]
+    prompts = [ld.tokenizer(t)["input_ids"] for t in ("1+2=?\n", "(3*4)-5=?\n")]
     a = eng.generate(prompts, params)
     b = eng.generate(prompts, params)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
@@ -44,10 +44,10 @@ def test_generation_is_seeded_and_logprobs_match_teacher_forcing(tiny_ckpt):
 def test_stop_strings_end_completions(tiny_ckpt):
     ld = load_checkpoint(tiny_ckpt, device="cpu")
     eng = HFEngine(ld.model, ld.tokenizer)
-    free = eng.generate(["1+1=?\n"], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0))
+    free = eng.generate([ld.tokenizer("1+1=?\n")["input_ids"]], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0))
     # stop on a character that some unconstrained sample contains
     char = next(ch for c in free for ch in c.text if ch.strip())
-    cut = eng.generate(["1+1=?\n"], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0,
+    cut = eng.generate([ld.tokenizer("1+1=?\n")["input_ids"]], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0,
                                                    stop=(char,)))
     for f, c in zip(free, cut):
         if char in f.text:

@@ -37,10 +37,14 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
 
 
 def _register() -> None:
-    from tsopsd_cli.cli import diagnose, recipe_cmd, toy
+    from tsopsd_cli.cli import diagnose, evaluate, recipe_cmd, toy
 
     app.command("diagnose", epilog="[bold]Example:[/bold] tsopsd diagnose ./ckpt --reference ./base "
                 "--num-prompts 32 --out diag/")(diagnose.diagnose)
+    app.command("eval", epilog=evaluate.EVAL_EPILOG)(evaluate.evaluate)
+    # `tsopsd eval grade FILE` is routed here by main(): `eval` itself takes a checkpoint argument.
+    app.command("eval-grade", hidden=True, epilog="[bold]Example:[/bold] tsopsd eval grade samples.jsonl "
+                "--json")(evaluate.grade)
     app.add_typer(toy.app, name="toy")
     app.add_typer(recipe_cmd.app, name="recipe")
 
@@ -66,6 +70,8 @@ def _error(lines: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if args[:2] == ["eval", "grade"]:
+        args = ["eval-grade", *args[2:]]
     debug = os.environ.get("TSOPSD_DEBUG") == "1"
     try:
         result = app(args=args, prog_name="tsopsd", standalone_mode=False)

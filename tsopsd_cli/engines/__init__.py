@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tsopsd_cli.engines.base import Completion, Engine, SamplingParams
+from tsopsd_cli.engines.base import Completion, Engine, SamplingParams, encode_prompts
 
 
 def make_engine(name: str, model, tokenizer, batch_size: int = 64) -> Engine:
@@ -20,4 +20,4 @@ def sampling_params(rollout) -> SamplingParams:
                           stop=tuple(rollout.stop), seed=rollout.seed)
 
 
-__all__ = ["Completion", "Engine", "SamplingParams", "make_engine", "sampling_params"]
+__all__ = ["Completion", "Engine", "SamplingParams", "encode_prompts", "make_engine", "sampling_params"]

@@ -33,11 +33,40 @@ class Completion:
     text: str
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (eos or stop string) or "length"
+    entropies: list[float] | None = None  # entropy of the sampling distribution at each step (hf engine)
+
+    @property
+    def mean_entropy(self) -> float | None:
+        """Mean entropy of the temperature-scaled sampling distribution over this completion's tokens; engines
+        that do not see full distributions (vLLM) give the mean negative log-prob, its unbiased estimate."""
+        if not self.token_ids:
+            return None
+        if self.entropies is not None:
+            return sum(self.entropies) / len(self.entropies)
+        return -sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
 
 
 class Engine(Protocol):
     name: str
 
-    def generate(self, prompts: list[str], params: SamplingParams, progress=None) -> list[Completion]:
-        """`params.num_generations` completions per prompt, ordered by (prompt_index, sample_index)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+        """`params.num_generations` completions per prompt (token ids), ordered by (prompt_index, sample_index).
+        `progress(n)` is called as sequences finish."""
         ...
+
+
+def encode_prompts(tokenizer, texts: list[str], chat_template: bool = False) -> list[list[int]]:
+    """Token ids of prompts: plain text with the tokenizer's usual special tokens (e.g. BOS), or with
+    `chat_template` a single user turn followed by the generation prompt."""
+    if not chat_template:
+        return [tokenizer(t)["input_ids"] for t in texts]
+    if not getattr(tokenizer, "chat_template", None):
+        from tsopsd_cli.errors import DataError
+
+        raise DataError("chat_template is on but this tokenizer has no chat template")
+    out = []
+    for t in texts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                             tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out

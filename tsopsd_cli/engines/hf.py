@@ -36,9 +36,8 @@ class HFEngine:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams, progress=None) -> list[Completion]:
-        tok = self.tokenizer
-        prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+        prompt_ids = prompts
         jobs = [(i, j) for i in range(len(prompts)) for j in range(params.num_generations)]
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         out: list[Completion] = []
@@ -70,6 +69,7 @@ class HFEngine:
         cache = DynamicCache(config=self.model.config)
         tokens = torch.empty((bsz, 0), dtype=torch.long, device=dev)
         logps = torch.empty((bsz, 0), dtype=torch.float32, device=dev)
+        ents = torch.empty((bsz, 0), dtype=torch.float32, device=dev)
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         stopped_by_string = [False] * bsz
         step_ids, step_pos = input_ids, positions
@@ -83,6 +83,7 @@ class HFEngine:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logps = torch.cat([logps, logp.gather(-1, nxt[:, None])], 1)
+            ents = torch.cat([ents, -(logp.exp() * logp).nan_to_num().sum(-1, keepdim=True)], 1)
             done = done | (nxt == eos)
             if params.stop:
                 for r in range(bsz):
@@ -97,7 +98,7 @@ class HFEngine:
             step_pos = step_pos[:, -1:] + 1
             step_ids = nxt[:, None]
         result = []
-        tokens, logps = tokens.cpu(), logps.cpu()
+        tokens, logps, ents = tokens.cpu(), logps.cpu(), ents.cpu()
         for r, (pi, si) in enumerate(jobs):
             row = tokens[r].tolist()
             n = len(row)
@@ -109,7 +110,8 @@ class HFEngine:
                 reason = "stop"
             text = tok.decode(row[:n], skip_special_tokens=True)
             result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=ids[r], token_ids=row[:n],
-                                     text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason))
+                                     text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason,
+                                     entropies=ents[r, :n].tolist()))
         return result
 
 

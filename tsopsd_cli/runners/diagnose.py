@@ -52,7 +52,7 @@ def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
 
 def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
     """Rollouts from the checkpoint; returns sequences and the rollout summary (diversity, accuracy)."""
-    from tsopsd_cli.engines import make_engine, sampling_params
+    from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
     from tsopsd_cli.tasks import load_problems
     from tsopsd_cli.tasks.grading import Grader, extract_answer
 
@@ -60,7 +60,8 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
     params = sampling_params(recipe.rollout)
     engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size)
     with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
-        comps = engine.generate([p.prompt for p in problems], params, progress=advance)
+        comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
+                                progress=advance)
     seqs = [(c.prompt_ids, c.token_ids) for c in comps if c.token_ids]
     by_prompt: dict[int, list] = {}
     for c in comps:

@@ -90,7 +90,7 @@ def evaluate_toy(model, tokenizer, num: int, progress: Progress = NULL, seed: in
 
     problems = toy.make_problems("test", num, seed)
     engine = HFEngine(model, tokenizer, batch_size=128)
-    prompts = [p.prompt for p in problems]
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
     res = {}
     with progress.task("toy eval", total=2 * len(prompts)) as advance:
         for name, temp in (("greedy", 1e-4), ("sampled", 1.0)):

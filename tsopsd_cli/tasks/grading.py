@@ -51,7 +51,12 @@ def normalize(ans: str) -> str:
     s = re.sub(r"\\[,!;: ]", "", s)  # LaTeX thin spaces
     s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
+    while True:  # \text{...}, \textbf{(073)}, \mathrm{...} around the whole answer
+        inner = re.sub(r"^\\(?:text|textbf|mathbf|mathrm)\{(.*)\}$", r"\1", s)
+        if inner == s:
+            break
+        s = inner
+    s = re.sub(r"^\(([-+]?\d+(?:\.\d+)?)\)$", r"\1", s)  # (073) -> 073; tuples are untouched
     t = s.replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s) else s  # 1,000 -> 1000
     if _NUM_RE.fullmatch(t):
         value = float(t)
