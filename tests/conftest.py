@@ -40,7 +40,9 @@ def tiny_ckpt_other(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run the real console entry point; returns CompletedProcess with text stdout/stderr."""
+    root = str(Path(__file__).resolve().parents[1])  # so that `tests.rewards` imports in the subprocess
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(x for x in (full_env.get("PYTHONPATH"), root) if x)
     full_env.pop("TSOPSD_PROGRESS", None)
     exe = Path(sys.executable).parent / "tsopsd"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]

@@ -61,18 +61,35 @@ class JsonlData(Section):
     question_field: str = Field("problem", description="Field holding the question text.")
     answer_field: str | None = Field("answer", description="Field holding the gold answer (None: no grading).")
     id_field: str | None = Field(None, description="Field holding a problem id (None: the line number).")
-    prompt_template: str = Field("{question}", description="Python format string with {question}.")
+    prompt_template: str = Field("{question}", description="Template name (boxed, qa-boxed, plain) or a format "
+                                 "string with {question}.")
     limit: PositiveInt | None = Field(None, description="Use only the first N problems.")
 
     @field_validator("prompt_template")
     @classmethod
     def _template(cls, v: str) -> str:
-        if "{question}" not in v:
-            raise ValueError("must contain {question}")
+        from tsopsd_cli.tasks.benchmarks import PROMPT_TEMPLATES
+
+        if v not in PROMPT_TEMPLATES and "{question}" not in v:
+            raise ValueError(f"must be one of {', '.join(PROMPT_TEMPLATES)} or contain {{question}}")
         return v
 
 
-DataSection = Annotated[Union[ToyData, JsonlData], Field(discriminator="type")]
+class HubData(Section):
+    """Prompts from a Hugging Face hub data set (needs `datasets` and network), e.g. DAPO-Math-17k."""
+
+    type: Literal["hub"] = "hub"
+    name: str = Field(description="Hub id, e.g. BytedTsinghua-SIA/DAPO-Math-17k or DigitalLearningGmbH/MATH-lighteval.")
+    config: str | None = Field(None, description="Data set configuration.")
+    split: str = Field("train", description="Split.")
+    question_field: str = Field("problem", description="Field holding the question text.")
+    answer_field: str | None = Field("answer", description="Field holding the gold answer.")
+    prompt_template: str = Field("{question}", description="Template name (boxed, qa-boxed, plain) or a format "
+                                 "string with {question}.")
+    limit: PositiveInt | None = Field(None, description="Use only the first N problems.")
+
+
+DataSection = Annotated[Union[ToyData, JsonlData, HubData], Field(discriminator="type")]
 
 
 class VLLMOptions(Section):
@@ -211,10 +228,130 @@ class EvalRecipe(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------- training runs
+class OptimSection(Section):
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Decay after warm-up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr / peak lr for cosine and linear.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; None: no clipping.")
+
+
+class TrainSection(Section):
+    max_steps: PositiveInt = Field(100, description="Training steps (one rollout batch each).")
+    micro_batch_size: PositiveInt = Field(8, description="Sequences per forward/backward pass (per process).")
+    chunk_size: PositiveInt = Field(1024, description="Tokens per LM-head chunk in the loss.")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, none on CPU. Weights stay float32 for training when "
+        "model.dtype is auto.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    seed: int = Field(0, description="Seed of data order and sampling.")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: only at the end and on signals).")
+    keep_last: PositiveInt = Field(2, description="Checkpoints kept.")
+    eval_every: int = Field(0, ge=0, description="Validate every N steps (0: only before and after).")
+
+
+class ValidationSection(Section):
+    benchmarks: list[str] = Field(["toy"], description="Benchmarks validated on (as for eval).")
+    data_dir: Path | None = Field(None, description="Local benchmark copies.")
+    limit: PositiveInt | None = Field(64, description="Problems per benchmark (toy: test problems).")
+    num_generations: PositiveInt = Field(4, description="Samples per problem.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of validation.")
+    max_new_tokens: PositiveInt = Field(64, description="Longest completion.")
+    prompt_template: str = Field("boxed", description="Prompt template for non-toy benchmarks.")
+    enabled: bool = Field(True, description="Validate before training, every eval_every steps and at the end.")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        return EvalSection._known(v)
+
+
+class LoggingSection(Section):
+    tensorboard: bool = Field(False, description="Also write TensorBoard events (needs tensorboard).")
+    wandb_project: str | None = Field(None, description="Also log to this Weights & Biases project (needs wandb).")
+
+
+class ClipCovSection(Section):
+    enabled: bool = False
+    ratio: float = Field(2e-4, gt=0, le=1, description="Fraction of tokens whose gradient is detached.")
+    lower: float = Field(1.0, description="Covariance lower bound of eligible tokens.")
+    upper: float = Field(5.0, description="Covariance upper bound of eligible tokens.")
+
+
+class KLCovSection(Section):
+    enabled: bool = False
+    ratio: float = Field(2e-4, gt=0, le=1, description="Fraction of tokens (top by covariance) penalised.")
+    coef: float = Field(1.0, ge=0, description="Weight of |log pi - log pi_old| on those tokens.")
+
+
+class GRPOSection(Section):
+    prompts_per_step: PositiveInt = Field(16, description="Prompts (groups) per step, over all processes.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantage scaling: group "
+                                                              "std (GRPO), batch std, or none (Dr.GRPO).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip range: ratio >= 1 - epsilon.")
+    epsilon_high: float = Field(0.28, gt=0, description="Upper clip range: ratio <= 1 + epsilon_high "
+                                "(DAPO clip-higher; set equal to epsilon for symmetric PPO clipping).")
+    ppo_epochs: PositiveInt = Field(1, description="Passes over each rollout batch.")
+    mini_batches: PositiveInt = Field(1, description="Optimiser steps per pass (the batch is split into this "
+                                      "many mini-batches).")
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0: no reference model).")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimator.")
+    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
+    clip_cov: ClipCovSection = ClipCovSection()
+    kl_cov: KLCovSection = KLCovSection()
+    dynamic_sampling: bool = Field(False, description="Drop groups whose rewards do not vary; refill (DAPO).")
+    max_sampling_rounds: PositiveInt = Field(3, description="Rollout rounds per step with dynamic sampling.")
+    mask_truncated: bool = Field(False, description="No loss on completions that hit max_new_tokens (DAPO "
+                                 "overlong filtering).")
+    reward: str = Field("math", description="math: 1 if the graded answer is correct, else 0; or "
+                        "'module:function' taking (completions, answers) and returning floats.")
+    grader_timeout: float = Field(5.0, gt=0, description="Seconds per graded answer.")
+
+    @model_validator(mode="after")
+    def _one_cov_method(self):
+        if self.clip_cov.enabled and self.kl_cov.enabled:
+            raise ValueError("choose at most one of clip_cov and kl_cov")
+        return self
+
+
+class RLRecipe(Section):
+    command: Literal["rl"] = "rl"
+    model: ModelSection = ModelSection()
+    data: DataSection = ToyData(split="train", num_prompts=4096)
+    rollout: RolloutSection = RolloutSection(num_generations=8, temperature=1.0, max_new_tokens=1024)
+    grpo: GRPOSection = GRPOSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    validation: ValidationSection = ValidationSection()
+    logging: LoggingSection = LoggingSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _engine(self):
+        if self.rollout.engine != "hf":
+            raise ValueError("rl samples with the hf engine (the policy changes every step; vLLM weight sync is "
+                             "not implemented yet): set rollout.engine: hf")
+        return self
+
+    @model_validator(mode="after")
+    def _mini_batches_fit(self):
+        if self.grpo.mini_batches > self.grpo.prompts_per_step * self.rollout.num_generations:
+            raise ValueError(f"grpo.mini_batches ({self.grpo.mini_batches}) exceeds the sequences per step "
+                             f"({self.grpo.prompts_per_step} x {self.rollout.num_generations})")
+        return self
+
+
 RECIPES: dict[str, type[Section]] = {
     "diagnose": DiagnoseRecipe,
     "toy-init": ToyInitRecipe,
     "eval": EvalRecipe,
+    "rl": RLRecipe,
 }
 
 

@@ -14,6 +14,9 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 SHRINK = {
     "diagnose": ["--set", "data.num_prompts=2", "--set", "rollout.num_generations=2",
                  "--set", "rollout.max_new_tokens=8", "--set", "model.dtype=float32", "--set", "model.device=cpu"],
+    "rl": ["--max-steps", "2", "--set", "data.num_prompts=16", "--prompts-per-step", "4", "--num-generations", "2",
+           "--max-new-tokens", "8", "--set", "validation.limit=4", "--set", "model.device=cpu",
+           "--set", "grpo.mini_batches=2"],
     "toy": ["--steps", "2", "--set", "train.eval_problems=4", "--set", "train.batch_size=4"],
     "eval": ["--limit", "2", "-n", "2", "--max-new-tokens", "8", "--set", "eval.toy_num_problems=2",
              "--set", "model.device=cpu"],
@@ -26,6 +29,8 @@ def test_recipe_runs_for_a_couple_of_steps(recipe, cli, tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     if kind == "diagnose":
         p = cli("diagnose", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
+    elif kind == "rl":
+        p = cli("rl", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
     elif kind == "eval":
         p = cli("eval", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
     elif kind == "toy":

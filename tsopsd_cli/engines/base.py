@@ -15,6 +15,10 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
     seed: int = 0
+    # Per-prompt seeds: completion (i, j) then draws its randomness from a generator seeded by
+    # (row_seeds[i], j) alone, so it does not depend on which other prompts share its batch (several processes,
+    # resumed runs). None: one generator seeded by `seed` for the whole call.
+    row_seeds: tuple[int, ...] | None = None
 
 
 @dataclass

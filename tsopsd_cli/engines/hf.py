@@ -46,7 +46,12 @@ class HFEngine:
         try:
             for s in range(0, len(jobs), self.batch_size):
                 batch = jobs[s:s + self.batch_size]
-                out.extend(self._generate_batch([prompt_ids[i] for i, _ in batch], batch, params, gen))
+                row_gens = None
+                if params.row_seeds is not None:
+                    row_gens = [torch.Generator(device=self.device).manual_seed(
+                        (params.row_seeds[i] * 1_000_003 + j) % (2**63 - 1)) for i, j in batch]
+                out.extend(self._generate_batch([prompt_ids[i] for i, _ in batch], batch, params,
+                                                gen if row_gens is None else row_gens))
                 if progress is not None:
                     progress(len(batch))
         finally:
@@ -78,8 +83,12 @@ class HFEngine:
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             scaled = logits.float() / params.temperature  # [B, V]
             logp = scaled.log_softmax(-1)
-            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # [B]
+            filtered = filter_logits(scaled, params.top_k, params.top_p)
+            if isinstance(gen, list):  # Gumbel-max with one generator per row: argmax(logits + Gumbel) ~ softmax
+                u = torch.stack([torch.rand(filtered.shape[-1], generator=g, device=dev) for g in gen])
+                nxt = (filtered - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # [B]
+            else:
+                nxt = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)  # [B]
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logps = torch.cat([logps, logp.gather(-1, nxt[:, None])], 1)

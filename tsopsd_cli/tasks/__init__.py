@@ -17,24 +17,38 @@ def load_problems(data) -> list[Problem]:
         levels = tuple(sorted(set(data.levels)))
         return [p.to_problem(i) for i, p in
                 enumerate(toy.make_problems(data.split, data.num_prompts, data.seed, levels))]
-    if data.type == "jsonl":
-        rows = read_jsonl(data.path)
+    if data.type in ("jsonl", "hub"):
+        from tsopsd_cli.tasks.benchmarks import template_text
+
+        template = template_text(data.prompt_template)
+        rows = read_jsonl(data.path) if data.type == "jsonl" else hub_rows(data)
+        source = data.path if data.type == "jsonl" else data.name
         if data.limit:
             rows = rows[:data.limit]
         out = []
         for n, row in enumerate(rows, 1):
             if data.question_field not in row:
-                raise DataError(f"{data.path}:{n}: no field {data.question_field!r} (set data.question_field)")
+                raise DataError(f"{source}:{n}: no field {data.question_field!r} (set data.question_field)")
             answer = None
             if data.answer_field is not None:
                 if data.answer_field not in row:
-                    raise DataError(f"{data.path}:{n}: no field {data.answer_field!r} (set data.answer_field)")
+                    raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
                 answer = _answer_text(row[data.answer_field])
             pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
-            out.append(Problem(id=pid, prompt=data.prompt_template.format(question=row[data.question_field]),
-                               answer=answer))
+            out.append(Problem(id=pid, prompt=template.format(question=row[data.question_field]), answer=answer))
         return out
     raise DataError(f"unknown data type {data.type!r}")
+
+
+def hub_rows(data) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data.type hub needs the `datasets` package to load {data.name}") from None
+    try:
+        return [dict(r) for r in datasets.load_dataset(data.name, data.config, split=data.split)]
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot load {data.name} from the hub ({str(e).splitlines()[0][:200]})") from None
 
 
 def _answer_text(value) -> str:

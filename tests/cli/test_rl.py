@@ -1,0 +1,115 @@
+"""`tsopsd rl` through the real entry point: outputs, SIGTERM + --resume, non-finite guard, several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cli.test_cli import one_error_line
+from tests.conftest import run_cli
+
+SMALL = ["--set", "data.num_prompts=64", "--prompts-per-step", "4", "--num-generations", "4",
+         "--max-new-tokens", "12", "--set", "validation.limit=8", "--set", "validation.num_generations=2",
+         "--set", "validation.max_new_tokens=12", "--lr", "1e-3", "--set", "train.micro_batch_size=8",
+         "--set", "grpo.reward=tests.rewards:even_length"]
+TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s"}
+
+
+def steps(path):
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_rl_writes_a_loadable_checkpoint_with_log_and_report(tiny_ckpt, tmp_path):
+    out = tmp_path / "rl"
+    p = run_cli("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL, "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["steps"] == 2 and r["out"] == str(out)
+    names = {f.name for f in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tsopsd.json", "report.json", "metrics.jsonl",
+            "recipe.yaml", "curves.png"} <= names
+    rows = steps(out)
+    assert [x["step"] for x in rows] == [0, 1, 2, 2]  # validation, two steps, final validation
+    for key in ("reward", "entropy", "response_length", "clip_frac_low", "clip_frac_high", "kl_old", "grad_norm",
+                "zero_variance_groups", "sampling_entropy"):
+        assert key in rows[1], key
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    prov = json.loads((out / "tsopsd.json").read_text())
+    assert prov["command"] == "rl" and prov["source_checkpoint"] == str(tiny_ckpt)
+    assert not list(tmp_path.glob(".*"))
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "1", *SMALL))
+    assert "already exists" in line
+
+
+def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tiny_ckpt, tmp_path):
+    args = ["rl", str(tiny_ckpt), "--max-steps", "5", *SMALL, "--set", "validation.enabled=false",
+            "--set", "train.save_every=0"]
+    full = tmp_path / "full"
+    assert run_cli(*args, "--out", str(full)).returncode == 0
+    out = tmp_path / "cut"
+    log = tmp_path / ".cut.partial" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "tsopsd_cli", *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM received: checkpoint saved at step" in err and "--resume" in err
+    assert not out.exists()
+    p = run_cli(*args, "--out", str(out))
+    assert p.returncode == 2 and "pass --resume" in p.stderr
+    p = run_cli(*args, "--out", str(out), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert steps(out) == steps(full)
+
+
+def test_non_finite_loss_stops_with_exit_3_and_keeps_the_checkpoint(tiny_ckpt, tmp_path):
+    (tmp_path / "nan_reward.py").write_text(
+        "def reward(completions, answers):\n    return [float('nan')] * len(completions)\n")
+    out = tmp_path / "nan"
+    p = run_cli("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL,
+                "--set", "grpo.reward=nan_reward:reward", "--set", "validation.enabled=false",
+                env={"PYTHONPATH": str(tmp_path)})
+    line = one_error_line(p, code=3)
+    assert "non-finite" in line and not out.exists()
+
+
+def test_bad_reward_spec_is_a_usage_error(tiny_ckpt, tmp_path):
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--out", str(tmp_path / "x"), *SMALL,
+                                  "--set", "grpo.reward=nope.nothing:fn"))
+    assert "grpo.reward: cannot import" in line
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny_ckpt, tmp_path):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate is a dependency"
+    args = ["rl", str(tiny_ckpt), "--max-steps", "2", *SMALL, "--set", "validation.enabled=false", "--json"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tsopsd_cli", *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("\n") == 1  # only the main process prints
+    r = json.loads(two.stdout)
+    assert r["processes"] == 2
+    a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
+    for x, y in zip(a, b):
+        for k in ("reward", "response_length", "groups_used", "tokens"):
+            assert x[k] == pytest.approx(y[k]), k
+        for k in ("loss", "entropy", "grad_norm", "kl_old"):
+            assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-6), k

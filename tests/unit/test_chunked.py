@@ -1,0 +1,96 @@
+"""core.chunked: values against float64 references; chunked equals unchunked in values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tsopsd_cli.core.chunked import divergence_from_logits, token_divergence, token_logps
+
+
+def probs(row):
+    m = max(row)
+    e = [math.exp(x - m) for x in row]
+    return [x / sum(e) for x in e]
+
+
+def kl(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+
+def setup(seed=0, n=23, d=8, v=31):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(v, d, generator=g, dtype=torch.float64),
+            torch.randint(0, v, (n,), generator=g))
+
+
+def test_token_logps_and_entropy_against_reference():
+    h, w, t = setup()
+    lp, ent = token_logps(h, w, t, temperature=1.3, chunk_size=5, with_entropy=True)
+    logits = (h @ w.T / 1.3).tolist()
+    for i, row in enumerate(logits):
+        p = probs(row)
+        assert lp[i].item() == pytest.approx(math.log(p[t[i]]), abs=1e-5)
+        assert ent[i].item() == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-5)
+
+
+def test_token_logps_chunked_gradients_equal_unchunked():
+    h, w, t = setup()
+    grads = []
+    for chunk in (4, 1000):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = token_logps(hh, ww, t, 1.0, chunk, with_entropy=True)
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        grads.append((hh.grad, ww.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_divergences_against_reference(kind):
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(7, 11, generator=g, dtype=torch.float64), torch.randn(7, 11, generator=g, dtype=torch.float64)
+    d = divergence_from_logits(s, t, kind, beta=0.3)
+    for i in range(7):
+        ps, pt = probs(s[i].tolist()), probs(t[i].tolist())
+        if kind == "forward_kl":
+            want = kl(pt, ps)
+        elif kind == "reverse_kl":
+            want = kl(ps, pt)
+        else:
+            m = [0.3 * a + 0.7 * b for a, b in zip(pt, ps)]
+            want = 0.3 * kl(pt, m) + 0.7 * kl(ps, m)
+        assert d[i].item() == pytest.approx(want, rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError):
+        divergence_from_logits(s, t, "jsd", beta=0.0)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_token_divergence_chunked_equals_unchunked_values_and_gradients(kind):
+    h, w, _ = setup(seed=5)
+    wt = w + 0.1
+    teacher = lambda idx: h[idx] @ wt.T  # noqa: E731
+    out = []
+    for chunk in (3, 1000):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        d = token_divergence(hh, ww, teacher, kind, beta=0.5, tau=1.6, chunk_size=chunk)
+        d.mean().backward()
+        out.append((d.detach(), hh.grad, ww.grad))
+    for a, b in zip(out[0], out[1]):
+        torch.testing.assert_close(a, b)
+    want = divergence_from_logits(h @ w.T, (h @ wt.T) / 1.6, kind, 0.5)
+    torch.testing.assert_close(out[0][0], want.float() if out[0][0].dtype == torch.float32 else want)
+
+
+def test_frozen_teacher_at_tau_one_gives_zero_loss_and_gradient():
+    h, w, _ = setup(seed=7)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    teacher = lambda idx: (h[idx] @ w.T)  # noqa: E731 - the same model, frozen
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        hh.grad = ww.grad = None
+        d = token_divergence(hh, ww, teacher, kind, tau=1.0, chunk_size=4)
+        d.mean().backward()
+        assert d.abs().max() < 1e-12
+        assert hh.grad.abs().max() < 1e-12 and ww.grad.abs().max() < 1e-12

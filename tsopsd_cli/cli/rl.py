@@ -1,0 +1,77 @@
+"""`tsopsd rl CKPT --out DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
+                                   RemoteOpt, SetOpt, print_json, progress_for, resolve, stdout_console)
+
+EPILOG = ("[bold]Example:[/bold] tsopsd rl ./toy-base --recipe recipes/rl/toy.yaml --out ./toy-rl   "
+          "(after pre-emption: the same command with --resume)")
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the unfinished run of --out from its last "
+                                         "checkpoint.", rich_help_panel="Output")]
+RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard an unfinished run of --out.",
+                                          rich_help_panel="Output")]
+
+
+def rl(
+    checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to continue from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.", rich_help_panel="Output")],
+    data: Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    prompts_per_step: Annotated[Optional[int], typer.Option(help="Prompts (groups) per step.")] = None,
+    num_generations: Annotated[Optional[int], typer.Option(help="Completions per prompt (group size).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Rollout temperature (> 1: rollout-level "
+                                                                 "reheating).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")] = None,
+    resume: ResumeOpt = False, restart: RestartOpt = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
+    overwrite: OverwriteOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> int:
+    """Continued GRPO with the DAPO-family options (clip-higher, token-mean loss, dynamic sampling, Clip-Cov,
+    KL-Cov, ...). Writes a checkpoint with metrics.jsonl, report.json and curves; resumable.
+    """
+    flags = {
+        "train.max_steps": max_steps, "optim.lr": lr, "grpo.prompts_per_step": prompts_per_step,
+        "rollout.num_generations": num_generations, "rollout.temperature": temperature,
+        "rollout.max_new_tokens": max_new_tokens, "train.seed": seed,
+        "model.device": device, "model.dtype": dtype, "model.allow_pickle": allow_pickle,
+        "model.trust_remote_code": trust_remote_code, "output.out": str(out), "output.overwrite": overwrite,
+    }
+    if data is not None:
+        flags.update({"data.type": "toy", "data.split": "train"} if data == "toy"
+                     else {"data.type": "jsonl", "data.path": data})
+    rec = resolve("rl", recipe, set_, flags)
+    from tsopsd_cli.runners.rl import run_rl
+
+    import os
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    report = run_rl(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
+                    restart=restart)
+    if not main_process:
+        return 0  # with several processes only the main one reports
+    if json_out:
+        print_json(report)
+    else:
+        render_training(report, "rl")
+    return 0
+
+
+def render_training(r: dict, name: str) -> None:
+    con = stdout_console()
+    e, v = r["entropy"], r["validation"]
+    con.print(f"{name}: {r['steps']} steps in {r['seconds']:.0f} s -> {r['out']}")
+    if e.get("first") is not None:
+        con.print(f"  token entropy {e['first']:.4f} -> {e['last']:.4f} nats")
+    if v.get("first") and v.get("last"):
+        con.print(f"  validation accuracy {v['first']['val_accuracy']:.3f} -> {v['last']['val_accuracy']:.3f}, "
+                  f"entropy {v['first']['val_entropy']:.4f} -> {v['last']['val_entropy']:.4f}")

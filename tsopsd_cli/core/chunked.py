@@ -1,0 +1,97 @@
+"""Differentiable per-token quantities over the full vocabulary, computed `chunk_size` tokens at a time from
+hidden states. Each chunk's logits are recomputed in the backward pass (activation checkpointing), so neither the
+forward nor the backward ever holds more than one [chunk, V] block of logits: memory does not grow with the number
+of tokens x vocabulary. Pure torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for the softmax; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _logp_entropy_block(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                        with_entropy: bool):
+    """hidden: [c, D], weight: [V, D], targets: [c] -> (log p(target) [c], entropy [c] or empty)."""
+    logits = _upcast(hidden @ weight.T) / temperature  # [c, V]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else logits.new_zeros(0)
+    return logp, ent
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                chunk_size: int = 1024, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(hidden @ weight.T / temperature)[target] per token, and optionally the entropy of that
+    distribution, with gradients to `hidden` and `weight`.  hidden: [N, D]; weight: [V, D]; targets: [N]
+    -> ([N], [N] or None), float32 (float64 for float64 inputs)."""
+    logps, ents = [], []
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        if needs_grad:
+            lp, en = checkpoint(_logp_entropy_block, h, weight, t, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, en = _logp_entropy_block(h, weight, t, temperature, with_entropy)
+        logps.append(lp)
+        ents.append(en)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
+                      kind: str, beta: float, tau: float, student_temperature: float):
+    s_logits = _upcast(s_hidden @ s_weight.T) / student_temperature  # [c, V]
+    with torch.no_grad():
+        t_logits = _upcast(t_logits_fn(idx)).to(s_logits.dtype) / tau  # [c, V], never differentiated
+    return divergence_from_logits(s_logits, t_logits, kind, beta)
+
+
+def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, beta: float = 0.5):
+    """Per-token divergence between teacher softmax(t_logits) and student softmax(s_logits).  [c, V] -> [c]
+
+    forward_kl: KL(teacher || student) (mass-covering); reverse_kl: KL(student || teacher) (mode-seeking);
+    jsd: beta*KL(teacher || M) + (1-beta)*KL(student || M), M = beta*teacher + (1-beta)*student
+    (generalised JSD as in GKD; beta=0.5 is the symmetric JSD)."""
+    ls = F.log_softmax(s_logits, dim=-1)
+    lt = F.log_softmax(t_logits, dim=-1)
+    if kind == "forward_kl":
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if kind == "reverse_kl":
+        return (ls.exp() * (ls - lt)).sum(-1)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError("jsd needs 0 < beta < 1 (its limits are 0; use forward_kl or reverse_kl)")
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1.0 - beta)]), dim=0)  # log M
+        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
+                     t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl", beta: float = 0.5, tau: float = 1.0, chunk_size: int = 1024,
+                     student_temperature: float = 1.0) -> torch.Tensor:
+    """Per-token divergence between a teacher softmax(t_logits / tau) and the student softmax(s_hidden @ s_weight.T),
+    with gradients to the student only.  s_hidden: [N, D]; s_weight: [V, D];
+    t_logits_fn(idx [c]) -> teacher logits [c, V] for those token indices (computed chunk by chunk, no grad).
+    -> [N] float32 (float64 for float64 inputs)"""
+    out = []
+    n = s_hidden.shape[0]
+    needs_grad = torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad)
+    for s in range(0, n, chunk_size):
+        idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
+        h = s_hidden[s:s + chunk_size]
+        if needs_grad:
+            d = checkpoint(_divergence_block, h, s_weight, t_logits_fn, idx, kind, beta, tau, student_temperature,
+                           use_reentrant=False)
+        else:
+            d = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, tau, student_temperature)
+        out.append(d)
+    return torch.cat(out)

@@ -1,0 +1,471 @@
+"""`tsopsd rl`: continued GRPO (with the DAPO-family options) on a checkpoint.
+
+Each step: draw `prompts_per_step` prompts, sample `num_generations` completions each from the current policy at
+the rollout temperature (the hf engine), reward them with the grader, compute group advantages, then take
+`ppo_epochs` x `mini_batches` optimiser steps on the clipped surrogate (core.grpo). Old log-probs are computed
+teacher-forced at the sampling temperature with the same micro-batches as training, so the importance ratio is
+exactly 1 on the first mini-batch. The loss is computed from hidden states in chunks over the vocabulary
+(core.chunked): no [batch, length, vocab] logits.
+
+Setup, checkpoints, resume, signals, the non-finite guard and several processes come from runners.training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tsopsd_cli.checkpoint import fingerprint, inspect_checkpoint, load_checkpoint, provenance
+from tsopsd_cli.core import grpo
+from tsopsd_cli.core.chunked import token_logps
+from tsopsd_cli.engines import SamplingParams, encode_prompts
+from tsopsd_cli.engines.hf import HFEngine
+from tsopsd_cli.errors import DataError, RecipeError
+from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+from tsopsd_cli.progress import NULL, Progress
+from tsopsd_cli.recipe import RLRecipe, recipe_to_yaml
+from tsopsd_cli.runners import training as T
+from tsopsd_cli.runners.validation import Validator
+from tsopsd_cli.tasks import load_problems
+from tsopsd_cli.tasks.base import Problem
+from tsopsd_cli.tasks.grading import Grader
+
+
+# ------------------------------------------------------------------------------------------------------ data
+class PromptStream:
+    """An endless, reshuffled-every-epoch sequence of problems; its position is part of the resumable state."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        if not problems:
+            raise DataError("no training prompts")
+        self.problems = problems
+        self.seed = seed
+        self.position = 0
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.problems), generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def take(self, k: int) -> list[tuple[int, Problem]]:
+        """The next k problems with their global stream positions."""
+        out = []
+        for pos in range(self.position, self.position + k):
+            epoch, i = divmod(pos, len(self.problems))
+            out.append((pos, self.problems[self._order(epoch)[i]]))
+        self.position += k
+        return out
+
+
+def row_seed(step_seed: int, position: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{step_seed}:{position}".encode()).digest()[:7], "big")
+
+
+def load_reward(spec: str):
+    """The reward function: 'math' (grader) or 'module:function(completions, answers) -> list[float]'."""
+    if spec == "math":
+        return None
+    mod, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError):
+        raise RecipeError(f"grpo.reward: cannot import {spec!r} (expected 'math' or 'module:function')") from None
+
+
+# -------------------------------------------------------------------------------------------------- rollouts
+@dataclass
+class Group:
+    problem: Problem
+    position: int
+    completions: list  # engine Completions
+    rewards: list[float]
+
+
+@dataclass
+class Batch:
+    groups: list[Group]
+    seqs: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    advantages: list[float] = field(default_factory=list)
+    loss_mask: list[bool] = field(default_factory=list)  # False: completion excluded (truncated, masked)
+    stats: dict = field(default_factory=dict)
+
+
+def to_padded(flat: torch.Tensor, batch, num_seqs: int, width: int) -> torch.Tensor:
+    """Per-token values [N] -> [B, T] (zeros elsewhere)."""
+    out = flat.new_zeros((num_seqs, width))
+    out[batch.seq_index.to(flat.device), batch.completion_pos.to(flat.device)] = flat
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- runner
+class RLRunner:
+    def __init__(self, recipe: RLRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,
+                 restart: bool = False):
+        self.r = recipe
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.resume = resume
+        self.restart = restart
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        r = self.r
+        self.started = time.time()
+        self.dist = T.Dist()
+        inspect_checkpoint(self.checkpoint, allow_pickle=r.model.allow_pickle)
+        if r.grpo.prompts_per_step % self.dist.world:
+            raise RecipeError(f"grpo.prompts_per_step ({r.grpo.prompts_per_step}) must be divisible by the "
+                              f"number of processes ({self.dist.world})")
+        self.source_fp = fingerprint(self.checkpoint)
+        key_body = json.dumps([{k: v for k, v in r.model_dump(mode="json").items() if k != "output"},
+                               self.source_fp], sort_keys=True)
+        key = hashlib.sha256(key_body.encode()).hexdigest()[:16]
+        self.run = T.RunDir(r.output.out, r.output.overwrite, self.resume, self.restart, key, self.dist,
+                            r.train.keep_last)
+        self.problems = load_problems(r.data)
+        self.stream = PromptStream(self.problems, r.train.seed)
+        self.reward_fn = load_reward(r.grpo.reward)
+        start_from = self.run.resumed_from or self.checkpoint
+        m = r.model
+        dtype = "float32" if m.dtype == "auto" else m.dtype  # train float32 weights; autocast bf16 on GPU
+        self.loaded = load_checkpoint(start_from, dtype=dtype, device=self.dist.device(m.device),
+                                      trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle,
+                                      attn_implementation=m.attn_implementation)
+        self.model, self.tok, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        if r.train.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.autocast = (self.device.type == "cuda" and r.train.mixed_precision in ("auto", "bf16"))
+        self.ref = None
+        if r.grpo.beta > 0:
+            self.ref = load_checkpoint(self.checkpoint, dtype=dtype, device=str(self.device),
+                                       trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle).model
+            self.ref.requires_grad_(False)
+        self.opt = T.build_optimizer(self.model, r.optim)
+        self.sched = T.build_scheduler(self.opt, r.optim, r.train.max_steps)
+        self.gen = torch.Generator().manual_seed(r.train.seed)
+        self.step = 0
+        self.engine = HFEngine(self.model, self.tok, batch_size=r.rollout.batch_size)
+        self.validator = Validator(r.validation, self.tok, r.grpo.grader_timeout) if (
+            r.validation.enabled and self.dist.main) else None
+        self.history: list[dict] = []
+        if self.run.resumed_from is not None:
+            st = self.run.load_trainer_state(self.run.resumed_from)
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["scheduler"])
+            self.gen.set_state(st["generator"])
+            T.set_rng_state(st["rng"])
+            self.stream.position = st["data_position"]
+            self.step = st["step"]
+            self.run.truncate_log(self.step)
+            self.history = self.run.read_log()
+            self.progress.log(f"resumed from {self.run.resumed_from} (step {self.step})")
+        self.sink = T.MetricsSink(r.logging, self.run.path, f"rl-{key}", r.model_dump(mode="json"), self.dist)
+        if self.dist.main:
+            (self.run.path / "recipe.yaml").write_text(recipe_to_yaml(r))
+
+    def trainer_state(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "generator": self.gen.get_state(), "rng": T.rng_state(), "data_position": self.stream.position,
+                "step": self.step}
+
+    def save(self) -> None:
+        prov = provenance("rl", self.r, self.checkpoint, self.source_fp, {"step": self.step}, self.started)
+        self.run.save(self.step, self.model, self.tok, self.trainer_state(), prov)
+
+    # ---------------------------------------------------------------- rollouts
+    def rewards(self, comps, problems: list[Problem]) -> list[float]:
+        if self.reward_fn is not None:
+            return [float(x) for x in self.reward_fn([c.text for c in comps], [p.answer for p in problems])]
+        grades = self.grader.grade_many([(c.text, p.answer or "") for c, p in zip(comps, problems)])
+        return [1.0 if g.correct else 0.0 for g in grades]
+
+    def sample_groups(self, step_seed: int, round_: int, taken: list[tuple[int, Problem]]) -> list[Group]:
+        r = self.r
+        mine = T.shard(taken, self.dist)
+        if not mine:
+            return []
+        params = SamplingParams(num_generations=r.rollout.num_generations, temperature=r.rollout.temperature,
+                                top_p=r.rollout.top_p, top_k=r.rollout.top_k, max_new_tokens=r.rollout.max_new_tokens,
+                                stop=tuple(r.rollout.stop),
+                                row_seeds=tuple(row_seed(step_seed * 31 + round_, pos) for pos, _ in mine))
+        comps = self.engine.generate(encode_prompts(self.tok, [p.prompt for _, p in mine]), params)
+        rewards = self.rewards(comps, [mine[c.prompt_index][1] for c in comps])
+        n = r.rollout.num_generations
+        return [Group(problem=p, position=pos, completions=comps[i * n:(i + 1) * n], rewards=rewards[i * n:(i + 1) * n])
+                for i, (pos, p) in enumerate(mine)]
+
+    def rollout(self) -> Batch:
+        r, g = self.r, self.r.grpo
+        step_seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
+        need = g.prompts_per_step
+        groups: list[Group] = []
+        sampled = zero_var = 0
+        rounds = g.max_sampling_rounds if g.dynamic_sampling else 1
+        for round_ in range(rounds):
+            # every process takes the same global prompts and samples its share
+            taken = self.stream.take(need)
+            new = self.sample_groups(step_seed, round_, taken)
+            sampled += len(new)
+            flat = [len(set(x.rewards)) <= 1 for x in new]
+            zero_var += sum(flat)
+            groups += [x for x, z in zip(new, flat) if not (g.dynamic_sampling and z)]
+            have = self.dist.sum(len(groups))
+            if not g.dynamic_sampling or have >= need:
+                break
+        if g.dynamic_sampling:
+            groups = groups[:need // self.dist.world]
+        batch = Batch(groups=groups)
+        all_rewards = [x.rewards for x in groups]
+        rewards = torch.tensor(all_rewards, dtype=torch.float64) if groups else torch.zeros((0, 1))
+        if g.scale_rewards == "batch" and self.dist.world > 1:
+            flat_all = [v for part in self.dist.gather_objects(all_rewards) for grp in part for v in grp]
+            std = torch.tensor(flat_all, dtype=torch.float64).std() if len(flat_all) > 1 else torch.tensor(0.0)
+            adv = (rewards - rewards.mean(1, keepdim=True)) / (std + 1e-6)
+        else:
+            adv = grpo.group_advantages(rewards, g.scale_rewards) if groups else rewards
+        for gi, grp in enumerate(groups):
+            for ci, c in enumerate(grp.completions):
+                batch.seqs.append((c.prompt_ids, c.token_ids))
+                batch.advantages.append(float(adv[gi, ci]))
+                batch.loss_mask.append(not (g.mask_truncated and c.finish_reason == "length"))
+        comps = [c for grp in groups for c in grp.completions]
+        ents = [e for c in comps for e in (c.entropies or [])]
+        batch.stats = {
+            "reward": self._global_mean([v for grp in groups for v in grp.rewards]),
+            "sampling_entropy": self._global_mean(ents),
+            "response_length": self._global_mean([len(c.token_ids) for c in comps]),
+            "truncated": self._global_mean([c.finish_reason == "length" for c in comps]),
+            "zero_variance_groups": self.dist.sum(zero_var) / max(1.0, self.dist.sum(sampled)),
+            "groups_sampled": self.dist.sum(sampled),
+            "groups_used": self.dist.sum(len(groups)),
+            "tokens": self.dist.sum(sum(len(c.token_ids) for c in comps)),
+        }
+        return batch
+
+    def _global_mean(self, xs) -> float | None:
+        total, n = self.dist.sum(float(sum(xs))), self.dist.sum(len(xs))
+        return total / n if n else None
+
+    # ---------------------------------------------------------------- training
+    def micro_batches(self, batch: Batch) -> list[list[int]]:
+        mb = self.r.train.micro_batch_size
+        idx = list(range(len(batch.seqs)))
+        return [idx[s:s + mb] for s in range(0, len(idx), mb)]
+
+    def hidden(self, model, seqs):
+        pb = pack(seqs, self.tok.pad_token_id, self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden, _ = completion_hidden(model, pb)
+        return hidden, decoder_and_head(model)[1].weight, pb
+
+    def forward_logps(self, model, seqs, temperature: float, with_entropy: bool):
+        """Per-token log-probs (and entropies) of the completion tokens: ([N], [N] or None, PackedBatch)."""
+        hidden, weight, pb = self.hidden(model, seqs)
+        logp, ent = token_logps(hidden, weight, pb.targets, temperature, self.r.train.chunk_size, with_entropy)
+        return logp, ent, pb
+
+    def train_on(self, batch: Batch) -> dict:
+        r, g = self.r, self.r.grpo
+        temp = r.rollout.temperature
+        mbs = self.micro_batches(batch)
+        self.model.train()
+        old, ref, ent1 = [], [], []
+        with torch.no_grad():
+            for ids in mbs:
+                seqs = [batch.seqs[i] for i in ids]
+                hidden, weight, pb = self.hidden(self.model, seqs)  # one forward: old log-probs and entropy
+                chunk = r.train.chunk_size
+                lp, e = token_logps(hidden, weight, pb.targets, temp, chunk, with_entropy=temp == 1.0)
+                old.append(lp)
+                ent1.append(e if temp == 1.0 else token_logps(hidden, weight, pb.targets, 1.0, chunk, True)[1])
+                if self.ref is not None:
+                    ref.append(self.forward_logps(self.ref, seqs, temp, False)[0])
+        acc = {k: 0.0 for k in ("loss", "tokens", "clip_low", "clip_high", "ratio_dev", "kl_ref", "kl_old",
+                                "cov_selected")}
+        first_ratio_dev = None
+        grad_norms = []
+        order_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
+        for epoch in range(g.ppo_epochs):
+            order = torch.randperm(len(mbs), generator=order_gen).tolist() if epoch else list(range(len(mbs)))
+            chunks = [order[i::g.mini_batches] for i in range(g.mini_batches)]
+            for mini in chunks:
+                seq_ids = [i for m in mini for i in mbs[m]]
+                n_tok = self.dist.sum(sum(len(batch.seqs[i][1]) for i in seq_ids if batch.loss_mask[i]))
+                n_seq = self.dist.sum(sum(1 for i in seq_ids if batch.loss_mask[i]))
+                self.opt.zero_grad(set_to_none=True)
+                for m in mini:
+                    stats = self._micro_step(batch, mbs[m], old[m], ref[m] if ref else None, n_tok, n_seq)
+                    for k in acc:
+                        acc[k] += stats.get(k, 0.0)
+                    if first_ratio_dev is None:
+                        first_ratio_dev = stats["max_ratio_dev"]
+                self.dist.all_reduce_grads(self.model)
+                grad_norms.append(T.grad_norm_and_check(self.model, r.optim.max_grad_norm))
+                self.opt.step()
+        self.sched.step()
+        tokens = self.dist.sum(acc["tokens"]) or 1.0
+        passes = g.ppo_epochs
+        ent_all = torch.cat(ent1) if ent1 else torch.zeros(0)
+        return {
+            "loss": self.dist.sum(acc["loss"]) / passes / max(1, g.mini_batches),
+            "entropy": self.dist.sum(float(ent_all.double().sum())) / max(1.0, self.dist.sum(ent_all.numel())),
+            "clip_frac_low": self.dist.sum(acc["clip_low"]) / tokens,
+            "clip_frac_high": self.dist.sum(acc["clip_high"]) / tokens,
+            "ratio_dev": self.dist.sum(acc["ratio_dev"]) / tokens,
+            "first_minibatch_max_ratio_dev": first_ratio_dev,
+            "kl_ref": self.dist.sum(acc["kl_ref"]) / tokens if self.ref is not None else None,
+            "kl_old": self.dist.sum(acc["kl_old"]) / tokens,
+            "cov_selected_tokens": self.dist.sum(acc["cov_selected"]),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "lr": self.sched.get_last_lr()[0],
+        }
+
+    def _micro_step(self, batch: Batch, ids: list[int], old_flat, ref_flat, n_tok: float, n_seq: float) -> dict:
+        r, g = self.r, self.r.grpo
+        seqs = [batch.seqs[i] for i in ids]
+        want_ent = g.entropy_coef != 0
+        logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, want_ent)
+        B, W = len(seqs), max(len(c) for _, c in seqs)
+        logp = to_padded(logp_flat, pb, B, W)
+        old = to_padded(old_flat, pb, B, W)
+        mask = to_padded(torch.ones_like(logp_flat), pb, B, W)
+        mask = mask * torch.tensor([float(batch.loss_mask[i]) for i in ids], device=mask.device).unsqueeze(-1)
+        adv = torch.tensor([batch.advantages[i] for i in ids], dtype=torch.float32, device=logp.device)
+        loss_tok, ratio, low, high = grpo.clipped_policy_loss(logp, old, adv, g.epsilon, g.epsilon_high)
+        selected = 0.0
+        if g.clip_cov.enabled or g.kl_cov.enabled:
+            cov = grpo.token_covariance(adv, logp, mask)
+            if g.clip_cov.enabled:
+                cg = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
+                keep = grpo.clip_cov_mask(cov, mask, g.clip_cov.ratio, g.clip_cov.lower, g.clip_cov.upper, cg)
+                loss_tok = loss_tok * keep
+                selected = float(((1 - keep) * mask).sum())
+            else:
+                sel = grpo.kl_cov_mask(cov, mask, g.kl_cov.ratio)
+                plain = -(ratio * adv.unsqueeze(-1))  # KL-Cov replaces clipping by the penalty (Cui et al.)
+                loss_tok = plain + sel * g.kl_cov.coef * (logp - old).abs()
+                selected = float(sel.sum())
+        kl_ref = None
+        if ref_flat is not None:
+            kl = grpo.kl_estimate(logp, to_padded(ref_flat, pb, B, W), g.kl_estimator)
+            loss_tok = loss_tok + g.beta * kl
+            kl_ref = float((kl.detach() * mask).sum())
+        if want_ent:
+            loss_tok = loss_tok - g.entropy_coef * to_padded(ent_flat, pb, B, W)
+        loss = grpo.aggregate(loss_tok, mask, g.loss_aggregation, n_tok, n_seq, r.rollout.max_new_tokens)
+        T.check_finite_loss(float(loss.detach()), self.step)
+        loss.backward()
+        with torch.no_grad():
+            dev = ((ratio - 1).abs() * mask)
+            kl_old = grpo.kl_estimate(logp.detach(), old, "k3") * mask
+        return {"loss": float(loss.detach()), "tokens": float(mask.sum()),
+                "clip_low": float((low * mask).sum()), "clip_high": float((high * mask).sum()),
+                "ratio_dev": float(dev.sum()), "max_ratio_dev": float(dev.max()) if dev.numel() else 0.0,
+                "kl_ref": kl_ref or 0.0, "kl_old": float(kl_old.sum()), "cov_selected": selected}
+
+    # ---------------------------------------------------------------- loop
+    def validate(self) -> dict | None:
+        if self.validator is None:
+            return None
+        self.model.eval()
+        res = self.validator.run(self.model)
+        return {"val_accuracy": res["accuracy"], "val_entropy": res["entropy"], "val_pass@k": res["pass@k"],
+                "val_length": res["mean_length"]}
+
+    def log_row(self, row: dict) -> None:
+        self.history.append(row)
+        self.run.log(row)
+        self.sink.write(row)
+
+    def run_loop(self) -> dict:
+        r = self.r
+        if self.step == 0:
+            v = self.validate()
+            if v is not None:
+                self.log_row({"step": 0, **v})
+        with T.SignalGuard() as guard, Grader(workers=1, timeout=r.grpo.grader_timeout) as grader, \
+                self.progress.task("rl", total=r.train.max_steps) as advance:
+            self.grader = grader
+            advance(self.step)
+            while self.step < r.train.max_steps:
+                t0 = T.now()
+                batch = self.rollout()
+                t1 = T.now()
+                if batch.seqs or self.dist.world > 1:
+                    metrics = self.train_on(batch) if self.dist.sum(len(batch.seqs)) else {}
+                else:
+                    metrics = {}
+                    self.sched.step()
+                t2 = T.now()
+                self.step += 1
+                row = {"step": self.step, **batch.stats, **metrics, "rollout_seconds": t1 - t0,
+                       "train_seconds": t2 - t1, "tokens_per_s": batch.stats["tokens"] / max(t2 - t0, 1e-9)}
+                if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step < r.train.max_steps:
+                    row.update(self.validate() or {})
+                self.log_row(row)
+                advance(1, info=f"reward {row['reward'] or 0:.3f} entropy {row.get('entropy') or 0:.3f}")
+                if guard.requested:
+                    self.save()
+                    raise T.interrupted(guard.requested, self.run.path, self.step)
+                if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
+                    self.save()
+        final = self.validate()
+        if final is not None:
+            self.log_row({"step": self.step, **final})
+        return self.finish()
+
+    def finish(self) -> dict:
+        steps = [h for h in self.history if "reward" in h]
+        vals = [h for h in self.history if "val_accuracy" in h]
+        first, last = (steps[0], steps[-1]) if steps else ({}, {})
+        report = {
+            "command": "rl", "checkpoint": str(self.checkpoint), "source_fingerprint": self.source_fp,
+            "steps": self.step, "processes": self.dist.world,
+            "entropy": {"first": first.get("entropy"), "last": last.get("entropy"),
+                        "ratio": (first.get("entropy") / last["entropy"]) if steps and last.get("entropy") else None},
+            "reward": {"first": first.get("reward"), "last": last.get("reward")},
+            "validation": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None},
+            "curves": {"step": [h["step"] for h in steps], "entropy": [h.get("entropy") for h in steps],
+                       "reward": [h.get("reward") for h in steps],
+                       "val_step": [h["step"] for h in vals], "val_accuracy": [h["val_accuracy"] for h in vals],
+                       "val_entropy": [h["val_entropy"] for h in vals]},
+            "seconds": round(time.time() - self.started, 3),
+            "recipe": self.r.model_dump(mode="json"),
+        }
+        metrics = {"entropy_last": report["entropy"]["last"], "reward_last": report["reward"]["last"],
+                   "val_accuracy_last": vals[-1]["val_accuracy"] if vals else None, "steps": self.step}
+        prov = provenance("rl", self.r, self.checkpoint, self.source_fp, metrics, self.started)
+        extra = {}
+        if self.dist.main and self.r.output.plots:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory() as d:
+                png = Path(d) / "curves.png"
+                if T.plot_curves(self.history, [("entropy", "token entropy (nats)"), ("reward", "reward"),
+                                                ("val_accuracy", "validation accuracy")], png):
+                    extra["curves.png"] = png.read_bytes()
+        out = self.run.finish(self.model, self.tok, prov, report, extra)
+        report["out"] = str(out)
+        self.sink.close()
+        return report
+
+
+def run_rl(recipe: RLRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,
+           restart: bool = False) -> dict:
+    runner = RLRunner(recipe, checkpoint, progress, resume, restart)
+    try:
+        runner.setup()
+        return runner.run_loop()
+    finally:
+        if hasattr(runner, "dist"):
+            runner.dist.close()
