@@ -347,11 +347,58 @@ class RLRecipe(Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------------------- reheat
+class ReheatSection(Section):
+    method: Literal["ts-opsd", "fold"] = Field("ts-opsd", description="ts-opsd: on-policy self-distillation from "
+                                               "the tau-scaled teacher; fold: the exact closed-form baseline "
+                                               "(final-norm weight / tau), seconds, no data.")
+    temp: float = Field(1.6, gt=0, description="Teacher temperature tau (> 1 reheats).")
+    teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: a snapshot of the input checkpoint; "
+                                               "live: the current student, stop-gradient.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl = KL(teacher || student): mass-covering, so it raises entropy; "
+        "reverse_kl = KL(student || teacher); jsd: generalised JSD with beta.")
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
+    prompts_per_step: PositiveInt = Field(16, description="Prompts per step (each sampled num_generations times).")
+    target_entropy: float | None = Field(None, gt=0, description="Stop once the student's mean token entropy on "
+                                         "the rollouts reaches this (nats).")
+    target_entropy_ratio: float | None = Field(None, gt=0, description="Stop once the student's entropy reaches "
+                                               "this fraction of the teacher's entropy on the same rollouts.")
+    report_prompts: PositiveInt = Field(32, description="Validation prompts for the before/after diagnose summary.")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if self.target_entropy is not None and self.target_entropy_ratio is not None:
+            raise ValueError("give at most one of target_entropy and target_entropy_ratio")
+        return self
+
+
+class ReheatRecipe(Section):
+    command: Literal["reheat"] = "reheat"
+    model: ModelSection = ModelSection()
+    data: DataSection = ToyData(split="train", num_prompts=4096)
+    rollout: RolloutSection = RolloutSection(num_generations=4, temperature=1.0, max_new_tokens=1024)
+    reheat: ReheatSection = ReheatSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    validation: ValidationSection = ValidationSection()
+    logging: LoggingSection = LoggingSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _engine(self):
+        if self.rollout.engine != "hf":
+            raise ValueError("reheat samples with the hf engine (the student changes every step): set "
+                             "rollout.engine: hf")
+        return self
+
+
 RECIPES: dict[str, type[Section]] = {
     "diagnose": DiagnoseRecipe,
     "toy-init": ToyInitRecipe,
     "eval": EvalRecipe,
     "rl": RLRecipe,
+    "reheat": ReheatRecipe,
 }
 
 

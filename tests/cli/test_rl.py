@@ -19,7 +19,7 @@ SMALL = ["--set", "data.num_prompts=64", "--prompts-per-step", "4", "--num-gener
          "--max-new-tokens", "12", "--set", "validation.limit=8", "--set", "validation.num_generations=2",
          "--set", "validation.max_new_tokens=12", "--lr", "1e-3", "--set", "train.micro_batch_size=8",
          "--set", "grpo.reward=tests.rewards:even_length"]
-TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s"}
+TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s", "step_seconds"}
 
 
 def steps(path):

@@ -17,6 +17,9 @@ SHRINK = {
     "rl": ["--max-steps", "2", "--set", "data.num_prompts=16", "--prompts-per-step", "4", "--num-generations", "2",
            "--max-new-tokens", "8", "--set", "validation.limit=4", "--set", "model.device=cpu",
            "--set", "grpo.mini_batches=2"],
+    "reheat": ["--max-steps", "2", "--set", "data.num_prompts=16", "--set", "reheat.prompts_per_step=2",
+               "--set", "rollout.num_generations=2", "--set", "rollout.max_new_tokens=8", "--set", "validation.limit=4",
+               "--set", "reheat.report_prompts=2", "--set", "model.device=cpu"],
     "toy": ["--steps", "2", "--set", "train.eval_problems=4", "--set", "train.batch_size=4"],
     "eval": ["--limit", "2", "-n", "2", "--max-new-tokens", "8", "--set", "eval.toy_num_problems=2",
              "--set", "model.device=cpu"],
@@ -31,6 +34,8 @@ def test_recipe_runs_for_a_couple_of_steps(recipe, cli, tiny_ckpt, tmp_path):
         p = cli("diagnose", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
     elif kind == "rl":
         p = cli("rl", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
+    elif kind == "reheat":
+        p = cli("reheat", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
     elif kind == "eval":
         p = cli("eval", str(tiny_ckpt), "--recipe", str(recipe), *SHRINK[kind], "--out", str(out), "--json")
     elif kind == "toy":

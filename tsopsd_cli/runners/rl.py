@@ -7,67 +7,27 @@ teacher-forced at the sampling temperature with the same micro-batches as traini
 exactly 1 on the first mini-batch. The loss is computed from hidden states in chunks over the vocabulary
 (core.chunked): no [batch, length, vocab] logits.
 
-Setup, checkpoints, resume, signals, the non-finite guard and several processes come from runners.training.
+Setup, checkpoints, resume, signals, the non-finite guard and several processes come from runners.trainer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from tsopsd_cli.checkpoint import fingerprint, inspect_checkpoint, load_checkpoint, provenance
 from tsopsd_cli.core import grpo
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import SamplingParams, encode_prompts
 from tsopsd_cli.engines.hf import HFEngine
-from tsopsd_cli.errors import DataError, RecipeError
-from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+from tsopsd_cli.errors import RecipeError
 from tsopsd_cli.progress import NULL, Progress
-from tsopsd_cli.recipe import RLRecipe, recipe_to_yaml
+from tsopsd_cli.recipe import RLRecipe
 from tsopsd_cli.runners import training as T
-from tsopsd_cli.runners.validation import Validator
-from tsopsd_cli.tasks import load_problems
+from tsopsd_cli.runners.trainer import TrainingRun, row_seed
 from tsopsd_cli.tasks.base import Problem
 from tsopsd_cli.tasks.grading import Grader
-
-
-# ------------------------------------------------------------------------------------------------------ data
-class PromptStream:
-    """An endless, reshuffled-every-epoch sequence of problems; its position is part of the resumable state."""
-
-    def __init__(self, problems: list[Problem], seed: int):
-        if not problems:
-            raise DataError("no training prompts")
-        self.problems = problems
-        self.seed = seed
-        self.position = 0
-        self._perm_epoch = -1
-        self._perm: list[int] = []
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(len(self.problems), generator=g).tolist()
-            self._perm_epoch = epoch
-        return self._perm
-
-    def take(self, k: int) -> list[tuple[int, Problem]]:
-        """The next k problems with their global stream positions."""
-        out = []
-        for pos in range(self.position, self.position + k):
-            epoch, i = divmod(pos, len(self.problems))
-            out.append((pos, self.problems[self._order(epoch)[i]]))
-        self.position += k
-        return out
-
-
-def row_seed(step_seed: int, position: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{step_seed}:{position}".encode()).digest()[:7], "big")
 
 
 def load_reward(spec: str):
@@ -107,79 +67,39 @@ def to_padded(flat: torch.Tensor, batch, num_seqs: int, width: int) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------- runner
-class RLRunner:
-    def __init__(self, recipe: RLRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,
-                 restart: bool = False):
-        self.r = recipe
-        self.checkpoint = checkpoint
-        self.progress = progress
-        self.resume = resume
-        self.restart = restart
+class RLRunner(TrainingRun):
+    command = "rl"
+    plot_keys = [("entropy", "token entropy (nats)"), ("reward", "reward")]
+    progress_info = ("reward", "entropy")
 
-    # ---------------------------------------------------------------- setup
-    def setup(self) -> None:
-        r = self.r
-        self.started = time.time()
-        self.dist = T.Dist()
-        inspect_checkpoint(self.checkpoint, allow_pickle=r.model.allow_pickle)
-        if r.grpo.prompts_per_step % self.dist.world:
-            raise RecipeError(f"grpo.prompts_per_step ({r.grpo.prompts_per_step}) must be divisible by the "
-                              f"number of processes ({self.dist.world})")
-        self.source_fp = fingerprint(self.checkpoint)
-        key_body = json.dumps([{k: v for k, v in r.model_dump(mode="json").items() if k != "output"},
-                               self.source_fp], sort_keys=True)
-        key = hashlib.sha256(key_body.encode()).hexdigest()[:16]
-        self.run = T.RunDir(r.output.out, r.output.overwrite, self.resume, self.restart, key, self.dist,
-                            r.train.keep_last)
-        self.problems = load_problems(r.data)
-        self.stream = PromptStream(self.problems, r.train.seed)
-        self.reward_fn = load_reward(r.grpo.reward)
-        start_from = self.run.resumed_from or self.checkpoint
-        m = r.model
-        dtype = "float32" if m.dtype == "auto" else m.dtype  # train float32 weights; autocast bf16 on GPU
-        self.loaded = load_checkpoint(start_from, dtype=dtype, device=self.dist.device(m.device),
-                                      trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle,
-                                      attn_implementation=m.attn_implementation)
-        self.model, self.tok, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        if r.train.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.autocast = (self.device.type == "cuda" and r.train.mixed_precision in ("auto", "bf16"))
-        self.ref = None
-        if r.grpo.beta > 0:
-            self.ref = load_checkpoint(self.checkpoint, dtype=dtype, device=str(self.device),
-                                       trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle).model
-            self.ref.requires_grad_(False)
-        self.opt = T.build_optimizer(self.model, r.optim)
-        self.sched = T.build_scheduler(self.opt, r.optim, r.train.max_steps)
-        self.gen = torch.Generator().manual_seed(r.train.seed)
-        self.step = 0
-        self.engine = HFEngine(self.model, self.tok, batch_size=r.rollout.batch_size)
-        self.validator = Validator(r.validation, self.tok, r.grpo.grader_timeout) if (
-            r.validation.enabled and self.dist.main) else None
-        self.history: list[dict] = []
-        if self.run.resumed_from is not None:
-            st = self.run.load_trainer_state(self.run.resumed_from)
-            self.opt.load_state_dict(st["optimizer"])
-            self.sched.load_state_dict(st["scheduler"])
-            self.gen.set_state(st["generator"])
-            T.set_rng_state(st["rng"])
-            self.stream.position = st["data_position"]
-            self.step = st["step"]
-            self.run.truncate_log(self.step)
-            self.history = self.run.read_log()
-            self.progress.log(f"resumed from {self.run.resumed_from} (step {self.step})")
-        self.sink = T.MetricsSink(r.logging, self.run.path, f"rl-{key}", r.model_dump(mode="json"), self.dist)
-        if self.dist.main:
-            (self.run.path / "recipe.yaml").write_text(recipe_to_yaml(r))
+    def prompts_per_step(self) -> int:
+        return self.r.grpo.prompts_per_step
 
-    def trainer_state(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "generator": self.gen.get_state(), "rng": T.rng_state(), "data_position": self.stream.position,
-                "step": self.step}
+    def setup_method(self) -> None:
+        self.reward_fn = load_reward(self.r.grpo.reward)
+        self.ref = self.frozen(self.checkpoint) if self.r.grpo.beta > 0 else None
+        self.engine = HFEngine(self.model, self.tok, batch_size=self.r.rollout.batch_size)
+        self.grader = Grader(workers=1, timeout=self.r.grpo.grader_timeout)
 
-    def save(self) -> None:
-        prov = provenance("rl", self.r, self.checkpoint, self.source_fp, {"step": self.step}, self.started)
-        self.run.save(self.step, self.model, self.tok, self.trainer_state(), prov)
+    def close(self) -> None:
+        if hasattr(self, "grader"):
+            self.grader.close()
+
+    def train_step(self) -> dict:
+        t0 = T.now()
+        batch = self.rollout()
+        t1 = T.now()
+        metrics = self.train_on(batch) if self.dist.sum(len(batch.seqs)) else {}
+        t2 = T.now()
+        return {**batch.stats, **metrics, "rollout_seconds": t1 - t0, "train_seconds": t2 - t1,
+                "tokens_per_s": batch.stats["tokens"] / max(t2 - t0, 1e-9)}
+
+    def report_extra(self) -> dict:
+        steps = [h for h in self.history if "reward" in h]
+        first, last = (steps[0], steps[-1]) if steps else ({}, {})
+        ratio = first["entropy"] / last["entropy"] if steps and first.get("entropy") and last.get("entropy") else None
+        return {"entropy": {"first": first.get("entropy"), "last": last.get("entropy"), "ratio": ratio},
+                "reward": {"first": first.get("reward"), "last": last.get("reward")}}
 
     # ---------------------------------------------------------------- rollouts
     def rewards(self, comps, problems: list[Problem]) -> list[float]:
@@ -204,8 +124,8 @@ class RLRunner:
                 for i, (pos, p) in enumerate(mine)]
 
     def rollout(self) -> Batch:
-        r, g = self.r, self.r.grpo
-        step_seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
+        g = self.r.grpo
+        step_seed = self.next_seed()
         need = g.prompts_per_step
         groups: list[Group] = []
         sampled = zero_var = 0
@@ -240,10 +160,10 @@ class RLRunner:
         comps = [c for grp in groups for c in grp.completions]
         ents = [e for c in comps for e in (c.entropies or [])]
         batch.stats = {
-            "reward": self._global_mean([v for grp in groups for v in grp.rewards]),
-            "sampling_entropy": self._global_mean(ents),
-            "response_length": self._global_mean([len(c.token_ids) for c in comps]),
-            "truncated": self._global_mean([c.finish_reason == "length" for c in comps]),
+            "reward": self.global_mean([v for grp in groups for v in grp.rewards]),
+            "sampling_entropy": self.global_mean(ents),
+            "response_length": self.global_mean([len(c.token_ids) for c in comps]),
+            "truncated": self.global_mean([c.finish_reason == "length" for c in comps]),
             "zero_variance_groups": self.dist.sum(zero_var) / max(1.0, self.dist.sum(sampled)),
             "groups_sampled": self.dist.sum(sampled),
             "groups_used": self.dist.sum(len(groups)),
@@ -251,27 +171,10 @@ class RLRunner:
         }
         return batch
 
-    def _global_mean(self, xs) -> float | None:
-        total, n = self.dist.sum(float(sum(xs))), self.dist.sum(len(xs))
-        return total / n if n else None
-
-    # ---------------------------------------------------------------- training
     def micro_batches(self, batch: Batch) -> list[list[int]]:
         mb = self.r.train.micro_batch_size
         idx = list(range(len(batch.seqs)))
         return [idx[s:s + mb] for s in range(0, len(idx), mb)]
-
-    def hidden(self, model, seqs):
-        pb = pack(seqs, self.tok.pad_token_id, self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            hidden, _ = completion_hidden(model, pb)
-        return hidden, decoder_and_head(model)[1].weight, pb
-
-    def forward_logps(self, model, seqs, temperature: float, with_entropy: bool):
-        """Per-token log-probs (and entropies) of the completion tokens: ([N], [N] or None, PackedBatch)."""
-        hidden, weight, pb = self.hidden(model, seqs)
-        logp, ent = token_logps(hidden, weight, pb.targets, temperature, self.r.train.chunk_size, with_entropy)
-        return logp, ent, pb
 
     def train_on(self, batch: Batch) -> dict:
         r, g = self.r, self.r.grpo
@@ -293,7 +196,7 @@ class RLRunner:
                                 "cov_selected")}
         first_ratio_dev = None
         grad_norms = []
-        order_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
+        order_gen = torch.Generator().manual_seed(self.next_seed())
         for epoch in range(g.ppo_epochs):
             order = torch.randperm(len(mbs), generator=order_gen).tolist() if epoch else list(range(len(mbs)))
             chunks = [order[i::g.mini_batches] for i in range(g.mini_batches)]
@@ -308,10 +211,7 @@ class RLRunner:
                         acc[k] += stats.get(k, 0.0)
                     if first_ratio_dev is None:
                         first_ratio_dev = stats["max_ratio_dev"]
-                self.dist.all_reduce_grads(self.model)
-                grad_norms.append(T.grad_norm_and_check(self.model, r.optim.max_grad_norm))
-                self.opt.step()
-        self.sched.step()
+                grad_norms.append(self.optimizer_step())
         tokens = self.dist.sum(acc["tokens"]) or 1.0
         passes = g.ppo_epochs
         ent_all = torch.cat(ent1) if ent1 else torch.zeros(0)
@@ -345,7 +245,7 @@ class RLRunner:
         if g.clip_cov.enabled or g.kl_cov.enabled:
             cov = grpo.token_covariance(adv, logp, mask)
             if g.clip_cov.enabled:
-                cg = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
+                cg = torch.Generator().manual_seed(self.next_seed())
                 keep = grpo.clip_cov_mask(cov, mask, g.clip_cov.ratio, g.clip_cov.lower, g.clip_cov.upper, cg)
                 loss_tok = loss_tok * keep
                 selected = float(((1 - keep) * mask).sum())
@@ -372,100 +272,8 @@ class RLRunner:
                 "ratio_dev": float(dev.sum()), "max_ratio_dev": float(dev.max()) if dev.numel() else 0.0,
                 "kl_ref": kl_ref or 0.0, "kl_old": float(kl_old.sum()), "cov_selected": selected}
 
-    # ---------------------------------------------------------------- loop
-    def validate(self) -> dict | None:
-        if self.validator is None:
-            return None
-        self.model.eval()
-        res = self.validator.run(self.model)
-        return {"val_accuracy": res["accuracy"], "val_entropy": res["entropy"], "val_pass@k": res["pass@k"],
-                "val_length": res["mean_length"]}
-
-    def log_row(self, row: dict) -> None:
-        self.history.append(row)
-        self.run.log(row)
-        self.sink.write(row)
-
-    def run_loop(self) -> dict:
-        r = self.r
-        if self.step == 0:
-            v = self.validate()
-            if v is not None:
-                self.log_row({"step": 0, **v})
-        with T.SignalGuard() as guard, Grader(workers=1, timeout=r.grpo.grader_timeout) as grader, \
-                self.progress.task("rl", total=r.train.max_steps) as advance:
-            self.grader = grader
-            advance(self.step)
-            while self.step < r.train.max_steps:
-                t0 = T.now()
-                batch = self.rollout()
-                t1 = T.now()
-                if batch.seqs or self.dist.world > 1:
-                    metrics = self.train_on(batch) if self.dist.sum(len(batch.seqs)) else {}
-                else:
-                    metrics = {}
-                    self.sched.step()
-                t2 = T.now()
-                self.step += 1
-                row = {"step": self.step, **batch.stats, **metrics, "rollout_seconds": t1 - t0,
-                       "train_seconds": t2 - t1, "tokens_per_s": batch.stats["tokens"] / max(t2 - t0, 1e-9)}
-                if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step < r.train.max_steps:
-                    row.update(self.validate() or {})
-                self.log_row(row)
-                advance(1, info=f"reward {row['reward'] or 0:.3f} entropy {row.get('entropy') or 0:.3f}")
-                if guard.requested:
-                    self.save()
-                    raise T.interrupted(guard.requested, self.run.path, self.step)
-                if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
-                    self.save()
-        final = self.validate()
-        if final is not None:
-            self.log_row({"step": self.step, **final})
-        return self.finish()
-
-    def finish(self) -> dict:
-        steps = [h for h in self.history if "reward" in h]
-        vals = [h for h in self.history if "val_accuracy" in h]
-        first, last = (steps[0], steps[-1]) if steps else ({}, {})
-        report = {
-            "command": "rl", "checkpoint": str(self.checkpoint), "source_fingerprint": self.source_fp,
-            "steps": self.step, "processes": self.dist.world,
-            "entropy": {"first": first.get("entropy"), "last": last.get("entropy"),
-                        "ratio": (first.get("entropy") / last["entropy"]) if steps and last.get("entropy") else None},
-            "reward": {"first": first.get("reward"), "last": last.get("reward")},
-            "validation": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None},
-            "curves": {"step": [h["step"] for h in steps], "entropy": [h.get("entropy") for h in steps],
-                       "reward": [h.get("reward") for h in steps],
-                       "val_step": [h["step"] for h in vals], "val_accuracy": [h["val_accuracy"] for h in vals],
-                       "val_entropy": [h["val_entropy"] for h in vals]},
-            "seconds": round(time.time() - self.started, 3),
-            "recipe": self.r.model_dump(mode="json"),
-        }
-        metrics = {"entropy_last": report["entropy"]["last"], "reward_last": report["reward"]["last"],
-                   "val_accuracy_last": vals[-1]["val_accuracy"] if vals else None, "steps": self.step}
-        prov = provenance("rl", self.r, self.checkpoint, self.source_fp, metrics, self.started)
-        extra = {}
-        if self.dist.main and self.r.output.plots:
-            import tempfile
-            from pathlib import Path
-
-            with tempfile.TemporaryDirectory() as d:
-                png = Path(d) / "curves.png"
-                if T.plot_curves(self.history, [("entropy", "token entropy (nats)"), ("reward", "reward"),
-                                                ("val_accuracy", "validation accuracy")], png):
-                    extra["curves.png"] = png.read_bytes()
-        out = self.run.finish(self.model, self.tok, prov, report, extra)
-        report["out"] = str(out)
-        self.sink.close()
-        return report
 
 
 def run_rl(recipe: RLRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,
            restart: bool = False) -> dict:
-    runner = RLRunner(recipe, checkpoint, progress, resume, restart)
-    try:
-        runner.setup()
-        return runner.run_loop()
-    finally:
-        if hasattr(runner, "dist"):
-            runner.dist.close()
+    return RLRunner(recipe, checkpoint, progress, resume, restart).execute()

@@ -1,0 +1,116 @@
+"""Peak memory and tokens/s of one TS-OPSD training step: chunked (tsopsd) vs naive full logits, same run.
+
+    python benchmarks/reheat_memory.py [--vocab 151936] [--tokens 4096] [--hidden 256] [--layers 2]
+
+Both arms: student forward + backward, frozen teacher forward, forward KL(teacher/tau || student) over the full
+vocabulary on the same completion tokens, same random-initialised Qwen3 (tiny depth). The naive arm materialises
+[batch, length, vocab] logits for student and teacher (as a straightforward implementation does); the chunked arm
+is tsopsd's (hidden states, LM head per chunk with activation checkpointing). Each arm runs in a fresh
+subprocess; peak extra memory = peak RSS - RSS after setup (CPU) or max_memory_allocated - allocated (CUDA).
+Target (issue 5): at least 3x less peak memory and no slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def arm(name: str, args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tsopsd_cli.core.chunked import token_divergence
+    from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
+                      intermediate_size=args.hidden * 3, max_position_embeddings=4096, tie_word_embeddings=False)
+    student = Qwen3ForCausalLM(cfg).to(dev).train()
+    teacher = Qwen3ForCausalLM(cfg).to(dev).eval().requires_grad_(False)
+    teacher.load_state_dict(student.state_dict())
+    seq_len = args.tokens // args.seqs
+    seqs = [(torch.randint(0, args.vocab, (16,)).tolist(), torch.randint(0, args.vocab, (seq_len,)).tolist())
+            for _ in range(args.seqs)]
+    batch = pack(seqs, 0, dev)
+    tau = 1.6
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = rss_mb()
+    t0 = time.perf_counter()
+    if name == "chunked":
+        hidden, _ = completion_hidden(student, batch)
+        with torch.no_grad():
+            t_hidden, _ = completion_hidden(teacher, batch)
+        t_w = decoder_and_head(teacher)[1].weight
+        loss = token_divergence(hidden, decoder_and_head(student)[1].weight, lambda idx: t_hidden[idx] @ t_w.T,
+                                "forward_kl", tau=tau, chunk_size=args.chunk_size).mean()
+    else:
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, T, V]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        s = logits[batch.rows, batch.cols].float()
+        t = t_logits[batch.rows, batch.cols].float() / tau
+        lt = F.log_softmax(t, -1)
+        loss = (lt.exp() * (lt - F.log_softmax(s, -1))).sum(-1).mean()
+    loss.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() / 2**20 - base) if dev.type == "cuda" else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    return {"arm": name, "tokens": args.tokens, "seconds": seconds, "tokens_per_s": args.tokens / seconds,
+            "peak_extra_mb": peak, "loss": float(loss)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=512)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arm", choices=["chunked", "naive"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.arm:
+        print(json.dumps(arm(args.arm, args)))
+        return 0
+    res = {}
+    for name in ("naive", "chunked"):
+        cmd = [sys.executable, __file__, "--arm", name] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "arm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{name} arm failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        res[name] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{name:8s} tokens={r['tokens']} peak_extra={r['peak_extra_mb']:.0f} MiB time={r['seconds']:.2f} s "
+              f"tokens/s={r['tokens_per_s']:.0f} loss={r['loss']:.6f}")
+    n, c = res["naive"], res["chunked"]
+    mem, speed = n["peak_extra_mb"] / max(c["peak_extra_mb"], 1e-9), c["tokens_per_s"] / n["tokens_per_s"]
+    same = abs(n["loss"] - c["loss"]) < 1e-4 * max(1.0, abs(n["loss"]))
+    print(f"memory: naive/chunked = {mem:.1f}x (target >= 3x)  speed: chunked/naive = {speed:.2f}x "
+          f"(target >= 1.0)  same loss: {same}")
+    print(json.dumps({"device": args.device, "memory_ratio": mem, "speed_ratio": speed, "same_loss": same}))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`tsopsd reheat CKPT --temp 1.6 --out DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
+                                   RemoteOpt, SetOpt, print_json, progress_for, resolve, stdout_console)
+from tsopsd_cli.cli.rl import RestartOpt, ResumeOpt
+
+EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
+          "(exact baseline: tsopsd reheat ./collapsed --method fold --temp 1.6 --out ./folded)")
+
+
+def reheat(
+    checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to reheat.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.", rich_help_panel="Output")],
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature tau (default 1.6).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="ts-opsd (default) or fold.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="frozen (default) or live.")] = None,
+    divergence: Annotated[Optional[str], typer.Option(help="forward_kl (default), reverse_kl or jsd.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    target_entropy: Annotated[Optional[float], typer.Option(help="Stop at this student entropy (nats).")] = None,
+    target_entropy_ratio: Annotated[Optional[float], typer.Option(help="Stop at this fraction of the teacher's "
+                                                                        "entropy.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")] = None,
+    resume: ResumeOpt = False, restart: RestartOpt = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
+    overwrite: OverwriteOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+) -> int:
+    """Reheat a collapsed checkpoint: TS-OPSD (on-policy self-distillation from the model's own logits / tau),
+    or --method fold (exact closed form: final-norm weight / tau). Writes a checkpoint and a before/after report.
+    """
+    flags = {
+        "reheat.temp": temp, "reheat.method": method, "reheat.teacher": teacher, "reheat.divergence": divergence,
+        "reheat.target_entropy": target_entropy, "reheat.target_entropy_ratio": target_entropy_ratio,
+        "train.max_steps": max_steps, "optim.lr": lr, "train.seed": seed,
+        "model.device": device, "model.dtype": dtype, "model.allow_pickle": allow_pickle,
+        "model.trust_remote_code": trust_remote_code, "output.out": str(out), "output.overwrite": overwrite,
+    }
+    if data is not None:
+        flags.update({"data.type": "toy", "data.split": "train"} if data == "toy"
+                     else {"data.type": "jsonl", "data.path": data})
+    rec = resolve("reheat", recipe, set_, flags)
+    import os
+
+    from tsopsd_cli.runners.reheat import run_reheat
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    report = run_reheat(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
+                        restart=restart)
+    if not main_process:
+        return 0
+    if json_out:
+        print_json(report)
+        return 0
+    con = stdout_console()
+    if report["method"] == "fold":
+        con.print(f"folded 1/{report['temp']} into the final norm -> {report['out']} "
+                  f"(max logit error {report['max_logit_error']:.2e}, {report['seconds']:.1f} s)")
+        return 0
+    b, a, acc = report["before"], report["after"], report["accuracy"]
+    con.print(f"reheat (TS-OPSD, tau={report['temp']}): {report['steps']} steps in {report['seconds']:.0f} s, "
+              f"stopped by {report['stop_reason']} -> {report['out']}")
+    if b and a:
+        con.print(f"  entropy {b['entropy']:.4f} -> {a['entropy']:.4f} nats (tau-teacher on the same tokens: "
+                  f"{b['temperature_entropy'].get(format(report['temp'], 'g'), float('nan')):.4f}); "
+                  f"top-1 agreement with input {a['top1_agreement']:.3f}; Jaccard@10 {a['topk_jaccard']['10']:.3f}; "
+                  f"CKA last layer {a['cka'][-1]:.3f}")
+    if acc["before"] is not None:
+        con.print(f"  validation accuracy {acc['before']:.3f} -> {acc['after']:.3f}")
+    return 0
