@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _arms import baseline_mb, peak_extra_mb, run_arms  # noqa: E402
 
 
 def arm(name: str, args) -> dict:
@@ -44,12 +41,7 @@ def arm(name: str, args) -> dict:
     temps, ks = [1.0, 1.6], [1, 5, 10, 50]
     _, head = decoder_and_head(model)
     batch = pack(seqs, 0, dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = rss_mb()
+    base = baseline_mb(torch, dev)
     t0 = time.perf_counter()
     with torch.no_grad():
         if name == "chunked":
@@ -62,10 +54,7 @@ def arm(name: str, args) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    peak = peak_extra_mb(torch, dev, base)
     return {"arm": name, "tokens": int(st.entropy.numel()), "seconds": seconds,
             "tokens_per_s": st.entropy.numel() / seconds, "peak_extra_mb": peak,
             "entropy_mean": float(st.entropy.mean())}
@@ -85,16 +74,10 @@ def main() -> int:
     if args.arm:
         print(json.dumps(arm(args.arm, args)))
         return 0
-    results = {}
-    for name in ("naive", "chunked"):
-        cmd = [sys.executable, __file__, "--arm", name] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "arm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{name} arm failed:\n{proc.stderr}", file=sys.stderr)
-            return 1
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[name]
+    results = run_arms(__file__, args, ("naive", "chunked"))
+    if results is None:
+        return 1
+    for name, r in results.items():
         print(f"{name:8s} tokens={r['tokens']} peak_extra={r['peak_extra_mb']:.0f} MiB "
               f"time={r['seconds']:.2f} s tokens/s={r['tokens_per_s']:.0f} entropy={r['entropy_mean']:.5f}")
     n, c = results["naive"], results["chunked"]

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _arms import baseline_mb, peak_extra_mb, run_arms  # noqa: E402
 
 
 def arm(name: str, args) -> dict:
@@ -46,12 +43,7 @@ def arm(name: str, args) -> dict:
             for _ in range(args.seqs)]
     batch = pack(seqs, 0, dev)
     tau = 1.6
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = rss_mb()
+    base = baseline_mb(torch, dev)
     t0 = time.perf_counter()
     if name == "chunked":
         hidden, _ = completion_hidden(student, batch)
@@ -72,8 +64,7 @@ def arm(name: str, args) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**20 - base) if dev.type == "cuda" else (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    peak = peak_extra_mb(torch, dev, base)
     return {"arm": name, "tokens": args.tokens, "seconds": seconds, "tokens_per_s": args.tokens / seconds,
             "peak_extra_mb": peak, "loss": float(loss)}
 
@@ -92,15 +83,10 @@ def main() -> int:
     if args.arm:
         print(json.dumps(arm(args.arm, args)))
         return 0
-    res = {}
-    for name in ("naive", "chunked"):
-        cmd = [sys.executable, __file__, "--arm", name] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "arm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{name} arm failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            return 1
-        res[name] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_arms(__file__, args, ("naive", "chunked"))
+    if res is None:
+        return 1
+    for name, r in res.items():
         print(f"{name:8s} tokens={r['tokens']} peak_extra={r['peak_extra_mb']:.0f} MiB time={r['seconds']:.2f} s "
               f"tokens/s={r['tokens_per_s']:.0f} loss={r['loss']:.6f}")
     n, c = res["naive"], res["chunked"]

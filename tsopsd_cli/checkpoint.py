@@ -213,16 +213,22 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_into_place(src: Path, out: Path) -> None:
+    """Rename a finished directory to `out`; an existing `out` (overwrite was checked) is moved aside first and
+    deleted after, so `out` is at every moment either the old complete directory or the new one."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        src.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(out)
 
 
 def check_out(out: str | os.PathLike | None, overwrite: bool) -> None:

@@ -320,12 +320,12 @@ class GRPOSection(Section):
         return self
 
 
-class RLRecipe(Section):
-    command: Literal["rl"] = "rl"
+class TrainingRecipe(Section):
+    """Sections every training command (rl, reheat) has; each adds its method's section."""
+
     model: ModelSection = ModelSection()
     data: DataSection = ToyData(split="train", num_prompts=4096)
     rollout: RolloutSection = RolloutSection(num_generations=8, temperature=1.0, max_new_tokens=1024)
-    grpo: GRPOSection = GRPOSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     validation: ValidationSection = ValidationSection()
@@ -335,9 +335,14 @@ class RLRecipe(Section):
     @model_validator(mode="after")
     def _engine(self):
         if self.rollout.engine != "hf":
-            raise ValueError("rl samples with the hf engine (the policy changes every step; vLLM weight sync is "
-                             "not implemented yet): set rollout.engine: hf")
+            raise ValueError("training samples with the hf engine (the policy changes every step; vLLM weight "
+                             "sync is not implemented yet): set rollout.engine: hf")
         return self
+
+
+class RLRecipe(TrainingRecipe):
+    command: Literal["rl"] = "rl"
+    grpo: GRPOSection = GRPOSection()
 
     @model_validator(mode="after")
     def _mini_batches_fit(self):
@@ -373,24 +378,10 @@ class ReheatSection(Section):
         return self
 
 
-class ReheatRecipe(Section):
+class ReheatRecipe(TrainingRecipe):
     command: Literal["reheat"] = "reheat"
-    model: ModelSection = ModelSection()
-    data: DataSection = ToyData(split="train", num_prompts=4096)
     rollout: RolloutSection = RolloutSection(num_generations=4, temperature=1.0, max_new_tokens=1024)
     reheat: ReheatSection = ReheatSection()
-    optim: OptimSection = OptimSection()
-    train: TrainSection = TrainSection()
-    validation: ValidationSection = ValidationSection()
-    logging: LoggingSection = LoggingSection()
-    output: OutputSection = OutputSection()
-
-    @model_validator(mode="after")
-    def _engine(self):
-        if self.rollout.engine != "hf":
-            raise ValueError("reheat samples with the hf engine (the student changes every step): set "
-                             "rollout.engine: hf")
-        return self
 
 
 RECIPES: dict[str, type[Section]] = {
@@ -514,7 +505,9 @@ def validate_file(path: Path) -> list[str]:
 
 
 def recipe_to_yaml(recipe: Section) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    tree = recipe.model_dump(mode="json")
+    ordered = {"command": tree.pop("command")} if "command" in tree else {}
+    return yaml.safe_dump({**ordered, **tree}, sort_keys=False)
 
 
 def defaults_yaml(command: str) -> str:

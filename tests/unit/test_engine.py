@@ -44,10 +44,11 @@ def test_generation_is_seeded_and_logprobs_match_teacher_forcing(tiny_ckpt):
 def test_stop_strings_end_completions(tiny_ckpt):
     ld = load_checkpoint(tiny_ckpt, device="cpu")
     eng = HFEngine(ld.model, ld.tokenizer)
-    free = eng.generate([ld.tokenizer("1+1=?\n")["input_ids"]], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0))
+    prompt = [ld.tokenizer("1+1=?\n")["input_ids"]]
+    free = eng.generate(prompt, SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0))
     # stop on a character that some unconstrained sample contains
     char = next(ch for c in free for ch in c.text if ch.strip())
-    cut = eng.generate([ld.tokenizer("1+1=?\n")["input_ids"]], SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0,
+    cut = eng.generate(prompt, SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0,
                                                    stop=(char,)))
     for f, c in zip(free, cut):
         if char in f.text:

@@ -41,6 +41,19 @@ def resolve(command: str, recipe_file: Path | None, sets: list[str] | None, flag
     return build_recipe(command, recipe_file, overrides)
 
 
+def model_flags(device, dtype, allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
+    """The `model` section's typed flags, shared by every command that loads a checkpoint."""
+    return {"model.device": device, "model.dtype": dtype, "model.allow_pickle": allow_pickle,
+            "model.trust_remote_code": trust_remote_code}
+
+
+def is_main_process() -> bool:
+    """False in the non-main processes of a multi-process launch (only the main one reports)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def progress_for(json_out: bool, quiet: bool) -> Progress:
     return Progress(enabled=not (json_out or quiet) and sys.stderr.isatty() or _forced())
 

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt,
-                                   RecipeOpt, RemoteOpt, SetOpt, print_json, progress_for, resolve, stdout_console)
+                                   RecipeOpt, RemoteOpt, SetOpt, model_flags, print_json, progress_for, resolve,
+                                   stdout_console)
 
 
 def diagnose(
@@ -38,8 +39,7 @@ def diagnose(
         "diagnose.chunk_size": chunk_size,
         "rollout.num_generations": num_generations, "rollout.temperature": temperature,
         "rollout.max_new_tokens": max_new_tokens, "rollout.seed": seed,
-        "model.device": device, "model.dtype": dtype, "model.allow_pickle": allow_pickle,
-        "model.trust_remote_code": trust_remote_code,
+        **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out) if out else None, "output.overwrite": overwrite,
     }
     if data is not None:

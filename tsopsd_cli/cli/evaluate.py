@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt,
-                                   RecipeOpt, RemoteOpt, SetOpt, print_json, progress_for, resolve, stdout_console)
+                                   RecipeOpt, RemoteOpt, SetOpt, model_flags, print_json, progress_for, resolve,
+                                   stdout_console)
 
 EVAL_EPILOG = ("[bold]Example:[/bold] tsopsd eval ./ckpt --benchmark aime24,math500 -n 16 --temperature 0.6 "
                "--out eval/   (re-grade: tsopsd eval grade samples.jsonl)")
@@ -50,8 +51,7 @@ def evaluate(
         "eval.limit": limit, "eval.prompt_template": prompt_template, "eval.chat_template": chat_template,
         "rollout.num_generations": num_generations, "rollout.temperature": temperature, "rollout.top_p": top_p,
         "rollout.max_new_tokens": max_new_tokens, "rollout.seed": seed, "rollout.engine": engine,
-        "model.device": device, "model.dtype": dtype, "model.allow_pickle": allow_pickle,
-        "model.trust_remote_code": trust_remote_code,
+        **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out) if out else None, "output.overwrite": overwrite,
     }
     rec = resolve("eval", recipe, set_, flags)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, print_json, progress_for, resolve, stdout_console)
+                                   RemoteOpt, SetOpt, is_main_process, model_flags, print_json, progress_for, resolve,
+                                   stdout_console)
 from tsopsd_cli.cli.rl import RestartOpt, ResumeOpt
 
 EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
@@ -41,18 +42,16 @@ def reheat(
         "reheat.temp": temp, "reheat.method": method, "reheat.teacher": teacher, "reheat.divergence": divergence,
         "reheat.target_entropy": target_entropy, "reheat.target_entropy_ratio": target_entropy_ratio,
         "train.max_steps": max_steps, "optim.lr": lr, "train.seed": seed,
-        "model.device": device, "model.dtype": dtype, "model.allow_pickle": allow_pickle,
-        "model.trust_remote_code": trust_remote_code, "output.out": str(out), "output.overwrite": overwrite,
+        **model_flags(device, dtype, allow_pickle, trust_remote_code),
+        "output.out": str(out), "output.overwrite": overwrite,
     }
     if data is not None:
         flags.update({"data.type": "toy", "data.split": "train"} if data == "toy"
                      else {"data.type": "jsonl", "data.path": data})
     rec = resolve("reheat", recipe, set_, flags)
-    import os
-
     from tsopsd_cli.runners.reheat import run_reheat
 
-    main_process = os.environ.get("RANK", "0") == "0"
+    main_process = is_main_process()
     report = run_reheat(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
                         restart=restart)
     if not main_process:

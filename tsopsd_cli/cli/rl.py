@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, print_json, progress_for, resolve, stdout_console)
+                                   RemoteOpt, SetOpt, is_main_process, model_flags, print_json, progress_for, resolve,
+                                   stdout_console)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd rl ./toy-base --recipe recipes/rl/toy.yaml --out ./toy-rl   "
           "(after pre-emption: the same command with --resume)")
@@ -43,8 +44,8 @@ def rl(
         "train.max_steps": max_steps, "optim.lr": lr, "grpo.prompts_per_step": prompts_per_step,
         "rollout.num_generations": num_generations, "rollout.temperature": temperature,
         "rollout.max_new_tokens": max_new_tokens, "train.seed": seed,
-        "model.device": device, "model.dtype": dtype, "model.allow_pickle": allow_pickle,
-        "model.trust_remote_code": trust_remote_code, "output.out": str(out), "output.overwrite": overwrite,
+        **model_flags(device, dtype, allow_pickle, trust_remote_code),
+        "output.out": str(out), "output.overwrite": overwrite,
     }
     if data is not None:
         flags.update({"data.type": "toy", "data.split": "train"} if data == "toy"
@@ -52,9 +53,7 @@ def rl(
     rec = resolve("rl", recipe, set_, flags)
     from tsopsd_cli.runners.rl import run_rl
 
-    import os
-
-    main_process = os.environ.get("RANK", "0") == "0"
+    main_process = is_main_process()
     report = run_rl(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
                     restart=restart)
     if not main_process:

@@ -76,7 +76,8 @@ def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind:
 
 
 def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
-                     t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl", beta: float = 0.5, tau: float = 1.0, chunk_size: int = 1024,
+                     t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl",
+                     beta: float = 0.5, tau: float = 1.0, chunk_size: int = 1024,
                      student_temperature: float = 1.0) -> torch.Tensor:
     """Per-token divergence between a teacher softmax(t_logits / tau) and the student softmax(s_hidden @ s_weight.T),
     with gradients to the student only.  s_hidden: [N, D]; s_weight: [V, D];

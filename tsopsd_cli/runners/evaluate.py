@@ -17,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from tsopsd_cli.checkpoint import check_out, fingerprint, inspect_checkpoint, load_checkpoint, load_tokenizer
+from tsopsd_cli.checkpoint import (check_out, fingerprint, inspect_checkpoint, load_checkpoint, load_tokenizer,
+                                   move_into_place)
 from tsopsd_cli.core.metrics import benchmark_metrics
 from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
 from tsopsd_cli.errors import OutputExistsError
@@ -178,13 +179,7 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
         (partial / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
         (partial / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (partial / STATE_FILE).unlink()
-        if out.exists():  # --overwrite (checked above)
-            old = out.parent / f".{out.name}.old"
-            out.rename(old)
-            partial.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            partial.rename(out)
+        move_into_place(partial, out)
         report["out"] = str(out)
     return report
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 import torch
 
-from tsopsd_cli.checkpoint import atomic_dir, check_out, write_checkpoint
+from tsopsd_cli.checkpoint import atomic_dir, check_out, move_into_place, write_checkpoint
 from tsopsd_cli.errors import Interrupted, NonFiniteError, OutputExistsError, UsageError
 from tsopsd_cli.report import json_safe
 
@@ -293,13 +293,7 @@ class RunDir:
                 (self.path / name).write_bytes(data)
             (self.path / STATE_FILE).unlink(missing_ok=True)
             if not self.ephemeral:
-                if self.out.exists():
-                    old = self.out.parent / f".{self.out.name}.old"
-                    self.out.rename(old)
-                    self.path.rename(self.out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    self.path.rename(self.out)
+                move_into_place(self.path, self.out)
         self.dist.barrier()
         return self.out if self.out is not None else self.path
 
