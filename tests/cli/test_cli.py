@@ -21,8 +21,9 @@ def one_error_line(proc, code=2):
 def test_version_and_help_examples(cli):
     p = cli("--version")
     assert p.returncode == 0 and p.stdout.strip() == f"tsopsd {__version__}"
-    for args in (["--help"], ["diagnose", "--help"], ["toy", "init", "--help"], ["recipe", "validate", "--help"],
-                 ["recipe", "show", "--help"]):
+    for args in (["--help"], ["diagnose", "--help"], ["toy", "--help"], ["toy", "init", "--help"],
+                 ["recipe", "--help"], ["recipe", "validate", "--help"], ["recipe", "show", "--help"],
+                 ["eval", "--help"], ["eval", "grade", "--help"], ["rl", "--help"], ["reheat", "--help"]):
         p = cli(*args)
         assert p.returncode == 0 and "Example:" in p.stdout, args
 

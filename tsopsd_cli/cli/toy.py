@@ -11,7 +11,7 @@ from tsopsd_cli.cli.common import (JsonOpt, OverwriteOpt, QuietOpt, RecipeOpt, S
                                    resolve, stdout_console)
 
 app = typer.Typer(help="The built-in toy world: seeded multi-step arithmetic and a tiny Qwen3 model.",
-                  no_args_is_help=True)
+                  epilog="[bold]Example:[/bold] tsopsd toy init --out ./toy-base", no_args_is_help=True)
 
 
 @app.command("init", epilog="[bold]Example:[/bold] tsopsd toy init --out ./toy-base")
