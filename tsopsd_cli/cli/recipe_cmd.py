@@ -13,7 +13,8 @@ from tsopsd_cli.errors import EXIT_USAGE, RecipeError
 from tsopsd_cli.recipe import RECIPES, defaults_yaml, validate_file
 
 app = typer.Typer(help="Check recipe files and print defaults.", no_args_is_help=True,
-                  epilog="[bold]Example:[/bold] tsopsd recipe show rl > my-rl.yaml && tsopsd recipe validate my-rl.yaml")
+                  epilog="[bold]Example:[/bold] tsopsd recipe show rl > my-rl.yaml && "
+                         "tsopsd recipe validate my-rl.yaml")
 
 
 @app.command("validate", epilog="[bold]Example:[/bold] tsopsd recipe validate recipes/*/*.yaml")

@@ -182,8 +182,13 @@ class RLRunner(TrainingRun):
         mbs = self.micro_batches(batch)
         self.model.train()
         old, ref, ent1 = [], [], []
+        # One update per rollout batch and no reference: the old log-probs are the current ones, so the training
+        # forward provides them (detached) and the entropy, and the separate no-grad pass is skipped.
+        single = g.ppo_epochs == 1 and g.mini_batches == 1 and self.ref is None and temp == 1.0
+        if single:
+            old = [None] * len(mbs)
         with torch.no_grad():
-            for ids in mbs:
+            for ids in ([] if single else mbs):
                 seqs = [batch.seqs[i] for i in ids]
                 hidden, weight, pb = self.hidden(self.model, seqs)  # one forward: old log-probs and entropy
                 chunk = r.train.chunk_size
@@ -209,6 +214,8 @@ class RLRunner(TrainingRun):
                     stats = self._micro_step(batch, mbs[m], old[m], ref[m] if ref else None, n_tok, n_seq)
                     for k in acc:
                         acc[k] += stats.get(k, 0.0)
+                    if stats.get("entropy") is not None:
+                        ent1.append(stats["entropy"])
                     if first_ratio_dev is None:
                         first_ratio_dev = stats["max_ratio_dev"]
                 grad_norms.append(self.optimizer_step())
@@ -232,8 +239,11 @@ class RLRunner(TrainingRun):
     def _micro_step(self, batch: Batch, ids: list[int], old_flat, ref_flat, n_tok: float, n_seq: float) -> dict:
         r, g = self.r, self.r.grpo
         seqs = [batch.seqs[i] for i in ids]
-        want_ent = g.entropy_coef != 0
+        on_policy = old_flat is None  # see train_on: the old log-probs come from this very forward
+        want_ent = g.entropy_coef != 0 or on_policy
         logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, want_ent)
+        if on_policy:
+            old_flat = logp_flat.detach()
         B, W = len(seqs), max(len(c) for _, c in seqs)
         logp = to_padded(logp_flat, pb, B, W)
         old = to_padded(old_flat, pb, B, W)
@@ -270,7 +280,8 @@ class RLRunner(TrainingRun):
         return {"loss": float(loss.detach()), "tokens": float(mask.sum()),
                 "clip_low": float((low * mask).sum()), "clip_high": float((high * mask).sum()),
                 "ratio_dev": float(dev.sum()), "max_ratio_dev": float(dev.max()) if dev.numel() else 0.0,
-                "kl_ref": kl_ref or 0.0, "kl_old": float(kl_old.sum()), "cov_selected": selected}
+                "kl_ref": kl_ref or 0.0, "kl_old": float(kl_old.sum()), "cov_selected": selected,
+                "entropy": ent_flat.detach().float().cpu() if on_policy else None}
 
 
 
