@@ -70,9 +70,10 @@ def print_json(obj: Any) -> None:
 
 
 def stdout_console():
+    """Rich console for results on stdout; off a terminal (logs, pipes) wide enough for the tables."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 EXAMPLE = "[bold]Example:[/bold] "
