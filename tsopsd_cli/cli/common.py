@@ -47,6 +47,15 @@ def model_flags(device, dtype, allow_pickle: bool, trust_remote_code: bool) -> d
             "model.trust_remote_code": trust_remote_code}
 
 
+def data_flags(data: str | None, split: str | None = None) -> dict[str, Any]:
+    """`--data toy|FILE.jsonl` as `data.*` overrides (`split` for the toy source, when the command fixes one)."""
+    if data is None:
+        return {}
+    if data == "toy":
+        return {"data.type": "toy", **({"data.split": split} if split else {})}
+    return {"data.type": "jsonl", "data.path": data}
+
+
 def is_main_process() -> bool:
     """False in the non-main processes of a multi-process launch (only the main one reports)."""
     import os

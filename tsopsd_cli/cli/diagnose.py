@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt,
-                                   RecipeOpt, RemoteOpt, SetOpt, model_flags, print_json, progress_for, resolve,
+from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
+                                   RemoteOpt, SetOpt, data_flags, model_flags, print_json, progress_for, resolve,
                                    stdout_console)
 
 
@@ -42,8 +42,7 @@ def diagnose(
         **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out) if out else None, "output.overwrite": overwrite,
     }
-    if data is not None:
-        flags.update({"data.type": "toy"} if data == "toy" else {"data.type": "jsonl", "data.path": data})
+    flags.update(data_flags(data))
     if num_prompts is not None:
         flags["data.num_prompts"] = num_prompts
     rec = resolve("diagnose", recipe, set_, flags)

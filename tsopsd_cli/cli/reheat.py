@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, is_main_process, model_flags, print_json, progress_for, resolve,
-                                   stdout_console)
+                                   RemoteOpt, SetOpt, data_flags, is_main_process, model_flags, print_json,
+                                   progress_for, resolve, stdout_console)
 from tsopsd_cli.cli.rl import RestartOpt, ResumeOpt
 
 EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
@@ -45,9 +45,7 @@ def reheat(
         **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out), "output.overwrite": overwrite,
     }
-    if data is not None:
-        flags.update({"data.type": "toy", "data.split": "train"} if data == "toy"
-                     else {"data.type": "jsonl", "data.path": data})
+    flags.update(data_flags(data, split="train"))
     rec = resolve("reheat", recipe, set_, flags)
     from tsopsd_cli.runners.reheat import run_reheat
 

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, is_main_process, model_flags, print_json, progress_for, resolve,
-                                   stdout_console)
+                                   RemoteOpt, SetOpt, data_flags, is_main_process, model_flags, print_json,
+                                   progress_for, resolve, stdout_console)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd rl ./toy-base --recipe recipes/rl/toy.yaml --out ./toy-rl   "
           "(after pre-emption: the same command with --resume)")
@@ -47,9 +47,7 @@ def rl(
         **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out), "output.overwrite": overwrite,
     }
-    if data is not None:
-        flags.update({"data.type": "toy", "data.split": "train"} if data == "toy"
-                     else {"data.type": "jsonl", "data.path": data})
+    flags.update(data_flags(data, split="train"))
     rec = resolve("rl", recipe, set_, flags)
     from tsopsd_cli.runners.rl import run_rl
 

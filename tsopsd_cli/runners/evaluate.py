@@ -25,7 +25,7 @@ from tsopsd_cli.errors import OutputExistsError
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import EvalRecipe, recipe_to_yaml
 from tsopsd_cli.report import json_safe
-from tsopsd_cli.tasks.base import Problem
+from tsopsd_cli.tasks.base import Problem, answer_text
 from tsopsd_cli.tasks.benchmarks import load_benchmark, load_custom, template_text
 from tsopsd_cli.tasks.grading import Grader, normalize
 
@@ -216,8 +216,7 @@ def regrade(path: Path, out: Path | None, overwrite: bool, workers: int, timeout
     for i, r in enumerate(rows, 1):
         if not isinstance(r.get("completion"), str) or r.get("answer") is None:
             raise DataError(f"{path}:{i}: needs a string 'completion' and an 'answer'")
-    pairs = [(r["completion"], str(int(r["answer"]) if isinstance(r["answer"], float) and r["answer"].is_integer()
-                                   else r["answer"])) for r in rows]
+    pairs = [(r["completion"], answer_text(r["answer"])) for r in rows]
     with Grader(workers=workers, timeout=timeout) as grader, progress.task("grading", total=len(pairs)) as adv:
         grades = []
         for s in range(0, len(pairs), 64):

@@ -21,6 +21,7 @@ Exactness is checked numerically before saving; other architectures are refused.
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -35,6 +36,7 @@ from tsopsd_cli.modeling import check_head_matches, decoder_and_head
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import DiagnoseRecipe, ReheatRecipe
 from tsopsd_cli.runners.trainer import TrainingRun, row_seed
+from tsopsd_cli.runners.training import check_finite_loss
 
 
 # ------------------------------------------------------------------------------------------------------ fold
@@ -89,8 +91,6 @@ def run_fold(recipe: ReheatRecipe, checkpoint: str, progress: Progress = NULL) -
               "seconds": round(time.time() - started, 3)}
     prov = provenance("reheat", recipe, str(checkpoint), ld.fingerprint, {"method": "fold", "temp": tau,
                                                                          "max_logit_error": err}, started)
-    import json
-
     with atomic_dir(out, recipe.output.overwrite) as tmp:
         write_checkpoint(ld.model, ld.tokenizer, tmp, prov)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -148,8 +148,6 @@ class ReheatRunner(TrainingRun):
 
             div = token_divergence(hidden, weight, teacher_logits, rh.divergence, rh.beta, rh.temp, tr.chunk_size)
             loss = div.sum() / max(n_tok, 1.0)
-            from tsopsd_cli.runners.training import check_finite_loss
-
             check_finite_loss(float(loss.detach()), self.step)
             loss.backward()
             with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tsopsd_cli.errors import DataError
-from tsopsd_cli.tasks.base import Problem
+from tsopsd_cli.tasks.base import Problem, answer_text
 
 
 def load_problems(data) -> list[Problem]:
@@ -33,7 +33,7 @@ def load_problems(data) -> list[Problem]:
             if data.answer_field is not None:
                 if data.answer_field not in row:
                     raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
-                answer = _answer_text(row[data.answer_field])
+                answer = answer_text(row[data.answer_field])
             pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
             out.append(Problem(id=pid, prompt=template.format(question=row[data.question_field]), answer=answer))
         return out
@@ -49,12 +49,6 @@ def hub_rows(data) -> list[dict]:
         return [dict(r) for r in datasets.load_dataset(data.name, data.config, split=data.split)]
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot load {data.name} from the hub ({str(e).splitlines()[0][:200]})") from None
-
-
-def _answer_text(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

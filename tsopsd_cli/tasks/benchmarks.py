@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from tsopsd_cli.errors import DataError, MissingDependencyError
-from tsopsd_cli.tasks.base import Problem
+from tsopsd_cli.tasks.base import Problem, answer_text
 from tsopsd_cli.tasks.grading import extract_boxed
 
 PROMPT_TEMPLATES = {
@@ -23,14 +23,6 @@ PROMPT_TEMPLATES = {
 }
 
 
-def _gold_plain(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, list):
-        return _gold_plain(value[0]) if value else ""
-    return str(value).strip()
-
-
 def _gold_gsm8k(value) -> str:
     text = str(value)
     if "####" in text:
@@ -39,7 +31,7 @@ def _gold_gsm8k(value) -> str:
 
 
 def _gold_dollar(value) -> str:
-    return _gold_plain(value).strip().strip("$").strip()
+    return answer_text(value).strip("$").strip()
 
 
 def _gold_from_solution(row: dict) -> str | None:
@@ -55,7 +47,7 @@ class BenchmarkSpec:
     hub_split: str
     question_fields: tuple[str, ...]  # first present wins (hub and local copies name fields differently)
     answer_fields: tuple[str, ...]
-    normalize_gold: Callable = _gold_plain
+    normalize_gold: Callable = answer_text
     local_names: tuple[str, ...] = ()  # file stems tried under --data-dir
     id_fields: tuple[str, ...] = ("id", "unique_id", "idx", "ID")
 
@@ -176,7 +168,7 @@ def load_custom(path: Path, question_field: str, answer_field: str, template: st
                 limit: int | None = None) -> list[Problem]:
     rows = read_records(Path(path))
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)
-    problems = records_to_problems(name, rows, (question_field,), (answer_field,), _gold_plain,
+    problems = records_to_problems(name, rows, (question_field,), (answer_field,), answer_text,
                                    ("id", "unique_id", "idx"), template, str(path))
     return problems[:limit] if limit else problems
 
