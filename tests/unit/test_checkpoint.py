@@ -95,3 +95,15 @@ def test_each_bad_checkpoint_gets_one_clear_error(tiny_ckpt, tmp_path):
 def test_inspect_accepts_good_checkpoint(tiny_ckpt):
     config, files = inspect_checkpoint(tiny_ckpt)
     assert config["model_type"] == "qwen3" and files[0].name == "model.safetensors"
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path):
+    from tsopsd_cli.errors import UsageError
+    from tsopsd_cli.runners.training import hold_lock
+
+    lock = tmp_path / ".out.lock"
+    held = hold_lock(lock)
+    with pytest.raises(UsageError, match=r"out: another tsopsd run is writing it \(pid \d+\)"):
+        hold_lock(lock)
+    held.close()
+    hold_lock(lock).close()  # free again once the first run is gone

@@ -94,3 +94,32 @@ def test_frozen_teacher_at_tau_one_gives_zero_loss_and_gradient():
         d.mean().backward()
         assert d.abs().max() < 1e-12
         assert hh.grad.abs().max() < 1e-12 and ww.grad.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_top_p_teacher_against_reference(kind):
+    h, w, _ = setup(seed=3)
+    g = torch.Generator().manual_seed(4)
+    tw = w + 0.3 * torch.randn(w.shape, generator=g, dtype=torch.float64)
+    tau, top_p, beta = 1.6, 0.8, 0.4
+    got = token_divergence(h, w, lambda idx: h[idx] @ tw.T, kind, beta=beta, tau=tau, chunk_size=4,
+                           teacher_top_p=top_p)
+    for i in range(h.shape[0]):
+        s = probs((h[i] @ w.T).tolist())
+        t = probs((h[i] @ tw.T / tau).tolist())
+        order = sorted(range(len(t)), key=lambda j: -t[j])
+        keep, mass = set(), 0.0
+        for j in order:  # the smallest prefix whose mass reaches top_p
+            keep.add(j)
+            mass += t[j]
+            if mass >= top_p:
+                break
+        tn = [t[j] / mass if j in keep else 0.0 for j in range(len(t))]
+        if kind == "forward_kl":
+            want = kl(tn, s)
+        else:
+            m = [beta * a + (1 - beta) * b for a, b in zip(tn, s)]
+            want = beta * kl(tn, m) + (1 - beta) * kl(s, m)
+        assert got[i].item() == pytest.approx(want, abs=1e-9)
+    with pytest.raises(ValueError, match="truncated"):
+        token_divergence(h, w, lambda idx: h[idx] @ tw.T, "reverse_kl", tau=tau, teacher_top_p=top_p)

@@ -45,3 +45,23 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_ckpt, tmp_path):
             run.train_on(batch)
         params.append(torch.cat([p.detach().flatten() for p in run.model.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-4)
+
+
+def test_leaving_out_zero_advantage_rows_changes_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    params, trained = [], []
+    batch = None
+    for name, skip in (("skip", True), ("all", False)):
+        run = runner(tiny_ckpt, tmp_path, name, "train.micro_batch_size=3", "grpo.prompts_per_step=4",
+                     "grpo.mini_batches=2", "grpo.ppo_epochs=2", "optim.max_grad_norm=null")
+        monkeypatch.setattr(RLRunner, "skips_zero_advantage", lambda self, s=skip: s)
+        with Grader(workers=1) as g:
+            run.grader = g
+            fresh = run.rollout()  # (keeps the runs' seed sequences in step)
+            batch = batch or fresh
+            if skip:  # make sure some rows really have advantage 0
+                batch.advantages[:4] = [0.0] * 4
+            m = run.train_on(batch)
+        trained.append(m["trained_rows"])
+        params.append(torch.cat([p.detach().flatten() for p in run.model.parameters()]))
+    assert trained[0] < trained[1] == 1.0
+    torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-4)

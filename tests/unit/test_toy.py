@@ -53,3 +53,28 @@ def test_tokenizer_round_trip_and_specials(tmp_path):
     assert again(text)["input_ids"] == ids
     assert again.eos_token == toy.EOS_TOKEN and again.pad_token == toy.PAD_TOKEN
     assert again.padding_side == "left"
+
+
+def test_slipped_solutions_are_coherent_and_wrong_at_about_the_slip_rate():
+    import re
+
+    problems = toy.make_problems("train", 400, seed=1, levels=(3,))
+    rng = random.Random(0)
+    wrong = 0
+    for p in problems:
+        text = p.solution(rng, slip_rate=0.2)
+        *lines, boxed = text.splitlines()
+        prev = None
+        for line in lines:
+            x, op, y, z = re.fullmatch(r"(-?\d+)([-+*])(-?\d+)=(-?\d+)", line).groups()
+            x, y, z = int(x), int(y), int(z)
+            exact = toy._apply(x, op, y)
+            assert z == exact or 0 < abs(z - exact) <= 3  # a slip is small
+            if prev is not None:  # the next step computes from what the previous line wrote
+                assert prev in (x, y)
+            prev = z
+        assert boxed == f"\\boxed{{{prev}}}"
+        wrong += prev != p.answer
+    # three steps, each slipping with probability 0.2 -> about 1 - 0.8**3 = 0.49 wrong (slips rarely cancel)
+    assert 0.38 < wrong / len(problems) < 0.58
+    assert all(p.solution(random.Random(1)).endswith(f"{{{p.answer}}}") for p in problems)

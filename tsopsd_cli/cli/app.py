@@ -37,7 +37,7 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
 
 
 def _register() -> None:
-    from tsopsd_cli.cli import diagnose, evaluate, recipe_cmd, reheat, rl, toy
+    from tsopsd_cli.cli import demo, diagnose, evaluate, recipe_cmd, reheat, rl, toy
 
     app.command("diagnose", epilog="[bold]Example:[/bold] tsopsd diagnose ./ckpt --reference ./base "
                 "--num-prompts 32 --out diag/")(diagnose.diagnose)
@@ -47,6 +47,7 @@ def _register() -> None:
                 "--json")(evaluate.grade)
     app.command("rl", epilog=rl.EPILOG)(rl.rl)
     app.command("reheat", epilog=reheat.EPILOG)(reheat.reheat)
+    app.command("demo", epilog=demo.EPILOG)(demo.demo)
     app.add_typer(toy.app, name="toy")
     app.add_typer(recipe_cmd.app, name="recipe")
 

@@ -47,11 +47,28 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits outside the smallest set of tokens whose probability reaches `top_p` set to -inf (1.0: unchanged).
+    [c, V] -> [c, V]"""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def teacher_logits_at(logits: torch.Tensor, tau: float, top_p: float = 1.0) -> torch.Tensor:
+    """The teacher's distribution as logits: softmax(logits / tau), restricted to its top-p nucleus and
+    renormalised when top_p < 1.  [c, V] -> [c, V]"""
+    return nucleus(logits / tau, top_p)
+
+
 def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
-                      kind: str, beta: float, tau: float, student_temperature: float):
+                      kind: str, beta: float, tau: float, student_temperature: float, top_p: float = 1.0):
     s_logits = _upcast(s_hidden @ s_weight.T) / student_temperature  # [c, V]
-    with torch.no_grad():
-        t_logits = _upcast(t_logits_fn(idx)).to(s_logits.dtype) / tau  # [c, V], never differentiated
+    with torch.no_grad():  # never differentiated
+        t_logits = teacher_logits_at(_upcast(t_logits_fn(idx)).to(s_logits.dtype), tau, top_p)  # [c, V]
     return divergence_from_logits(s_logits, t_logits, kind, beta)
 
 
@@ -63,24 +80,32 @@ def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind:
     (generalised JSD as in GKD; beta=0.5 is the symmetric JSD)."""
     ls = F.log_softmax(s_logits, dim=-1)
     lt = F.log_softmax(t_logits, dim=-1)
+    inside = lt > float("-inf")  # teacher logits may be -inf outside a nucleus: those terms are 0 * log 0 = 0
+
+    def teacher_term(other):  # sum_v t_v (log t_v - other_v) over the teacher's support
+        return torch.where(inside, lt.exp() * (lt - other), torch.zeros_like(lt)).sum(-1)
+
     if kind == "forward_kl":
-        return (lt.exp() * (lt - ls)).sum(-1)
+        return teacher_term(ls)
     if kind == "reverse_kl":
+        if not bool(inside.all()):
+            raise ValueError("reverse_kl is infinite against a truncated (top-p) teacher")
         return (ls.exp() * (ls - lt)).sum(-1)
     if kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError("jsd needs 0 < beta < 1 (its limits are 0; use forward_kl or reverse_kl)")
         lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1.0 - beta)]), dim=0)  # log M
-        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+        return beta * teacher_term(lm) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
     raise ValueError(f"unknown divergence {kind!r}")
 
 
 def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
                      t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl",
                      beta: float = 0.5, tau: float = 1.0, chunk_size: int = 1024,
-                     student_temperature: float = 1.0) -> torch.Tensor:
-    """Per-token divergence between a teacher softmax(t_logits / tau) and the student softmax(s_hidden @ s_weight.T),
-    with gradients to the student only.  s_hidden: [N, D]; s_weight: [V, D];
+                     student_temperature: float = 1.0, teacher_top_p: float = 1.0) -> torch.Tensor:
+    """Per-token divergence between a teacher softmax(t_logits / tau) (restricted to its top-p nucleus when
+    teacher_top_p < 1) and the student softmax(s_hidden @ s_weight.T), with gradients to the student only.
+    s_hidden: [N, D]; s_weight: [V, D];
     t_logits_fn(idx [c]) -> teacher logits [c, V] for those token indices (computed chunk by chunk, no grad).
     -> [N] float32 (float64 for float64 inputs)"""
     out = []
@@ -91,8 +116,9 @@ def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
         h = s_hidden[s:s + chunk_size]
         if needs_grad:
             d = checkpoint(_divergence_block, h, s_weight, t_logits_fn, idx, kind, beta, tau, student_temperature,
-                           use_reentrant=False)
+                           teacher_top_p, use_reentrant=False)
         else:
-            d = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, tau, student_temperature)
+            d = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, tau, student_temperature,
+                                  teacher_top_p)
         out.append(d)
     return torch.cat(out)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of softmax(logits) over the last axis.  logits: [..., V] -> [...]"""
+    """Shannon entropy of softmax(logits) over the last axis (-inf logits: probability 0, no contribution).
+    logits: [..., V] -> [...]"""
     logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return -torch.where(logp > float("-inf"), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
 
 
 def kl_from_logits(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def logits_token_stats(logits: torch.Tensor, temperatures: list[float], topk: li
     vocab = logits.shape[-1]
     logp = F.log_softmax(logits, dim=-1)  # [N, V]
     p = logp.exp()
-    entropy = -(p * logp).sum(-1)  # [N]
+    entropy = entropy_from_logits(logits)  # [N]
     kmax = min(max(topk), vocab)
     top_p, top_i = p.topk(kmax, dim=-1)  # [N, kmax], sorted descending
     csum = top_p.cumsum(-1)

@@ -29,11 +29,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True):
+        from tsopsd_cli.engines import lean as lean_mod
+
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
+        # The plain-torch decode path (engines.lean) for architectures it reproduces exactly; else transformers.
+        self.lean = lean and lean_mod.supports(model)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
@@ -71,41 +75,61 @@ class HFEngine:
             mask[r, width - len(x):] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        tokens = torch.empty((bsz, 0), dtype=torch.long, device=dev)
-        logps = torch.empty((bsz, 0), dtype=torch.float32, device=dev)
-        ents = torch.empty((bsz, 0), dtype=torch.float32, device=dev)
+        steps = params.max_new_tokens
+        tokens = torch.full((bsz, steps), pad, dtype=torch.long, device=dev)
+        logps = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
+        ents = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         stopped_by_string = [False] * bsz
-        step_ids, step_pos = input_ids, positions
-        for _ in range(params.max_new_tokens):
-            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+        if self.lean:
+            from tsopsd_cli.engines.lean import LeanDecoder
+
+            decoder = LeanDecoder(self.model)
+            logits = decoder.prefill(input_ids, mask, steps)
+        else:
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            scaled = logits.float() / params.temperature  # [B, V]
+            step_pos = positions
+        n = 0
+        rows = torch.arange(bsz, device=dev)  # rows still decoded: the lean path drops finished ones
+        for t in range(steps):
+            scaled = logits.float() / params.temperature  # [R, V]
             logp = scaled.log_softmax(-1)
             filtered = filter_logits(scaled, params.top_k, params.top_p)
             if isinstance(gen, list):  # Gumbel-max with one generator per row: argmax(logits + Gumbel) ~ softmax
-                u = torch.stack([torch.rand(filtered.shape[-1], generator=g, device=dev) for g in gen])
-                nxt = (filtered - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # [B]
+                u = torch.stack([torch.rand(filtered.shape[-1], generator=gen[r], device=dev) for r in rows.tolist()])
+                nxt = (filtered - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # [R]
             else:
-                nxt = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)  # [B]
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], 1)
-            logps = torch.cat([logps, logp.gather(-1, nxt[:, None])], 1)
-            ents = torch.cat([ents, -(logp.exp() * logp).nan_to_num().sum(-1, keepdim=True)], 1)
-            done = done | (nxt == eos)
+                nxt = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)  # [R]
+            nxt = torch.where(done[rows], torch.full_like(nxt, pad), nxt)
+            tokens[rows, t] = nxt
+            logps[rows, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)
+            ents[rows, t] = -(logp.exp() * logp).nan_to_num().sum(-1)
+            n = t + 1
+            done[rows] |= nxt == eos
             if params.stop:
-                for r in range(bsz):
+                for r in rows.tolist():
                     if not done[r]:
-                        tail = tok.decode(tokens[r, -16:].tolist(), skip_special_tokens=True)
+                        tail = tok.decode(tokens[r, max(0, n - 16):n].tolist(), skip_special_tokens=True)
                         if any(s in tail for s in params.stop):
                             done[r] = True
                             stopped_by_string[r] = True
-            if bool(done.all()):
+            if t == steps - 1 or bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=dev)], 1)
-            step_pos = step_pos[:, -1:] + 1
-            step_ids = nxt[:, None]
+            if self.lean:
+                live = ~done[rows]
+                if int(live.sum()) <= 0.75 * len(rows):  # a quarter finished: compact the batch
+                    keep = live.nonzero().squeeze(-1)
+                    decoder.keep(keep)
+                    rows, nxt = rows[keep], nxt[keep]
+                logits = decoder.step(nxt)
+            else:
+                mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=dev)], 1)
+                step_pos = step_pos[:, -1:] + 1
+                logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=step_pos,
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens, logps, ents = tokens[:, :n], logps[:, :n], ents[:, :n]
         result = []
         tokens, logps, ents = tokens.cpu(), logps.cpu(), ents.cpu()
         for r, (pi, si) in enumerate(jobs):

@@ -28,7 +28,7 @@ import torch
 
 from tsopsd_cli.checkpoint import Loaded, atomic_dir, check_out, load_checkpoint, provenance, write_checkpoint
 from tsopsd_cli.core import stats as S
-from tsopsd_cli.core.chunked import token_divergence
+from tsopsd_cli.core.chunked import teacher_logits_at, token_divergence
 from tsopsd_cli.engines import SamplingParams, encode_prompts
 from tsopsd_cli.engines.hf import HFEngine
 from tsopsd_cli.errors import CheckpointError
@@ -146,17 +146,20 @@ class ReheatRunner(TrainingRun):
             def teacher_logits(idx, h=t_hidden, w=t_weight):
                 return h[idx] @ w.T  # [c, V]
 
-            div = token_divergence(hidden, weight, teacher_logits, rh.divergence, rh.beta, rh.temp, tr.chunk_size)
+            div = token_divergence(hidden, weight, teacher_logits, rh.divergence, rh.beta, rh.temp, tr.chunk_size,
+                                   teacher_top_p=rh.teacher_top_p)
             loss = div.sum() / max(n_tok, 1.0)
             check_finite_loss(float(loss.detach()), self.step)
             loss.backward()
             with torch.no_grad():
                 st = S.chunked_token_stats(hidden.detach(), lambda h: h @ weight.detach().T, [1.0], [1],
                                            tr.chunk_size, ref_hidden=in_hidden, ref_head=lambda h: h @ in_weight.T)
-                tst = S.chunked_token_stats(t_hidden, lambda h: h @ t_weight.T, [rh.temp], [1], tr.chunk_size)
+                tst = S.chunked_token_stats(  # the teacher as distilled: logits / tau, top-p nucleus
+                    t_hidden, lambda h: teacher_logits_at(h @ t_weight.T, rh.temp, rh.teacher_top_p), [1.0], [1],
+                    tr.chunk_size)
             acc["loss"] += float(div.detach().sum())
             acc["s_ent"] += float(st.entropy.sum())
-            acc["t_ent"] += float(tst.entropy_at[rh.temp].sum())
+            acc["t_ent"] += float(tst.entropy.sum())
             acc["agree"] += float(st.top1_agree.sum())
             acc["kl_in"] += float(st.kl_forward.sum())
         grad_norm = self.optimizer_step()

@@ -56,6 +56,7 @@ class Batch:
     seqs: list[tuple[list[int], list[int]]] = field(default_factory=list)
     advantages: list[float] = field(default_factory=list)
     loss_mask: list[bool] = field(default_factory=list)  # False: completion excluded (truncated, masked)
+    entropies: list[list[float]] = field(default_factory=list)  # per-token sampling entropy of each row
     stats: dict = field(default_factory=dict)
 
 
@@ -157,6 +158,7 @@ class RLRunner(TrainingRun):
                 batch.seqs.append((c.prompt_ids, c.token_ids))
                 batch.advantages.append(float(adv[gi, ci]))
                 batch.loss_mask.append(not (g.mask_truncated and c.finish_reason == "length"))
+                batch.entropies.append(c.entropies or [])
         comps = [c for grp in groups for c in grp.completions]
         ents = [e for c in comps for e in (c.entropies or [])]
         batch.stats = {
@@ -171,60 +173,96 @@ class RLRunner(TrainingRun):
         }
         return batch
 
-    def micro_batches(self, batch: Batch) -> list[list[int]]:
-        mb = self.r.train.micro_batch_size
-        idx = list(range(len(batch.seqs)))
-        return [idx[s:s + mb] for s in range(0, len(idx), mb)]
+    def skips_zero_advantage(self) -> bool:
+        """Rows with advantage 0 add exactly nothing to the gradient of the clipped surrogate (r * 0 = 0, clipped
+        or not), so they are left out of the forward/backward while still counting in the loss normaliser. Not so
+        when a KL term, an entropy bonus or a covariance-based token selection looks at every token."""
+        g = self.r.grpo
+        return g.beta == 0 and g.entropy_coef == 0 and not g.clip_cov.enabled and not g.kl_cov.enabled
+
+    def plan(self, batch: Batch, epoch: int, gen: torch.Generator) -> list[tuple[list[int], list[list[int]]]]:
+        """One epoch: [(all rows of a mini-batch, its micro-batches of trained rows)]. Rows are split into
+        `mini_batches` contiguous parts (groups stay together; shuffled after the first epoch); inside a part the
+        trained rows are sorted by length so that micro-batches carry little padding."""
+        g, mb = self.r.grpo, self.r.train.micro_batch_size
+        rows = list(range(len(batch.seqs)))
+        if epoch:
+            rows = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
+        size = -(-len(rows) // g.mini_batches) if rows else 1
+        skip0 = self.skips_zero_advantage()
+        out = []
+        for s in range(0, len(rows), size):
+            part = rows[s:s + size]
+            active = [i for i in part if batch.loss_mask[i] and not (skip0 and batch.advantages[i] == 0.0)]
+            active.sort(key=lambda i: len(batch.seqs[i][0]) + len(batch.seqs[i][1]))
+            out.append((part, [active[k:k + mb] for k in range(0, len(active), mb)]))
+        while len(out) < g.mini_batches:  # every process takes the same number of optimiser steps
+            out.append(([], []))
+        return out
 
     def train_on(self, batch: Batch) -> dict:
         r, g = self.r, self.r.grpo
         temp = r.rollout.temperature
-        mbs = self.micro_batches(batch)
         self.model.train()
-        old, ref, ent1 = [], [], []
+        order_gen = torch.Generator().manual_seed(self.next_seed())
+        plans = [self.plan(batch, 0, order_gen)]
+        n_rows = len(batch.seqs)
+        old: list = [None] * n_rows  # per-row old log-probs [len]; None: taken from the training forward
+        ref: list = [None] * n_rows
         # One update per rollout batch and no reference: the old log-probs are the current ones, so the training
-        # forward provides them (detached) and the entropy, and the separate no-grad pass is skipped.
+        # forward provides them (detached) and the separate no-grad pass is skipped.
         single = g.ppo_epochs == 1 and g.mini_batches == 1 and self.ref is None and temp == 1.0
-        if single:
-            old = [None] * len(mbs)
+        # Token entropy at temperature 1 over every rollout token: at rollout temperature 1 the engine already
+        # computed it exactly while sampling; otherwise a no-grad pass provides it.
+        ent_sum, ent_n = 0.0, 0
+        if temp == 1.0:
+            ent_sum = float(sum(e for s in batch.entropies for e in s))
+            ent_n = sum(len(s) for s in batch.entropies)
         with torch.no_grad():
-            for ids in ([] if single else mbs):
+            trained = {i for _, micro in plans[0] for ids in micro for i in ids}
+            passes = [] if single else [ids for _, micro in plans[0] for ids in micro]
+            if temp != 1.0:
+                rest = [i for i in range(n_rows) if i not in trained]
+                passes += [rest[k:k + r.train.micro_batch_size] for k in range(0, len(rest), r.train.micro_batch_size)]
+            for ids in passes:
                 seqs = [batch.seqs[i] for i in ids]
                 hidden, weight, pb = self.hidden(self.model, seqs)  # one forward: old log-probs and entropy
                 chunk = r.train.chunk_size
                 lp, e = token_logps(hidden, weight, pb.targets, temp, chunk, with_entropy=temp == 1.0)
-                old.append(lp)
-                ent1.append(e if temp == 1.0 else token_logps(hidden, weight, pb.targets, 1.0, chunk, True)[1])
-                if self.ref is not None:
-                    ref.append(self.forward_logps(self.ref, seqs, temp, False)[0])
+                if temp != 1.0:
+                    e = token_logps(hidden, weight, pb.targets, 1.0, chunk, True)[1]
+                    ent_sum, ent_n = ent_sum + float(e.double().sum()), ent_n + e.numel()
+                if ids[0] in trained:
+                    rf = self.forward_logps(self.ref, seqs, temp, False)[0] if self.ref is not None else None
+                    bounds = [len(batch.seqs[i][1]) for i in ids]
+                    for i, piece in zip(ids, lp.split(bounds)):
+                        old[i] = piece
+                    for i, piece in zip(ids, rf.split(bounds) if rf is not None else [None] * len(ids)):
+                        ref[i] = piece
         acc = {k: 0.0 for k in ("loss", "tokens", "clip_low", "clip_high", "ratio_dev", "kl_ref", "kl_old",
                                 "cov_selected")}
         first_ratio_dev = None
         grad_norms = []
-        order_gen = torch.Generator().manual_seed(self.next_seed())
         for epoch in range(g.ppo_epochs):
-            order = torch.randperm(len(mbs), generator=order_gen).tolist() if epoch else list(range(len(mbs)))
-            chunks = [order[i::g.mini_batches] for i in range(g.mini_batches)]
-            for mini in chunks:
-                seq_ids = [i for m in mini for i in mbs[m]]
-                n_tok = self.dist.sum(sum(len(batch.seqs[i][1]) for i in seq_ids if batch.loss_mask[i]))
-                n_seq = self.dist.sum(sum(1 for i in seq_ids if batch.loss_mask[i]))
+            plan = plans[0] if epoch == 0 else self.plan(batch, epoch, order_gen)
+            for pi, (part, micro) in enumerate(plan):
+                n_tok = self.dist.sum(sum(len(batch.seqs[i][1]) for i in part if batch.loss_mask[i]))
+                n_seq = self.dist.sum(sum(1 for i in part if batch.loss_mask[i]))
                 self.opt.zero_grad(set_to_none=True)
-                for m in mini:
-                    stats = self._micro_step(batch, mbs[m], old[m], ref[m] if ref else None, n_tok, n_seq)
+                for ids in micro:
+                    olds = None if single else torch.cat([old[i] for i in ids])
+                    refs = torch.cat([ref[i] for i in ids]) if self.ref is not None else None
+                    stats = self._micro_step(batch, ids, olds, refs, n_tok, n_seq)
                     for k in acc:
                         acc[k] += stats.get(k, 0.0)
-                    if stats.get("entropy") is not None:
-                        ent1.append(stats["entropy"])
-                    if first_ratio_dev is None:
-                        first_ratio_dev = stats["max_ratio_dev"]
+                    if epoch == 0 and pi == 0:
+                        first_ratio_dev = max(first_ratio_dev or 0.0, stats["max_ratio_dev"])
                 grad_norms.append(self.optimizer_step())
         tokens = self.dist.sum(acc["tokens"]) or 1.0
         passes = g.ppo_epochs
-        ent_all = torch.cat(ent1) if ent1 else torch.zeros(0)
         return {
             "loss": self.dist.sum(acc["loss"]) / passes / max(1, g.mini_batches),
-            "entropy": self.dist.sum(float(ent_all.double().sum())) / max(1.0, self.dist.sum(ent_all.numel())),
+            "entropy": self.dist.sum(ent_sum) / max(1.0, self.dist.sum(ent_n)),
             "clip_frac_low": self.dist.sum(acc["clip_low"]) / tokens,
             "clip_frac_high": self.dist.sum(acc["clip_high"]) / tokens,
             "ratio_dev": self.dist.sum(acc["ratio_dev"]) / tokens,
@@ -232,6 +270,7 @@ class RLRunner(TrainingRun):
             "kl_ref": self.dist.sum(acc["kl_ref"]) / tokens if self.ref is not None else None,
             "kl_old": self.dist.sum(acc["kl_old"]) / tokens,
             "cov_selected_tokens": self.dist.sum(acc["cov_selected"]),
+            "trained_rows": self.dist.sum(len(trained)) / max(1.0, self.dist.sum(n_rows)),
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": self.sched.get_last_lr()[0],
         }
@@ -240,7 +279,7 @@ class RLRunner(TrainingRun):
         r, g = self.r, self.r.grpo
         seqs = [batch.seqs[i] for i in ids]
         on_policy = old_flat is None  # see train_on: the old log-probs come from this very forward
-        want_ent = g.entropy_coef != 0 or on_policy
+        want_ent = g.entropy_coef != 0
         logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, want_ent)
         if on_policy:
             old_flat = logp_flat.detach()
@@ -280,8 +319,7 @@ class RLRunner(TrainingRun):
         return {"loss": float(loss.detach()), "tokens": float(mask.sum()),
                 "clip_low": float((low * mask).sum()), "clip_high": float((high * mask).sum()),
                 "ratio_dev": float(dev.sum()), "max_ratio_dev": float(dev.max()) if dev.numel() else 0.0,
-                "kl_ref": kl_ref or 0.0, "kl_old": float(kl_old.sum()), "cov_selected": selected,
-                "entropy": ent_flat.detach().float().cpu() if on_policy else None}
+                "kl_ref": kl_ref or 0.0, "kl_old": float(kl_old.sum()), "cov_selected": selected}
 
 
 

@@ -8,6 +8,7 @@ import random
 import time
 
 import torch
+import torch.nn.functional as F
 
 from tsopsd_cli.checkpoint import atomic_dir, check_out, provenance, write_checkpoint
 from tsopsd_cli.progress import NULL, Progress
@@ -57,13 +58,15 @@ def run_toy_init(recipe: ToyInitRecipe, progress: Progress = NULL) -> dict:
         return warm * 0.5 * (1 + math.cos(math.pi * min(step, tr.steps) / tr.steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    stream = toy.iter_train_examples(tr.seed, tuple(sorted(set(tr.levels))))
+    stream = toy.iter_train_examples(tr.seed, tuple(sorted(set(tr.levels))), slip_rate=tr.slip_rate)
     model.train()
     losses = []
     with progress.task("toy SFT", total=tr.steps) as advance:
         for step in range(tr.steps):
             x, mask, y = sft_batch(tokenizer, [next(stream) for _ in range(tr.batch_size)])
-            loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+            logits = model(input_ids=x, attention_mask=mask).logits[:, :-1]  # [B, T-1, V]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100,
+                                   label_smoothing=tr.label_smoothing)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

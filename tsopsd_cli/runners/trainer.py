@@ -179,7 +179,12 @@ class TrainingRun:
         return total / n if n else None
 
     def optimizer_step(self) -> float:
-        """All-reduce gradients, clip, check, step; returns the gradient norm."""
+        """All-reduce gradients, clip, check, step; returns the gradient norm. A parameter without a gradient
+        (nothing was back-propagated, e.g. every row of the mini-batch had advantage 0) gets an explicit zero one,
+        so the optimiser's momentum moves it exactly as it would after a zero-valued backward pass."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         self.dist.all_reduce_grads(self.model)
         norm = T.grad_norm_and_check(self.model, self.r.optim.max_grad_norm)
         self.opt.step()

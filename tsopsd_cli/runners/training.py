@@ -77,7 +77,10 @@ class Dist:
         """Sum gradients over processes (one flat buffer)."""
         if self.world == 1:
             return
-        params = [p for p in model.parameters() if p.grad is not None]
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # a process may have had nothing to back-propagate this step
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         torch.distributed.all_reduce(flat)
         offset = 0
@@ -195,6 +198,27 @@ class SignalGuard:
 
 
 # ------------------------------------------------------------------------------------------------- run dirs
+def hold_lock(path: Path):
+    """An exclusive advisory lock for the lifetime of this process: two runs writing the same --out (a job
+    submitted twice) would corrupt each other's checkpoints and logs, so the second one stops at once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise UsageError(f"{path.parent / path.name[1:-5]}: another tsopsd run is writing it ({holder})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return fh
+
+
 class RunDir:
     """The `.DIR.partial` working directory of a training run (or a temporary one without --out)."""
 
@@ -215,6 +239,7 @@ class RunDir:
         check_out(self.out, overwrite)
         self.path = self.out.parent / f".{self.out.name}.partial"
         if dist.main:
+            self.lock = hold_lock(self.out.parent / f".{self.out.name}.lock")
             self._prepare(resume, restart, key)
         dist.barrier()
         if resume:
@@ -294,6 +319,7 @@ class RunDir:
             (self.path / STATE_FILE).unlink(missing_ok=True)
             if not self.ephemeral:
                 move_into_place(self.path, self.out)
+                Path(self.lock.name).unlink(missing_ok=True)
         self.dist.barrier()
         return self.out if self.out is not None else self.path
 

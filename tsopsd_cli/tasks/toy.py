@@ -25,6 +25,8 @@ SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN, UNK_TOKEN]
 CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]
 
 OPS = ("+", "-", "*")
+MAX_OPERAND = 9
+SLIPS = (-3, -2, -1, 1, 2, 3)  # how far a slipped step result is off
 LEVELS = (1, 2, 3)
 TEST_FRACTION_PER_MILLE = 100  # 10 % of all expressions are test-only
 
@@ -44,13 +46,20 @@ class ToyProblem:
     def prompt(self) -> str:
         return f"{self.expression}=?\n"
 
-    def solution(self, rng: random.Random | None = None) -> str:
-        """Worked solution; with `rng`, commutative steps get a random operand order."""
+    def solution(self, rng: random.Random | None = None, slip_rate: float = 0.0) -> str:
+        """Worked solution. With `rng`, commutative steps get a random operand order, and each step's result is,
+        with probability `slip_rate`, off by a small amount (a slip); later steps then compute correctly from the
+        slipped value, so the final answer is wrong, as in a careless but coherent written solution."""
         lines = []
+        value = None
         for a, op, b in self.steps:
+            a = a if value is None else value
             x, y = (b, a) if rng is not None and op in "+*" and rng.random() < 0.5 else (a, b)
-            lines.append(f"{x}{op}{y}={_apply(a, op, b)}")
-        lines.append(f"\\boxed{{{self.answer}}}")
+            value = _apply(a, op, b)
+            if rng is not None and slip_rate and rng.random() < slip_rate:
+                value += rng.choice(SLIPS)
+            lines.append(f"{x}{op}{y}={value}")
+        lines.append(f"\\boxed{{{value}}}")
         return "\n".join(lines)
 
     def to_problem(self, index: int) -> Problem:
@@ -63,7 +72,7 @@ def split_of(expression: str) -> str:
     return "test" if int.from_bytes(digest[:4], "big") % 1000 < TEST_FRACTION_PER_MILLE else "train"
 
 
-def draw_problem(rng: random.Random, level: int, max_operand: int = 9) -> ToyProblem:
+def draw_problem(rng: random.Random, level: int, max_operand: int = MAX_OPERAND) -> ToyProblem:
     """One problem with `level` chained operations on operands in [1, max_operand]."""
     value = rng.randint(1, max_operand)
     expression = str(value)
@@ -80,7 +89,7 @@ def draw_problem(rng: random.Random, level: int, max_operand: int = 9) -> ToyPro
 
 
 def make_problems(split: str, num: int, seed: int, levels: tuple[int, ...] = LEVELS,
-                  max_operand: int = 9) -> list[ToyProblem]:
+                  max_operand: int = MAX_OPERAND) -> list[ToyProblem]:
     """`num` distinct problems of `split`, levels drawn uniformly from `levels`, reproducible from `seed`."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -100,13 +109,15 @@ def make_problems(split: str, num: int, seed: int, levels: tuple[int, ...] = LEV
     return out
 
 
-def iter_train_examples(seed: int, levels: tuple[int, ...] = LEVELS, max_operand: int = 9):
-    """Endless stream of (prompt, worked solution) training pairs from the train split."""
+def iter_train_examples(seed: int, levels: tuple[int, ...] = LEVELS, max_operand: int = MAX_OPERAND,
+                        slip_rate: float = 0.0):
+    """Endless stream of (prompt, worked solution) training pairs from the train split, each step slipping with
+    probability `slip_rate` (see ToyProblem.solution)."""
     rng = random.Random(f"toy-sft-{seed}")
     while True:
         p = draw_problem(rng, rng.choice(levels), max_operand)
         if split_of(p.expression) == "train":
-            yield p.prompt, p.solution(rng)
+            yield p.prompt, p.solution(rng, slip_rate)
 
 
 def build_tokenizer():

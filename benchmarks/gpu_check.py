@@ -1,0 +1,303 @@
+"""GPU check: tsopsd's diagnose, reheat and rl paths on Qwen3-0.6B- and 1.7B-shaped models in bf16, next to naive
+full-logits steps measured in the same run.
+
+    python benchmarks/gpu_check.py [--shapes 0.6b,1.7b] [--seqs 8] [--prompt 64] [--completion 448]
+
+Random-initialised weights (nothing is downloaded), vocabulary 151,936, one CUDA device. For each shape it prints:
+- `matmul`: the card's measured dense bf16 matmul rate (8192^3, the reference for TFLOP/s below);
+- `lean_decode`: the rollout engine's plain-torch decode path vs the transformers forward (max logit difference
+  and tokens/s for 32 prompts x 64 new tokens);
+- `diagnose`: the chunked statistics pass (forward, entropy/top-k/KL-to-reference per token) vs naive full logits;
+- `reheat`: one TS-OPSD training step (student forward + backward, frozen-teacher forward, forward KL to
+  teacher/1.6 over the full vocabulary, AdamW step) — chunked (tsopsd) vs naive [B, L, V] logits;
+- `rl`: one GRPO update (clipped surrogate from log-probs at the sampling temperature, AdamW step) — chunked vs
+  naive.
+TFLOP/s counts model FLOPs only (2 x params x tokens per forward, x3 for forward + backward, attention and LM head
+included, recomputation not counted). Peak memory is the CUDA allocator's peak during the step above the memory
+held before it (weights, gradients and optimiser state are allocated by a warm-up step first).
+Targets (issue 6): reheat step >= 50 % of the matmul rate at the 1.7B shape; peak memory <= 0.6x the naive step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = {  # the published Qwen3 base configurations (tied embeddings)
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=128, intermediate_size=3072),
+    "1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=128, intermediate_size=6144),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=128),  # --smoke: the code paths on CPU, numbers meaningless
+}
+DEV = "cuda"
+VOCAB, TAU = 151_936, 1.6
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if DEV == "cuda" else 0
+
+
+def peak() -> int:
+    return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """(mean seconds per call after one warm-up, peak extra MiB during the timed calls)."""
+    fn()
+    sync()
+    base = allocated()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeat, (peak() - base) / 2**20
+
+
+def matmul_tflops() -> float:
+    size = 8192 if DEV == "cuda" else 256
+    a = torch.randn(size, size, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=DEV, dtype=torch.bfloat16)
+    sec, _ = timed(lambda: a @ b, 20)
+    return 2 * size**3 / sec / 1e12
+
+
+def build(shape: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=True,
+                      attn_implementation="sdpa", **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        torch.set_default_dtype(torch.bfloat16 if DEV == "cuda" else torch.float32)
+        model = Qwen3ForCausalLM(cfg)
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+def forward_flops(model, seqs, n_completion: int) -> float:
+    """Model FLOPs of one forward over the packed sequences: matmuls of every token through the body, causal
+    attention, and the LM head on completion tokens."""
+    cfg = model.config
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    tokens = sum(len(p) + len(c) for p, c in seqs)
+    attn = sum(2 * 2 * cfg.num_hidden_layers * (len(p) + len(c)) ** 2 / 2 * cfg.num_attention_heads * cfg.head_dim
+               for p, c in seqs)
+    return 2 * body * tokens + attn + 2 * VOCAB * cfg.hidden_size * n_completion
+
+
+def check_shape(shape: str, args) -> dict:
+    from tsopsd_cli.core import grpo
+    from tsopsd_cli.core.chunked import token_divergence, token_logps
+    from tsopsd_cli.core.stats import chunked_token_stats, logits_token_stats
+    from tsopsd_cli.engines.lean import LeanDecoder
+    from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+
+    out: dict = {"shape": shape}
+    student = build(shape)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    params = sum(p.numel() for p in student.parameters())
+    out["params_M"] = round(params / 1e6, 1)
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(0, VOCAB, (args.prompt,), generator=g).tolist(),
+             torch.randint(0, VOCAB, (args.completion,), generator=g).tolist()) for _ in range(args.seqs)]
+    batch = pack(seqs, 0, DEV)
+    n = int(batch.targets.numel())
+    fwd = forward_flops(student, seqs, n)
+    head_w = decoder_and_head(student)[1].weight
+
+    # ---- lean decode vs transformers forward
+    student.eval()
+    prompts = torch.randint(0, VOCAB, (32, 32), generator=g).to(DEV)
+    mask = torch.ones_like(prompts)
+    dec = LeanDecoder(student)
+    with torch.no_grad():
+        lean_logits = dec.prefill(prompts, mask, 64)
+        hf_logits = student(input_ids=prompts, attention_mask=mask).logits[:, -1]
+    diff = float((lean_logits.float() - hf_logits.float()).abs().max())
+    scale = float(hf_logits.float().abs().max())
+
+    def lean_run():
+        d = LeanDecoder(student)
+        x = d.prefill(prompts, mask, 64)
+        for _ in range(63):
+            x = d.step(x.argmax(-1))
+
+    def hf_run():
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=student.config)
+        m = mask
+        x = student(input_ids=prompts, attention_mask=m, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1]
+        for _ in range(63):
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+            x = student(input_ids=x.argmax(-1)[:, None], attention_mask=m, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1).logits[:, -1]
+
+    with torch.no_grad():
+        t_lean, _ = timed(lean_run, 2)
+        t_hf, _ = timed(hf_run, 2)
+    out["lean_decode"] = {"max_abs_logit_diff": round(diff, 4), "logit_scale": round(scale, 2),
+                          "lean_tokens_per_s": round(32 * 64 / t_lean), "hf_tokens_per_s": round(32 * 64 / t_hf),
+                          "speedup": round(t_hf / t_lean, 2)}
+
+    # ---- diagnose: chunked statistics pass vs naive full logits (no grad)
+    def diag_chunked():
+        with torch.no_grad():
+            h, _ = completion_hidden(student, batch)
+            rh, _ = completion_hidden(teacher, batch)
+            chunked_token_stats(h, lambda x: x @ head_w.T, [1.0, TAU], [1, 10], 512, batch.targets, rh,
+                                lambda x: x @ head_w.T)
+
+    def diag_naive():
+        with torch.no_grad():
+            lg = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            rl = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits_token_stats(lg[batch.rows, batch.cols].float(), [1.0, TAU], [1, 10], batch.targets,
+                               rl[batch.rows, batch.cols].float())
+
+    out["diagnose"] = {}
+    for name, fn in (("chunked", diag_chunked), ("naive", diag_naive)):
+        sec, mem = timed(fn, args.repeat)
+        out["diagnose"][name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem),
+                                 "TFLOP/s": round(2 * fwd / sec / 1e12, 1)}
+    d = out["diagnose"]
+    d["memory_ratio"] = round(d["chunked"]["peak_extra_MiB"] / max(d["naive"]["peak_extra_MiB"], 1), 3)
+    d["speed_ratio"] = round(d["chunked"]["tokens_per_s"] / max(d["naive"]["tokens_per_s"], 1), 2)
+
+    # ---- reheat and rl training steps
+    student.train()
+    if args.grad_ckpt:  # activation checkpointing of the decoder layers, in both arms
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=DEV == "cuda")
+    adv = torch.randn(args.seqs, generator=g).to(DEV)
+
+    def reheat_chunked():
+        h, _ = completion_hidden(student, batch)
+        with torch.no_grad():
+            th, _ = completion_hidden(teacher, batch)
+        tw = decoder_and_head(teacher)[1].weight
+        loss = token_divergence(h, head_w, lambda idx: th[idx] @ tw.T, "forward_kl", tau=TAU,
+                                chunk_size=args.chunk_size).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def reheat_naive():
+        lg = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with torch.no_grad():
+            tl = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        s = lg[batch.rows, batch.cols].float()
+        t = tl[batch.rows, batch.cols].float() / TAU
+        loss = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def rl_update(logp):
+        B, W = len(seqs), args.completion
+        lp = logp.view(B, W)
+        loss_tok, *_ = grpo.clipped_policy_loss(lp, lp.detach(), adv, 0.2, 0.28)
+        grpo.aggregate(loss_tok, torch.ones_like(lp), "token-mean", float(n), float(B), W).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def rl_chunked():
+        h, _ = completion_hidden(student, batch)
+        rl_update(token_logps(h, head_w, batch.targets, 1.0, args.chunk_size, False)[0])
+
+    def rl_naive():
+        lg = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        lp = F.log_softmax(lg[batch.rows, batch.cols].float(), -1).gather(-1, batch.targets[:, None]).squeeze(-1)
+        rl_update(lp)
+
+    for key, arms, flops in (("reheat", (reheat_chunked, reheat_naive), 4 * fwd),
+                             ("rl", (rl_chunked, rl_naive), 3 * fwd)):
+        out[key] = {}
+        for name, fn in zip(("chunked", "naive"), arms):
+            try:
+                sec, mem = timed(fn, args.repeat)
+                out[key][name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem),
+                                  "TFLOP/s": round(flops / sec / 1e12, 1), "seconds": round(sec, 3)}
+            except torch.cuda.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                out[key][name] = {"error": "out of memory"}
+        c, nv = out[key]["chunked"], out[key]["naive"]
+        if "error" not in c and "error" not in nv:
+            out[key]["memory_ratio"] = round(c["peak_extra_MiB"] / max(nv["peak_extra_MiB"], 1), 3)
+            out[key]["speed_ratio"] = round(c["tokens_per_s"] / nv["tokens_per_s"], 2)
+    return out  # the models and optimiser state are freed with this frame
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="0.6b,1.7b")
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--completion", type=int, default=448)
+    ap.add_argument("--chunk-size", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the training steps")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU: check that the script runs")
+    args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        DEV, args.shapes, args.seqs, args.prompt, args.completion, args.repeat = "cpu", "tiny", 2, 4, 8, 1
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    import transformers
+
+    results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+               "transformers": transformers.__version__, "tokens_per_step": args.seqs * args.completion}
+    results["matmul_bf16_TFLOP/s"] = round(matmul_tflops(), 1)
+    print(f"device {results['device']}  torch {torch.__version__}  transformers {transformers.__version__}")
+    print(f"matmul bf16 8192^3: {results['matmul_bf16_TFLOP/s']} TFLOP/s")
+    results["shapes"] = []
+    for shape in args.shapes.split(","):
+        r = check_shape(shape, args)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        results["shapes"].append(r)
+        print(f"\n== Qwen3-{shape}-shaped ({r['params_M']} M params), {args.seqs} x ({args.prompt} + "
+              f"{args.completion}) tokens, chunk {args.chunk_size}, activation checkpointing "
+              f"{'on' if args.grad_ckpt else 'off'}")
+        ld = r["lean_decode"]
+        print(f"lean decode: max |logit diff| vs transformers {ld['max_abs_logit_diff']} (logits up to "
+              f"{ld['logit_scale']}); {ld['lean_tokens_per_s']} vs {ld['hf_tokens_per_s']} tokens/s "
+              f"({ld['speedup']}x)")
+        for key in ("diagnose", "reheat", "rl"):
+            for arm in ("chunked", "naive"):
+                print(f"{key:9s}{arm:8s} {json.dumps(r[key][arm])}")
+            if "memory_ratio" in r[key]:
+                frac = r[key]["chunked"]["TFLOP/s"] / max(results["matmul_bf16_TFLOP/s"], 1e-9)
+                print(f"{key:9s}memory chunked/naive {r[key]['memory_ratio']}  speed chunked/naive "
+                      f"{r[key]['speed_ratio']}x  chunked = {frac:.0%} of the matmul rate")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

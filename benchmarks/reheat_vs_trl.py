@@ -1,0 +1,140 @@
+"""Wall time per TS-OPSD step: `tsopsd reheat` vs TRL's GKDTrainer set up as the same distillation, same run.
+
+    pip install trl==1.16.0   # not a tsopsd dependency
+    tsopsd toy init --out runs/toy-base
+    python benchmarks/reheat_vs_trl.py --checkpoint runs/toy-base [--steps 6]
+
+The same objective on both sides: on-policy (the student samples its own completions at temperature 1), forward
+KL(teacher || student) over the full vocabulary on completion tokens, teacher = the input checkpoint at tau = 1.6.
+TRL side: GKDTrainer with lmbda = 1 (always on-policy), beta = 0 (forward KL), sampling temperature 1, and as teacher
+the input checkpoint with the temperature folded into its weights (`tsopsd reheat --method fold --temp 1.6`, exact:
+its logits are the input's logits / 1.6). tsopsd side: `tsopsd reheat` with the frozen teacher at temp 1.6.
+Both: 16 prompts x 4 completions per step, at most 48 new tokens, one optimiser step per batch, lr 1e-5, CPU,
+float32, hf generation. The first step of each side is a warm-up and is not timed; each side runs in a fresh
+subprocess. Target (issue 5): tsopsd at most 0.5x TRL's time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS, GENERATIONS, MAX_NEW, LR, TAU = 16, 4, 48, 1e-5, 1.6
+
+
+def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
+    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.runners.reheat import ReheatRunner
+
+    recipe = build_recipe("reheat", None, parse_set_options([
+        f"output.out={out}", "data.num_prompts=4096", f"reheat.prompts_per_step={PROMPTS}", f"reheat.temp={TAU}",
+        "reheat.teacher=frozen", "reheat.divergence=forward_kl", f"rollout.num_generations={GENERATIONS}",
+        f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", "rollout.batch_size=128", f"optim.lr={LR}",
+        "optim.warmup_steps=0", "train.micro_batch_size=64", f"train.max_steps={steps + 1}", "train.save_every=0",
+        "validation.enabled=false", "model.device=cpu", "output.plots=false"]))
+    run = ReheatRunner(recipe, ckpt)
+    run.setup()
+    times = []
+    try:
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            run.train_step()
+            run.sched.step()
+            run.step += 1
+            times.append(time.perf_counter() - t0)
+    finally:
+        run.close()
+    return {"side": "tsopsd", "step_seconds": times[1:]}
+
+
+def run_trl(ckpt: str, steps: int, out: Path) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.runners.reheat import run_fold
+    from tsopsd_cli.tasks import toy
+
+    teacher_dir = out / "teacher"
+    run_fold(build_recipe("reheat", None, parse_set_options([
+        f"output.out={teacher_dir}", "reheat.method=fold", f"reheat.temp={TAU}"])), ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.padding_side = "left"
+    student = AutoModelForCausalLM.from_pretrained(ckpt, dtype="float32")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="float32")
+    prompts = [p.prompt for p in toy.make_problems("train", 4096, seed=0)]
+    rows = [{"prompt": p} for p in prompts for _ in range(GENERATIONS)]
+
+    def collate(batch):  # prompt-only batches: with lmbda = 1 every step replaces them by on-policy completions
+        enc = tok([b["prompt"] for b in batch], padding=True, return_tensors="pt")
+        # The Trainer divides the loss by the label count of the *collated* batch (num_items_in_batch); all -100
+        # would divide by zero, so the prompt tokens are labelled (a constant scale of the loss, not the timing).
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels,
+                "prompts": enc["input_ids"], "prompt_attention_mask": enc["attention_mask"]}
+
+    cfg = GKDConfig(
+        output_dir=str(out / "trl"), max_steps=steps + 1, learning_rate=LR,
+        per_device_train_batch_size=PROMPTS * GENERATIONS, gradient_accumulation_steps=1, lmbda=1.0, beta=0.0,
+        temperature=1.0, max_new_tokens=MAX_NEW,
+        use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1, lr_scheduler_type="constant",
+        warmup_steps=0, seed=0, dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
+    )
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, processing_class=tok, data_collator=collate,
+                         train_dataset=datasets.Dataset.from_list(rows), callbacks=[Timer()])
+    trainer.generation_config.top_k = 0  # sample from the plain softmax, as tsopsd does
+    trainer.generation_config.top_p = 1.0
+    trainer.train()
+    return {"side": "trl", "step_seconds": times[1:]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--side", choices=["tsopsd", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        fn = run_tsopsd if args.side == "tsopsd" else run_trl
+        print(json.dumps(fn(args.checkpoint, args.steps, Path(args.workdir))))
+        return 0
+    import tempfile
+
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in ("trl", "tsopsd"):
+            cmd = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
+                   "--side", side, "--workdir", str(Path(tmp) / side)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{side} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+            s = res[side]["step_seconds"]
+            print(f"{side:7s} {len(s)} timed steps, mean {sum(s) / len(s):.2f} s/step "
+                  f"(min {min(s):.2f}, max {max(s):.2f})")
+    a = sum(res["tsopsd"]["step_seconds"]) / len(res["tsopsd"]["step_seconds"])
+    b = sum(res["trl"]["step_seconds"]) / len(res["trl"]["step_seconds"])
+    print(f"tsopsd / TRL time per step = {a / b:.2f}x (target <= 0.5x)")
+    print(json.dumps({"tsopsd_s_per_step": a, "trl_s_per_step": b, "ratio": a / b}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`tsopsd demo` end to end on a shrunken recipe, through the real entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+TINY_RL = {"train.max_steps": 2, "grpo.prompts_per_step": 2, "rollout.num_generations": 2,
+           "rollout.max_new_tokens": 8, "rollout.batch_size": 8, "validation.limit": 4,
+           "validation.num_generations": 2, "validation.max_new_tokens": 8, "train.eval_every": 0,
+           "train.save_every": 0, "train.micro_batch_size": 4}
+SHRINK = {
+    "init": {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.intermediate_size": 64,
+             "train.steps": 5, "train.eval_problems": 8},
+    "collapse": TINY_RL,
+    "reheat": {"train.max_steps": 1, "reheat.prompts_per_step": 2, "rollout.num_generations": 2,
+               "rollout.max_new_tokens": 8, "validation.limit": 4, "validation.num_generations": 2,
+               "validation.max_new_tokens": 8, "reheat.report_prompts": 4, "train.save_every": 0,
+               "reheat.target_entropy_ratio": None},
+    "continued": TINY_RL,
+    "diagnose": {"data.num_prompts": 4, "rollout.num_generations": 2, "rollout.max_new_tokens": 8},
+    "eval": {"eval.toy_num_problems": 4, "rollout.num_generations": 2, "rollout.max_new_tokens": 8},
+}
+
+
+def shrunken_demo_recipe() -> dict:
+    """The shipped recipes/demo/toy.yaml, every stage shrunk to a smoke run, two seeds."""
+    tree = yaml.safe_load((Path(__file__).resolve().parents[2] / "recipes" / "demo" / "toy.yaml").read_text())
+    for stage, extra in SHRINK.items():
+        tree[stage]["set"] = {**(tree[stage].get("set") or {}), **extra}
+    tree["demo"]["seeds"] = [0, 1]
+    return tree
+
+
+def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(yaml.safe_dump(shrunken_demo_recipe()))
+    out = tmp_path / "demo"
+    r = cli("demo", "--recipe", str(recipe), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)  # --json: exactly one JSON object
+    assert set(summary["arms"]) == {"continued-rl", "rollout-temperature", "ts-opsd", "fold"}
+    for arm in summary["arms"].values():
+        assert len(arm["accuracy_after_per_seed"]) == 2 and arm["accuracy_after_std"] is not None
+        assert 0 <= arm["accuracy_before"] <= 1 and 0 <= arm["topk_jaccard"] <= 1 and arm["entropy"] > 0
+        assert [c["seed"] for c in arm["curves"]] == [0, 1] and arm["curves"][0]["entropy"]
+    assert summary["arms"]["continued-rl"]["topk_jaccard"] == 1.0  # it starts from the collapsed checkpoint
+    assert summary["arms"]["fold"]["top1_agreement"] > 0.99  # dividing logits by tau keeps every argmax
+    assert json.loads((out / "summary.json").read_text())["arms"].keys() == summary["arms"].keys()
+    md = (out / "summary.md").read_text()
+    assert "| ts-opsd" in md and "| fold" in md
+    for d in ("base", "collapsed", "ts-opsd", "fold", "arms/fold/seed-1", "eval/fold-seed-1"):
+        assert (out / d).is_dir(), d
+
+    again = cli("demo", "--recipe", str(recipe), "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr and again.stderr.count("\n") == 1
+
+    stamp = (out / "collapsed" / "model.safetensors").stat().st_mtime_ns
+    resumed = cli("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continued-rl" in resumed.stdout  # the table, from the kept stages
+    assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone

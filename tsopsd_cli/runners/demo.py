@@ -1,0 +1,269 @@
+"""`tsopsd demo`: the paper's experiment in miniature, end to end, on the toy world.
+
+    base (toy init) -> collapsed (rl) -> { ts-opsd (reheat), fold (reheat --method fold) }
+    continued RL, same budget, from: collapsed at rollout temperature 1 (continued-rl), collapsed at rollout
+    temperature tau (rollout-temperature), ts-opsd, fold; one run per arm and seed
+    diagnose of every starting point against the collapsed checkpoint; eval before and after continued RL
+
+Every stage is an ordinary tsopsd run (the same runners as the commands) writing into its own folder of --out, each
+atomically; with --resume, finished stages are kept and an interrupted one resumes from its last checkpoint.
+The summary reports what happened, whichever arm comes out ahead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from tsopsd_cli.errors import OutputExistsError, UsageError
+from tsopsd_cli.progress import NULL, Progress
+from tsopsd_cli.recipe import DemoRecipe, recipe_to_yaml
+from tsopsd_cli.report import json_safe
+
+ARM_TITLES = {"continued-rl": "continued RL (rollout T = 1)", "rollout-temperature": "rollout temperature tau",
+              "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / tau), then RL"}
+
+
+class Demo:
+    def __init__(self, recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False):
+        self.r = recipe
+        self.progress = progress
+        self.out = Path(recipe.output.out or "runs/demo")
+        self.tau = recipe.demo.temp
+        self.timings: dict[str, float] = {}
+        self._prepare(resume)
+
+    def _prepare(self, resume: bool) -> None:
+        text = recipe_to_yaml(self.r)
+        stamp = self.out / "recipe.yaml"
+        if self.out.exists():
+            if resume:
+                if not stamp.is_file() or stamp.read_text() != text:
+                    raise UsageError(f"{self.out}: --resume needs the recipe the demo there was started with "
+                                     f"({stamp}); pass --overwrite to start again")
+            elif self.r.output.overwrite:
+                shutil.rmtree(self.out)
+            else:
+                raise OutputExistsError(f"{self.out}: already exists (pass --resume to continue the demo there, or "
+                                        "--overwrite to replace it)")
+        elif resume:
+            raise UsageError(f"--resume: no demo at {self.out}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(text)
+
+    # ------------------------------------------------------------------ stages
+    def stage(self, name: str, target: Path, fn) -> Path:
+        """Run `fn()` unless `target` (an atomically written output) is already there."""
+        if target.exists():
+            self.progress.log(f"[demo] {name}: done before, kept ({target})")
+            return target
+        self.progress.log(f"[demo] {name} -> {target}")
+        t0 = time.time()
+        fn()
+        self.timings[name] = round(time.time() - t0, 1)
+        return target
+
+    def sub(self, stage: str, command: str, out: Path, **extra):
+        return self.r.stage(stage, command, **{"output.out": str(out), **extra})
+
+    def run(self) -> dict:
+        from tsopsd_cli.runners.reheat import run_fold, run_reheat
+        from tsopsd_cli.runners.rl import run_rl
+        from tsopsd_cli.runners.toy_init import run_toy_init
+
+        started = time.time()
+        d, o, p = self.r.demo, self.out, self.progress
+        base = self.stage("toy init", o / "base", lambda: run_toy_init(self.sub("init", "toy-init", o / "base"), p))
+        collapsed = self.stage("rl until collapse", o / "collapsed",
+                               lambda: run_rl(self.sub("collapse", "rl", o / "collapsed"), str(base), p,
+                                              resume=(o / ".collapsed.partial").exists()))
+        starts = {"continued-rl": collapsed, "rollout-temperature": collapsed}
+        if "ts-opsd" in d.arms:
+            starts["ts-opsd"] = self.stage(
+                "reheat (TS-OPSD)", o / "ts-opsd",
+                lambda: run_reheat(self.sub("reheat", "reheat", o / "ts-opsd", **{"reheat.temp": self.tau}),
+                                   str(collapsed), p, resume=(o / ".ts-opsd.partial").exists()))
+        if "fold" in d.arms:
+            starts["fold"] = self.stage(
+                "reheat (fold)", o / "fold",
+                lambda: run_fold(self.sub("reheat", "reheat", o / "fold", **{"reheat.method": "fold",
+                                                                              "reheat.temp": self.tau}),
+                                 str(collapsed), p))
+        points = {"base": base, "collapsed": collapsed, **{k: v for k, v in starts.items()
+                                                           if k in ("ts-opsd", "fold")}}
+        diag = {name: self.diagnose(name, ckpt, collapsed) for name, ckpt in points.items()}
+        evals = {name: self.evaluate(name, ckpt) for name, ckpt in points.items()}
+        runs: dict[str, list[dict]] = {}
+        for arm in d.arms:
+            for seed in d.seeds:
+                runs.setdefault(arm, []).append(self.continued(arm, seed, starts[arm]))
+        summary = self.summarize(diag, evals, runs)
+        summary["seconds"] = round(time.time() - started, 1)
+        summary["stage_seconds"] = self.timings
+        self.write(summary)
+        return summary
+
+    def diagnose(self, name: str, ckpt: Path, collapsed: Path) -> dict:
+        from tsopsd_cli.runners.diagnose import run_diagnose
+
+        target = self.out / "diagnose" / name
+        extra = {"diagnose.reference": str(collapsed)} if ckpt != collapsed else {}
+        temps = sorted({1.0, self.tau})
+        self.stage(f"diagnose {name}", target, lambda: run_diagnose(self.sub(
+            "diagnose", "diagnose", target, **extra, **{"diagnose.temperatures": temps,
+                                                        "diagnose.topk": [1, self.r.demo.topk]}), str(ckpt),
+            self.progress))
+        return json.loads((target / "report.json").read_text())
+
+    def evaluate(self, name: str, ckpt: Path) -> dict:
+        from tsopsd_cli.runners.evaluate import run_eval
+
+        target = self.out / "eval" / name
+        self.stage(f"eval {name}", target, lambda: run_eval(self.sub("eval", "eval", target), str(ckpt),
+                                                             self.progress))
+        return json.loads((target / "report.json").read_text())
+
+    def continued(self, arm: str, seed: int, start: Path) -> dict:
+        from tsopsd_cli.runners.rl import run_rl
+
+        target = self.out / "arms" / arm / f"seed-{seed}"
+        extra = {"train.seed": seed}
+        if arm == "rollout-temperature":
+            extra["rollout.temperature"] = self.tau
+        partial = target.parent / f".{target.name}.partial"
+        self.stage(f"continued RL: {arm}, seed {seed}", target, lambda: run_rl(
+            self.sub("continued", "rl", target, **extra), str(start), self.progress, resume=partial.exists()))
+        ev = self.evaluate(f"{arm}-seed-{seed}", target)
+        rows = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return {"seed": seed, "checkpoint": str(target), "eval": ev, "metrics": rows}
+
+    # ------------------------------------------------------------------ summary
+    def summarize(self, diag: dict, evals: dict, runs: dict) -> dict:
+        k = str(self.r.demo.topk)
+        tau_key = f"{self.tau:g}"
+
+        def acc(ev: dict) -> dict:
+            m = ev["macro"]
+            kmax = max(m["pass@k"], key=int)  # pass@n: solved by at least one of the n samples
+            return {"avg": m["accuracy"], "pass@k": m["pass@k"][kmax], "k": int(kmax)}
+
+        def start_row(point: str, sampled_at_tau: bool = False) -> dict:
+            rep = diag[point]
+            ref = rep.get("reference") or {}
+            cka = ref.get("cka") or []
+            return {
+                "start": point,
+                "entropy": rep["temperature_entropy"][tau_key] if sampled_at_tau else rep["entropy"]["mean"],
+                "topk_jaccard": ref.get("topk_jaccard", {}).get(k, 1.0),
+                "top1_agreement": ref.get("top1_agreement", 1.0),
+                "cka_last_layer": cka[-1] if cka else 1.0,
+                "cka_mean": sum(cka) / len(cka) if cka else 1.0,
+            }
+
+        arms = {}
+        for arm, seed_runs in runs.items():
+            point = "collapsed" if arm in ("continued-rl", "rollout-temperature") else arm
+            row = start_row(point, sampled_at_tau=arm == "rollout-temperature")
+            before = acc(evals[point])
+            after = [acc(r["eval"]) for r in seed_runs]
+            avgs = [a["avg"] for a in after]
+            arms[arm] = {
+                "title": ARM_TITLES[arm], **row,
+                "accuracy_before": before["avg"], "pass@k_before": before["pass@k"],
+                "accuracy_after": statistics.fmean(avgs),
+                "accuracy_after_std": statistics.stdev(avgs) if len(avgs) > 1 else None,
+                "accuracy_after_per_seed": avgs,
+                "pass@k_after": statistics.fmean(a["pass@k"] for a in after), "k": before["k"],
+                "curves": [{"seed": r["seed"],
+                            "entropy": [(m["step"], m["entropy"]) for m in r["metrics"] if "entropy" in m],
+                            "reward": [(m["step"], m["reward"]) for m in r["metrics"] if "reward" in m],
+                            "val_accuracy": [(m["step"], m["val_accuracy"]) for m in r["metrics"]
+                                             if m.get("val_accuracy") is not None]} for r in seed_runs],
+            }
+        base, coll = diag["base"], diag["collapsed"]
+        return {
+            "command": "demo", "tau": self.tau, "seeds": self.r.demo.seeds, "topk": self.r.demo.topk,
+            "collapse": {"entropy_base": base["entropy"]["mean"], "entropy_collapsed": coll["entropy"]["mean"],
+                         "entropy_ratio": base["entropy"]["mean"] / max(coll["entropy"]["mean"], 1e-12),
+                         "accuracy_base": acc(evals["base"])["avg"],
+                         "accuracy_collapsed": acc(evals["collapsed"])["avg"]},
+            "points": {name: {"entropy": diag[name]["entropy"]["mean"], "accuracy": acc(evals[name])["avg"],
+                              "pass@k": acc(evals[name])["pass@k"]} for name in diag},
+            "arms": arms,
+        }
+
+    def write(self, summary: dict) -> None:
+        if self.r.output.plots:
+            summary["plots"] = plot(summary, self.out)
+        files = {"summary.json": json.dumps(json_safe(summary), indent=2) + "\n", "summary.md": markdown(summary)}
+        for name, text in files.items():
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.out / name)
+
+
+def markdown(s: dict) -> str:
+    c = s["collapse"]
+    f = lambda x, n=3: "—" if x is None else f"{x:.{n}f}"  # noqa: E731
+    lines = [
+        "# tsopsd demo: reheating a collapsed toy policy",
+        "",
+        f"tau = {s['tau']:g}; seeds {s['seeds']}; accuracy = avg@n on toy test problems at temperature 1.",
+        "",
+        f"Collapse (rl from the toy base): mean token entropy {f(c['entropy_base'])} -> {f(c['entropy_collapsed'])} "
+        f"nats ({c['entropy_ratio']:.1f}x lower), accuracy {f(c['accuracy_base'])} -> {f(c['accuracy_collapsed'])}.",
+        "",
+        f"| arm | start entropy | top-{s['topk']} Jaccard vs collapsed | top-1 agreement | CKA (last layer) | "
+        "accuracy before | accuracy after continued RL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, a in s["arms"].items():
+        after = f(a["accuracy_after"])
+        if a["accuracy_after_std"] is not None:
+            after += f" ± {a['accuracy_after_std']:.3f}"
+        lines.append(f"| {name}: {a['title']} | {f(a['entropy'])} | {f(a['topk_jaccard'])} | "
+                     f"{f(a['top1_agreement'])} | {f(a['cka_last_layer'])} | {f(a['accuracy_before'])} | {after} |")
+    lines += ["", "Start entropy: mean token entropy of the starting checkpoint on its own rollouts (the "
+              "rollout-temperature arm: the collapsed checkpoint's entropy at tau). Overlap, agreement and CKA are "
+              "measured on those rollouts against the collapsed checkpoint.", ""]
+    if s.get("plots"):
+        lines += [f"![{p}]({p})" for p in s["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def plot(s: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    files = []
+    for key, ylabel, fname in (("entropy", "token entropy (nats)", "entropy.png"),
+                               ("val_accuracy", "validation accuracy", "accuracy.png")):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name, a in s["arms"].items():
+            for i, c in enumerate(a["curves"]):
+                if c[key]:
+                    xs, ys = zip(*c[key])
+                    ax.plot(xs, ys, label=name if i == 0 else None, color=f"C{list(s['arms']).index(name)}",
+                            alpha=0.9 if len(a["curves"]) == 1 else 0.6)
+        ax.set_xlabel("continued-RL step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = out / f".{fname}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out / fname)
+        plt.close(fig)
+        files.append(fname)
+    return files
+
+
+def run_demo(recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False) -> dict:
+    return Demo(recipe, progress, resume).run()
+
