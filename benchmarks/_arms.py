@@ -41,3 +41,75 @@ def run_arms(script: str, args, names: tuple[str, ...]) -> dict[str, dict] | Non
             return None
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+def tsopsd_vs_trl(script: str, doc: str, run_tsopsd, run_trl) -> int:
+    """The shared command line of the *_vs_trl benchmarks: `--checkpoint CKPT [--steps N]` runs each side in a
+    fresh subprocess (`--side trl|tsopsd`, which calls `run_x(checkpoint, steps, workdir)` and prints
+    {"step_seconds": [...]}) and prints the per-step time ratio."""
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--side", choices=["tsopsd", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        fn = run_tsopsd if args.side == "tsopsd" else run_trl
+        print(json.dumps(fn(args.checkpoint, args.steps, Path(args.workdir))))
+        return 0
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in ("trl", "tsopsd"):
+            cmd = [sys.executable, script, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
+                   "--side", side, "--workdir", str(Path(tmp) / side)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{side} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+            s = res[side]["step_seconds"]
+            print(f"{side:7s} {len(s)} timed steps, mean {sum(s) / len(s):.2f} s/step "
+                  f"(min {min(s):.2f}, max {max(s):.2f})")
+    a = sum(res["tsopsd"]["step_seconds"]) / len(res["tsopsd"]["step_seconds"])
+    b = sum(res["trl"]["step_seconds"]) / len(res["trl"]["step_seconds"])
+    print(f"tsopsd / TRL time per step = {a / b:.2f}x (target <= 0.5x)")
+    print(json.dumps({"tsopsd_s_per_step": a, "trl_s_per_step": b, "ratio": a / b}))
+    return 0
+
+
+def timed_steps(run, steps: int) -> dict:
+    """Set up a tsopsd TrainingRun and time `steps` training steps after one untimed warm-up step."""
+    import time
+
+    run.setup()
+    times = []
+    try:
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            run.train_step()
+            run.sched.step()
+            run.step += 1
+            times.append(time.perf_counter() - t0)
+    finally:
+        run.close()
+    return {"side": "tsopsd", "step_seconds": times[1:]}
+
+
+def trl_step_timer(times: list[float]):
+    """A transformers TrainerCallback appending each optimiser step's wall time to `times`."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    return Timer()

@@ -16,12 +16,11 @@ subprocess. Target (issue 5): tsopsd at most 0.5x TRL's time per step.
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _arms import timed_steps, trl_step_timer, tsopsd_vs_trl  # noqa: E402
 
 PROMPTS, GENERATIONS, MAX_NEW, LR, TAU = 16, 4, 48, 1e-5, 1.6
 
@@ -36,25 +35,12 @@ def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
         f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", "rollout.batch_size=128", f"optim.lr={LR}",
         "optim.warmup_steps=0", "train.micro_batch_size=64", f"train.max_steps={steps + 1}", "train.save_every=0",
         "validation.enabled=false", "model.device=cpu", "output.plots=false"]))
-    run = ReheatRunner(recipe, ckpt)
-    run.setup()
-    times = []
-    try:
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            run.train_step()
-            run.sched.step()
-            run.step += 1
-            times.append(time.perf_counter() - t0)
-    finally:
-        run.close()
-    return {"side": "tsopsd", "step_seconds": times[1:]}
+    return timed_steps(ReheatRunner(recipe, ckpt), steps)
 
 
 def run_trl(ckpt: str, steps: int, out: Path) -> dict:
     import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from tsopsd_cli.recipe import build_recipe, parse_set_options
@@ -86,55 +72,14 @@ def run_trl(ckpt: str, steps: int, out: Path) -> dict:
         use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1, lr_scheduler_type="constant",
         warmup_steps=0, seed=0, dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
     )
-    times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-
+    times: list[float] = []
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, processing_class=tok, data_collator=collate,
-                         train_dataset=datasets.Dataset.from_list(rows), callbacks=[Timer()])
+                         train_dataset=datasets.Dataset.from_list(rows), callbacks=[trl_step_timer(times)])
     trainer.generation_config.top_k = 0  # sample from the plain softmax, as tsopsd does
     trainer.generation_config.top_p = 1.0
     trainer.train()
     return {"side": "trl", "step_seconds": times[1:]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--side", choices=["tsopsd", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.side:
-        fn = run_tsopsd if args.side == "tsopsd" else run_trl
-        print(json.dumps(fn(args.checkpoint, args.steps, Path(args.workdir))))
-        return 0
-    import tempfile
-
-    res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for side in ("trl", "tsopsd"):
-            cmd = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
-                   "--side", side, "--workdir", str(Path(tmp) / side)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{side} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                return 1
-            res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-            s = res[side]["step_seconds"]
-            print(f"{side:7s} {len(s)} timed steps, mean {sum(s) / len(s):.2f} s/step "
-                  f"(min {min(s):.2f}, max {max(s):.2f})")
-    a = sum(res["tsopsd"]["step_seconds"]) / len(res["tsopsd"]["step_seconds"])
-    b = sum(res["trl"]["step_seconds"]) / len(res["trl"]["step_seconds"])
-    print(f"tsopsd / TRL time per step = {a / b:.2f}x (target <= 0.5x)")
-    print(json.dumps({"tsopsd_s_per_step": a, "trl_s_per_step": b, "ratio": a / b}))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tsopsd_vs_trl(__file__, __doc__, run_tsopsd, run_trl))

@@ -23,7 +23,8 @@ def test_version_and_help_examples(cli):
     assert p.returncode == 0 and p.stdout.strip() == f"tsopsd {__version__}"
     for args in (["--help"], ["diagnose", "--help"], ["toy", "--help"], ["toy", "init", "--help"],
                  ["recipe", "--help"], ["recipe", "validate", "--help"], ["recipe", "show", "--help"],
-                 ["eval", "--help"], ["eval", "grade", "--help"], ["rl", "--help"], ["reheat", "--help"]):
+                 ["eval", "--help"], ["eval", "grade", "--help"], ["rl", "--help"], ["reheat", "--help"],
+                 ["demo", "--help"]):
         p = cli(*args)
         assert p.returncode == 0 and "Example:" in p.stdout, args
 

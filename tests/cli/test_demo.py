@@ -62,3 +62,12 @@ def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continued-rl" in resumed.stdout  # the table, from the kept stages
     assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone
+
+
+def test_demo_bad_input_is_one_line_and_exit_2(cli, tmp_path):
+    for args, msg in ((["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
+                      (["--resume"], "--resume: no demo at"),
+                      (["--temp", "0.5"], "demo.temp: Input should be greater than 1")):
+        r = cli("demo", "--out", str(tmp_path / "d"), *args)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+        assert not (tmp_path / "d").exists()
