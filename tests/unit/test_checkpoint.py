@@ -101,9 +101,10 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     from tsopsd_cli.errors import UsageError
     from tsopsd_cli.runners.training import hold_lock
 
-    lock = tmp_path / ".out.lock"
-    held = hold_lock(lock)
+    out = tmp_path / "out"
+    held = hold_lock(out)
+    assert (tmp_path / ".out.lock").is_file() and not out.exists()
     with pytest.raises(UsageError, match=r"out: another tsopsd run is writing it \(pid \d+\)"):
-        hold_lock(lock)
+        hold_lock(out)
     held.close()
-    hold_lock(lock).close()  # free again once the first run is gone
+    hold_lock(out).close()  # free again once the first run is gone

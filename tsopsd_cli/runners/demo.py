@@ -66,6 +66,11 @@ class Demo:
         self.timings[name] = round(time.time() - t0, 1)
         return target
 
+    @staticmethod
+    def interrupted(target: Path) -> bool:
+        """An rl/reheat run into `target` was started and not finished: resume it."""
+        return (target.parent / f".{target.name}.partial").exists()
+
     def sub(self, stage: str, command: str, out: Path, **extra):
         return self.r.stage(stage, command, **{"output.out": str(out), **extra})
 
@@ -79,13 +84,13 @@ class Demo:
         base = self.stage("toy init", o / "base", lambda: run_toy_init(self.sub("init", "toy-init", o / "base"), p))
         collapsed = self.stage("rl until collapse", o / "collapsed",
                                lambda: run_rl(self.sub("collapse", "rl", o / "collapsed"), str(base), p,
-                                              resume=(o / ".collapsed.partial").exists()))
+                                              resume=self.interrupted(o / "collapsed")))
         starts = {"continued-rl": collapsed, "rollout-temperature": collapsed}
         if "ts-opsd" in d.arms:
             starts["ts-opsd"] = self.stage(
                 "reheat (TS-OPSD)", o / "ts-opsd",
                 lambda: run_reheat(self.sub("reheat", "reheat", o / "ts-opsd", **{"reheat.temp": self.tau}),
-                                   str(collapsed), p, resume=(o / ".ts-opsd.partial").exists()))
+                                   str(collapsed), p, resume=self.interrupted(o / "ts-opsd")))
         if "fold" in d.arms:
             starts["fold"] = self.stage(
                 "reheat (fold)", o / "fold",
@@ -133,9 +138,9 @@ class Demo:
         extra = {"train.seed": seed}
         if arm == "rollout-temperature":
             extra["rollout.temperature"] = self.tau
-        partial = target.parent / f".{target.name}.partial"
         self.stage(f"continued RL: {arm}, seed {seed}", target, lambda: run_rl(
-            self.sub("continued", "rl", target, **extra), str(start), self.progress, resume=partial.exists()))
+            self.sub("continued", "rl", target, **extra), str(start), self.progress,
+            resume=self.interrupted(target)))
         ev = self.evaluate(f"{arm}-seed-{seed}", target)
         rows = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines() if line.strip()]
         return {"seed": seed, "checkpoint": str(target), "eval": ev, "metrics": rows}

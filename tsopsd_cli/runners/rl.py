@@ -56,7 +56,6 @@ class Batch:
     seqs: list[tuple[list[int], list[int]]] = field(default_factory=list)
     advantages: list[float] = field(default_factory=list)
     loss_mask: list[bool] = field(default_factory=list)  # False: completion excluded (truncated, masked)
-    entropies: list[list[float]] = field(default_factory=list)  # per-token sampling entropy of each row
     stats: dict = field(default_factory=dict)
 
 
@@ -158,7 +157,6 @@ class RLRunner(TrainingRun):
                 batch.seqs.append((c.prompt_ids, c.token_ids))
                 batch.advantages.append(float(adv[gi, ci]))
                 batch.loss_mask.append(not (g.mask_truncated and c.finish_reason == "length"))
-                batch.entropies.append(c.entropies or [])
         comps = [c for grp in groups for c in grp.completions]
         ents = [e for c in comps for e in (c.entropies or [])]
         batch.stats = {
@@ -212,12 +210,9 @@ class RLRunner(TrainingRun):
         # One update per rollout batch and no reference: the old log-probs are the current ones, so the training
         # forward provides them (detached) and the separate no-grad pass is skipped.
         single = g.ppo_epochs == 1 and g.mini_batches == 1 and self.ref is None and temp == 1.0
-        # Token entropy at temperature 1 over every rollout token: at rollout temperature 1 the engine already
-        # computed it exactly while sampling; otherwise a no-grad pass provides it.
+        # Token entropy at temperature 1 over every rollout token: at rollout temperature 1 it is the engine's
+        # (exact, computed while sampling); otherwise the no-grad pass below provides it.
         ent_sum, ent_n = 0.0, 0
-        if temp == 1.0:
-            ent_sum = float(sum(e for s in batch.entropies for e in s))
-            ent_n = sum(len(s) for s in batch.entropies)
         with torch.no_grad():
             trained = {i for _, micro in plans[0] for ids in micro for i in ids}
             passes = [] if single else [ids for _, micro in plans[0] for ids in micro]
@@ -228,11 +223,11 @@ class RLRunner(TrainingRun):
                 seqs = [batch.seqs[i] for i in ids]
                 hidden, weight, pb = self.hidden(self.model, seqs)  # one forward: old log-probs and entropy
                 chunk = r.train.chunk_size
-                lp, e = token_logps(hidden, weight, pb.targets, temp, chunk, with_entropy=temp == 1.0)
                 if temp != 1.0:
                     e = token_logps(hidden, weight, pb.targets, 1.0, chunk, True)[1]
                     ent_sum, ent_n = ent_sum + float(e.double().sum()), ent_n + e.numel()
                 if ids[0] in trained:
+                    lp = token_logps(hidden, weight, pb.targets, temp, chunk)[0]
                     rf = self.forward_logps(self.ref, seqs, temp, False)[0] if self.ref is not None else None
                     bounds = [len(batch.seqs[i][1]) for i in ids]
                     for i, piece in zip(ids, lp.split(bounds)):
@@ -262,7 +257,8 @@ class RLRunner(TrainingRun):
         passes = g.ppo_epochs
         return {
             "loss": self.dist.sum(acc["loss"]) / passes / max(1, g.mini_batches),
-            "entropy": self.dist.sum(ent_sum) / max(1.0, self.dist.sum(ent_n)),
+            "entropy": batch.stats["sampling_entropy"] if temp == 1.0
+            else self.dist.sum(ent_sum) / max(1.0, self.dist.sum(ent_n)),
             "clip_frac_low": self.dist.sum(acc["clip_low"]) / tokens,
             "clip_frac_high": self.dist.sum(acc["clip_high"]) / tokens,
             "ratio_dev": self.dist.sum(acc["ratio_dev"]) / tokens,
@@ -278,10 +274,9 @@ class RLRunner(TrainingRun):
     def _micro_step(self, batch: Batch, ids: list[int], old_flat, ref_flat, n_tok: float, n_seq: float) -> dict:
         r, g = self.r, self.r.grpo
         seqs = [batch.seqs[i] for i in ids]
-        on_policy = old_flat is None  # see train_on: the old log-probs come from this very forward
         want_ent = g.entropy_coef != 0
         logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, want_ent)
-        if on_policy:
+        if old_flat is None:  # see train_on: the old log-probs come from this very forward
             old_flat = logp_flat.detach()
         B, W = len(seqs), max(len(c) for _, c in seqs)
         logp = to_padded(logp_flat, pb, B, W)

@@ -74,13 +74,11 @@ class Dist:
         return t
 
     def all_reduce_grads(self, model) -> None:
-        """Sum gradients over processes (one flat buffer)."""
+        """Sum gradients over processes (one flat buffer). Every trainable parameter must have a gradient (the
+        trainer gives zeros to those a process did not reach), so all processes send buffers of one layout."""
         if self.world == 1:
             return
         params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:  # a process may have had nothing to back-propagate this step
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         torch.distributed.all_reduce(flat)
         offset = 0
@@ -198,11 +196,13 @@ class SignalGuard:
 
 
 # ------------------------------------------------------------------------------------------------- run dirs
-def hold_lock(path: Path):
-    """An exclusive advisory lock for the lifetime of this process: two runs writing the same --out (a job
-    submitted twice) would corrupt each other's checkpoints and logs, so the second one stops at once."""
+def hold_lock(out: Path):
+    """An exclusive advisory lock on `out` (the file `.NAME.lock` beside it) for the lifetime of this process: two
+    runs writing the same --out (a job submitted twice) would corrupt each other's checkpoints and logs, so the
+    second one stops at once. Returns the open lock file."""
     import fcntl
 
+    path = out.parent / f".{out.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")
     try:
@@ -211,7 +211,7 @@ def hold_lock(path: Path):
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
-        raise UsageError(f"{path.parent / path.name[1:-5]}: another tsopsd run is writing it ({holder})") from None
+        raise UsageError(f"{out}: another tsopsd run is writing it ({holder})") from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()}")
@@ -239,7 +239,7 @@ class RunDir:
         check_out(self.out, overwrite)
         self.path = self.out.parent / f".{self.out.name}.partial"
         if dist.main:
-            self.lock = hold_lock(self.out.parent / f".{self.out.name}.lock")
+            self.lock = hold_lock(self.out)
             self._prepare(resume, restart, key)
         dist.barrier()
         if resume:
