@@ -56,3 +56,22 @@ def test_engine_paths_sample_the_same_tokens(tiny_ckpt):
     for a, b in zip(lean, ref):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
         assert a.entropies == pytest.approx(b.entropies, abs=1e-4)
+
+
+def test_dropping_finished_rows_changes_no_sample(toy_base):
+    """A trained toy model ends completions at different lengths, so the lean path compacts its batch mid-way;
+    every completion must still equal the transformers path's under per-row seeds."""
+    from tsopsd_cli.checkpoint import load_checkpoint
+    from tsopsd_cli.tasks import toy
+
+    ld = load_checkpoint(toy_base, device="cpu")
+    probs = toy.make_problems("test", 24, seed=3)
+    prompts = [ld.tokenizer(p.prompt)["input_ids"] for p in probs]
+    params = SamplingParams(num_generations=2, temperature=1.0, max_new_tokens=40, row_seeds=tuple(range(24)))
+    lean = HFEngine(ld.model, ld.tokenizer, batch_size=48).generate(prompts, params)
+    ref = HFEngine(ld.model, ld.tokenizer, batch_size=48, lean=False).generate(prompts, params)
+    lengths = sorted(len(c.token_ids) for c in lean)
+    assert lengths[len(lengths) // 2] < lengths[-1]  # half had finished before the longest: compaction happened
+    assert [c.token_ids for c in lean] == [c.token_ids for c in ref]
+    for a, b in zip(lean, ref):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4) and a.finish_reason == b.finish_reason
