@@ -176,12 +176,17 @@ def check_shape(shape: str, args) -> dict:
 
     out["diagnose"] = {}
     for name, fn in (("chunked", diag_chunked), ("naive", diag_naive)):
-        sec, mem = timed(fn, args.repeat)
-        out["diagnose"][name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem),
-                                 "TFLOP/s": round(2 * fwd / sec / 1e12, 1)}
+        try:
+            sec, mem = timed(fn, args.repeat)
+            out["diagnose"][name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem),
+                                     "TFLOP/s": round(2 * fwd / sec / 1e12, 1)}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            out["diagnose"][name] = {"error": "out of memory"}
     d = out["diagnose"]
-    d["memory_ratio"] = round(d["chunked"]["peak_extra_MiB"] / max(d["naive"]["peak_extra_MiB"], 1), 3)
-    d["speed_ratio"] = round(d["chunked"]["tokens_per_s"] / max(d["naive"]["tokens_per_s"], 1), 2)
+    if "error" not in d["chunked"] and "error" not in d["naive"]:
+        d["memory_ratio"] = round(d["chunked"]["peak_extra_MiB"] / max(d["naive"]["peak_extra_MiB"], 1), 3)
+        d["speed_ratio"] = round(d["chunked"]["tokens_per_s"] / max(d["naive"]["tokens_per_s"], 1), 2)
 
     # ---- reheat and rl training steps
     student.train()
