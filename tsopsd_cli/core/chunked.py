@@ -48,8 +48,8 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Logits outside the smallest set of tokens whose probability reaches `top_p` set to -inf (1.0: unchanged).
-    [c, V] -> [c, V]"""
+    """Logits outside the smallest set of tokens whose probability reaches `top_p` set to -inf (1.0: unchanged);
+    the nucleus of top-p sampling and of a truncated teacher.  [c, V] -> [c, V]"""
     if top_p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
