@@ -113,3 +113,42 @@ def trl_step_timer(times: list[float]):
             times.append(time.perf_counter() - self.t0)
 
     return Timer()
+
+
+def memory_args(doc: str, chunk_size: int):
+    """The shared command line of the naive-vs-chunked memory benchmarks."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=chunk_size)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arm", choices=["chunked", "naive"], help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def tiny_qwen3_batch(args, models: int = 1):
+    """([model, ...], packed batch) for an arm: `models` seeded random Qwen3s of the benchmark's width, depth and
+    vocabulary, all with the first one's weights, and `args.seqs` random sequences of 16 prompt + tokens/seqs
+    completion tokens, on `args.device`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tsopsd_cli.modeling import pack
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
+                      intermediate_size=args.hidden * 3, max_position_embeddings=4096, tie_word_embeddings=False)
+    built = [Qwen3ForCausalLM(cfg).to(dev) for _ in range(models)]
+    for m in built[1:]:
+        m.load_state_dict(built[0].state_dict())
+    seq_len = args.tokens // args.seqs
+    seqs = [(torch.randint(0, args.vocab, (16,)).tolist(), torch.randint(0, args.vocab, (seq_len,)).tolist())
+            for _ in range(args.seqs)]
+    return built, pack(seqs, 0, dev)

@@ -12,36 +12,26 @@ Target (issue 5): at least 3x less peak memory and no slower.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _arms import baseline_mb, peak_extra_mb, run_arms  # noqa: E402
+from _arms import baseline_mb, memory_args, peak_extra_mb, run_arms, tiny_qwen3_batch  # noqa: E402
 
 
 def arm(name: str, args) -> dict:
     import torch
     import torch.nn.functional as F
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from tsopsd_cli.core.chunked import token_divergence
-    from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+    from tsopsd_cli.modeling import completion_hidden, decoder_and_head
 
-    torch.manual_seed(0)
-    dev = torch.device(args.device)
-    cfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
-                      intermediate_size=args.hidden * 3, max_position_embeddings=4096, tie_word_embeddings=False)
-    student = Qwen3ForCausalLM(cfg).to(dev).train()
-    teacher = Qwen3ForCausalLM(cfg).to(dev).eval().requires_grad_(False)
-    teacher.load_state_dict(student.state_dict())
-    seq_len = args.tokens // args.seqs
-    seqs = [(torch.randint(0, args.vocab, (16,)).tolist(), torch.randint(0, args.vocab, (seq_len,)).tolist())
-            for _ in range(args.seqs)]
-    batch = pack(seqs, 0, dev)
+    (student, teacher), batch = tiny_qwen3_batch(args, models=2)
+    student.train()
+    teacher.eval().requires_grad_(False)
+    dev = batch.input_ids.device
     tau = 1.6
     base = baseline_mb(torch, dev)
     t0 = time.perf_counter()
@@ -70,16 +60,7 @@ def arm(name: str, args) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", type=int, default=151_936)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--seqs", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--chunk-size", type=int, default=512)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--arm", choices=["chunked", "naive"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = memory_args(__doc__, chunk_size=512)
     if args.arm:
         print(json.dumps(arm(args.arm, args)))
         return 0

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, data_flags, is_main_process, model_flags, print_json,
-                                   progress_for, resolve, stdout_console)
-from tsopsd_cli.cli.rl import RestartOpt, ResumeOpt
+                                   RemoteOpt, SetOpt, data_flags, model_flags, resolve, stdout_console)
+from tsopsd_cli.cli.rl import (DataOpt, LrOpt, MaxStepsOpt, RestartOpt, ResumeOpt, SeedOpt, TrainOutOpt,
+                               run_training)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
           "(exact baseline: tsopsd reheat ./collapsed --method fold --temp 1.6 --out ./folded)")
@@ -18,19 +17,16 @@ EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./ho
 
 def reheat(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to reheat.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.", rich_help_panel="Output")],
+    out: TrainOutOpt,
     temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature tau (default 1.6).")] = None,
     method: Annotated[Optional[str], typer.Option(help="ts-opsd (default) or fold.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="frozen (default) or live.")] = None,
     divergence: Annotated[Optional[str], typer.Option(help="forward_kl (default), reverse_kl or jsd.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    data: DataOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     target_entropy: Annotated[Optional[float], typer.Option(help="Stop at this student entropy (nats).")] = None,
     target_entropy_ratio: Annotated[Optional[float], typer.Option(help="Stop at this fraction of the teacher's "
                                                                         "entropy.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")] = None,
-    resume: ResumeOpt = False, restart: RestartOpt = False,
+    seed: SeedOpt = None, resume: ResumeOpt = False, restart: RestartOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
     overwrite: OverwriteOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -49,13 +45,8 @@ def reheat(
     rec = resolve("reheat", recipe, set_, flags)
     from tsopsd_cli.runners.reheat import run_reheat
 
-    main_process = is_main_process()
-    report = run_reheat(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
-                        restart=restart)
-    if not main_process:
-        return 0
-    if json_out:
-        print_json(report)
+    report = run_training(run_reheat, rec, checkpoint, json_out, quiet, resume, restart)
+    if report is None:
         return 0
     con = stdout_console()
     if report["method"] == "fold":

@@ -18,21 +18,39 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the unfinish
                                          "checkpoint.", rich_help_panel="Output")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard an unfinished run of --out.",
                                           rich_help_panel="Output")]
+# Options every training command (rl, reheat) has
+TrainOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.",
+                                           rich_help_panel="Output")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Training steps.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")]
+
+
+def run_training(run_fn, rec, checkpoint: str, json_out: bool, quiet: bool, resume: bool,
+                 restart: bool) -> dict | None:
+    """Run rl or reheat; the report when it is this process's to print as a table, else None (another process
+    than the main one, which reports nothing, or --json, printed here)."""
+    main_process = is_main_process()
+    report = run_fn(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
+                    restart=restart)
+    if not main_process:
+        return None  # with several processes only the main one reports
+    if json_out:
+        print_json(report)
+        return None
+    return report
 
 
 def rl(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to continue from.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.", rich_help_panel="Output")],
-    data: Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    out: TrainOutOpt, data: DataOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     prompts_per_step: Annotated[Optional[int], typer.Option(help="Prompts (groups) per step.")] = None,
     num_generations: Annotated[Optional[int], typer.Option(help="Completions per prompt (group size).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Rollout temperature (> 1: rollout-level "
                                                                  "reheating).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")] = None,
-    resume: ResumeOpt = False, restart: RestartOpt = False,
+    seed: SeedOpt = None, resume: ResumeOpt = False, restart: RestartOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
     overwrite: OverwriteOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -51,14 +69,8 @@ def rl(
     rec = resolve("rl", recipe, set_, flags)
     from tsopsd_cli.runners.rl import run_rl
 
-    main_process = is_main_process()
-    report = run_rl(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
-                    restart=restart)
-    if not main_process:
-        return 0  # with several processes only the main one reports
-    if json_out:
-        print_json(report)
-    else:
+    report = run_training(run_rl, rec, checkpoint, json_out, quiet, resume, restart)
+    if report is not None:
         render_training(report, "rl")
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from tsopsd_cli.errors import OutputExistsError, UsageError
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import DemoRecipe, recipe_to_yaml
-from tsopsd_cli.report import json_safe
+from tsopsd_cli.report import json_safe, pyplot
 
 ARM_TITLES = {"continued-rl": "continued RL (rollout T = 1)", "rollout-temperature": "rollout temperature tau",
               "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / tau), then RL"}
@@ -240,12 +240,8 @@ def markdown(s: dict) -> str:
 
 
 def plot(s: dict, out: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     files = []
     for key, ylabel, fname in (("entropy", "token entropy (nats)", "entropy.png"),

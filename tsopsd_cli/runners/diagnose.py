@@ -21,7 +21,7 @@ from tsopsd_cli.core.representation import LayerSimilarity
 from tsopsd_cli.errors import CheckpointError, DataError
 from tsopsd_cli.modeling import check_head_matches, completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
-from tsopsd_cli.report import json_safe
+from tsopsd_cli.report import json_safe, pyplot
 from tsopsd_cli.recipe import DiagnoseRecipe, recipe_to_yaml
 
 
@@ -205,12 +205,8 @@ def write_outputs(directory: Path, report: dict, st: S.TokenStats, positions: to
 
 
 def write_plots(directory: Path, report: dict) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     files = []
     fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -30,7 +30,7 @@ import torch
 
 from tsopsd_cli.checkpoint import atomic_dir, check_out, move_into_place, write_checkpoint
 from tsopsd_cli.errors import Interrupted, NonFiniteError, OutputExistsError, UsageError
-from tsopsd_cli.report import json_safe
+from tsopsd_cli.report import json_safe, pyplot
 
 STATE_FILE = "state.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -384,12 +384,8 @@ def now() -> float:
 
 def plot_curves(rows: list[dict], keys: list[tuple[str, str]], path: Path) -> bool:
     """One PNG with a panel per (key, label) over steps; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
     axes = axes if len(keys) > 1 else [axes]
