@@ -7,6 +7,9 @@ Random-initialised weights (nothing is downloaded), vocabulary 151,936, one CUDA
 - `matmul`: the card's measured dense bf16 matmul rate (8192^3, the reference for TFLOP/s below);
 - `lean_decode`: the rollout engine's plain-torch decode path vs the transformers forward (max logit difference
   and tokens/s for 32 prompts x 64 new tokens);
+- `lean_train`: the training forward + backward with shared prompts (tsopsd_cli.lean.shared_prefix_hidden,
+  the sequences as groups of 4 completions per prompt) vs the transformers forward on the same sequences (max
+  hidden-state difference, tokens/s);
 - `diagnose`: the chunked statistics pass (forward, entropy/top-k/KL-to-reference per token) vs naive full logits;
 - `reheat`: one TS-OPSD training step (student forward + backward, frozen-teacher forward, forward KL to
   teacher/1.6 over the full vocabulary, AdamW step) — chunked (tsopsd) vs naive [B, L, V] logits;
@@ -107,7 +110,7 @@ def check_shape(shape: str, args) -> dict:
     from tsopsd_cli.core import grpo
     from tsopsd_cli.core.chunked import token_divergence, token_logps
     from tsopsd_cli.core.stats import chunked_token_stats, logits_token_stats
-    from tsopsd_cli.engines.lean import LeanDecoder
+    from tsopsd_cli.lean import LeanDecoder, shared_prefix_hidden
     from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 
     out: dict = {"shape": shape}
@@ -158,6 +161,28 @@ def check_shape(shape: str, args) -> dict:
     out["lean_decode"] = {"max_abs_logit_diff": round(diff, 4), "logit_scale": round(scale, 2),
                           "lean_tokens_per_s": round(32 * 64 / t_lean), "hf_tokens_per_s": round(32 * 64 / t_hf),
                           "speedup": round(t_hf / t_lean, 2)}
+
+    # ---- lean training forward (GRPO-like groups share their prompt) vs transformers, forward + backward
+    grouped = [(seqs[k - k % 4][0], c) for k, (_, c) in enumerate(seqs)]
+    gbatch = pack(grouped, 0, DEV)
+    student.train()
+    with torch.no_grad():
+        diff = float((shared_prefix_hidden(student, grouped).float()
+                      - completion_hidden(student, gbatch)[0].float()).abs().max())
+
+    def train_lean():
+        shared_prefix_hidden(student, grouped).float().square().mean().backward()
+        student.zero_grad(set_to_none=True)
+
+    def train_hf():
+        completion_hidden(student, gbatch)[0].float().square().mean().backward()
+        student.zero_grad(set_to_none=True)
+
+    t_lean, _ = timed(train_lean, args.repeat)
+    t_hf, _ = timed(train_hf, args.repeat)
+    out["lean_train"] = {"max_abs_hidden_diff": round(diff, 4), "lean_tokens_per_s": round(n / t_lean),
+                         "hf_tokens_per_s": round(n / t_hf), "speedup": round(t_hf / t_lean, 2)}
+    student.eval()
 
     # ---- diagnose: chunked statistics pass vs naive full logits (no grad)
     def diag_chunked():
@@ -292,6 +317,10 @@ def main() -> int:
         print(f"lean decode: max |logit diff| vs transformers {ld['max_abs_logit_diff']} (logits up to "
               f"{ld['logit_scale']}); {ld['lean_tokens_per_s']} vs {ld['hf_tokens_per_s']} tokens/s "
               f"({ld['speedup']}x)")
+        lt = r["lean_train"]
+        print(f"lean train (groups of 4 sharing a prompt, forward + backward): max |hidden diff| vs transformers "
+              f"{lt['max_abs_hidden_diff']}; {lt['lean_tokens_per_s']} vs {lt['hf_tokens_per_s']} tokens/s "
+              f"({lt['speedup']}x)")
         for key in ("diagnose", "reheat", "rl"):
             for arm in ("chunked", "naive"):
                 print(f"{key:9s}{arm:8s} {json.dumps(r[key][arm])}")

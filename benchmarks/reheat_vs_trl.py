@@ -2,7 +2,7 @@
 
     pip install trl==1.16.0   # not a tsopsd dependency
     tsopsd toy init --out runs/toy-base
-    python benchmarks/reheat_vs_trl.py --checkpoint runs/toy-base [--steps 6]
+    python benchmarks/reheat_vs_trl.py --checkpoint runs/toy-base [--steps 6] [--rounds 3]
 
 The same objective on both sides: on-policy (the student samples its own completions at temperature 1), forward
 KL(teacher || student) over the full vocabulary on completion tokens, teacher = the input checkpoint at tau = 1.6.
@@ -11,7 +11,7 @@ the input checkpoint with the temperature folded into its weights (`tsopsd rehea
 its logits are the input's logits / 1.6). tsopsd side: `tsopsd reheat` with the frozen teacher at temp 1.6.
 Both: 16 prompts x 4 completions per step, at most 48 new tokens, one optimiser step per batch, lr 1e-5, CPU,
 float32, hf generation. The first step of each side is a warm-up and is not timed; each side runs in a fresh
-subprocess. Target (issue 5): tsopsd at most 0.5x TRL's time per step.
+subprocess, `--rounds` times, alternating. Target (issue 5): tsopsd at most 0.5x TRL's time per step.
 """
 
 from __future__ import annotations

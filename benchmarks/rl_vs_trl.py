@@ -2,12 +2,13 @@
 
     pip install trl==1.16.0   # not a tsopsd dependency
     tsopsd toy init --out runs/toy-base
-    python benchmarks/rl_vs_trl.py --checkpoint runs/toy-base [--steps 6]
+    python benchmarks/rl_vs_trl.py --checkpoint runs/toy-base [--steps 6] [--rounds 3]
 
 Both sides: the same checkpoint, the same toy train prompts, 16 prompts x 8 completions per step, at most 48 new
 tokens, temperature 1, top-k/top-p off, one optimiser step per rollout batch, lr 1e-5, clip 0.2/0.28, token-mean
-loss (TRL: loss_type "dapo"), no KL, rewards from the same grader, hf generation (no vLLM), CPU, float32. The first
-step of each side is a warm-up and is not timed. Each side runs in a fresh subprocess.
+loss (TRL: loss_type "dapo"), no KL, rewards from the same grader (2 worker processes), hf generation (no vLLM),
+CPU, float32. The first step of each side is a warm-up and is not timed. Each side runs in a fresh subprocess,
+`--rounds` times, alternating.
 Target (issue 4): tsopsd at most 0.5x TRL's time per step.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _arms import timed_steps, trl_step_timer, tsopsd_vs_trl  # noqa: E402
 
-PROMPTS, GENERATIONS, MAX_NEW, LR = 16, 8, 48, 1e-5
+PROMPTS, GENERATIONS, MAX_NEW, LR, GRADER_WORKERS = 16, 8, 48, 1e-5, 2
 
 
 def toy_rows(n: int):
@@ -37,7 +38,8 @@ def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
         f"rollout.num_generations={GENERATIONS}", f"rollout.max_new_tokens={MAX_NEW}", "rollout.batch_size=128",
         f"optim.lr={LR}", "grpo.epsilon=0.2", "grpo.epsilon_high=0.28", "grpo.loss_aggregation=token-mean",
         "train.micro_batch_size=64", f"train.max_steps={steps + 1}", "train.save_every=0",
-        "validation.enabled=false", "model.device=cpu", "output.plots=false"]))
+        "validation.enabled=false", "model.device=cpu", "output.plots=false",
+        f"grpo.grader_workers={GRADER_WORKERS}"]))
     return timed_steps(RLRunner(recipe, ckpt), steps)
 
 
@@ -48,7 +50,7 @@ def run_trl(ckpt: str, steps: int, out: Path) -> dict:
 
     from tsopsd_cli.tasks.grading import Grader
 
-    grader = Grader(workers=1, timeout=5.0)
+    grader = Grader(workers=GRADER_WORKERS, timeout=5.0)
 
     def correct(completions, answer, **_):
         return [1.0 if g.correct else 0.0 for g in grader.grade_many(list(zip(completions, answer)))]

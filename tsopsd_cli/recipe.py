@@ -34,6 +34,10 @@ class ModelSection(Section):
     allow_pickle: bool = Field(False, description="Accept pickle (.bin/.pt) weights. Off: safetensors only.")
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; None lets transformers choose.")
+    lean: bool = Field(True, description="For Qwen3/Qwen2/Llama checkpoints, run the model as plain torch ops "
+                       "(tsopsd_cli/lean.py): rollouts decode with a preallocated KV cache, and training forwards "
+                       "run each distinct prompt of a micro-batch once. Exact up to float rounding; false (or any "
+                       "other architecture): the transformers forward.")
 
     @field_validator("device")
     @classmethod
@@ -319,6 +323,8 @@ class GRPOSection(Section):
     reward: str = Field("math", description="math: 1 if the graded answer is correct, else 0; or "
                         "'module:function' taking (completions, answers) and returning floats.")
     grader_timeout: float = Field(5.0, gt=0, description="Seconds per graded answer.")
+    grader_workers: PositiveInt = Field(2, description="Processes grading the answers the fast path cannot decide "
+                                        "(math-verify); they run while the trainer waits for the rewards.")
 
     @model_validator(mode="after")
     def _one_cov_method(self):

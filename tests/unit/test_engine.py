@@ -77,3 +77,33 @@ def test_gumbel_row_sampling_matches_the_softmax_distribution():
     picks = (logits - torch.log(-torch.log(u))).argmax(-1)
     freq = torch.bincount(picks, minlength=3).float() / len(gens)
     torch.testing.assert_close(freq, logits.softmax(-1), atol=0.015, rtol=0)
+
+
+def test_counter_uniform_is_uniform_and_depends_only_on_seed_step_and_column():
+    from tsopsd_cli.engines.hf import counter_uniform
+
+    seeds = torch.tensor([3, -7, 2**62 + 5, 3], dtype=torch.int64)
+    u = counter_uniform(seeds, 4, 50_000)
+    assert u.shape == (4, 50_000) and u.dtype == torch.float64
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert torch.equal(u[0], u[3])  # the same seed, the same numbers, whatever else is in the batch
+    assert torch.equal(counter_uniform(seeds[1:2], 4, 50_000)[0], u[1])
+    assert not torch.equal(u[0], counter_uniform(seeds, 5, 50_000)[0])  # another step, other numbers
+    for row in u[:3]:
+        assert abs(float(row.mean()) - 0.5) < 0.005 and abs(float(row.var()) - 1 / 12) < 0.002
+        counts = torch.histc(row, bins=20, min=0, max=1)
+        chi2 = float(((counts - 2500) ** 2 / 2500).sum())
+        assert chi2 < 45  # 19 degrees of freedom: p ~ 0.001
+    assert abs(float(torch.corrcoef(u[:3])[0, 1])) < 0.02
+
+
+def test_gumbel_max_with_row_seeds_samples_the_softmax():
+    from tsopsd_cli.engines.hf import counter_uniform
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    n = 40_000
+    u = counter_uniform(torch.arange(n, dtype=torch.int64) * 1_000_003, 0, 5)
+    picks = (probs.log().double() - (-u.log()).log()).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).double() / n
+    chi2 = float(n * ((freq - probs.double()) ** 2 / probs.double()).sum())
+    assert chi2 < 18.5  # 4 degrees of freedom: p ~ 0.001

@@ -1,22 +1,44 @@
-"""The lean decode path (engines.lean) computes what the transformers forward computes."""
+"""The lean paths (tsopsd_cli.lean) compute what the transformers forward computes: decoding, and the training
+forward with shared prompts (values and gradients)."""
 
 import pytest
 import torch
 
 from tsopsd_cli.engines import SamplingParams
 from tsopsd_cli.engines.hf import HFEngine
-from tsopsd_cli.engines.lean import LeanDecoder, supports
+from tsopsd_cli.lean import LeanDecoder, shared_prefix_hidden, supports
+from tsopsd_cli.modeling import completion_hidden, pack
 
 
 def _model(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     torch.manual_seed(0)
     common = dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, max_position_embeddings=128, pad_token_id=0)
     if kind == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common)).eval()
-    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    elif kind == "qwen2":  # biases on q/k/v
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    with torch.no_grad():  # norms away from 1, so that a misplaced norm weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def _seqs(g: torch.Generator):
+    """Sequences as GRPO makes them: prompts of different lengths, each with several completions of different
+    lengths (one of a single token), the groups interleaved; the pad id (0) is sampled too, as a real token."""
+    prompts = [torch.randint(1, 101, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    out = []
+    for k, n in enumerate((7, 1, 12, 4, 9, 3, 6)):
+        out.append((prompts[k % 3], torch.randint(1, 101, (n,), generator=g).tolist()))
+    out[0][1][2] = out[2][1][5] = 0
+    return out
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
@@ -75,3 +97,64 @@ def test_dropping_finished_rows_changes_no_sample(toy_base):
     assert [c.token_ids for c in lean] == [c.token_ids for c in ref]
     for a, b in zip(lean, ref):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4) and a.finish_reason == b.finish_reason
+
+
+def _grads(model, hidden):
+    params = [p for p in model.model.parameters() if p.requires_grad]  # the LM head takes no part
+    weights = torch.linspace(-1, 1, hidden.numel(), dtype=hidden.dtype).view_as(hidden)
+    return torch.autograd.grad((hidden * weights).sum(), params)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
+def test_shared_prefix_forward_matches_transformers_values_and_gradients(kind):
+    model = _model(kind).double()
+    assert supports(model)
+    seqs = _seqs(torch.Generator().manual_seed(2))
+    want = completion_hidden(model, pack(seqs, 0, "cpu"))[0]
+    got = shared_prefix_hidden(model, seqs)
+    assert got.shape == want.shape == (sum(len(c) for _, c in seqs), 64)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    # RMSNorm takes its statistics in float32 even in a float64 model (as transformers does), so gradients
+    # summed in another order (a shared prompt gathers its completions' gradients) agree to float32 rounding
+    lean_grads = _grads(model, got)
+    for a, b in zip(lean_grads, _grads(model, want)):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+    ckpt = shared_prefix_hidden(model, seqs, checkpoint_layers=True)  # recomputed layers: the same gradients
+    for a, b in zip(_grads(model, ckpt), lean_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_shared_prefix_forward_with_single_token_completions_and_float32():
+    model = _model("qwen3")
+    g = torch.Generator().manual_seed(3)
+    seqs = [([4, 5, 6], [7]), ([4, 5, 6], [9]), ([8], [3])]  # nothing to feed past the prompts
+    torch.testing.assert_close(shared_prefix_hidden(model, seqs), completion_hidden(model, pack(seqs, 0, "cpu"))[0],
+                               atol=1e-5, rtol=1e-4)
+    seqs = _seqs(g)
+    torch.testing.assert_close(shared_prefix_hidden(model, seqs), completion_hidden(model, pack(seqs, 0, "cpu"))[0],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_training_forward_follows_model_lean(tiny_ckpt, tmp_path):
+    """rl with model.lean on and off: the same losses and weights after a step, up to float rounding."""
+    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.runners.rl import RLRunner
+
+    params, batch, calls = [], None, []  # calls: (loss, gradient norm)
+    for lean in (True, False):
+        r = build_recipe("rl", None, parse_set_options([
+            "data.num_prompts=8", "grpo.prompts_per_step=2", "rollout.num_generations=4",
+            "rollout.max_new_tokens=10", "validation.enabled=false", "optim.lr=1e-3", "train.max_steps=1",
+            "optim.eps=1.0",  # Adam's first step is then ~ lr * gradient, not lr * sign(gradient)
+            "grpo.reward=tests.rewards:even_length", f"model.lean={str(lean).lower()}",
+            f"output.out={tmp_path / str(lean)}"]))
+        run = RLRunner(r, str(tiny_ckpt))
+        run.setup()
+        assert run.engine.lean is lean
+        batch = batch or run.rollout()
+        m = run.train_on(batch)
+        calls.append((m["loss"], m["grad_norm"]))
+        params.append(torch.cat([p.detach().flatten() for p in run.model.parameters()]))
+        run.close()
+    assert calls[0] == pytest.approx(calls[1], rel=1e-4, abs=1e-7)
+    torch.testing.assert_close(params[0], params[1], atol=1e-7, rtol=1e-5)

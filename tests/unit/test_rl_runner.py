@@ -10,6 +10,9 @@ from tsopsd_cli.tasks.grading import Grader
 
 BASE = ["data.num_prompts=64", "grpo.prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=12",
         "validation.enabled=false", "optim.lr=1e-3", "train.max_steps=2", "grpo.reward=tests.rewards:even_length"]
+# Adam's early steps are ~ lr * sign(gradient): a gradient that is 0 up to rounding one way and 1e-12 the other
+# would move a weight by lr. With eps = 1 the step is ~ lr * gradient, so rounding-level differences stay small.
+ADAM_LINEAR = "optim.eps=1.0"
 
 
 def runner(ckpt, tmp_path, name, *extra):
@@ -37,7 +40,7 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_ckpt, tmp_path):
     batch = None
     for name, mbs in (("one", 8), ("eight", 1)):
         run = runner(tiny_ckpt, tmp_path, name, f"train.micro_batch_size={mbs}", "grpo.prompts_per_step=2",
-                     "optim.max_grad_norm=null")
+                     "optim.max_grad_norm=null", ADAM_LINEAR)
         with Grader(workers=1) as g:
             run.grader = g
             batch = batch or run.rollout()  # the same rollout batch for both
@@ -52,7 +55,7 @@ def test_leaving_out_zero_advantage_rows_changes_nothing(tiny_ckpt, tmp_path, mo
     batch = None
     for name, skip in (("skip", True), ("all", False)):
         run = runner(tiny_ckpt, tmp_path, name, "train.micro_batch_size=3", "grpo.prompts_per_step=4",
-                     "grpo.mini_batches=2", "grpo.ppo_epochs=2", "optim.max_grad_norm=null")
+                     "grpo.mini_batches=2", "grpo.ppo_epochs=2", "optim.max_grad_norm=null", ADAM_LINEAR)
         monkeypatch.setattr(RLRunner, "skips_zero_advantage", lambda self, s=skip: s)
         with Grader(workers=1) as g:
             run.grader = g

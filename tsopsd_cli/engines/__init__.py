@@ -5,11 +5,11 @@ from __future__ import annotations
 from tsopsd_cli.engines.base import Completion, Engine, SamplingParams, encode_prompts
 
 
-def make_engine(name: str, model, tokenizer, batch_size: int = 64) -> Engine:
+def make_engine(name: str, model, tokenizer, batch_size: int = 64, lean: bool = True) -> Engine:
     if name == "hf":
         from tsopsd_cli.engines.hf import HFEngine
 
-        return HFEngine(model, tokenizer, batch_size=batch_size)
+        return HFEngine(model, tokenizer, batch_size=batch_size, lean=lean)
     raise ValueError(f"unknown engine {name!r}")
 
 

@@ -13,6 +13,34 @@ from tsopsd_cli.core.chunked import nucleus
 from tsopsd_cli.engines.base import Completion, SamplingParams
 
 
+_M64 = 2**64
+
+
+def _i64(x: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return x - _M64 if x >= 2**63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int, n: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1) that depend only on (seed, step, column): splitmix64 of a counter, all rows and
+    columns in a handful of integer ops (one generator object per row costs a kernel launch per row and step).
+    seeds: [R] int64 -> [R, n] float64"""
+    col = torch.arange(n, device=seeds.device, dtype=torch.int64)
+    z = seeds[:, None] + (step * n + col + 1)[None, :] * _GOLDEN  # int64 arithmetic wraps modulo 2**64
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 11).double() + 0.5) * 2.0**-53
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask logits outside the top-k / nucleus sets with -inf.  logits: [B, V] -> [B, V]"""
     if top_k and top_k < logits.shape[-1]:
@@ -25,13 +53,13 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True):
-        from tsopsd_cli.engines import lean as lean_mod
+        from tsopsd_cli import lean as lean_mod
 
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        # The plain-torch decode path (engines.lean) for architectures it reproduces exactly; else transformers.
+        # The plain-torch decode path (tsopsd_cli.lean) for architectures it reproduces exactly; else transformers.
         self.lean = lean and lean_mod.supports(model)
 
     @torch.no_grad()
@@ -45,12 +73,12 @@ class HFEngine:
         try:
             for s in range(0, len(jobs), self.batch_size):
                 batch = jobs[s:s + self.batch_size]
-                row_gens = None
-                if params.row_seeds is not None:
-                    row_gens = [torch.Generator(device=self.device).manual_seed(
-                        (params.row_seeds[i] * 1_000_003 + j) % (2**63 - 1)) for i, j in batch]
+                seeds = None
+                if params.row_seeds is not None:  # the stream of completion (i, j): (row_seeds[i], j) alone
+                    seeds = torch.tensor([_i64((params.row_seeds[i] * 1_000_003 + j) % _M64) for i, j in batch],
+                                         dtype=torch.int64, device=self.device)
                 out.extend(self._generate_batch([prompt_ids[i] for i, _ in batch], batch, params,
-                                                gen if row_gens is None else row_gens))
+                                                gen if seeds is None else seeds))
                 if progress is not None:
                     progress(len(batch))
         finally:
@@ -77,7 +105,7 @@ class HFEngine:
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         stopped_by_string = [False] * bsz
         if self.lean:
-            from tsopsd_cli.engines.lean import LeanDecoder
+            from tsopsd_cli.lean import LeanDecoder
 
             decoder = LeanDecoder(self.model)
             logits = decoder.prefill(input_ids, mask, steps)
@@ -92,9 +120,9 @@ class HFEngine:
             scaled = logits.float() / params.temperature  # [R, V]
             logp = scaled.log_softmax(-1)
             filtered = filter_logits(scaled, params.top_k, params.top_p)
-            if isinstance(gen, list):  # Gumbel-max with one generator per row: argmax(logits + Gumbel) ~ softmax
-                u = torch.stack([torch.rand(filtered.shape[-1], generator=gen[r], device=dev) for r in rows.tolist()])
-                nxt = (filtered - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # [R]
+            if isinstance(gen, torch.Tensor):  # per-row seeds, Gumbel-max: argmax(logits + Gumbel) ~ softmax
+                u = counter_uniform(gen[rows], t, filtered.shape[-1])  # [R, V]
+                nxt = (filtered - (-u.log()).log().to(filtered.dtype)).argmax(-1)  # [R]
             else:
                 nxt = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)  # [R]
             nxt = torch.where(done[rows], torch.full_like(nxt, pad), nxt)

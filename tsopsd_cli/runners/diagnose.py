@@ -58,7 +58,8 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
 
     problems = load_problems(recipe.data)
     params = sampling_params(recipe.rollout)
-    engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size)
+    engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size,
+                         recipe.model.lean)
     with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
         comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
                                 progress=advance)

@@ -58,7 +58,7 @@ def open_engine(recipe: EvalRecipe, checkpoint: str):
         return engine, tok, fingerprint(checkpoint)
     ld = load_checkpoint(checkpoint, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code,
                          allow_pickle=m.allow_pickle, attn_implementation=m.attn_implementation)
-    return make_engine("hf", ld.model, ld.tokenizer, ro.batch_size), ld.tokenizer, ld.fingerprint
+    return make_engine("hf", ld.model, ld.tokenizer, ro.batch_size, m.lean), ld.tokenizer, ld.fingerprint
 
 
 def run_key(recipe: EvalRecipe, fp: str) -> str:

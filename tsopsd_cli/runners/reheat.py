@@ -110,7 +110,7 @@ class ReheatRunner(TrainingRun):
 
     def setup_method(self) -> None:
         self.input_model = self.frozen(self.checkpoint)  # the frozen teacher, and the "input" of the metrics
-        self.engine = HFEngine(self.model, self.tok, batch_size=self.r.rollout.batch_size)
+        self.engine = HFEngine(self.model, self.tok, batch_size=self.r.rollout.batch_size, lean=self.r.model.lean)
         self.before = self.summary_pass(self.input_model) if self.dist.main and self.step == 0 else None
 
     def rollout(self):
@@ -189,7 +189,7 @@ class ReheatRunner(TrainingRun):
             name = v.benchmarks[0]
             problems = load_benchmark(name, v.data_dir, template_text(v.prompt_template),
                                       self.r.reheat.report_prompts, toy_num=self.r.reheat.report_prompts)
-            eng = HFEngine(self.input_model, self.tok, batch_size=128)
+            eng = HFEngine(self.input_model, self.tok, batch_size=128, lean=self.r.model.lean)
             comps = eng.generate(encode_prompts(self.tok, [p.prompt for p in problems]), SamplingParams(
                 num_generations=2, temperature=1.0, max_new_tokens=v.max_new_tokens,
                 row_seeds=tuple(range(len(problems)))))

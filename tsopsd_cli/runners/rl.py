@@ -78,8 +78,8 @@ class RLRunner(TrainingRun):
     def setup_method(self) -> None:
         self.reward_fn = load_reward(self.r.grpo.reward)
         self.ref = self.frozen(self.checkpoint) if self.r.grpo.beta > 0 else None
-        self.engine = HFEngine(self.model, self.tok, batch_size=self.r.rollout.batch_size)
-        self.grader = Grader(workers=1, timeout=self.r.grpo.grader_timeout)
+        self.engine = HFEngine(self.model, self.tok, batch_size=self.r.rollout.batch_size, lean=self.r.model.lean)
+        self.grader = Grader(workers=self.r.grpo.grader_workers, timeout=self.r.grpo.grader_timeout)
 
     def close(self) -> None:
         if hasattr(self, "grader"):

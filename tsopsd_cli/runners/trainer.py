@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from tsopsd_cli import lean
 from tsopsd_cli.checkpoint import fingerprint, inspect_checkpoint, load_checkpoint, provenance
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.errors import DataError, RecipeError
@@ -115,7 +116,9 @@ class TrainingRun:
         self.sched = T.build_scheduler(self.opt, r.optim, r.train.max_steps)
         self.gen = torch.Generator().manual_seed(r.train.seed)
         self.step = 0
-        self.validator = Validator(r.validation, self.tok) if (r.validation.enabled and self.dist.main) else None
+        self.validator = None
+        if r.validation.enabled and self.dist.main:
+            self.validator = Validator(r.validation, self.tok, lean=r.model.lean)
         self.history: list[dict] = []
         if self.run.resumed_from is not None:
             st = self.run.load_trainer_state(self.run.resumed_from)
@@ -166,7 +169,11 @@ class TrainingRun:
         """(final hidden states at completion positions [N, D], LM-head weight [V, D], PackedBatch)."""
         pb = pack(seqs, self.tok.pad_token_id, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            hidden, _ = completion_hidden(model, pb)
+            if self.r.model.lean and lean.supports(model):
+                ckpt = self.r.train.gradient_checkpointing and model is self.model
+                hidden = lean.shared_prefix_hidden(model, seqs, checkpoint_layers=ckpt)
+            else:
+                hidden, _ = completion_hidden(model, pb)
         return hidden, decoder_and_head(model)[1].weight, pb
 
     def forward_logps(self, model, seqs, temperature: float, with_entropy: bool):

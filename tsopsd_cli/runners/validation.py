@@ -13,7 +13,7 @@ from tsopsd_cli.tasks.grading import Grader, normalize
 
 
 class Validator:
-    def __init__(self, section, tokenizer, grader_timeout: float = 5.0, batch_size: int = 128):
+    def __init__(self, section, tokenizer, grader_timeout: float = 5.0, batch_size: int = 128, lean: bool = True):
         template = template_text(section.prompt_template)
         self.sets = {name: load_benchmark(name, section.data_dir, template, section.limit,
                                           toy_num=section.limit or 200, toy_seed=0) for name in section.benchmarks}
@@ -21,12 +21,13 @@ class Validator:
         self.section = section
         self.grader_timeout = grader_timeout
         self.batch_size = batch_size
+        self.lean = lean
 
     @torch.no_grad()
     def run(self, model) -> dict:
         """{'accuracy', 'pass@k', 'entropy', 'mean_length', per-benchmark 'benchmarks'} (macro over benchmarks)."""
         v = self.section
-        engine = HFEngine(model, self.tokenizer, batch_size=self.batch_size)
+        engine = HFEngine(model, self.tokenizer, batch_size=self.batch_size, lean=self.lean)
         per = {}
         with Grader(workers=1, timeout=self.grader_timeout) as grader:
             for name, problems in self.sets.items():

@@ -1,0 +1,279 @@
+"""A lean forward for Llama-family decoders (Qwen3, Qwen2, Llama), in plain torch, for the two hot paths:
+
+- `LeanDecoder`: token-by-token sampling with a preallocated KV cache (the rollout engine). Through transformers
+  each decode call walks the module tree, builds masks and cache objects and grows the cache by concatenation;
+  for small models and on CPU that overhead, not arithmetic, is most of the rollout time.
+- `shared_prefix_hidden`: the training forward over (prompt, completion) sequences. GRPO groups and TS-OPSD
+  rollouts repeat each prompt once per completion; here every distinct prompt goes through the model once and
+  the completions attend to its keys and values, so prompt tokens cost one forward (and one backward) per group
+  instead of one per completion. The last completion token is not fed either (nothing reads what it predicts).
+
+Both use the model's own parameters (no copies that could go stale). They are exact up to float rounding: tests
+compare values and gradients with the transformers forward. Only architectures whose forward is fully known here
+are accepted (`supports`); everything else, or `model.lean: false`, uses the transformers forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+
+def supports(model) -> bool:
+    """True when this module computes exactly what the model's own forward computes (training included)."""
+    model = getattr(model, "module", model)
+    cfg = model.config
+    if type(model).__name__ not in SUPPORTED or getattr(cfg, "hidden_act", None) != "silu":
+        return False
+    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "mlp_bias", False):
+        return False
+    if getattr(cfg, "attention_dropout", 0.0):
+        return False
+    if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    layer = model.model.layers[0]
+    a = layer.self_attn
+    if SUPPORTED[type(model).__name__] == "qwen3" and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
+        return False
+    return hasattr(model.model, "rotary_emb") and hasattr(a, "scaling")
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as transformers computes it (float32 statistics, weight applied in the input dtype)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # torch's own op: the same arithmetic, fewer
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # kernels (tests: bit-equal here)
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanModel:
+    """The model's decoder as a few torch ops per layer; `weights(i)` is layer i's parameters as one tuple."""
+
+    def __init__(self, model):
+        model = getattr(model, "module", model)
+        self.model = model
+        cfg = model.config
+        self.eps = cfg.rms_norm_eps
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.qk_norm = SUPPORTED[type(model).__name__] == "qwen3"
+        self.rotary = model.model.rotary_emb
+        self.norm = model.model.norm
+        self.head = model.get_output_embeddings()
+        self.layers = list(model.model.layers)
+        self.scaling = self.layers[0].self_attn.scaling
+        self.qk_eps = self.layers[0].self_attn.q_norm.variance_epsilon if self.qk_norm else None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = self.model.model.embed_tokens  # its padding_idx row gets no gradient, as in nn.Embedding
+        return F.embedding(ids, emb.weight, padding_idx=emb.padding_idx)
+
+    def weights(self, i: int) -> tuple:
+        layer = self.layers[i]
+        a, m = layer.self_attn, layer.mlp
+        return (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                a.v_proj.weight, a.v_proj.bias, a.q_norm.weight if self.qk_norm else None,
+                a.k_norm.weight if self.qk_norm else None, a.o_proj.weight, a.o_proj.bias,
+                layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+
+    def qkv(self, w: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [B, T, D], cos/sin: [B, T, d] -> q [B, H, T, d], k and v [B, KV, T, d] (rotary applied)"""
+        B, T, _ = x.shape
+        d = self.head_dim
+        h = _rms(x, w[0], self.eps)
+        q = F.linear(h, w[1], w[2]).view(B, T, -1, d)
+        k = F.linear(h, w[3], w[4]).view(B, T, -1, d)
+        v = F.linear(h, w[5], w[6]).view(B, T, -1, d)
+        if self.qk_norm:
+            q, k = _rms(q, w[7], self.qk_eps), _rms(k, w[8], self.qk_eps)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, d]
+        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v
+
+    def finish(self, w: tuple, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D], attn: [B, H, T, d] -> the layer's output [B, T, D] (output projection, MLP, residuals)"""
+        B, T, _ = x.shape
+        x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), w[9], w[10])
+        h = _rms(x, w[11], self.eps)
+        return x + F.linear(F.silu(F.linear(h, w[12])) * F.linear(h, w[13]), w[14])
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms(x, self.norm.weight, self.eps)
+
+
+class LeanDecoder(LeanModel):
+    """Prefill a left-padded batch, then extend it one token per row at a time.
+
+        dec = LeanDecoder(model)
+        logits = dec.prefill(input_ids, attention_mask, max_new_tokens)   # [B, V] at the last position
+        logits = dec.step(next_ids)                                        # [B, V]
+        dec.keep(rows)                                                     # drop finished rows
+    """
+
+    def __init__(self, model):
+        super().__init__(model)
+        with torch.no_grad():
+            self.w = [self.weights(i) for i in range(len(self.layers))]
+
+    def _layer(self, i: int, x: torch.Tensor, cos, sin, start: int, attn_mask: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] at cache positions start..start+T-1 -> [B, T, D]"""
+        w = self.w[i]
+        q, k, v = self.qkv(w, x, cos, sin)
+        kc, vc = self.cache[i]
+        end = start + k.shape[2]
+        kc[:, :, start:end] = k
+        vc[:, :, start:end] = v
+        B, _, T, d = q.shape
+        if T == 1 and q.device.type == "cpu":  # one new token per row: on CPU grouped matmuls beat the generic
+            # kernel's mask handling (on GPU the fused kernel is faster, measured in benchmarks/gpu_check.py)
+            qg = q.view(B, self.n_kv, self.n_heads // self.n_kv, d)  # [B, KV, G, d]
+            scores = torch.matmul(qg, kc[:, :, :end].transpose(-1, -2)) * self.scaling  # [B, KV, G, S]
+            scores = scores.float().masked_fill(~attn_mask.view(B, 1, 1, end), float("-inf"))
+            probs = scores.softmax(-1).to(vc.dtype)
+            out = torch.matmul(probs, vc[:, :, :end]).view(B, self.n_heads, 1, d)
+        else:
+            out = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
+                                                 scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+        return self.finish(w, x, out)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, attn_mask: torch.Tensor):
+        """ids, positions: [B, T] -> logits at the last position [B, V]"""
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, cos, sin, start, attn_mask)
+        return self.head(self.final_norm(x[:, -1]))
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """input_ids, attention_mask: [B, P] left-padded -> logits [B, V] predicting the first new token.
+        Identical rows (a prompt sampled several times) are computed once and their cache copied."""
+        rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1)
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if unique.shape[0] < rows.shape[0]:
+            P = input_ids.shape[1]
+            logits = self._prefill(unique[:, :P], unique[:, P:].to(attention_mask.dtype), max_new_tokens)
+            self.keep(inverse)
+            return logits.index_select(0, inverse)
+        return self._prefill(input_ids, attention_mask, max_new_tokens)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        B, P = input_ids.shape
+        dev, dtype = input_ids.device, self.model.model.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(dev.type):
+            dtype = torch.get_autocast_dtype(dev.type)
+        total = P + max_new_tokens
+        self.cache = [(torch.empty(B, self.n_kv, total, self.head_dim, device=dev, dtype=dtype),
+                       torch.empty(B, self.n_kv, total, self.head_dim, device=dev, dtype=dtype))
+                      for _ in self.layers]
+        self.valid = torch.zeros(B, total, dtype=torch.bool, device=dev)  # keys that may be attended to
+        self.valid[:, :P] = attention_mask.bool()
+        self.length = P
+        self.position = ((attention_mask.cumsum(-1) - 1).clamp(min=0))[:, -1:]  # [B, 1]
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        # Padding query rows attend to themselves only, so that no row is fully masked (NaN-free cache).
+        mask = (causal & self.valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
+        return self._forward(input_ids, positions, 0, mask.unsqueeze(1))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row of the batch but `rows` [R] (finished sequences stop costing compute)."""
+        self.cache = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cache]
+        self.valid = self.valid.index_select(0, rows)
+        self.position = self.position.index_select(0, rows)
+
+    @torch.no_grad()
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """next_ids: [B] -> logits [B, V] predicting the token after them."""
+        start = self.length
+        self.valid[:, start] = True
+        self.position = self.position + 1
+        self.length += 1
+        mask = self.valid[:, None, None, :self.length]  # [B, 1, 1, S]
+        return self._forward(next_ids[:, None], self.position, start, mask)
+
+
+def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpoint_layers: bool = False):
+    """seqs: [(prompt ids, completion ids)] -> final-normed hidden states [N, D] at the positions that predict
+    the completion tokens, in `modeling.pack` order (sequence by sequence, token by token).
+
+    Distinct prompts P_u run as one right-padded batch [U, P] (causal attention; padding sits after every valid
+    position, so no mask is needed); completions minus their last token run as [B, C], at positions
+    len(prompt) + j, attending to their prompt's keys/values (padding masked) and causally to their own. The
+    first completion token is predicted from the prompt's last position, the others from the completion part.
+    With `checkpoint_layers`, each layer's activations are recomputed in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    lm = LeanModel(model)
+    dev = lm.head.weight.device
+    index: dict[tuple[int, ...], int] = {}
+    owner_list = [index.setdefault(tuple(p), len(index)) for p, _ in seqs]
+    if any(not p for p in index):
+        raise ValueError("every sequence needs at least one prompt token")
+    prompts = list(index)
+    U, B = len(prompts), len(seqs)
+    P = max(len(p) for p in prompts)
+    C = max(len(c) for _, c in seqs) - 1  # the last completion token is never an input that matters
+    p_ids = torch.zeros(U, P, dtype=torch.long)
+    for u, p in enumerate(prompts):
+        p_ids[u, :len(p)] = torch.tensor(p)
+    p_len = torch.tensor([len(p) for p in prompts], device=dev)
+    owner = torch.tensor(owner_list, device=dev)
+    c_len = torch.tensor([len(c) for _, c in seqs], device=dev)
+
+    xp = lm.embed(p_ids.to(dev))  # [U, P, D]
+    cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
+    xc = cos_c = sin_c = mask = None
+    if C > 0:
+        c_ids = torch.zeros(B, C, dtype=torch.long)
+        for b, (_, c) in enumerate(seqs):
+            c_ids[b, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+        xc = lm.embed(c_ids.to(dev))  # [B, C, D]
+        start = p_len[owner]  # [B]
+        cos_c, sin_c = lm.rotary(xc, start[:, None] + torch.arange(C, device=dev))
+        prompt_keys = torch.arange(P, device=dev)[None, :] < start[:, None]  # [B, P]
+        causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat([prompt_keys[:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)[:, None]
+    gqa = lm.n_kv != lm.n_heads
+
+    def layer(i: int, xp: torch.Tensor, xc: torch.Tensor | None):
+        w = lm.weights(i)
+        qp, kp, vp = lm.qkv(w, xp, cos_p, sin_p)
+        out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=lm.scaling, enable_gqa=gqa)
+        if xc is None:
+            return lm.finish(w, xp, out_p), None
+        qc, kc, vc = lm.qkv(w, xc, cos_c, sin_c)
+        keys = torch.cat([kp.index_select(0, owner), kc], 2)  # [B, KV, P + C, d]
+        values = torch.cat([vp.index_select(0, owner), vc], 2)
+        out_c = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=lm.scaling, enable_gqa=gqa)
+        return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c)
+
+    for i in range(len(lm.layers)):
+        if checkpoint_layers and torch.is_grad_enabled():
+            xp, xc = checkpoint(layer, i, xp, xc, use_reentrant=False)
+        else:
+            xp, xc = layer(i, xp, xc)
+
+    # token j of sequence b: j == 0 from prompt owner[b] at its last position, j >= 1 from completion b at j - 1
+    seq = torch.repeat_interleave(torch.arange(B, device=dev), c_len)  # [N]
+    j = torch.cat([torch.arange(int(n), device=dev) for n in c_len.tolist()]) if B else seq
+    first = j == 0
+    D = xp.shape[-1]
+    parts = [xp.reshape(U * P, D).index_select(0, (owner[seq] * P + p_len[owner[seq]] - 1)[first])]
+    if xc is not None:
+        parts.append(xc.reshape(B * C, D).index_select(0, (seq * C + j - 1)[~first]))
+    order = torch.cat([first.nonzero().squeeze(-1), (~first).nonzero().squeeze(-1)])
+    flat = torch.cat(parts)  # first tokens, then the rest
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=dev)
+    return lm.final_norm(flat.index_select(0, inverse))
