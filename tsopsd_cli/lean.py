@@ -207,11 +207,13 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     """seqs: [(prompt ids, completion ids)] -> final-normed hidden states [N, D] at the positions that predict
     the completion tokens, in `modeling.pack` order (sequence by sequence, token by token).
 
-    Distinct prompts P_u run as one right-padded batch [U, P] (causal attention; padding sits after every valid
-    position, so no mask is needed); completions minus their last token run as [B, C], at positions
-    len(prompt) + j, attending to their prompt's keys/values (padding masked) and causally to their own. The
-    first completion token is predicted from the prompt's last position, the others from the completion part.
-    With `checkpoint_layers`, each layer's activations are recomputed in the backward pass."""
+    Distinct prompts run as one right-padded batch [U, P] (causal attention; padding sits after every valid
+    position, so no mask is needed). Completions minus their last token run at positions len(prompt) + j,
+    attending to their prompt's keys/values (padding masked) and causally to their own. Their per-token work
+    (norms, projections, MLP: most of the arithmetic) runs on the Nc real tokens only, [1, Nc, D]; queries, keys
+    and values are laid out as [B, C] rows just for attention. The first completion token is predicted from the
+    prompt's last position, the others from the completion part. With `checkpoint_layers`, each layer's
+    activations are recomputed in the backward pass."""
     from torch.utils.checkpoint import checkpoint
 
     lm = LeanModel(model)
@@ -233,18 +235,26 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
 
     xp = lm.embed(p_ids.to(dev))  # [U, P, D]
     cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
-    xc = cos_c = sin_c = mask = None
+    xc = cos_c = sin_c = mask = slots = None
     if C > 0:
-        c_ids = torch.zeros(B, C, dtype=torch.long)
-        for b, (_, c) in enumerate(seqs):
-            c_ids[b, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-        xc = lm.embed(c_ids.to(dev))  # [B, C, D]
+        fed = [t for _, c in seqs for t in c[:-1]]
+        # slot of each fed token in the [B, C] attention layout (row b, column j), in sequence order
+        row = torch.repeat_interleave(torch.arange(B, device=dev), (c_len - 1).clamp(min=0))
+        col = torch.cat([torch.arange(max(n - 1, 0), device=dev) for n in c_len.tolist()])
+        slots = row * C + col  # [Nc]
+        xc = lm.embed(torch.tensor(fed, dtype=torch.long, device=dev))[None]  # [1, Nc, D]
         start = p_len[owner]  # [B]
-        cos_c, sin_c = lm.rotary(xc, start[:, None] + torch.arange(C, device=dev))
+        cos_c, sin_c = lm.rotary(xc, (start[row] + col)[None])
         prompt_keys = torch.arange(P, device=dev)[None, :] < start[:, None]  # [B, P]
         causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
         mask = torch.cat([prompt_keys[:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)[:, None]
     gqa = lm.n_kv != lm.n_heads
+
+    def to_rows(t: torch.Tensor) -> torch.Tensor:
+        """[1, h, Nc, d] -> [B, h, C, d] (zeros where a row has no token)"""
+        h, d = t.shape[1], t.shape[3]
+        flat = t[0].transpose(0, 1)  # [Nc, h, d]
+        return flat.new_zeros(B * C, h, d).index_copy(0, slots, flat).view(B, C, h, d).transpose(1, 2)
 
     def layer(i: int, xp: torch.Tensor, xc: torch.Tensor | None):
         w = lm.weights(i)
@@ -252,11 +262,12 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=lm.scaling, enable_gqa=gqa)
         if xc is None:
             return lm.finish(w, xp, out_p), None
-        qc, kc, vc = lm.qkv(w, xc, cos_c, sin_c)
+        qc, kc, vc = (to_rows(t) for t in lm.qkv(w, xc, cos_c, sin_c))
         keys = torch.cat([kp.index_select(0, owner), kc], 2)  # [B, KV, P + C, d]
         values = torch.cat([vp.index_select(0, owner), vc], 2)
         out_c = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=lm.scaling, enable_gqa=gqa)
-        return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c)
+        out_c = out_c.transpose(1, 2).reshape(B * C, lm.n_heads, -1).index_select(0, slots)  # [Nc, H, d]
+        return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c.transpose(0, 1)[None])
 
     for i in range(len(lm.layers)):
         if checkpoint_layers and torch.is_grad_enabled():
@@ -264,14 +275,15 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         else:
             xp, xc = layer(i, xp, xc)
 
-    # token j of sequence b: j == 0 from prompt owner[b] at its last position, j >= 1 from completion b at j - 1
+    # token j of sequence b: j == 0 from prompt owner[b] at its last position; j >= 1 is fed token j - 1 of b,
+    # and the fed tokens are already in sequence order
     seq = torch.repeat_interleave(torch.arange(B, device=dev), c_len)  # [N]
     j = torch.cat([torch.arange(int(n), device=dev) for n in c_len.tolist()]) if B else seq
     first = j == 0
     D = xp.shape[-1]
     parts = [xp.reshape(U * P, D).index_select(0, (owner[seq] * P + p_len[owner[seq]] - 1)[first])]
     if xc is not None:
-        parts.append(xc.reshape(B * C, D).index_select(0, (seq * C + j - 1)[~first]))
+        parts.append(xc[0])
     order = torch.cat([first.nonzero().squeeze(-1), (~first).nonzero().squeeze(-1)])
     flat = torch.cat(parts)  # first tokens, then the rest
     inverse = torch.empty_like(order)

@@ -30,18 +30,17 @@ def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> Packed
     width = max(len(x) for x in full)
     ids = torch.full((len(full), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(full), width), dtype=torch.long)
-    rows, cols, targets, cpos, sidx = [], [], [], [], []
+    rows, cols, targets, cpos = [], [], [], []
     for r, ((p, c), x) in enumerate(zip(seqs, full)):
         if not p:
             raise ValueError("every sequence needs at least one prompt token")
         ids[r, :len(x)] = torch.tensor(x)
         mask[r, :len(x)] = 1
-        for j, t in enumerate(c):
-            rows.append(r)
-            cols.append(len(p) - 1 + j)
-            targets.append(t)
-            cpos.append(j)
-            sidx.append(r)
+        rows += [r] * len(c)
+        cols += range(len(p) - 1, len(p) - 1 + len(c))
+        targets += c
+        cpos += range(len(c))
+    sidx = rows
     t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return PackedBatch(ids.to(device), mask.to(device), t(rows).to(device), t(cols).to(device),
                        t(targets).to(device), t(cpos), t(sidx))
