@@ -179,8 +179,8 @@ class LeanDecoder(LeanModel):
         self.valid = torch.zeros(B, total, dtype=torch.bool, device=dev)  # keys that may be attended to
         self.valid[:, :P] = attention_mask.bool()
         self.length = P
-        self.position = ((attention_mask.cumsum(-1) - 1).clamp(min=0))[:, -1:]  # [B, 1]
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        self.position = positions[:, -1:]  # [B, 1]
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         # Padding query rows attend to themselves only, so that no row is fully masked (NaN-free cache).
         mask = (causal & self.valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
@@ -232,15 +232,19 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     p_len = torch.tensor([len(p) for p in prompts], device=dev)
     owner = torch.tensor(owner_list, device=dev)
     c_len = torch.tensor([len(c) for _, c in seqs], device=dev)
+    # completion token j of sequence seq[n], for the N tokens in pack order: j == 0 is predicted from the prompt's
+    # last position, j >= 1 from fed token j - 1
+    seq = torch.repeat_interleave(torch.arange(B, device=dev), c_len)  # [N]
+    j = torch.cat([torch.arange(int(n), device=dev) for n in c_len.tolist()]) if B else seq
+    first = j == 0
 
     xp = lm.embed(p_ids.to(dev))  # [U, P, D]
     cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
     xc = cos_c = sin_c = mask = slots = None
     if C > 0:
         fed = [t for _, c in seqs for t in c[:-1]]
-        # slot of each fed token in the [B, C] attention layout (row b, column j), in sequence order
-        row = torch.repeat_interleave(torch.arange(B, device=dev), (c_len - 1).clamp(min=0))
-        col = torch.cat([torch.arange(max(n - 1, 0), device=dev) for n in c_len.tolist()])
+        # slot of each fed token in the [B, C] attention layout (row b, column j - 1), in sequence order
+        row, col = seq[~first], j[~first] - 1
         slots = row * C + col  # [Nc]
         xc = lm.embed(torch.tensor(fed, dtype=torch.long, device=dev))[None]  # [1, Nc, D]
         start = p_len[owner]  # [B]
@@ -275,11 +279,7 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         else:
             xp, xc = layer(i, xp, xc)
 
-    # token j of sequence b: j == 0 from prompt owner[b] at its last position; j >= 1 is fed token j - 1 of b,
-    # and the fed tokens are already in sequence order
-    seq = torch.repeat_interleave(torch.arange(B, device=dev), c_len)  # [N]
-    j = torch.cat([torch.arange(int(n), device=dev) for n in c_len.tolist()]) if B else seq
-    first = j == 0
+    # first tokens from their prompt's last position; the rest are the fed tokens' outputs, already in order
     D = xp.shape[-1]
     parts = [xp.reshape(U * P, D).index_select(0, (owner[seq] * P + p_len[owner[seq]] - 1)[first])]
     if xc is not None:
