@@ -14,7 +14,15 @@ Random-initialised weights (nothing is downloaded), vocabulary 151,936, one CUDA
 - `reheat`: one TS-OPSD training step (student forward + backward, frozen-teacher forward, forward KL to
   teacher/1.6 over the full vocabulary, AdamW step) — chunked (tsopsd) vs naive [B, L, V] logits;
 - `rl`: one GRPO update (clipped surrogate from log-probs at the sampling temperature, AdamW step) — chunked vs
-  naive.
+  naive;
+- `fsdp`: the training step as `tsopsd reheat` runs it under `train.strategy: fsdp` (tsopsd_cli.parallel: FSDP2
+  on every layer and the root, float32 master weights and AdamW state, bf16 compute through MixedPrecisionPolicy,
+  the lean forward through the FSDP modules, chunked forward-KL loss) on a one-process group, next to the same
+  step on plain bf16 weights (`plain`): tokens/s, peak memory, and the model-state bytes each holds;
+- `long`: the lean training forward + backward at long completions (`--long-completion`, default 8192 tokens;
+  2 sequences sharing a prompt, activation checkpointing): peak memory and tokens/s — the completion attention
+  takes an explicit mask, and on CUDA only the fused SDPA kernels are allowed, so a [B, heads, C, P + C] score
+  tensor is never formed (it would be ~25 GB here).
 TFLOP/s counts model FLOPs only (2 x params x tokens per forward, x3 for forward + backward, attention and LM head
 included, recomputation not counted). Peak memory is the CUDA allocator's peak during the step above the memory
 held before it (weights, gradients and optimiser state are allocated by a warm-up step first).
@@ -85,7 +93,7 @@ def matmul_tflops() -> float:
 def build(shape: str):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=True,
+    cfg = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=16384, tie_word_embeddings=True,
                       attn_implementation="sdpa", **SHAPES[shape])
     torch.manual_seed(0)
     with torch.device(DEV):
@@ -225,7 +233,7 @@ def check_shape(shape: str, args) -> dict:
         with torch.no_grad():
             th, _ = completion_hidden(teacher, batch)
         tw = decoder_and_head(teacher)[1].weight
-        loss = token_divergence(h, head_w, lambda idx: th[idx] @ tw.T, "forward_kl", tau=TAU,
+        loss = token_divergence(h, head_w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TAU,
                                 chunk_size=args.chunk_size).mean()
         loss.backward()
         opt.step()
@@ -246,7 +254,7 @@ def check_shape(shape: str, args) -> dict:
         B, W = len(seqs), args.completion
         lp = logp.view(B, W)
         loss_tok, *_ = grpo.clipped_policy_loss(lp, lp.detach(), adv, 0.2, 0.28)
-        grpo.aggregate(loss_tok, torch.ones_like(lp), "token-mean", float(n), float(B), W).backward()
+        grpo.aggregate(loss_tok, torch.ones_like(lp), "token-mean", float(n), float(B), float(B), W).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -275,7 +283,97 @@ def check_shape(shape: str, args) -> dict:
         if "error" not in c and "error" not in nv:
             out[key]["memory_ratio"] = round(c["peak_extra_MiB"] / max(nv["peak_extra_MiB"], 1), 3)
             out[key]["speed_ratio"] = round(c["tokens_per_s"] / nv["tokens_per_s"], 2)
+    del opt
+    if args.grad_ckpt:
+        student.gradient_checkpointing_disable()
+    out["long"] = long_arm(student, args)
+    out["fsdp"] = fsdp_arm(shape, args)
     return out  # the models and optimiser state are freed with this frame
+
+
+def long_arm(student, args) -> dict:
+    """Forward + backward of the lean training forward at long completions."""
+    from tsopsd_cli.lean import shared_prefix_hidden
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, VOCAB, (args.prompt,), generator=g).tolist()
+    seqs = [(prompt, torch.randint(0, VOCAB, (args.long_completion,), generator=g).tolist()) for _ in range(2)]
+    student.train()
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
+            h = shared_prefix_hidden(student, seqs, checkpoint_layers=True)
+        h.float().square().mean().backward()
+        student.zero_grad(set_to_none=True)
+
+    try:
+        sec, mem = timed(step, max(1, args.repeat - 1))
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # RuntimeError: no fused kernel takes the shape
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+        return {"completion_tokens": args.long_completion, "error": str(e).splitlines()[0][:200]}
+    tokens = 2 * args.long_completion
+    return {"completion_tokens": args.long_completion, "sequences": 2, "tokens_per_s": round(tokens / sec),
+            "peak_extra_MiB": round(mem), "seconds": round(sec, 3)}
+
+
+def fsdp_arm(shape: str, args) -> dict:
+    """One reheat-like training step through tsopsd_cli.parallel under FSDP2 (one process) vs plain bf16."""
+    import os
+
+    from tsopsd_cli import lean, parallel
+    from tsopsd_cli.core.chunked import token_divergence
+    from tsopsd_cli.modeling import decoder_and_head
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        torch.distributed.init_process_group("nccl" if DEV == "cuda" else "gloo", rank=0, world_size=1)
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, VOCAB, (args.prompt,), generator=g).tolist()
+    seqs = [(prompt, torch.randint(0, VOCAB, (args.completion,), generator=g).tolist()) for _ in range(args.seqs)]
+    n = sum(len(c) for _, c in seqs)
+    out = {}
+    compute = torch.bfloat16 if DEV == "cuda" else torch.float32  # (--smoke: gloo, float32)
+    for name in ("fsdp", "plain"):
+        model = build(shape)  # in the compute dtype
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        if name == "fsdp":
+            pl = parallel.Placement(strategy="fsdp", device=torch.device(DEV), master_dtype=torch.float32,
+                                    compute_dtype=compute, frozen_sharded=True, world=1)
+            model = parallel.prepare(model.float(), pl, trainable=True)
+            teacher = parallel.prepare(teacher, pl, trainable=False)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+
+        def step():
+            def body(m):
+                return lean.shared_prefix_hidden(m, seqs, checkpoint_layers=True, layer_hook=parallel.layer_hook(m))
+
+            h = parallel.call(model, body, model)
+            w = decoder_and_head(model)[1].weight
+            with torch.no_grad():
+                th = parallel.call(teacher, body, teacher)
+                tw = decoder_and_head(teacher)[1].weight
+            loss = token_divergence(h, w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TAU,
+                                    chunk_size=args.chunk_size).mean()
+            loss.backward()
+            parallel.reshard(teacher)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            sec, mem = timed(step, max(1, args.repeat - 1))
+            held = parallel.local_bytes(model, opt)
+            out[name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem), "seconds": round(sec, 3),
+                         "parameter_MiB": round(held["parameter_bytes"] / 2**20),
+                         "optimizer_state_MiB": round(held["optimizer_state_bytes"] / 2**20)}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            out[name] = {"error": "out of memory"}
+        del model, teacher, opt
+    if "error" not in out["fsdp"] and "error" not in out["plain"]:
+        out["speed_ratio"] = round(out["fsdp"]["tokens_per_s"] / out["plain"]["tokens_per_s"], 2)
+    return out
 
 
 def main() -> int:
@@ -288,11 +386,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the training steps")
+    ap.add_argument("--long-completion", type=int, default=8192, help="completion tokens of the `long` arm")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU: check that the script runs")
     args = ap.parse_args()
     global DEV
     if args.smoke:
         DEV, args.shapes, args.seqs, args.prompt, args.completion, args.repeat = "cpu", "tiny", 2, 4, 8, 1
+        args.long_completion = 64
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
         return 2
@@ -328,6 +428,11 @@ def main() -> int:
                 frac = r[key]["chunked"]["TFLOP/s"] / max(results["matmul_bf16_TFLOP/s"], 1e-9)
                 print(f"{key:9s}memory chunked/naive {r[key]['memory_ratio']}  speed chunked/naive "
                       f"{r[key]['speed_ratio']}x  chunked = {frac:.0%} of the matmul rate")
+        print(f"long     {json.dumps(r['long'])}")
+        for arm in ("fsdp", "plain"):
+            print(f"fsdp     {arm:8s} {json.dumps(r['fsdp'][arm])}")
+        if "speed_ratio" in r["fsdp"]:
+            print(f"fsdp     speed fsdp/plain {r['fsdp']['speed_ratio']}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

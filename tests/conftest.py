@@ -54,6 +54,42 @@ def cli():
     return run_cli
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_ranks(n: int, *args: str, env: dict | None = None, timeout: int = 900) -> list:
+    """Start `n` processes of the real entry point as one job (as srun or torchrun would: RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT on loopback; gloo on CPU); returns their CompletedProcess objects, rank order."""
+    root = str(Path(__file__).resolve().parents[1])
+    port = _free_port()
+    exe = Path(sys.executable).parent / "tsopsd"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]
+    procs = []
+    for rank in range(n):
+        full = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {}),
+                "WORLD_SIZE": str(n), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)}
+        full["PYTHONPATH"] = os.pathsep.join(x for x in (full.get("PYTHONPATH"), root) if x)
+        full.pop("TSOPSD_PROGRESS", None)
+        procs.append(subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=full))
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
 SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
 

@@ -2,13 +2,19 @@
 
 Loading refuses, with one line each (exit 2): a missing path, no config.json, no weights, pickle weights without
 `allow_pickle`, corrupt or truncated safetensors, a missing tokenizer, an architecture transformers cannot load
-as a causal LM. Saving writes into a hidden temporary sibling and renames it into place, so a crash never leaves
-a directory that looks complete.
+as a causal LM. A config naming remote code (`auto_map`) is loaded with transformers' own class and a one-line
+warning unless `trust_remote_code` is on. Outputs are refused before any work when they exist (without
+`--overwrite`), are, contain or lie inside an input, or cannot be written (`check_out`).
+
+Saving writes into a hidden temporary sibling and renames it into place, so a crash never leaves a directory that
+looks complete. Weights are streamed one tensor at a time into sharded safetensors (with an index when over
+5 GB), in the output dtype, so a sharded model is written without any process holding a second full copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -69,6 +75,8 @@ def check_safetensors(file: Path) -> dict:
             if n <= 0 or 8 + n > size:
                 raise ValueError("header length beyond the end of the file")
             header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors file ({e})") from None
@@ -151,10 +159,16 @@ def resolve_dtype(dtype: str, device) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto",
-                    trust_remote_code: bool = False, allow_pickle: bool = False,
-                    attn_implementation: str | None = None) -> Loaded:
-    config, _ = inspect_checkpoint(path, allow_pickle=allow_pickle)
+def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str | None = None,
+                    device: str | None = None) -> Loaded:
+    """The one way a checkpoint is loaded: `model_section` is a recipe's `model` section (trust_remote_code,
+    allow_pickle, attn_implementation, dtype, device); `dtype`/`device` override its dtype and device."""
+    if model_section is None:
+        from tsopsd_cli.recipe import ModelSection
+
+        model_section = ModelSection()
+    m = model_section
+    config, _ = inspect_checkpoint(path, allow_pickle=m.allow_pickle)
     path = Path(path)
     import transformers
     from transformers import AutoModelForCausalLM
@@ -163,16 +177,19 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "auto", device: str
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     model_type = config.get("model_type")
-    if not trust_remote_code and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if not m.trust_remote_code and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise CheckpointError(f"{path}: unsupported architecture (model_type={model_type!r} is not a causal LM "
                               "that transformers knows; --trust-remote-code runs the checkpoint's own code)")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    kwargs: dict[str, Any] = dict(dtype=dt, trust_remote_code=trust_remote_code,
-                                  use_safetensors=not allow_pickle or None)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    if not m.trust_remote_code and config.get("auto_map"):
+        warn(f"{path}: config.json names code shipped with the checkpoint (auto_map); it is not run "
+             f"(trust_remote_code is off) and transformers' own {model_type} class is used instead")
+    dev = resolve_device(device or m.device)
+    dt = resolve_dtype(dtype or m.dtype, dev)
+    tokenizer = load_tokenizer(path, m.trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=dt, trust_remote_code=m.trust_remote_code,
+                                  use_safetensors=not m.allow_pickle or None)
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -180,6 +197,21 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "auto", device: str
     model.to(dev)
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, path=path, fingerprint=fingerprint(path), device=dev, dtype=dt)
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> str:
+    """The dtype a checkpoint's config.json declares (float32 when it declares none)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    dt = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return dt if dt in ("float32", "bfloat16", "float16") else "float32"
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"tsopsd: warning: {message}\n")
+    sys.stderr.flush()
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -231,15 +263,32 @@ def move_into_place(src: Path, out: Path) -> None:
         src.rename(out)
 
 
-def check_out(out: str | os.PathLike | None, overwrite: bool) -> None:
-    """Refuse an existing output path unless `overwrite` (call before any work starts)."""
+def check_out(out: str | os.PathLike | None, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse, before any work starts (exit 2): an existing output without `overwrite`; an output that is, lies
+    inside, or contains one of `inputs` (checkpoints, reference, teacher, data files) — writing it would delete
+    or alter them; an output whose folder cannot be written."""
     if out is None:
         return
     out = Path(out)
+    here = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        there = Path(src).resolve()
+        if here == there or here.is_relative_to(there) or there.is_relative_to(here):
+            relation = ("is" if here == there else "lies inside" if here.is_relative_to(there) else "contains")
+            raise OutputExistsError(f"{out}: the output {relation} the input {src}; choose another --out")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise OutputExistsError(f"{out}: cannot write in {out.parent} ({e.strerror})") from None
 
 
 def provenance(command: str, recipe: Any, source: str | None, source_fingerprint: str | None,
@@ -264,22 +313,76 @@ def provenance(command: str, recipe: Any, source: str | None, source_fingerprint
     }
 
 
-def write_checkpoint(model, tokenizer, directory: Path, prov: dict, max_shard_size: str = "5GB") -> None:
-    """Write an HF checkpoint into an existing (temporary) directory: sharded safetensors, tokenizer,
-    a generation config that samples without hidden top-k/top-p, and the tsopsd.json provenance."""
+def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: str | None = None,
+                     source: str | os.PathLike | None = None, tensors=None, write: bool = True,
+                     max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write a Hugging Face checkpoint into an existing (temporary) directory: config, safetensors weights
+    (sharded with an index above `max_shard_bytes`), tokenizer, generation config, tsopsd.json provenance.
+
+    The weights are streamed one tensor at a time from `tensors` (default: the model's own parameters and
+    persistent buffers; tsopsd_cli.parallel.full_tensors for a sharded model, whose every process must call this,
+    with `write` True on one), cast to `dtype` (default: the model's), so no second full copy is ever held.
+    The generation config is the `source` checkpoint's, byte for byte, when it has one; else one that samples
+    without hidden top-k/top-p."""
     import transformers
-    from transformers import GenerationConfig
+    from safetensors.torch import save_file
+
+    from tsopsd_cli import parallel
 
     transformers.utils.logging.disable_progress_bar()
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
+    params = list(model.named_parameters()) + list(parallel.persistent_buffers(model))
+    out_dtype = parallel.DTYPES[dtype] if dtype else params[0][1].dtype
+    # shard plan from shapes alone (gathering comes later, one tensor at a time)
+    sizes = {name: t.numel() * (out_dtype.itemsize if t.is_floating_point() else t.element_size())
+             for name, t in params}
+    plan, current, used = [], [], 0
+    for name, _ in params:
+        if current and used + sizes[name] > max_shard_bytes:
+            plan.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += sizes[name]
+    plan.append(current)
+    files = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    file_of = {name: files[i] for i, names in enumerate(plan) for name in names}
+    stream = tensors if tensors is not None else ((n, t.detach()) for n, t in params)
+    buffer: dict = {}
+    for name, t in stream:
+        if not write:
+            continue
+        t = t.to("cpu", dtype=out_dtype if t.is_floating_point() else t.dtype).contiguous()
+        buffer[name] = t
+        shard = plan[files.index(file_of[name])]
+        if len(buffer) == len(shard):
+            save_file(buffer, directory / file_of[name], metadata={"format": "pt"})
+            buffer = {}
+    if not write:
+        return
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = copy.deepcopy(model.config)
+    config.dtype = out_dtype
+    base = next((c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP")
+                 and c.__name__.endswith("ForCausalLM")), None)
+    if base:
+        config.architectures = [base]
+    config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    gen.save_pretrained(directory)
+    src_gen = Path(source) / "generation_config.json" if source is not None else None
+    if src_gen is not None and src_gen.is_file():
+        shutil.copyfile(src_gen, directory / "generation_config.json")
+    else:
+        from transformers import GenerationConfig
+
+        GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id).save_pretrained(directory)
     (directory / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
 
 
-def save_checkpoint(model, tokenizer, out: str | os.PathLike, prov: dict, overwrite: bool = False) -> Path:
+def save_checkpoint(model, tokenizer, out: str | os.PathLike, prov: dict, overwrite: bool = False,
+                    **kwargs) -> Path:
     with atomic_dir(out, overwrite) as tmp:
-        write_checkpoint(model, tokenizer, tmp, prov)
+        write_checkpoint(model, tokenizer, tmp, prov, **kwargs)
     return Path(out)

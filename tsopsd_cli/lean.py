@@ -21,11 +21,18 @@ import torch.nn.functional as F
 SUPPORTED = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 
 
+def architecture(model) -> str | None:
+    """The lean name of the model's class ("qwen3", ...), seen through wrappers: FSDP2 makes the class
+    `FSDPQwen3ForCausalLM`, a subclass of the original; None when the architecture is not supported."""
+    model = getattr(model, "module", model)
+    return next((SUPPORTED[c.__name__] for c in type(model).__mro__ if c.__name__ in SUPPORTED), None)
+
+
 def supports(model) -> bool:
     """True when this module computes exactly what the model's own forward computes (training included)."""
     model = getattr(model, "module", model)
     cfg = model.config
-    if type(model).__name__ not in SUPPORTED or getattr(cfg, "hidden_act", None) != "silu":
+    if architecture(model) is None or getattr(cfg, "hidden_act", None) != "silu":
         return False
     if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "mlp_bias", False):
         return False
@@ -35,7 +42,7 @@ def supports(model) -> bool:
         return False
     layer = model.model.layers[0]
     a = layer.self_attn
-    if SUPPORTED[type(model).__name__] == "qwen3" and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
+    if architecture(model) == "qwen3" and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
         return False
     return hasattr(model.model, "rotary_emb") and hasattr(a, "scaling")
 
@@ -66,7 +73,7 @@ class LeanModel:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.qk_norm = SUPPORTED[type(model).__name__] == "qwen3"
+        self.qk_norm = architecture(model) == "qwen3"
         self.rotary = model.model.rotary_emb
         self.norm = model.model.norm
         self.head = model.get_output_embeddings()
@@ -203,7 +210,25 @@ class LeanDecoder(LeanModel):
         return self._forward(next_ids[:, None], self.position, start, mask)
 
 
-def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpoint_layers: bool = False):
+def masked_attention(q, k, v, mask, scale: float, gqa: bool):
+    """Attention of the completion queries q [B, H, C, d] over keys/values [B, KV, P + C, d] with an explicit
+    mask [B, 1, C, P + C]. On CUDA only the fused kernels are allowed (memory-efficient, flash, cuDNN): the math
+    kernel would materialise [B, H, C, P + C] scores (about 25 GB at 8k-token completions), so a shape none of the
+    fused kernels takes fails loudly instead of silently. Key/value heads are expanded for that call, since not
+    every fused kernel takes grouped-query attention together with a mask."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
+
+
+def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpoint_layers: bool = False,
+                         layer_hook=None):
     """seqs: [(prompt ids, completion ids)] -> final-normed hidden states [N, D] at the positions that predict
     the completion tokens, in `modeling.pack` order (sequence by sequence, token by token).
 
@@ -213,7 +238,8 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     (norms, projections, MLP: most of the arithmetic) runs on the Nc real tokens only, [1, Nc, D]; queries, keys
     and values are laid out as [B, C] rows just for attention. The first completion token is predicted from the
     prompt's last position, the others from the completion part. With `checkpoint_layers`, each layer's
-    activations are recomputed in the backward pass."""
+    activations are recomputed in the backward pass. `layer_hook(i, fn, xp, xc)`, when given, runs layer i's
+    computation `fn(i, xp, xc)` (tsopsd_cli.parallel.layer_hook routes it through an FSDP layer module)."""
     from torch.utils.checkpoint import checkpoint
 
     lm = LeanModel(model)
@@ -252,6 +278,9 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         prompt_keys = torch.arange(P, device=dev)[None, :] < start[:, None]  # [B, P]
         causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
         mask = torch.cat([prompt_keys[:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)[:, None]
+        if dev.type == "cuda":  # additive, in the compute dtype, broadcast over heads: [B, 1, C, P + C]
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else xc.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, float("-inf"))
     gqa = lm.n_kv != lm.n_heads
 
     def to_rows(t: torch.Tensor) -> torch.Tensor:
@@ -269,15 +298,16 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         qc, kc, vc = (to_rows(t) for t in lm.qkv(w, xc, cos_c, sin_c))
         keys = torch.cat([kp.index_select(0, owner), kc], 2)  # [B, KV, P + C, d]
         values = torch.cat([vp.index_select(0, owner), vc], 2)
-        out_c = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=lm.scaling, enable_gqa=gqa)
+        out_c = masked_attention(qc, keys, values, mask, lm.scaling, gqa)
         out_c = out_c.transpose(1, 2).reshape(B * C, lm.n_heads, -1).index_select(0, slots)  # [Nc, H, d]
         return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c.transpose(0, 1)[None])
 
+    run = layer if layer_hook is None else (lambda i, xp, xc: layer_hook(i, layer, xp, xc))
     for i in range(len(lm.layers)):
         if checkpoint_layers and torch.is_grad_enabled():
-            xp, xc = checkpoint(layer, i, xp, xc, use_reentrant=False)
+            xp, xc = checkpoint(run, i, xp, xc, use_reentrant=False)
         else:
-            xp, xc = layer(i, xp, xc)
+            xp, xc = run(i, xp, xc)
 
     # first tokens from their prompt's last position; the rest are the fed tokens' outputs, already in order
     D = xp.shape[-1]

@@ -20,8 +20,7 @@ class PackedBatch:
     rows: torch.Tensor  # [N] batch row of each completion token
     cols: torch.Tensor  # [N] position whose output predicts that token
     targets: torch.Tensor  # [N] the completion token ids
-    completion_pos: torch.Tensor  # [N] 0-based index of the token inside its completion
-    seq_index: torch.Tensor  # [N] index of the sequence in the batch
+    completion_pos: torch.Tensor  # [N] 0-based index of the token inside its completion (CPU)
 
 
 def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> PackedBatch:
@@ -40,10 +39,9 @@ def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> Packed
         cols += range(len(p) - 1, len(p) - 1 + len(c))
         targets += c
         cpos += range(len(c))
-    sidx = rows
     t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return PackedBatch(ids.to(device), mask.to(device), t(rows).to(device), t(cols).to(device),
-                       t(targets).to(device), t(cpos), t(sidx))
+                       t(targets).to(device), t(cpos))
 
 
 def decoder_and_head(model):

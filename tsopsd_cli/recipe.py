@@ -20,7 +20,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: `--set optim.lr=.inf` (or nan) is refused like any invalid value, before any work
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- shared sections
@@ -104,7 +105,11 @@ class VLLMOptions(Section):
     tensor_parallel_size: PositiveInt = Field(1, description="GPUs per model replica.")
     enforce_eager: bool = Field(False, description="Skip CUDA-graph capture (faster start, slower decode).")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
-    cpu_kvcache_gb: PositiveInt = Field(1, description="KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_kvcache_gb: PositiveInt = Field(1, description="KV-cache size on CPU (GiB).")
+    sleep_mode: bool = Field(True, description="GPU: release the engine's memory while the trainer trains (vLLM "
+                             "sleep mode; not available on CPU, where this is ignored).")
+    sleep_level: Literal[1, 2] = Field(2, description="1: keep the engine's weights in CPU memory while asleep; "
+                                       "2: discard them (training syncs new weights before every wake anyway).")
 
 
 class RolloutSection(Section):
@@ -127,6 +132,11 @@ class OutputSection(Section):
     out: Path | None = Field(None, description="Output directory (written atomically).")
     overwrite: bool = Field(False, description="Replace an existing output directory.")
     plots: bool = Field(True, description="Write PNG plots when matplotlib (the plots extra) is installed.")
+
+
+class CheckpointOutputSection(OutputSection):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the saved weights. auto: the input checkpoint's dtype (config.json).")
 
 
 # -------------------------------------------------------------------------------------------------- diagnose
@@ -250,15 +260,32 @@ class OptimSection(Section):
     schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Decay after warm-up.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr / peak lr for cosine and linear.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; None: no clipping.")
+    max_weight_norm_change: float | None = Field(
+        0.5, gt=0, description="Stop (exit 3, before anything is saved) when one optimiser step changes the global "
+        "weight norm by more than this fraction: the update diverged (a healthy step changes it by about lr). "
+        "None: off.")
 
 
 class TrainSection(Section):
     max_steps: PositiveInt = Field(100, description="Training steps (one rollout batch each).")
+    prompts_per_step: PositiveInt = Field(16, description="Prompts per step over all processes (rl: groups of "
+                                          "rollout.num_generations completions; reheat: each sampled "
+                                          "rollout.num_generations times).")
     micro_batch_size: PositiveInt = Field(8, description="Sequences per forward/backward pass (per process).")
     chunk_size: PositiveInt = Field(1024, description="Tokens per LM-head chunk in the loss.")
-    mixed_precision: Literal["auto", "bf16", "no"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, none on CPU. Weights stay float32 for training when "
-        "model.dtype is auto.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: ddp (a full replica per process, gradients summed) or fsdp "
+        "(FSDP2: weights, gradients and optimiser state sharded over processes). One process ignores it.")
+    master_weights: Literal["float32", "model_dtype"] = Field(
+        "float32", description="float32: float32 master weights and optimiser state, compute in model.dtype "
+        "(bf16/fp16 updates at lr 1e-6 would round away); model_dtype: pure low-precision training, by request "
+        "only.")
+    frozen: Literal["sharded", "replicated"] = Field(
+        "sharded", description="Frozen models (reheat's teacher, rl's reference) under fsdp: sharded like the "
+        "policy (no optimiser) or a full model.dtype replica per process (faster, more memory).")
+    dist_timeout_minutes: float = Field(30.0, gt=0, description="Process-group timeout: how long a process waits "
+                                        "in a collective (e.g. for another's validation or checkpoint) before the "
+                                        "run fails.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     seed: int = Field(0, description="Seed of data order and sampling.")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: only at the end and on signals).")
@@ -274,7 +301,12 @@ class ValidationSection(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of validation.")
     max_new_tokens: PositiveInt = Field(64, description="Longest completion.")
     prompt_template: str = Field("boxed", description="Prompt template for non-toy benchmarks.")
-    enabled: bool = Field(True, description="Validate before training, every eval_every steps and at the end.")
+    batch_size: PositiveInt = Field(128, description="Sequences per generation call of the hf engine (its KV "
+                                    "cache is batch_size x (prompt + max_new_tokens) tokens).")
+    stop: list[str] = Field([], description="Strings that end a completion (base models: the start of a next "
+                            "problem, e.g. '\\n\\nProblem:').")
+    enabled: bool = Field(True, description="Validate before training, every eval_every steps and at the end; "
+                          "with several processes each validates its share of the problems.")
 
     @field_validator("benchmarks")
     @classmethod
@@ -301,7 +333,6 @@ class KLCovSection(Section):
 
 
 class GRPOSection(Section):
-    prompts_per_step: PositiveInt = Field(16, description="Prompts (groups) per step, over all processes.")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantage scaling: group "
                                                               "std (GRPO), batch std, or none (Dr.GRPO).")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip range: ratio >= 1 - epsilon.")
@@ -312,24 +343,45 @@ class GRPOSection(Section):
                                       "many mini-batches).")
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0: no reference model).")
-    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimator.")
-    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
+    kl_estimator: Literal["k2", "k3"] = Field(
+        "k3", description="Per-token KL penalty, named by its gradient (which is what the update sees): k3 = "
+        "exp(d) - d - 1 with d = log ref - log pi (GRPO/DeepSeek) has expected gradient grad KL(ref || pi); "
+        "k2 = (log pi - log ref)^2 / 2 has expected gradient grad KL(pi || ref). (k1 = log pi - log ref has "
+        "expected gradient 0 and is not offered.)")
+    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy of the "
+                                "sampling distribution, softmax(logits / rollout.temperature)).")
     clip_cov: ClipCovSection = ClipCovSection()
     kl_cov: KLCovSection = KLCovSection()
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards do not vary; refill (DAPO).")
     max_sampling_rounds: PositiveInt = Field(3, description="Rollout rounds per step with dynamic sampling.")
     mask_truncated: bool = Field(False, description="No loss on completions that hit max_new_tokens (DAPO "
                                  "overlong filtering).")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling for rollouts from another engine (vllm): each "
+        "token's policy loss is weighted by min(pi_trainer(old) / pi_engine, tis_cap), correcting the mismatch "
+        "between the engine's and the trainer's log-probs (as verl and TRL offer). None: off.")
     reward: str = Field("math", description="math: 1 if the graded answer is correct, else 0; or "
                         "'module:function' taking (completions, answers) and returning floats.")
     grader_timeout: float = Field(5.0, gt=0, description="Seconds per graded answer.")
     grader_workers: PositiveInt = Field(2, description="Processes grading the answers the fast path cannot decide "
                                         "(math-verify); they run while the trainer waits for the rewards.")
 
+    @field_validator("kl_estimator", mode="before")
+    @classmethod
+    def _no_k1(cls, v):
+        if v == "k1":
+            raise ValueError("k1 (log pi - log ref) has expected gradient 0 (E_pi[grad log pi] = 0), so it "
+                             "penalises nothing; use k2 (gradient of KL(pi || ref)) or k3 (gradient of KL(ref || pi))")
+        return v
+
     @model_validator(mode="after")
     def _one_cov_method(self):
         if self.clip_cov.enabled and self.kl_cov.enabled:
             raise ValueError("choose at most one of clip_cov and kl_cov")
+        if self.kl_cov.enabled and self.ppo_epochs == 1 and self.mini_batches == 1:
+            raise ValueError("kl_cov penalises |log pi - log pi_old|, which is 0 with gradient 0 when every update "
+                             "is on-policy (ppo_epochs 1, mini_batches 1); use mini_batches > 1 or ppo_epochs > 1, "
+                             "or clip_cov")
         return self
 
 
@@ -343,34 +395,78 @@ class TrainingRecipe(Section):
     train: TrainSection = TrainSection()
     validation: ValidationSection = ValidationSection()
     logging: LoggingSection = LoggingSection()
-    output: OutputSection = OutputSection()
+    output: CheckpointOutputSection = CheckpointOutputSection()
 
     @model_validator(mode="after")
     def _engine(self):
-        if self.rollout.engine != "hf":
-            raise ValueError("training samples with the hf engine (the policy changes every step; vLLM weight "
-                             "sync is not implemented yet): set rollout.engine: hf")
+        if self.rollout.engine == "vllm" and self.rollout.vllm.tensor_parallel_size != 1:
+            raise ValueError("rollout.vllm.tensor_parallel_size must be 1 for training: each training process "
+                             "drives its own colocated engine and syncs its weights in place")
+        return self
+
+
+class ThermostatSection(Section):
+    """Reheat inside the RL loop: when the rollout entropy (a running mean) falls below a threshold, run TS-OPSD
+    steps towards a frozen snapshot of the current policy / temp until the entropy recovers, then resume GRPO."""
+
+    enabled: bool = Field(False, description="Watch the rollout entropy and reheat when it falls too low.")
+    window: PositiveInt = Field(5, description="Steps in the running mean of the rollout token entropy.")
+    threshold: float | None = Field(None, gt=0, description="Fire when the running mean is below this (nats).")
+    threshold_ratio: float | None = Field(
+        0.5, gt=0, lt=1, description="Fire when the running mean is below this fraction of the run's first-step "
+        "entropy (used when threshold is None).")
+    min_gap: PositiveInt = Field(10, description="GRPO steps at least between two phases (and before the first).")
+    max_phase_steps: PositiveInt = Field(10, description="TS-OPSD steps at most per phase.")
+    temp: float = Field(1.6, gt=1, description="Teacher temperature of the phase: the teacher is softmax(logits of "
+                        "the snapshot / temp).")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="As reheat.divergence.")
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
+    teacher_top_p: float = Field(1.0, gt=0, le=1, description="As reheat.teacher_top_p.")
+    target_entropy_ratio: float | None = Field(
+        0.5, gt=0, description="End the phase once the student's entropy on the phase's rollouts reaches this "
+        "fraction of the teacher's entropy on the same tokens (as reheat.target_entropy_ratio).")
+    target_entropy: float | None = Field(None, gt=0, description="Or once it reaches this many nats.")
+
+    @model_validator(mode="after")
+    def _one_each(self):
+        if self.threshold is not None and self.threshold_ratio is not None and "threshold_ratio" not in \
+                self.model_fields_set:
+            self.threshold_ratio = None  # an absolute threshold replaces the default ratio
+        if self.threshold is not None and self.threshold_ratio is not None:
+            raise ValueError("give at most one of threshold and threshold_ratio")
+        if self.threshold is None and self.threshold_ratio is None:
+            raise ValueError("give threshold or threshold_ratio")
+        if self.target_entropy is not None and self.target_entropy_ratio is not None and \
+                "target_entropy_ratio" not in self.model_fields_set:
+            self.target_entropy_ratio = None
+        if self.target_entropy is not None and self.target_entropy_ratio is not None:
+            raise ValueError("give at most one of target_entropy and target_entropy_ratio")
+        if self.teacher_top_p < 1 and self.divergence == "reverse_kl":
+            raise ValueError("teacher_top_p < 1 needs forward_kl or jsd")
         return self
 
 
 class RLRecipe(TrainingRecipe):
     command: Literal["rl"] = "rl"
     grpo: GRPOSection = GRPOSection()
+    thermostat: ThermostatSection = ThermostatSection()
 
     @model_validator(mode="after")
     def _mini_batches_fit(self):
-        if self.grpo.mini_batches > self.grpo.prompts_per_step * self.rollout.num_generations:
+        if self.grpo.mini_batches > self.train.prompts_per_step * self.rollout.num_generations:
             raise ValueError(f"grpo.mini_batches ({self.grpo.mini_batches}) exceeds the sequences per step "
-                             f"({self.grpo.prompts_per_step} x {self.rollout.num_generations})")
+                             f"({self.train.prompts_per_step} x {self.rollout.num_generations})")
         return self
 
 
 # ---------------------------------------------------------------------------------------------------- reheat
 class ReheatSection(Section):
     method: Literal["ts-opsd", "fold"] = Field("ts-opsd", description="ts-opsd: on-policy self-distillation from "
-                                               "the tau-scaled teacher; fold: the exact closed-form baseline "
-                                               "(final-norm weight / tau), seconds, no data.")
-    temp: float = Field(1.6, gt=0, description="Teacher temperature tau (> 1 reheats).")
+                                               "the temperature-scaled teacher (its logits / temp); fold: the "
+                                               "exact closed-form baseline (final-norm weight / temp), seconds, no "
+                                               "data.")
+    temp: float = Field(1.6, gt=0, description="Teacher temperature: the teacher is softmax(logits / temp); > 1 "
+                       "reheats.")
     teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: a snapshot of the input checkpoint; "
                                                "live: the current student, stop-gradient.")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
@@ -378,10 +474,9 @@ class ReheatSection(Section):
         "reverse_kl = KL(student || teacher); jsd: generalised JSD with beta.")
     beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
     teacher_top_p: float = Field(1.0, gt=0, le=1, description=(
-        "Restrict the tau-scaled teacher to its top-p nucleus (renormalised). 1.0 (default): the plain "
-        "softmax(logits / tau). Below 1, reheating spreads probability over the teacher's plausible candidates "
+        "Restrict the temperature-scaled teacher to its top-p nucleus (renormalised). 1.0 (default): the plain "
+        "softmax(logits / temp). Below 1, reheating spreads probability over the teacher's plausible candidates "
         "only, and the student's mass on tokens outside them is trained down."))
-    prompts_per_step: PositiveInt = Field(16, description="Prompts per step (each sampled num_generations times).")
     target_entropy: float | None = Field(None, gt=0, description="Stop once the student's mean token entropy on "
                                          "the rollouts reaches this (nats).")
     target_entropy_ratio: float | None = Field(None, gt=0, description="Stop once the student's entropy reaches "
@@ -421,10 +516,11 @@ class DemoStage(Section):
 
 
 class DemoSection(Section):
-    temp: float = Field(1.6, gt=1, description="tau of TS-OPSD, of fold and of the rollout-temperature arm.")
+    temp: float = Field(1.6, gt=1, description="temp of TS-OPSD and of fold, and the rollout temperature of the "
+                       "rollout-temperature arm.")
     arms: list[Literal["continued-rl", "rollout-temperature", "ts-opsd", "fold"]] = Field(
         list(ARMS), min_length=1, description="Continued-RL arms: from the collapsed checkpoint at rollout "
-        "temperature 1 (continued-rl) or tau (rollout-temperature), from its TS-OPSD reheat (ts-opsd), from its "
+        "temperature 1 (continued-rl) or temp (rollout-temperature), from its TS-OPSD reheat (ts-opsd), from its "
         "exact temperature fold (fold).")
     seeds: list[int] = Field([0], min_length=1, description="Seeds of the continued-RL arms; with several, the "
                              "summary gives mean and spread.")
@@ -441,7 +537,7 @@ class DemoRecipe(Section):
                                                                "train.save_every": 50})
     reheat: DemoStage = DemoStage(recipe="reheat/toy.yaml")
     continued: DemoStage = DemoStage(recipe="rl/toy.yaml", set={
-        "train.max_steps": 20, "grpo.prompts_per_step": 16, "train.eval_every": 5, "train.save_every": 0,
+        "train.max_steps": 20, "train.prompts_per_step": 16, "train.eval_every": 5, "train.save_every": 0,
         "validation.limit": 64})
     diagnose: DemoStage = DemoStage(recipe="diagnose/toy.yaml")
     eval: DemoStage = DemoStage(recipe="eval/toy.yaml", set={"eval.toy_num_problems": 128})
@@ -529,7 +625,9 @@ def parse_set_options(items: list[str]) -> list[tuple[str, Any]]:
 
 def read_recipe_file(path: Path) -> dict:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not UTF-8 text") from None
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as e:

@@ -24,7 +24,7 @@ def test_version_and_help_examples(cli):
     for args in (["--help"], ["diagnose", "--help"], ["toy", "--help"], ["toy", "init", "--help"],
                  ["recipe", "--help"], ["recipe", "validate", "--help"], ["recipe", "show", "--help"],
                  ["eval", "--help"], ["eval", "grade", "--help"], ["rl", "--help"], ["reheat", "--help"],
-                 ["demo", "--help"]):
+                 ["demo", "--help"], ["plan", "--help"]):
         p = cli(*args)
         assert p.returncode == 0 and "Example:" in p.stdout, args
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-TINY_RL = {"train.max_steps": 2, "grpo.prompts_per_step": 2, "rollout.num_generations": 2,
+TINY_RL = {"train.max_steps": 2, "train.prompts_per_step": 2, "rollout.num_generations": 2,
            "rollout.max_new_tokens": 8, "rollout.batch_size": 8, "validation.limit": 4,
            "validation.num_generations": 2, "validation.max_new_tokens": 8, "train.eval_every": 0,
            "train.save_every": 0, "train.micro_batch_size": 4}
@@ -15,7 +15,7 @@ SHRINK = {
     "init": {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.intermediate_size": 64,
              "train.steps": 5, "train.eval_problems": 8},
     "collapse": TINY_RL,
-    "reheat": {"train.max_steps": 1, "reheat.prompts_per_step": 2, "rollout.num_generations": 2,
+    "reheat": {"train.max_steps": 1, "train.prompts_per_step": 2, "rollout.num_generations": 2,
                "rollout.max_new_tokens": 8, "validation.limit": 4, "validation.num_generations": 2,
                "validation.max_new_tokens": 8, "reheat.report_prompts": 4, "train.save_every": 0,
                "reheat.target_entropy_ratio": None},
@@ -57,16 +57,33 @@ def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
     again = cli("demo", "--recipe", str(recipe), "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr and again.stderr.count("\n") == 1
 
-    stamp = (out / "collapsed" / "model.safetensors").stat().st_mtime_ns
+
+def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
+    recipe = tmp_path / "demo.yaml"
+    tree = shrunken_demo_recipe()
+    tree["demo"]["seeds"] = [0]
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "demo"
+    # SIGTERM at the third training setup: the first continued-RL arm, after every earlier stage finished
+    r = cli("demo", "--recipe", str(recipe), "--out", str(out), env={"TSOPSD_FAULT": "TERM@setup#3"})
+    assert r.returncode == 130, r.stderr[-3000:]
+    errors = [x for x in r.stderr.splitlines() if x.startswith("tsopsd: error:")]
+    assert len(errors) == 1 and "--resume" in errors[0] and "Traceback" not in r.stderr
+    partial = tmp_path / ".demo.partial"
+    assert not out.exists() and (partial / "collapsed" / "model.safetensors").is_file()
+    stamp = (partial / "collapsed" / "model.safetensors").stat().st_mtime_ns
+    plain = cli("demo", "--recipe", str(recipe), "--out", str(out))
+    assert plain.returncode == 2 and "pass --resume" in plain.stderr
     resumed = cli("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continued-rl" in resumed.stdout  # the table, from the kept stages
+    assert "continued-rl" in resumed.stdout and "done before, kept" in resumed.stderr
     assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone
+    assert not partial.exists() and not (tmp_path / ".demo.lock").exists()
 
 
 def test_demo_bad_input_is_one_line_and_exit_2(cli, tmp_path):
     for args, msg in ((["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
-                      (["--resume"], "--resume: no demo at"),
+                      (["--resume"], "--resume: no unfinished demo at"),
                       (["--temp", "0.5"], "demo.temp: Input should be greater than 1")):
         r = cli("demo", "--out", str(tmp_path / "d"), *args)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr

@@ -40,10 +40,24 @@ def test_eval_toy_report_and_samples(toy_base, tmp_path):
 
 
 def test_eval_on_real_benchmark_records_runs(tiny_ckpt, benchmark_dir, tmp_path):
+    out = tmp_path / "ev"
     r = eval_json(str(tiny_ckpt), "--benchmark", "aime24,amc23", "--data-dir", str(benchmark_dir),
-                  "--limit", "2", "-n", "2", "--max-new-tokens", "4")
+                  "--limit", "2", "-n", "2", "--max-new-tokens", "4", "--out", str(out))
     assert set(r["benchmarks"]) == {"aime24", "amc23"} and r["benchmarks"]["aime24"]["problems"] == 2
-    assert r["macro"]["accuracy"] == 0  # a random tiny model does not solve AIME
+    # the golds graded against are the records' own answers, normalised (AMC's 27.0 -> 27)
+    from tsopsd_cli.tasks.base import answer_text
+
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    for name in ("aime24", "amc23"):
+        records = [json.loads(x) for x in (benchmark_dir / f"{name}.jsonl").read_text().splitlines()][:2]
+        golds = {answer_text(rec.get("answer", rec.get("Answer"))) for rec in records}
+        assert {s["answer"] for s in samples if s["benchmark"] == name} == golds
+    # and a completion boxing each gold is graded correct: the whole path from the records to the grader works
+    graded = tmp_path / "right.jsonl"
+    graded.write_text("".join(json.dumps({"completion": f"so the answer is \\boxed{{{s['answer']}}}.",
+                                          "answer": s["answer"]}) + "\n" for s in samples))
+    p = run_cli("eval", "grade", str(graded), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["accuracy"] == 1.0
 
 
 def test_eval_bad_inputs(tiny_ckpt, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from tests.cli.test_cli import one_error_line
 from tests.conftest import run_cli
 
-SMALL = ["--set", "data.num_prompts=64", "--set", "reheat.prompts_per_step=4", "--set", "rollout.num_generations=2",
+SMALL = ["--set", "data.num_prompts=64", "--set", "train.prompts_per_step=4", "--set", "rollout.num_generations=2",
          "--set", "rollout.max_new_tokens=16", "--set", "validation.limit=8", "--set", "validation.num_generations=2",
          "--set", "validation.max_new_tokens=16", "--set", "reheat.report_prompts=4",
          "--set", "train.micro_batch_size=8"]
@@ -50,7 +50,7 @@ def test_frozen_teacher_at_tau_one_gives_zero_loss_and_no_update(tiny_ckpt, tmp_
 def test_ts_opsd_raises_entropy_and_keeps_top1(toy_base, tmp_path):
     out = tmp_path / "hot"
     p = run_cli("reheat", str(toy_base), "--temp", "1.6", "--max-steps", "6", "--lr", "1e-4", "--out", str(out),
-                *SMALL, "--set", "reheat.prompts_per_step=8", "--json")
+                *SMALL, "--set", "train.prompts_per_step=8", "--json")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     steps = [m for m in metrics(out) if "loss" in m]
@@ -70,3 +70,19 @@ def test_reheat_recipe_errors(tiny_ckpt, tmp_path):
     p = run_cli("reheat", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--target-entropy", "1",
                 "--target-entropy-ratio", "0.5")
     assert p.returncode == 2 and "at most one of target_entropy and target_entropy_ratio" in p.stderr
+
+
+def test_the_report_has_the_entropy_at_any_teacher_temperature(tiny_ckpt, tmp_path):
+    """--temp 1.8 is not one of diagnose's default temperatures: the report used to say nan there."""
+    out = tmp_path / "hot18"
+    p = run_cli("reheat", str(tiny_ckpt), "--temp", "1.8", "--max-steps", "1", "--out", str(out), *SMALL,
+                "--set", "validation.enabled=false", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    at = r["entropy_at_temp"]
+    assert isinstance(at["before"], float) and isinstance(at["after"], float) and at["before"] > 0
+    assert set(r["before"]["temperature_entropy"]) == {"1", "1.8"}
+    assert at["before"] == r["before"]["temperature_entropy"]["1.8"] > r["before"]["entropy"]
+    table = run_cli("reheat", str(tiny_ckpt), "--temp", "1.8", "--max-steps", "1", "--out", str(tmp_path / "t"),
+                    *SMALL, "--set", "validation.enabled=false")
+    assert table.returncode == 0 and "nan" not in table.stdout

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.cli.test_cli import one_error_line
 from tests.conftest import run_cli
@@ -66,7 +67,7 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tiny_ckpt, tm
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "SIGTERM received: checkpoint saved at step" in err and "--resume" in err
+    assert "SIGTERM received" in err and "checkpoint of step" in err and "--resume" in err
     assert not out.exists()
     p = run_cli(*args, "--out", str(out))
     assert p.returncode == 2 and "pass --resume" in p.stderr
@@ -75,15 +76,17 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tiny_ckpt, tm
     assert steps(out) == steps(full)
 
 
-def test_non_finite_loss_stops_with_exit_3_and_keeps_the_checkpoint(tiny_ckpt, tmp_path):
+def test_non_finite_loss_stops_with_exit_3_before_the_update(tiny_ckpt, tmp_path):
     (tmp_path / "nan_reward.py").write_text(
         "def reward(completions, answers):\n    return [float('nan')] * len(completions)\n")
     out = tmp_path / "nan"
     p = run_cli("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL,
-                "--set", "grpo.reward=nan_reward:reward", "--set", "validation.enabled=false",
+                "--set", "grpo.reward=nan_reward:reward", "--set", "validation.enabled=false", "--quiet",
                 env={"PYTHONPATH": str(tmp_path)})
     line = one_error_line(p, code=3)
-    assert "non-finite" in line and not out.exists()
+    assert "non-finite loss" in line and "step 1" in line and "before the update" in line
+    assert not out.exists()  # nothing published; no checkpoint with NaN weights (tests/cli/test_faults.py keeps
+    assert not (tmp_path / ".nan.partial" / "checkpoints").exists()  # earlier good ones)
 
 
 def test_bad_reward_spec_is_a_usage_error(tiny_ckpt, tmp_path):
@@ -108,8 +111,61 @@ def test_two_processes_match_one_process(tiny_ckpt, tmp_path):
     r = json.loads(two.stdout)
     assert r["processes"] == 2
     a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for k in ("reward", "response_length", "groups_used", "tokens"):
             assert x[k] == pytest.approx(y[k]), k
         for k in ("loss", "entropy", "grad_norm", "kl_old"):
             assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-6), k
+
+
+THERMO = ["--set", "validation.enabled=false", "--set", "train.save_every=1", "--set", "optim.eps=1.0",
+          "--max-steps", "8"]
+
+
+def test_a_thermostat_that_never_fires_gives_exactly_the_plain_run(tiny_ckpt, tmp_path):
+    plain = run_cli("rl", str(tiny_ckpt), "--out", str(tmp_path / "plain"), *SMALL, *THERMO[:-2], "--max-steps", "3")
+    assert plain.returncode == 0, plain.stderr
+    never = run_cli("rl", str(tiny_ckpt), "--out", str(tmp_path / "never"), *SMALL, *THERMO[:-2], "--max-steps", "3",
+                    "--set", "thermostat.enabled=true", "--set", "thermostat.threshold=0.0001",
+                    "--set", "thermostat.window=1", "--set", "thermostat.min_gap=1", "--json")
+    assert never.returncode == 0, never.stderr
+    assert steps(tmp_path / "plain") == steps(tmp_path / "never")
+    assert all(r["phase"] == "grpo" for r in steps(tmp_path / "never"))
+    assert json.loads(never.stdout)["thermostat"]["count"] == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "never" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterrupted_run(tiny_ckpt, tmp_path):
+    # a threshold above any entropy: fires as soon as the window (2) and the gap (2) allow, i.e. after step 2;
+    # phases of at most 2 steps, then GRPO again for 2 steps, then the next phase
+    fire = ["--set", "thermostat.enabled=true", "--set", "thermostat.threshold=100", "--set", "thermostat.window=2",
+            "--set", "thermostat.min_gap=2", "--set", "thermostat.max_phase_steps=2",
+            "--set", "thermostat.target_entropy_ratio=null", "--set", "thermostat.target_entropy=1000"]
+    full = tmp_path / "full"
+    p = run_cli("rl", str(tiny_ckpt), "--out", str(full), *SMALL, *THERMO, *fire, "--json")
+    assert p.returncode == 0, p.stderr
+    rows = steps(full)
+    assert [r["phase"] for r in rows] == ["grpo", "grpo", "reheat", "reheat", "grpo", "grpo", "reheat", "reheat"]
+    report = json.loads(p.stdout)["thermostat"]
+    assert report["count"] == 2 and [(x["first_step"], x["last_step"]) for x in report["phases"]] == [(3, 4), (7, 8)]
+    for r in rows:
+        if r["phase"] == "reheat":
+            assert r["student_entropy"] > 0 and r["teacher_entropy"] > r["student_entropy"] * 0.5 and "reward" not in r
+    cut = tmp_path / "cut"  # SIGTERM at the 3rd step: the first step of the first phase
+    p = run_cli("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--quiet",
+                env={"TSOPSD_FAULT": "TERM@step#3"})
+    assert p.returncode == 130, p.stderr
+    assert (tmp_path / ".cut.partial" / "checkpoints" / "step-000003" / "snapshot").is_dir()  # its teacher
+    p = run_cli("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--resume")
+    assert p.returncode == 0, p.stderr
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING | {"weight_sync_seconds"}} for r in rs]  # noqa
+    a, b = strip(steps(full)), strip(steps(cut))
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == (pytest.approx(y[k], rel=1e-5, abs=1e-7) if isinstance(x[k], float) else y[k]), (x["step"], k)

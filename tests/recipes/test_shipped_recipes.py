@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tsopsd_cli.recipe import build_recipe
+
 ROOT = Path(__file__).resolve().parents[2]
 # recipes/demo/toy.yaml runs, its stages shrunk, in tests/cli/test_demo.py (a whole pipeline per run)
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "demo")
@@ -18,7 +20,7 @@ SHRINK = {
     "rl": ["--max-steps", "2", "--set", "data.num_prompts=16", "--prompts-per-step", "4", "--num-generations", "2",
            "--max-new-tokens", "8", "--set", "validation.limit=4", "--set", "model.device=cpu",
            "--set", "grpo.mini_batches=2"],
-    "reheat": ["--max-steps", "2", "--set", "data.num_prompts=16", "--set", "reheat.prompts_per_step=2",
+    "reheat": ["--max-steps", "2", "--set", "data.num_prompts=16", "--set", "train.prompts_per_step=2",
                "--set", "rollout.num_generations=2", "--set", "rollout.max_new_tokens=8", "--set", "validation.limit=4",
                "--set", "reheat.report_prompts=2", "--set", "model.device=cpu"],
     "toy": ["--steps", "2", "--set", "train.eval_problems=4", "--set", "train.batch_size=4"],
@@ -59,8 +61,19 @@ def test_recipe_runs_for_a_couple_of_steps(recipe, cli, tiny_ckpt, tmp_path):
     else:
         pytest.fail(f"no smoke run defined for recipes/{kind}/")
     assert p.returncode == 0, p.stderr
-    json.loads(p.stdout)
+    report = json.loads(p.stdout)
     assert out.is_dir()
+    if kind in ("rl", "reheat"):
+        assert report["command"] == kind and report["out"] == str(out)
+        assert report["steps"] == 2 or (kind == "reheat" and report["stop_reason"] != "max_steps")
+        assert (out / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+        assert report["recipe"]["train"]["strategy"] == build_recipe(kind, recipe).train.strategy  # recipe kept
+    elif kind == "toy":
+        assert report["checkpoint"] == str(out) and (out / "config.json").is_file()
+    else:
+        assert report["command"] == kind and (out / "report.json").is_file()
+        if kind == "eval":
+            assert report["macro"]["accuracy"] >= 0 and report["benchmarks"]["toy"]["problems"] == 2
 
 
 def test_the_demo_recipe_is_the_demo_command_default():

@@ -66,6 +66,10 @@ def broken_copies(src, root):
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
     cases.append(("truncated", d, "truncated safetensors"))
     d = copy("corrupt"); (d / "model.safetensors").write_bytes(b"\x00" * 4 + b"garbage"); cases.append(("corrupt", d, "corrupt safetensors"))  # noqa: E702,E501
+    d = copy("listheader")  # a header that is valid JSON but not an object (exit 1 before: "a bug")
+    header = b"[1, 2, 3]"
+    (d / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 64)
+    cases.append(("listheader", d, "corrupt safetensors"))
     d = copy("notok")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (d / f).unlink()
@@ -99,12 +103,13 @@ def test_inspect_accepts_good_checkpoint(tiny_ckpt):
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     from tsopsd_cli.errors import UsageError
-    from tsopsd_cli.runners.training import hold_lock
+    from tsopsd_cli.rundir import Lock
 
     out = tmp_path / "out"
-    held = hold_lock(out)
+    held = Lock(out)
     assert (tmp_path / ".out.lock").is_file() and not out.exists()
     with pytest.raises(UsageError, match=r"out: another tsopsd run is writing it \(pid \d+\)"):
-        hold_lock(out)
-    held.close()
-    hold_lock(out).close()  # free again once the first run is gone
+        Lock(out)
+    held.release()
+    assert not (tmp_path / ".out.lock").exists()  # released locks leave no file behind
+    Lock(out).release()  # free again once the first run is gone

@@ -75,10 +75,10 @@ def test_token_divergence_chunked_equals_unchunked_values_and_gradients(kind):
     out = []
     for chunk in (3, 1000):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        d = token_divergence(hh, ww, teacher, kind, beta=0.5, tau=1.6, chunk_size=chunk)
+        d = token_divergence(hh, ww, teacher, kind, beta=0.5, temp=1.6, chunk_size=chunk)
         d.mean().backward()
         out.append((d.detach(), hh.grad, ww.grad))
-    for a, b in zip(out[0], out[1]):
+    for a, b in zip(out[0], out[1], strict=True):
         torch.testing.assert_close(a, b)
     want = divergence_from_logits(h @ w.T, (h @ wt.T) / 1.6, kind, 0.5)
     torch.testing.assert_close(out[0][0], want.float() if out[0][0].dtype == torch.float32 else want)
@@ -90,7 +90,7 @@ def test_frozen_teacher_at_tau_one_gives_zero_loss_and_gradient():
     teacher = lambda idx: (h[idx] @ w.T)  # noqa: E731 - the same model, frozen
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         hh.grad = ww.grad = None
-        d = token_divergence(hh, ww, teacher, kind, tau=1.0, chunk_size=4)
+        d = token_divergence(hh, ww, teacher, kind, temp=1.0, chunk_size=4)
         d.mean().backward()
         assert d.abs().max() < 1e-12
         assert hh.grad.abs().max() < 1e-12 and ww.grad.abs().max() < 1e-12
@@ -102,7 +102,7 @@ def test_top_p_teacher_against_reference(kind):
     g = torch.Generator().manual_seed(4)
     tw = w + 0.3 * torch.randn(w.shape, generator=g, dtype=torch.float64)
     tau, top_p, beta = 1.6, 0.8, 0.4
-    got = token_divergence(h, w, lambda idx: h[idx] @ tw.T, kind, beta=beta, tau=tau, chunk_size=4,
+    got = token_divergence(h, w, lambda idx: h[idx] @ tw.T, kind, beta=beta, temp=tau, chunk_size=4,
                            teacher_top_p=top_p)
     for i in range(h.shape[0]):
         s = probs((h[i] @ w.T).tolist())
@@ -122,4 +122,73 @@ def test_top_p_teacher_against_reference(kind):
             want = beta * kl(tn, m) + (1 - beta) * kl(s, m)
         assert got[i].item() == pytest.approx(want, abs=1e-9)
     with pytest.raises(ValueError, match="truncated"):
-        token_divergence(h, w, lambda idx: h[idx] @ tw.T, "reverse_kl", tau=tau, teacher_top_p=top_p)
+        token_divergence(h, w, lambda idx: h[idx] @ tw.T, "reverse_kl", temp=tau, teacher_top_p=top_p)
+
+
+def _student_as_logits(z):
+    """token_divergence on hidden = z and an identity head: the student's logits are z itself."""
+    return z, torch.eye(z.shape[-1], dtype=z.dtype)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_forward_kl_gradient_is_student_minus_teacher(top_p):
+    torch.manual_seed(3)
+    z = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(7, 11, dtype=torch.float64) * 2
+    h, w = _student_as_logits(z)
+    d = token_divergence(h, w, lambda idx: t_logits[idx], "forward_kl", temp=1.7, chunk_size=3, teacher_top_p=top_p)
+    d.sum().backward()
+    from tsopsd_cli.core.chunked import teacher_logits_at
+
+    t = teacher_logits_at(t_logits, 1.7, top_p).softmax(-1)
+    torch.testing.assert_close(z.grad, z.detach().softmax(-1) - t)  # d KL(t || softmax z) / dz = s - t
+
+
+def test_reverse_kl_gradient_against_its_closed_form():
+    torch.manual_seed(4)
+    z = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(5, 9, dtype=torch.float64)
+    h, w = _student_as_logits(z)
+    token_divergence(h, w, lambda idx: t_logits[idx], "reverse_kl", temp=1.3, chunk_size=2).sum().backward()
+    ls = z.detach().log_softmax(-1)
+    lt = (t_logits / 1.3).log_softmax(-1)
+    kl = (ls.exp() * (ls - lt)).sum(-1, keepdim=True)
+    torch.testing.assert_close(z.grad, ls.exp() * (ls - lt - kl))  # d KL(s || t) / dz = s (log s - log t - KL)
+
+
+def test_jsd_gradient_against_central_differences():
+    torch.manual_seed(5)
+    z0 = torch.randn(3, 6, dtype=torch.float64)
+    t_logits = torch.randn(3, 6, dtype=torch.float64)
+
+    def value(z):
+        h, w = _student_as_logits(z)
+        with torch.no_grad():
+            return float(token_divergence(h, w, lambda idx: t_logits[idx], "jsd", beta=0.3, temp=1.6).sum())
+
+    z = z0.clone().requires_grad_(True)
+    h, w = _student_as_logits(z)
+    token_divergence(h, w, lambda idx: t_logits[idx], "jsd", beta=0.3, temp=1.6, chunk_size=2).sum().backward()
+    numeric = torch.zeros_like(z0)
+    eps = 1e-6
+    for i in range(z0.shape[0]):
+        for j in range(z0.shape[1]):
+            e = torch.zeros_like(z0)
+            e[i, j] = eps
+            numeric[i, j] = (value(z0 + e) - value(z0 - e)) / (2 * eps)
+    torch.testing.assert_close(z.grad, numeric, atol=1e-7, rtol=1e-6)
+
+
+def test_no_gradient_reaches_a_live_teacher():
+    """teacher: live uses the student's own logits as the target: the target must act as a constant (stop
+    gradient), so the gradient equals the one against a detached copy."""
+    torch.manual_seed(6)
+    h = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    token_divergence(h, w, lambda idx: h[idx] @ w.T, "forward_kl", temp=1.6, chunk_size=4).sum().backward()
+    live = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    hd, wd = h.detach().clone(), w.detach().clone()
+    token_divergence(h, w, lambda idx: hd[idx] @ wd.T, "forward_kl", temp=1.6, chunk_size=4).sum().backward()
+    torch.testing.assert_close(live[0], h.grad)
+    torch.testing.assert_close(live[1], w.grad)

@@ -50,7 +50,7 @@ def test_stop_strings_end_completions(tiny_ckpt):
     char = next(ch for c in free for ch in c.text if ch.strip())
     cut = eng.generate(prompt, SamplingParams(num_generations=8, temperature=3.0, max_new_tokens=30, seed=0,
                                                    stop=(char,)))
-    for f, c in zip(free, cut):
+    for f, c in zip(free, cut, strict=True):
         if char in f.text:
             assert c.finish_reason == "stop" and c.text.endswith(char) and c.text.count(char) == 1
             assert f.text.startswith(c.text)
@@ -98,3 +98,26 @@ def test_gumbel_max_with_row_seeds_samples_the_softmax():
     chi2 = float(n * ((freq - probs.double()) ** 2 / probs.double()).sum())
     assert chi2 < 18.5  # 4 degrees of freedom: p ~ 0.001
     torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
+
+
+def test_a_stop_string_end_appends_no_unsampled_eos_when_pad_is_eos(tiny_ckpt):
+    """pad == eos (common in real tokenizers): the filler after a row's end is the eos id itself, and must not be
+    read as a sampled eos (which would then be trained on and lengthen eval completions)."""
+    ld = load_checkpoint(tiny_ckpt, device="cpu")
+    tok = ld.tokenizer
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    eng = HFEngine(ld.model, tok, batch_size=16)
+    prompts = [tok(t)["input_ids"] for t in ("1+2=?\n", "(3*4)-5=?\n")]
+    stops = tuple("0123456789")  # a random tiny model samples digits often: many rows end by a stop string
+    comps = eng.generate(prompts, SamplingParams(num_generations=8, temperature=1.0, max_new_tokens=20, stop=stops,
+                                                 row_seeds=(3, 4)))
+    by_string = [c for c in comps if c.finish_reason == "stop" and (not c.token_ids or c.token_ids[-1] != eos)]
+    assert len(by_string) >= 4  # the case under test happens
+    for c in comps:
+        if eos in c.token_ids:
+            assert c.token_ids.index(eos) == len(c.token_ids) - 1 and c.finish_reason == "stop"
+        if c.finish_reason == "stop" and c.token_ids[-1] != eos:
+            assert any(s in tok.decode(c.token_ids) for s in stops)
+            assert not any(s in tok.decode(c.token_ids[:-1]) for s in stops)  # ends at the stop's first token
+        assert len(c.logprobs) == len(c.token_ids)

@@ -53,16 +53,64 @@ def test_clipping_removes_the_gradient_exactly_where_flagged():
         assert zero.tolist() == (low | high)[0].tolist()
 
 
-def test_kl_estimators():
+def test_kl_penalties_values():
     logp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
     ref = torch.tensor([-1.5, -1.0, -0.5], dtype=torch.float64)
-    k1 = grpo.kl_estimate(logp, ref, "k1")
-    k3 = grpo.kl_estimate(logp, ref, "k3")
+    k2 = grpo.kl_penalty(logp, ref, "k2")
+    k3 = grpo.kl_penalty(logp, ref, "k3")
     for i in range(3):
         d = ref[i].item() - logp[i].item()
-        assert k1[i].item() == pytest.approx(-d)
+        assert k2[i].item() == pytest.approx(0.5 * d * d)
         assert k3[i].item() == pytest.approx(math.exp(d) - d - 1)
     assert bool((k3 >= 0).all()) and k3[2] == 0
+    with pytest.raises(ValueError, match="k2 or k3"):
+        grpo.kl_penalty(logp, ref, "k1")
+
+
+def _expected_penalty_gradient(estimator: str, logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """E_{x ~ pi}[grad_logits penalty(x)], exactly: a sum over the vocabulary weighted by pi (float64)."""
+    total = torch.zeros_like(logits)
+    pi = logits.softmax(-1).detach()
+    for x in range(logits.numel()):
+        lg = logits.clone().requires_grad_(True)
+        logp = lg.log_softmax(-1)[x]
+        grpo.kl_penalty(logp, ref_logp[x], estimator).backward()
+        total += pi[x] * lg.grad
+    return total
+
+
+def test_each_kl_penalty_has_the_gradient_its_docs_name():
+    torch.manual_seed(0)
+    logits = torch.randn(6, dtype=torch.float64)
+    ref_logits = torch.randn(6, dtype=torch.float64)
+    ref_logp = ref_logits.log_softmax(-1)
+
+    def grad_of(kl_fn):
+        lg = logits.clone().requires_grad_(True)
+        kl_fn(lg.log_softmax(-1)).backward()
+        return lg.grad
+
+    reverse = grad_of(lambda lp: (lp.exp() * (lp - ref_logp)).sum())  # grad KL(pi || ref)
+    forward = grad_of(lambda lp: (ref_logp.exp() * (ref_logp - lp)).sum())  # grad KL(ref || pi)
+    torch.testing.assert_close(_expected_penalty_gradient("k2", logits, ref_logp), reverse)
+    torch.testing.assert_close(_expected_penalty_gradient("k3", logits, ref_logp), forward)
+    # and k1 (log pi - log ref), which the recipe refuses, would have expected gradient exactly 0
+    pi = logits.softmax(-1)
+    k1 = torch.zeros_like(logits)
+    for x in range(6):
+        lg = logits.clone().requires_grad_(True)
+        (lg.log_softmax(-1)[x] - ref_logp[x]).backward()
+        k1 += pi[x] * lg.grad
+    torch.testing.assert_close(k1, torch.zeros_like(k1))
+
+
+def test_recipe_refuses_k1_with_the_reason():
+    from tsopsd_cli.errors import RecipeError
+    from tsopsd_cli.recipe import build_recipe
+
+    with pytest.raises(RecipeError) as e:
+        build_recipe("rl", None, [("grpo.kl_estimator", "k1")])
+    assert "expected gradient 0" in " ".join(e.value.lines)
 
 
 def test_aggregation_modes_against_reference_and_split_invariance():
@@ -78,29 +126,34 @@ def test_aggregation_modes_against_reference_and_split_invariance():
         "seq-mean-token-sum-norm": float((loss * mask).sum() / (6 * 7)),
     }
     for mode, want in ref.items():
-        whole = grpo.aggregate(loss, mask, mode, n_tok, n_seq, 7)
-        parts = sum(grpo.aggregate(loss[i:i + 1], mask[i:i + 1], mode, n_tok, n_seq, 7) for i in range(6))
+        whole = grpo.aggregate(loss, mask, mode, n_tok, n_seq, 6, 7)
+        parts = sum(grpo.aggregate(loss[i:i + 1], mask[i:i + 1], mode, n_tok, n_seq, 6, 7) for i in range(6))
         assert float(whole) == pytest.approx(want) and float(parts) == pytest.approx(want)
 
 
+def test_dr_grpo_normaliser_counts_every_row_even_masked_ones():
+    """Dr.GRPO divides by a constant (rows x max_new_tokens): masking a row (overlong filtering) must not
+    raise the weight of the others."""
+    loss = torch.ones(4, 3, dtype=torch.float64)
+    mask = torch.ones(4, 3, dtype=torch.float64)
+    mask[3] = 0  # one truncated row without a loss
+    got = grpo.aggregate(loss, mask, "seq-mean-token-sum-norm", num_tokens=9, num_seqs=3, num_rows=4, max_len=3)
+    assert float(got) == pytest.approx(9 / (4 * 3))
+
+
 def test_covariance_and_token_selection():
-    adv = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
-    logp = torch.tensor([[-0.1, -3.0], [-2.0, -0.2], [-1.0, -1.0]], dtype=torch.float64)
-    mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.float64)
-    cov = grpo.token_covariance(adv, logp, mask)
-    a = [2.0, 2.0, -1.0, -1.0, 0.5]
-    lp = [-0.1, -3.0, -2.0, -0.2, -1.0]
-    am, lm = sum(a) / 5, sum(lp) / 5
-    want = [(x - am) * (y - lm) for x, y in zip(a, lp)]
-    got = [cov[0, 0], cov[0, 1], cov[1, 0], cov[1, 1], cov[2, 0]]
-    assert [float(g) for g in got] == pytest.approx(want)
-    assert cov[2, 1] == float("-inf")
-    sel = grpo.kl_cov_mask(cov, mask, 0.4)  # 40 % of 5 tokens = 2: the two largest covariances
-    top2 = sorted(range(5), key=lambda i: -want[i])[:2]
-    flat_pos = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
-    assert {flat_pos[i] for i in top2} == {tuple(x) for x in torch.nonzero(sel).tolist()}
-    keep = grpo.clip_cov_mask(cov, mask, 1.0, -10.0, 10.0, torch.Generator().manual_seed(0))
-    assert float(((1 - keep) * mask).sum()) == 5  # ratio 1: every eligible token detached
-    keep = grpo.clip_cov_mask(cov, mask, 0.2, 0.5, 10.0, torch.Generator().manual_seed(0))
-    dropped = torch.nonzero(1 - keep).tolist()
-    assert len(dropped) == 1 and 0.5 < float(cov[tuple(dropped[0])]) < 10.0
+    adv = torch.tensor([2.0, 2.0, -1.0, -1.0, 0.5], dtype=torch.float64)
+    lp = torch.tensor([-0.1, -3.0, -2.0, -0.2, -1.0], dtype=torch.float64)
+    cov = grpo.token_covariance(adv, lp)
+    am, lm = float(adv.mean()), float(lp.mean())
+    want = [(float(x) - am) * (float(y) - lm) for x, y in zip(adv, lp)]
+    assert cov.tolist() == pytest.approx(want)
+    sel = grpo.kl_cov_select(cov, 0.4)  # 40 % of 5 tokens = 2: the two largest covariances
+    assert set(torch.nonzero(sel).squeeze(-1).tolist()) == set(sorted(range(5), key=lambda i: -want[i])[:2])
+    assert int(grpo.kl_cov_select(cov, 1e-9).sum()) == 1  # at least one
+    sel = grpo.clip_cov_select(cov, 1.0, -10.0, 10.0, torch.Generator().manual_seed(0))
+    assert int(sel.sum()) == 5  # ratio 1: every eligible token detached
+    sel = grpo.clip_cov_select(cov, 0.2, 0.5, 10.0, torch.Generator().manual_seed(0))
+    picked = torch.nonzero(sel).squeeze(-1).tolist()
+    assert len(picked) == 1 and 0.5 < want[picked[0]] < 10.0
+    assert not grpo.clip_cov_select(cov, 0.5, 100.0, 200.0).any()  # nothing eligible

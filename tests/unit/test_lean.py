@@ -75,7 +75,7 @@ def test_engine_paths_sample_the_same_tokens(tiny_ckpt):
     ref = HFEngine(model, tok, batch_size=4, lean=False).generate(prompts, params)
     assert HFEngine(model, tok).lean
     assert [c.token_ids for c in lean] == [c.token_ids for c in ref]
-    for a, b in zip(lean, ref):
+    for a, b in zip(lean, ref, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
         assert a.entropies == pytest.approx(b.entropies, abs=1e-4)
 
@@ -95,7 +95,7 @@ def test_dropping_finished_rows_changes_no_sample(toy_base):
     lengths = sorted(len(c.token_ids) for c in lean)
     assert lengths[len(lengths) // 2] < lengths[-1]  # half had finished before the longest: compaction happened
     assert [c.token_ids for c in lean] == [c.token_ids for c in ref]
-    for a, b in zip(lean, ref):
+    for a, b in zip(lean, ref, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4) and a.finish_reason == b.finish_reason
 
 
@@ -117,10 +117,10 @@ def test_shared_prefix_forward_matches_transformers_values_and_gradients(kind):
     # RMSNorm takes its statistics in float32 even in a float64 model (as transformers does), so gradients
     # summed in another order (a shared prompt gathers its completions' gradients) agree to float32 rounding
     lean_grads = _grads(model, got)
-    for a, b in zip(lean_grads, _grads(model, want)):
+    for a, b in zip(lean_grads, _grads(model, want), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
     ckpt = shared_prefix_hidden(model, seqs, checkpoint_layers=True)  # recomputed layers: the same gradients
-    for a, b in zip(_grads(model, ckpt), lean_grads):
+    for a, b in zip(_grads(model, ckpt), lean_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
@@ -143,7 +143,7 @@ def test_training_forward_follows_model_lean(tiny_ckpt, tmp_path):
     params, batch, calls = [], None, []  # calls: (loss, gradient norm)
     for lean in (True, False):
         r = build_recipe("rl", None, parse_set_options([
-            "data.num_prompts=8", "grpo.prompts_per_step=2", "rollout.num_generations=4",
+            "data.num_prompts=8", "train.prompts_per_step=2", "rollout.num_generations=4",
             "rollout.max_new_tokens=10", "validation.enabled=false", "optim.lr=1e-3", "train.max_steps=1",
             "optim.eps=1.0",  # Adam's first step is then ~ lr * gradient, not lr * sign(gradient)
             "grpo.reward=tests.rewards:even_length", f"model.lean={str(lean).lower()}",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tsopsd_cli.recipe import build_recipe, parse_set_options
 from tsopsd_cli.runners.rl import RLRunner
 from tsopsd_cli.tasks.grading import Grader
 
-BASE = ["data.num_prompts=64", "grpo.prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=12",
+BASE = ["data.num_prompts=64", "train.prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=12",
         "validation.enabled=false", "optim.lr=1e-3", "train.max_steps=2", "grpo.reward=tests.rewards:even_length"]
 # Adam's early steps are ~ lr * sign(gradient): a gradient that is 0 up to rounding one way and 1e-12 the other
 # would move a weight by lr. With eps = 1 the step is ~ lr * gradient, so rounding-level differences stay small.
@@ -39,7 +40,7 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_ckpt, tmp_path):
     params = []
     batch = None
     for name, mbs in (("one", 8), ("eight", 1)):
-        run = runner(tiny_ckpt, tmp_path, name, f"train.micro_batch_size={mbs}", "grpo.prompts_per_step=2",
+        run = runner(tiny_ckpt, tmp_path, name, f"train.micro_batch_size={mbs}", "train.prompts_per_step=2",
                      "optim.max_grad_norm=null", ADAM_LINEAR)
         with Grader(workers=1) as g:
             run.grader = g
@@ -54,7 +55,7 @@ def test_leaving_out_zero_advantage_rows_changes_nothing(tiny_ckpt, tmp_path, mo
     params, trained = [], []
     batch = None
     for name, skip in (("skip", True), ("all", False)):
-        run = runner(tiny_ckpt, tmp_path, name, "train.micro_batch_size=3", "grpo.prompts_per_step=4",
+        run = runner(tiny_ckpt, tmp_path, name, "train.micro_batch_size=3", "train.prompts_per_step=4",
                      "grpo.mini_batches=2", "grpo.ppo_epochs=2", "optim.max_grad_norm=null", ADAM_LINEAR)
         monkeypatch.setattr(RLRunner, "skips_zero_advantage", lambda self, s=skip: s)
         with Grader(workers=1) as g:
@@ -68,3 +69,88 @@ def test_leaving_out_zero_advantage_rows_changes_nothing(tiny_ckpt, tmp_path, mo
         params.append(torch.cat([p.detach().flatten() for p in run.model.parameters()]))
     assert trained[0] < trained[1] == 1.0
     torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-4)
+
+
+# Every option that is not a default, tested like a default: the update must not depend on micro_batch_size (the
+# loss is normalised by whole-batch counts and token selections are made over the whole mini-batch), and the first
+# mini-batch's importance ratio is exactly 1.
+OPTIONS = {
+    "seq-mean-token-mean": ["grpo.loss_aggregation=seq-mean-token-mean"],
+    "dr-grpo": ["grpo.loss_aggregation=seq-mean-token-sum-norm", "grpo.scale_rewards=none"],
+    "batch-std": ["grpo.scale_rewards=batch"],
+    "clip-cov": ["grpo.clip_cov.enabled=true", "grpo.clip_cov.ratio=0.2", "grpo.clip_cov.lower=0.0",
+                 "grpo.clip_cov.upper=100.0"],
+    "kl-cov": ["grpo.kl_cov.enabled=true", "grpo.kl_cov.ratio=0.2", "grpo.mini_batches=2"],
+    "kl-ref-k3": ["grpo.beta=0.1", "grpo.kl_estimator=k3"],
+    "kl-ref-k2": ["grpo.beta=0.1", "grpo.kl_estimator=k2"],
+    "entropy-bonus": ["grpo.entropy_coef=0.01"],
+    "entropy-bonus-hot": ["grpo.entropy_coef=0.01", "rollout.temperature=1.3"],
+    "overlong-masking": ["grpo.mask_truncated=true", "rollout.max_new_tokens=6"],
+    "dynamic-sampling": ["grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=2"],
+    "rollout-temperature": ["rollout.temperature=0.7"],
+    "epochs-and-mini-batches": ["grpo.ppo_epochs=2", "grpo.mini_batches=2"],
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_each_option_gives_the_same_update_at_any_micro_batch_size(name, tiny_ckpt, tmp_path):
+    params, metrics = [], []
+    batch = None
+    for mbs in (4, 32):
+        run = runner(tiny_ckpt, tmp_path, f"{name}-{mbs}", f"train.micro_batch_size={mbs}",
+                     "optim.max_grad_norm=null", ADAM_LINEAR, *OPTIONS[name])
+        try:
+            with Grader(workers=1) as g:
+                run.grader = g
+                fresh = run.rollout()  # (keeps both runs' seed sequences in step)
+                batch = batch or fresh
+                metrics.append(run.train_on(batch))
+            params.append(torch.cat([p.detach().flatten() for p in run.model.parameters()]))
+        finally:
+            run.run.close()
+    torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-4)
+    a, b = metrics
+    assert a["first_minibatch_max_ratio_dev"] == 0.0 and b["first_minibatch_max_ratio_dev"] == 0.0
+    for key in ("loss", "grad_norm", "kl_ref", "cov_selected_tokens", "entropy"):
+        if a.get(key) is not None:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    if "cov" in name:
+        assert a["cov_selected_tokens"] > 0  # the selection really selected tokens
+    if name.startswith("kl-ref"):
+        assert a["kl_ref"] is not None and a["kl_ref"] >= 0
+    assert torch.isfinite(params[0]).all()
+
+
+def test_kl_cov_is_refused_when_every_update_is_on_policy():
+    from tsopsd_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        build_recipe("rl", None, parse_set_options(["grpo.kl_cov.enabled=true"]))
+    assert "on-policy" in " ".join(e.value.lines)
+
+
+def test_the_entropy_bonus_is_the_entropy_of_the_sampling_distribution(tiny_ckpt, tmp_path):
+    """With rollout temperature T, the bonus differentiates the entropy of softmax(logits / T): compared with an
+    explicit float64 computation of that gradient on the same micro-batch."""
+    run = runner(tiny_ckpt, tmp_path, "ent", "rollout.temperature=1.5", "grpo.entropy_coef=1.0",
+                 "train.micro_batch_size=64")
+    try:
+        with Grader(workers=1) as g:
+            run.grader = g
+            batch = run.rollout()
+        batch.advantages = [0.0] * len(batch.seqs)  # only the bonus remains
+        seqs = batch.seqs
+        n_tok = float(sum(len(c) for _, c in seqs))
+        run.model.zero_grad()
+        run._micro_step(batch, list(range(len(seqs))), None,
+                        None, {"tokens": n_tok, "seqs": len(seqs), "rows": len(seqs)}, {})
+        got = run.model.lm_head.weight.grad.clone()
+        run.model.zero_grad()
+        hidden, weight, pb = run.hidden(run.model, seqs)
+        logits = (hidden.double() @ weight.double().T) / 1.5
+        lp = logits.log_softmax(-1)
+        ent = -(lp.exp() * lp).sum(-1)
+        (-ent.sum() / n_tok).backward()
+        torch.testing.assert_close(got, run.model.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
+    finally:
+        run.run.close()

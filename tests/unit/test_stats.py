@@ -47,7 +47,7 @@ def test_entropy_top1_topk_against_float64_reference():
 def test_kl_agreement_jaccard_against_reference():
     a, b = rand_logits(seed=1), rand_logits(seed=2)
     st = S.logits_token_stats(a, [1.0], [1, 5], ref_logits=b)
-    for i, (ra, rb) in enumerate(zip(a.double().tolist(), b.double().tolist())):
+    for i, (ra, rb) in enumerate(zip(a.double().tolist(), b.double().tolist(), strict=True)):
         assert st.kl_reverse[i].item() == pytest.approx(ref_kl(ra, rb), rel=1e-4, abs=1e-5)  # KL(model || ref)
         assert st.kl_forward[i].item() == pytest.approx(ref_kl(rb, ra), rel=1e-4, abs=1e-5)  # KL(ref || model)
         top = lambda r, k: set(sorted(range(len(r)), key=lambda j: -r[j])[:k])  # noqa: E731

@@ -37,7 +37,7 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
 
 
 def _register() -> None:
-    from tsopsd_cli.cli import demo, diagnose, evaluate, recipe_cmd, reheat, rl, toy
+    from tsopsd_cli.cli import demo, diagnose, evaluate, plan, recipe_cmd, reheat, rl, toy
 
     app.command("diagnose", epilog="[bold]Example:[/bold] tsopsd diagnose ./ckpt --reference ./base "
                 "--num-prompts 32 --out diag/")(diagnose.diagnose)
@@ -48,6 +48,7 @@ def _register() -> None:
     app.command("rl", epilog=rl.EPILOG)(rl.rl)
     app.command("reheat", epilog=reheat.EPILOG)(reheat.reheat)
     app.command("demo", epilog=demo.EPILOG)(demo.demo)
+    app.command("plan", epilog=plan.EPILOG)(plan.plan)
     app.add_typer(toy.app, name="toy")
     app.add_typer(recipe_cmd.app, name="recipe")
 
@@ -76,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[:2] == ["eval", "grade"]:
         args = ["eval-grade", *args[2:]]
     debug = os.environ.get("TSOPSD_DEBUG") == "1"
+    from tsopsd_cli import signals
+
     try:
-        result = app(args=args, prog_name="tsopsd", standalone_mode=False)
+        with signals.installed():
+            result = app(args=args, prog_name="tsopsd", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except TsopsdError as e:
         if debug:

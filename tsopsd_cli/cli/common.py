@@ -17,9 +17,10 @@ RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recip
                                                    rich_help_panel="Recipe")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override any recipe field: section.field=value (repeatable).", rich_help_panel="Recipe")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; no progress.",
-                                       rich_help_panel="Output")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel="Output")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout (no progress bars; "
+                                       "progress lines still go to a non-terminal stderr).", rich_help_panel="Output")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (bars or log lines).",
+                                        rich_help_panel="Output")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (written atomically).",
                                                 rich_help_panel="Output")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.",
@@ -64,13 +65,17 @@ def is_main_process() -> bool:
 
 
 def progress_for(json_out: bool, quiet: bool) -> Progress:
-    return Progress(enabled=not (json_out or quiet) and sys.stderr.isatty() or _forced())
-
-
-def _forced() -> bool:
+    """Rich bars on a terminal (not with --json), plain lines at a steady pace when stderr is a file or pipe (a
+    cluster log; also with --json), nothing with --quiet or in a non-main process. TSOPSD_PROGRESS=1: bars."""
     import os
 
-    return os.environ.get("TSOPSD_PROGRESS") == "1"
+    if quiet or not is_main_process():
+        return Progress(mode="off")
+    if os.environ.get("TSOPSD_PROGRESS") == "1":
+        return Progress(mode="rich")
+    if sys.stderr.isatty():
+        return Progress(mode="off" if json_out else "rich")
+    return Progress(mode="plain")
 
 
 def print_json(obj: Any) -> None:

@@ -17,10 +17,12 @@ EPILOG = ("[bold]Example:[/bold] tsopsd demo --out runs/demo   (then open runs/d
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's output and the summary.",
                                       rich_help_panel="Output")] = Path("runs/demo"),
-    temp: Annotated[Optional[float], typer.Option("--temp", help="tau of TS-OPSD, fold and the rollout-"
-                                                  "temperature arm (default 1.6).")] = None,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature of TS-OPSD and fold, "
+                                                  "and the rollout temperature of the rollout-temperature arm "
+                                                  "(default 1.6).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds of the continued-RL arms "
                                                  "(default 0).")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished demo of --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished stages of an earlier demo in --out and "
                                          "continue where it stopped.")] = False,
     recipe: RecipeOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False,
@@ -40,7 +42,7 @@ def demo(
                                          "demo.temp": temp, "demo.seeds": seed_list})
     from tsopsd_cli.runners.demo import run_demo
 
-    summary = run_demo(rec, progress_for(json_out, quiet), resume=resume)
+    summary = run_demo(rec, progress_for(json_out, quiet), resume=resume, restart=restart)
     if json_out:
         print_json({k: v for k, v in summary.items()})
         return 0
@@ -50,7 +52,7 @@ def demo(
               f"({c['entropy_ratio']:.1f}x), accuracy {c['accuracy_base']:.3f} -> {c['accuracy_collapsed']:.3f}")
     from rich.table import Table
 
-    t = Table(title=f"tsopsd demo (tau {summary['tau']:g}, seeds {summary['seeds']})")
+    t = Table(title=f"tsopsd demo (temp {summary['temp']:g}, seeds {summary['seeds']})")
     for col in ("arm", "start entropy", f"top-{summary['topk']} Jaccard", "CKA", "acc before", "acc after"):
         t.add_column(col, justify="left" if col == "arm" else "right")
     for name, a in summary["arms"].items():
@@ -59,5 +61,5 @@ def demo(
         t.add_row(name, f"{a['entropy']:.3f}", f"{a['topk_jaccard']:.3f}", f"{a['cka_last_layer']:.3f}",
                   f"{a['accuracy_before']:.3f}", after)
     con.print(t)
-    con.print(f"summary: {out / 'summary.md'} ({summary['seconds']:.0f} s)")
+    con.print(f"summary: {Path(summary['out']) / 'summary.md'} ({summary['seconds']:.0f} s)")
     return 0

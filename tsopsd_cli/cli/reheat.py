@@ -57,10 +57,10 @@ def reheat(
     con.print(f"reheat (TS-OPSD, tau={report['temp']}): {report['steps']} steps in {report['seconds']:.0f} s, "
               f"stopped by {report['stop_reason']} -> {report['out']}")
     if b and a:
-        con.print(f"  entropy {b['entropy']:.4f} -> {a['entropy']:.4f} nats (tau-teacher on the same tokens: "
-                  f"{b['temperature_entropy'].get(format(report['temp'], 'g'), float('nan')):.4f}); "
-                  f"top-1 agreement with input {a['top1_agreement']:.3f}; Jaccard@10 {a['topk_jaccard']['10']:.3f}; "
-                  f"CKA last layer {a['cka'][-1]:.3f}")
+        at = report["entropy_at_temp"]
+        con.print(f"  entropy {b['entropy']:.4f} -> {a['entropy']:.4f} nats (at temp {report['temp']:g}: "
+                  f"{at['before']:.4f} -> {at['after']:.4f}); top-1 agreement with input {a['top1_agreement']:.3f}; "
+                  f"Jaccard@10 {a['topk_jaccard']['10']:.3f}; CKA last layer {a['cka'][-1]:.3f}")
     if acc["before"] is not None:
         con.print(f"  validation accuracy {acc['before']:.3f} -> {acc['after']:.3f}")
     return 0

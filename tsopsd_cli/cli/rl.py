@@ -32,8 +32,7 @@ def run_training(run_fn, rec, checkpoint: str, json_out: bool, quiet: bool, resu
     """Run rl or reheat; the report when it is this process's to print as a table, else None (another process
     than the main one, which reports nothing, or --json, printed here)."""
     main_process = is_main_process()
-    report = run_fn(rec, checkpoint, progress_for(json_out, quiet or not main_process), resume=resume,
-                    restart=restart)
+    report = run_fn(rec, checkpoint, progress_for(json_out, quiet), resume=resume, restart=restart)
     if not main_process:
         return None  # with several processes only the main one reports
     if json_out:
@@ -59,7 +58,7 @@ def rl(
     KL-Cov, ...). Writes a checkpoint with metrics.jsonl, report.json and curves; resumable.
     """
     flags = {
-        "train.max_steps": max_steps, "optim.lr": lr, "grpo.prompts_per_step": prompts_per_step,
+        "train.max_steps": max_steps, "optim.lr": lr, "train.prompts_per_step": prompts_per_step,
         "rollout.num_generations": num_generations, "rollout.temperature": temperature,
         "rollout.max_new_tokens": max_new_tokens, "train.seed": seed,
         **model_flags(device, dtype, allow_pickle, trust_remote_code),

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tsopsd_cli.core.stats import entropy_from_logp, kl_from_logp
+
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 -> fp32 for the softmax; fp32/fp64 stay as they are."""
@@ -25,7 +27,7 @@ def _logp_entropy_block(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     logits = _upcast(hidden @ weight.T) / temperature  # [c, V]
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else logits.new_zeros(0)
+    ent = entropy_from_logp(logp_all) if with_entropy else logits.new_zeros(0)
     return logp, ent
 
 
@@ -58,17 +60,17 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def teacher_logits_at(logits: torch.Tensor, tau: float, top_p: float = 1.0) -> torch.Tensor:
-    """The teacher's distribution as logits: softmax(logits / tau), restricted to its top-p nucleus and
+def teacher_logits_at(logits: torch.Tensor, temp: float, top_p: float = 1.0) -> torch.Tensor:
+    """The teacher's distribution as logits: softmax(logits / temp), restricted to its top-p nucleus and
     renormalised when top_p < 1.  [c, V] -> [c, V]"""
-    return nucleus(logits / tau, top_p)
+    return nucleus(logits / temp, top_p)
 
 
 def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
-                      kind: str, beta: float, tau: float, student_temperature: float, top_p: float = 1.0):
-    s_logits = _upcast(s_hidden @ s_weight.T) / student_temperature  # [c, V]
+                      kind: str, beta: float, temp: float, top_p: float = 1.0):
+    s_logits = _upcast(s_hidden @ s_weight.T)  # [c, V]
     with torch.no_grad():  # never differentiated
-        t_logits = teacher_logits_at(_upcast(t_logits_fn(idx)).to(s_logits.dtype), tau, top_p)  # [c, V]
+        t_logits = teacher_logits_at(_upcast(t_logits_fn(idx)).to(s_logits.dtype), temp, top_p)  # [c, V]
     return divergence_from_logits(s_logits, t_logits, kind, beta)
 
 
@@ -79,31 +81,26 @@ def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind:
     jsd: beta*KL(teacher || M) + (1-beta)*KL(student || M), M = beta*teacher + (1-beta)*student
     (generalised JSD as in GKD; beta=0.5 is the symmetric JSD)."""
     ls = F.log_softmax(s_logits, dim=-1)
-    lt = F.log_softmax(t_logits, dim=-1)
-    inside = lt > float("-inf")  # teacher logits may be -inf outside a nucleus: those terms are 0 * log 0 = 0
-
-    def teacher_term(other):  # sum_v t_v (log t_v - other_v) over the teacher's support
-        return torch.where(inside, lt.exp() * (lt - other), torch.zeros_like(lt)).sum(-1)
-
+    lt = F.log_softmax(t_logits, dim=-1)  # may be -inf outside a nucleus: those terms are 0 * log 0 = 0
     if kind == "forward_kl":
-        return teacher_term(ls)
+        return kl_from_logp(lt, ls)
     if kind == "reverse_kl":
-        if not bool(inside.all()):
+        if not bool((lt > float("-inf")).all()):
             raise ValueError("reverse_kl is infinite against a truncated (top-p) teacher")
-        return (ls.exp() * (ls - lt)).sum(-1)
+        return kl_from_logp(ls, lt)
     if kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError("jsd needs 0 < beta < 1 (its limits are 0; use forward_kl or reverse_kl)")
         lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1.0 - beta)]), dim=0)  # log M
-        return beta * teacher_term(lm) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+        return beta * kl_from_logp(lt, lm) + (1 - beta) * kl_from_logp(ls, lm)
     raise ValueError(f"unknown divergence {kind!r}")
 
 
 def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
                      t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl",
-                     beta: float = 0.5, tau: float = 1.0, chunk_size: int = 1024,
-                     student_temperature: float = 1.0, teacher_top_p: float = 1.0) -> torch.Tensor:
-    """Per-token divergence between a teacher softmax(t_logits / tau) (restricted to its top-p nucleus when
+                     beta: float = 0.5, temp: float = 1.0, chunk_size: int = 1024,
+                     teacher_top_p: float = 1.0) -> torch.Tensor:
+    """Per-token divergence between a teacher softmax(t_logits / temp) (restricted to its top-p nucleus when
     teacher_top_p < 1) and the student softmax(s_hidden @ s_weight.T), with gradients to the student only.
     s_hidden: [N, D]; s_weight: [V, D];
     t_logits_fn(idx [c]) -> teacher logits [c, V] for those token indices (computed chunk by chunk, no grad).
@@ -115,10 +112,9 @@ def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
         idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
         h = s_hidden[s:s + chunk_size]
         if needs_grad:
-            d = checkpoint(_divergence_block, h, s_weight, t_logits_fn, idx, kind, beta, tau, student_temperature,
-                           teacher_top_p, use_reentrant=False)
+            d = checkpoint(_divergence_block, h, s_weight, t_logits_fn, idx, kind, beta, temp, teacher_top_p,
+                           use_reentrant=False)
         else:
-            d = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, tau, student_temperature,
-                                  teacher_top_p)
+            d = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, temp, teacher_top_p)
         out.append(d)
     return torch.cat(out)

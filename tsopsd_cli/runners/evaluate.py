@@ -1,8 +1,9 @@
 """`tsopsd eval`: sample n completions per problem, grade them, report avg@n, pass@k, maj@n and more.
 
-Resumable: with `--out DIR`, work happens in the hidden sibling `.DIR.partial/`. Each finished chunk of problems
-(sampled and graded) is appended to its `samples.jsonl` and flushed; a rerun of the same command (same recipe,
-same checkpoint fingerprint) skips the problems already there. When everything is done the directory gets
+Resumable (tsopsd_cli.rundir): with `--out DIR`, work happens in the hidden sibling `.DIR.partial/`. Each finished
+chunk of problems (sampled and graded) is appended to its `samples.jsonl` and flushed to disk; a rerun of the same
+command (same recipe, same checkpoint fingerprint) skips the problems already there. A signal stops it at the next
+chunk or generation batch with exit 130, the finished chunks kept. When everything is done the directory gets
 `report.json` and is renamed to DIR in one step. Sampling seeds derive from (seed, benchmark, first problem id of
 the chunk), so a resumed eval samples exactly what an uninterrupted one would have.
 """
@@ -12,24 +13,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
-from tsopsd_cli.checkpoint import (check_out, fingerprint, inspect_checkpoint, load_checkpoint, load_tokenizer,
-                                   move_into_place)
+from tsopsd_cli import signals
+from tsopsd_cli.checkpoint import check_out, fingerprint, inspect_checkpoint, load_checkpoint, load_tokenizer
 from tsopsd_cli.core.metrics import benchmark_metrics
 from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
-from tsopsd_cli.errors import OutputExistsError
+from tsopsd_cli.engines import require as require_engine
+from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import EvalRecipe, recipe_to_yaml
 from tsopsd_cli.report import json_safe
+from tsopsd_cli.rundir import RunDir
 from tsopsd_cli.tasks.base import Problem, answer_text
 from tsopsd_cli.tasks.benchmarks import load_benchmark, load_custom, template_text
 from tsopsd_cli.tasks.grading import Grader, normalize
 
-STATE_FILE = "state.json"
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -46,19 +46,13 @@ def plan(recipe: EvalRecipe) -> dict[str, list[Problem]]:
 
 
 def open_engine(recipe: EvalRecipe, checkpoint: str):
-    """(engine, tokenizer, fingerprint); vLLM loads the weights itself, hf through transformers."""
+    """(engine, tokenizer); vLLM loads the weights itself, hf through transformers."""
     m, ro = recipe.model, recipe.rollout
     if ro.engine == "vllm":
-        inspect_checkpoint(checkpoint, allow_pickle=m.allow_pickle)
-        from tsopsd_cli.engines.vllm import VLLMEngine
-
         tok = load_tokenizer(Path(checkpoint), m.trust_remote_code)
-        engine = VLLMEngine(checkpoint, tok, ro.vllm, dtype=m.dtype, seed=ro.seed,
-                            trust_remote_code=m.trust_remote_code)
-        return engine, tok, fingerprint(checkpoint)
-    ld = load_checkpoint(checkpoint, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code,
-                         allow_pickle=m.allow_pickle, attn_implementation=m.attn_implementation)
-    return make_engine("hf", ld.model, ld.tokenizer, ro.batch_size, m.lean), ld.tokenizer, ld.fingerprint
+        return make_engine("vllm", None, tok, checkpoint=checkpoint, model_section=m, rollout=ro), tok
+    ld = load_checkpoint(checkpoint, m)
+    return make_engine("hf", ld.model, ld.tokenizer, ro.batch_size, m.lean), ld.tokenizer
 
 
 def run_key(recipe: EvalRecipe, fp: str) -> str:
@@ -72,78 +66,59 @@ def chunk_seed(seed: int, benchmark: str, first_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{benchmark}:{first_id}".encode()).digest()[:4], "big")
 
 
-class SampleStore:
-    """samples.jsonl in the partial directory (or only in memory without --out)."""
-
-    def __init__(self, directory: Path | None):
-        self.directory = directory
-        self.rows: list[dict] = []
-        if directory is not None and (directory / SAMPLES_FILE).is_file():
-            with open(directory / SAMPLES_FILE) as fh:
-                for line in fh:
-                    try:
-                        self.rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break  # a line cut by a kill: drop it and everything after
-            self._rewrite()
-
-    def _rewrite(self) -> None:
-        tmp = self.directory / (SAMPLES_FILE + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in self.rows)
-        os.replace(tmp, self.directory / SAMPLES_FILE)
-
-    def done(self, benchmark: str, n: int) -> set[str]:
-        counts: dict[str, int] = {}
-        for r in self.rows:
-            if r["benchmark"] == benchmark:
-                counts[r["problem_id"]] = counts.get(r["problem_id"], 0) + 1
-        return {pid for pid, c in counts.items() if c >= n}
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows.extend(rows)
-        if self.directory is not None:
-            with open(self.directory / SAMPLES_FILE, "a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows)
-                fh.flush()
-                os.fsync(fh.fileno())
-
-
-def prepare_partial(out: Path | None, overwrite: bool, key: str, restart: bool, progress: Progress) -> Path | None:
-    if out is None:
-        return None
-    check_out(out, overwrite)
-    partial = out.parent / f".{out.name}.partial"
-    if partial.exists():
-        state = _read_state(partial)
-        if restart:
-            shutil.rmtree(partial)
-        elif state.get("key") != key:
-            raise OutputExistsError(f"{partial}: an unfinished eval with a different recipe or checkpoint is "
-                                    "there (pass --restart to discard it)")
-        else:
-            progress.log(f"resuming the unfinished eval in {partial}")
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / STATE_FILE).write_text(json.dumps({"key": key}))
-    return partial
-
-
-def _read_state(partial: Path) -> dict:
-    try:
-        return json.loads((partial / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+def done_ids(rows: list[dict], benchmark: str, n: int) -> set[str]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["benchmark"] == benchmark:
+            counts[r["problem_id"]] = counts.get(r["problem_id"], 0) + 1
+    return {pid for pid, c in counts.items() if c >= n}
 
 
 def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, restart: bool = False) -> dict:
     started = time.time()
-    out = recipe.output.out
-    check_out(out, recipe.output.overwrite)
+    out, ev = recipe.output.out, recipe.eval
+    check_out(out, recipe.output.overwrite, (checkpoint, ev.data, ev.data_dir))
     inspect_checkpoint(checkpoint, allow_pickle=recipe.model.allow_pickle)
+    require_engine(recipe.rollout.engine)
     sets = plan(recipe)
-    engine, tokenizer, fp = open_engine(recipe, checkpoint)
-    partial = prepare_partial(out, recipe.output.overwrite, run_key(recipe, fp), restart, progress)
-    store = SampleStore(partial)
+    fp = fingerprint(checkpoint)
+    run = RunDir(out, key=run_key(recipe, fp), log_name=SAMPLES_FILE, resume=None, restart=restart,
+                 what="eval") if out is not None else None
+    stored = False
+    try:
+        if run is not None and run.complete:
+            report = json.loads((run.path / "report.json").read_text())
+            report["out"] = str(run.finish())
+            return report
+        rows: list[dict] = run.log.keep() if run is not None and run.resumed else []
+        if rows:
+            progress.log(f"resuming the unfinished eval in {run.path} ({len(rows)} samples done)")
+        engine, tokenizer = open_engine(recipe, checkpoint)
+        stored = True  # from here on the partial directory holds what a rerun continues from
+        try:
+            report = _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run, progress)
+        finally:
+            if hasattr(engine, "close"):
+                engine.close()
+        report["seconds"] = round(time.time() - started, 3)
+        if run is not None:
+            (run.path / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+            (run.path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+            report["out"] = str(run.finish(before_rename=lambda: signals.check("finishing")))
+        return report
+    except Interrupted as e:
+        where = f"; the finished chunks are in {run.path}: run the same command again to continue" if run else ""
+        raise Interrupted(f"{e}{where}") from None
+    except BaseException:
+        if run is not None and not stored:
+            run.close(discard=True)
+        raise
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run, progress) -> dict:
     params = sampling_params(recipe.rollout)
     n = params.num_generations
     ev = recipe.eval
@@ -151,7 +126,7 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
     with Grader(workers=ev.grader_workers, timeout=ev.grader_timeout) as grader, \
             progress.task("eval", total=total) as advance:
         for bench, problems in sets.items():
-            done = store.done(bench, n)
+            done = done_ids(rows, bench, n)
             advance(len([p for p in problems if p.id in done]) * n)
             chat = ev.chat_template and bench != "toy"
             for s in range(0, len(problems), ev.chunk_problems):
@@ -159,28 +134,25 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
                 todo = [p for p in chunk if p.id not in done]
                 if not todo:
                     continue
+                signals.check("eval")
+                signals.fault_point("eval-chunk")
                 seeded = dataclasses.replace(params, seed=chunk_seed(params.seed, bench, chunk[0].id))
                 comps = engine.generate(encode_prompts(tokenizer, [p.prompt for p in todo], chat), seeded)
                 grades = grader.grade_many([(c.text, todo[c.prompt_index].answer) for c in comps])
-                rows = []
+                new = []
                 for c, g in zip(comps, grades):
                     p = todo[c.prompt_index]
-                    rows.append({"benchmark": bench, "problem_id": p.id, "sample_index": c.sample_index,
-                                 "completion": c.text, "extracted": g.extracted, "answer": p.answer,
-                                 "correct": g.correct, "timed_out": g.timed_out, "length": len(c.token_ids),
-                                 "finish_reason": c.finish_reason, "entropy": c.mean_entropy})
-                store.add(rows)
-                advance(len(rows))
+                    new.append({"benchmark": bench, "problem_id": p.id, "sample_index": c.sample_index,
+                                "completion": c.text, "extracted": g.extracted, "answer": p.answer,
+                                "correct": g.correct, "timed_out": g.timed_out, "length": len(c.token_ids),
+                                "finish_reason": c.finish_reason, "entropy": c.mean_entropy})
+                rows.extend(new)
+                if run is not None:
+                    run.log.append(new, durable=True)
+                advance(len(new))
         timeouts = grader.timeouts
-    report = summarize(recipe, checkpoint, fp, sets, store.rows, n)
+    report = summarize(recipe, checkpoint, fp, sets, rows, n)
     report["grader_timeouts"] = timeouts
-    report["seconds"] = round(time.time() - started, 3)
-    if partial is not None:
-        (partial / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
-        (partial / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        (partial / STATE_FILE).unlink()
-        move_into_place(partial, out)
-        report["out"] = str(out)
     return report
 
 
@@ -211,7 +183,7 @@ def regrade(path: Path, out: Path | None, overwrite: bool, workers: int, timeout
     from tsopsd_cli.errors import DataError
     from tsopsd_cli.tasks import read_jsonl
 
-    check_out(out, overwrite)
+    check_out(out, overwrite, (path,))
     rows = read_jsonl(path)
     for i, r in enumerate(rows, 1):
         if not isinstance(r.get("completion"), str) or r.get("answer") is None:

@@ -10,6 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tsopsd_cli import signals
 from tsopsd_cli.checkpoint import atomic_dir, check_out, provenance, write_checkpoint
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import ToyInitRecipe
@@ -63,6 +64,7 @@ def run_toy_init(recipe: ToyInitRecipe, progress: Progress = NULL) -> dict:
     losses = []
     with progress.task("toy SFT", total=tr.steps) as advance:
         for step in range(tr.steps):
+            signals.check("toy SFT (nothing written; rerun to start again)")
             x, mask, y = sft_batch(tokenizer, [next(stream) for _ in range(tr.batch_size)])
             logits = model(input_ids=x, attention_mask=mask).logits[:, :-1]  # [B, T-1, V]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100,

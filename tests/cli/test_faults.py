@@ -1,0 +1,309 @@
+"""Fault injection through the real entry point: kill -9 at seeded random points and resume until done, SIGTERM at
+every phase, and the defects a hostile-user audit found (each case failed before its fix). The guarantees these
+tests hold are listed in docs/cli.md."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.cli.test_cli import one_error_line
+from tests.conftest import run_cli
+
+TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s", "step_seconds"}
+LINEAR = ["--set", "optim.eps=1.0"]  # see tests/cli/test_parallel.py
+RL = ["rl", "--set", "data.num_prompts=64", "--prompts-per-step", "4", "--num-generations", "4",
+      "--max-new-tokens", "12", "--set", "validation.limit=6", "--set", "validation.num_generations=2",
+      "--set", "validation.max_new_tokens=10", "--lr", "1e-3", "--set", "train.micro_batch_size=8",
+      "--set", "grpo.reward=tests.rewards:even_length", "--max-steps", "4", "--set", "train.save_every=1",
+      "--set", "train.eval_every=2", *LINEAR]
+REHEAT = ["reheat", "--set", "data.num_prompts=64", "--set", "train.prompts_per_step=4",
+          "--set", "rollout.num_generations=2", "--set", "rollout.max_new_tokens=12", "--set", "validation.limit=6",
+          "--set", "validation.num_generations=2", "--set", "validation.max_new_tokens=10",
+          "--set", "reheat.report_prompts=3", "--set", "train.micro_batch_size=8", "--lr", "1e-3",
+          "--max-steps", "4", "--set", "train.save_every=1", "--set", "train.eval_every=2", "--temp", "1.6", *LINEAR]
+CMDS = {"rl": RL, "reheat": REHEAT}
+
+
+def rows(out):
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
+            for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same(a, b):
+    _rows_close(rows(a), rows(b))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def _rows_close(ra, rb):
+    assert [(r["step"], sorted(r)) for r in ra] == [(r["step"], sorted(r)) for r in rb]
+    for x, y in zip(ra, rb):
+        for k, v in x.items():
+            if isinstance(v, float):
+                assert v == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+            else:
+                assert v == y[k], (x["step"], k)
+    return True
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_ckpt, tmp_path_factory):
+    outs = {}
+    for name, args in CMDS.items():
+        out = tmp_path_factory.mktemp("full") / name
+        p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(out))
+        assert p.returncode == 0, p.stderr
+        outs[name] = out
+    return outs
+
+
+def steps_of(out):
+    return [r["step"] for r in rows(out)]
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+POINTS = ["setup", "validation", "rollout", "step", "save", "finish"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rl", "reheat"])
+def test_kill_9_at_seeded_random_points_then_resume_until_done_equals_the_uninterrupted_run(
+        name, tiny_ckpt, tmp_path, uninterrupted):
+    args = CMDS[name]
+    out = tmp_path / "cut"
+    rng = random.Random(f"kill-{name}")
+    kills = 0
+    for attempt in range(12):
+        point = rng.choice(POINTS)
+        # a resumed run reaches each per-step point once per step it takes: killing at its 2nd or 3rd visit lets
+        # every attempt finish at least one step (at the 1st it could be killed for ever at the same place)
+        nth = 1 if point in ("setup", "finish") else rng.randint(2, 3)
+        resume = ["--resume"] if (tmp_path / ".cut.partial").exists() else []
+        p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(out), *resume,
+                    env={"TSOPSD_FAULT": f"KILL@{point}#{nth}"})
+        if p.returncode == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, (point, nth, p.returncode, p.stderr[-2000:])
+        assert not out.exists()  # --out only ever appears complete
+        kills += 1
+    else:
+        pytest.fail("did not finish in 12 attempts")
+    assert kills >= 2
+    assert_same(uninterrupted[name], out)
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_moment_then_resume_equals_the_uninterrupted_run(tiny_ckpt, tmp_path, uninterrupted):
+    """Killed at a wall-clock moment (anywhere: mid-write too), resumed until done."""
+    out = tmp_path / "cut"
+    rng = random.Random("kill-time")
+    for attempt in range(10):
+        resume = ["--resume"] if (tmp_path / ".cut.partial").exists() else []
+        proc = subprocess.Popen([sys.executable, "-m", "tsopsd_cli", *RL[:1], str(tiny_ckpt), *RL[1:], "--out",
+                                 str(out), *resume, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=_env())
+        try:
+            proc.wait(timeout=rng.uniform(3.0, 12.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode == 0:
+            break
+        assert not out.exists()
+    else:
+        p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--out", str(out), "--resume")
+        assert p.returncode == 0, p.stderr
+    assert_same(uninterrupted["rl"], out)
+
+
+def _env():
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), root) if x)}
+
+
+def test_kill_9_before_the_first_checkpoint_then_resume_logs_each_step_once(tiny_ckpt, tmp_path):
+    out = tmp_path / "early"
+    p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "train.save_every=0", "--max-steps", "2", "--out", str(out),
+                env={"TSOPSD_FAULT": "KILL@step#2"})
+    assert p.returncode == -signal.SIGKILL
+    assert [r["step"] for r in rows(tmp_path / ".early.partial")] == [0, 1]
+    p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "train.save_every=0", "--max-steps", "2", "--out", str(out),
+                "--resume")
+    assert p.returncode == 0, p.stderr
+    assert steps_of(out) == [0, 1, 2, 2]  # validation, two steps, final validation: no duplicates
+
+
+# ---------------------------------------------------------------------------------------------- SIGTERM
+@pytest.mark.slow
+@pytest.mark.parametrize("name,point", [("rl", "validation#1"), ("rl", "validation#2"), ("rl", "rollout#3"),
+                                        ("rl", "step#2"), ("rl", "save#2"), ("rl", "finish#1"),
+                                        ("reheat", "validation#2"), ("reheat", "rollout#2")])
+def test_sigterm_at_each_phase_exits_130_with_one_line_and_resumes_exactly(name, point, tiny_ckpt, tmp_path,
+                                                                          uninterrupted):
+    args = CMDS[name]
+    out = tmp_path / "cut"
+    p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(out), "--quiet", env={"TSOPSD_FAULT": f"TERM@{point}"})
+    line = one_error_line(p, code=130)
+    assert "SIGTERM received" in line and "--resume" in line
+    assert not out.exists() and (tmp_path / ".cut.partial").is_dir() and not (tmp_path / ".cut.lock").exists()
+    p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(out), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert_same(uninterrupted[name], out)
+
+
+@pytest.mark.slow
+def test_sigterm_during_eval_exits_130_then_the_same_command_finishes(tiny_ckpt, tmp_path):
+    args = ["eval", str(tiny_ckpt), "--set", "eval.toy_num_problems=12", "--set", "eval.chunk_problems=4", "-n", "2",
+            "--max-new-tokens", "8", "--set", "eval.grader_workers=1"]
+    full = run_cli(*args, "--json")
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "ev"
+    p = run_cli(*args, "--out", str(out), "--quiet", env={"TSOPSD_FAULT": "TERM@eval-chunk#2"})
+    line = one_error_line(p, code=130)
+    assert "run the same command again" in line
+    rows_done = (tmp_path / ".ev.partial" / "samples.jsonl").read_text().splitlines()
+    assert len(rows_done) == 4 * 2  # the first chunk is on disk
+    p = run_cli(*args, "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    a, b = json.loads(full.stdout), json.loads(p.stdout)
+    assert a["macro"] == b["macro"]  # the resumed eval sampled exactly what an uninterrupted one did
+
+
+# ------------------------------------------------------------------------------------ the audit's defects
+def test_non_finite_recipe_numbers_are_refused(tiny_ckpt, tmp_path):
+    for value in (".inf", "nan", "-.inf"):
+        line = one_error_line(run_cli(*RL[:1], str(tiny_ckpt), "--out", str(tmp_path / "x"), "--set",
+                                      f"optim.lr={value}"))
+        assert "optim.lr" in line and "finite" in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("lr", ["1e30", "1e3"])
+def test_a_diverging_update_exits_3_before_anything_is_saved(lr, tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--lr", lr, "--set", "optim.eps=1e-8", "--out", str(out),
+                "--quiet")
+    line = one_error_line(p, code=3)
+    assert "diverged" in line or "non-finite" in line
+    assert not out.exists() and not (tmp_path / ".x.partial" / "checkpoints").exists()
+
+
+def test_a_non_finite_loss_later_in_a_run_keeps_the_last_good_checkpoints(tiny_ckpt, tmp_path):
+    (tmp_path / "late_nan.py").write_text(
+        "calls = 0\n"
+        "def reward(completions, answers):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    return [float('nan') if calls >= 3 else float(len(c) % 2) for c in completions]\n")
+    out = tmp_path / "x"
+    p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "grpo.reward=late_nan:reward", "--out", str(out),
+                "--set", "validation.enabled=false", "--quiet", env={"PYTHONPATH": str(tmp_path)})
+    line = one_error_line(p, code=3)
+    assert "non-finite" in line and "step 3" in line
+    ckpts = sorted(p.name for p in (tmp_path / ".x.partial" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000001", "step-000002"]
+    st = torch.load(tmp_path / ".x.partial" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert st["step"] == 2
+    # the kept checkpoint is resumable with the same recipe (the reward's call counter restarts in a new process,
+    # so the resumed steps 3 and 4 get finite rewards)
+    p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "grpo.reward=late_nan:reward", "--out", str(out),
+                "--set", "validation.enabled=false", "--resume", "--quiet", env={"PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert steps_of(out) == [1, 2, 3, 4]
+
+
+def test_an_output_that_is_inside_or_contains_an_input_is_refused(tiny_ckpt, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    before = sorted(p.name for p in ck.iterdir())
+    for args in (["reheat", str(ck), "--method", "fold", "--temp", "1.6", "--out", str(ck), "--overwrite"],
+                 ["eval", str(ck), "--limit", "1", "--out", str(ck), "--overwrite"],
+                 ["reheat", str(ck), "--method", "fold", "--out", str(ck / "sub")],
+                 ["rl", str(ck), "--out", str(ck / "sub")],
+                 ["diagnose", str(ck), "--reference", str(tiny_ckpt), "--out", str(tiny_ckpt.parent)]):
+        line = one_error_line(run_cli(*args))
+        assert "the output" in line and "the input" in line, line
+    assert sorted(p.name for p in ck.iterdir()) == before
+
+
+def test_a_non_utf8_data_file_is_a_usage_error(tiny_ckpt, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"problem": "1+1=?", "answer": "2"}\n{"problem": "\xff\xfe", "answer": "1"}\n')
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "x")))
+    assert "bad.jsonl" in line and "UTF-8" in line
+
+
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path):
+    t0 = time.time()
+    line = one_error_line(run_cli("toy", "init", "--out", "/proc/tsopsd-no-such/base"))
+    assert "cannot write" in line and time.time() - t0 < 60  # found before training, not after
+    import os
+
+    if os.geteuid() != 0:  # root writes into read-only folders; the case above covers it
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        line = one_error_line(run_cli("toy", "init", "--out", str(ro / "base")))
+        assert "cannot write" in line
+
+
+def test_refusals_leave_nothing_behind(tiny_ckpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1=?", "answer": "2"}\n')
+    out = tmp_path / "x"
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--data", str(data), "--out", str(out)))
+    assert "no field 'problem'" in line
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--out", str(out), "--resume"))
+    assert "--resume: no unfinished run" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # no .x.partial, no .x.lock
+    i = RL.index("data.num_prompts=64")
+    small = RL[1:i - 1] + RL[i + 1:]  # (a jsonl source has no num_prompts)
+    p = run_cli("rl", str(tiny_ckpt), *small, "--data", str(data), "--set", "data.question_field=question",
+                "--max-steps", "1", "--set", "validation.enabled=false", "--out", str(out))
+    assert p.returncode == 0, p.stderr  # the corrected command is not refused
+
+
+def test_remote_code_in_a_config_is_named_and_not_run(tiny_ckpt, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    (ck / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    p = run_cli("diagnose", str(ck), "--num-prompts", "1", "--num-generations", "1", "--max-new-tokens", "4",
+                "--json")
+    assert p.returncode == 0, p.stderr
+    warnings = [x for x in p.stderr.splitlines() if x.startswith("tsopsd: warning:")]
+    assert len(warnings) == 1 and "auto_map" in warnings[0] and "not run" in warnings[0]
+
+
+@pytest.mark.slow
+def test_eval_grade_on_adversarial_completions_finishes_within_the_time_limits(tmp_path):
+    from tests.unit.test_grading import adversarial_cases
+
+    cases = adversarial_cases()
+    assert len(cases) == 20
+    f = tmp_path / "adv.jsonl"
+    f.write_text("".join(json.dumps({"completion": c, "answer": g}) + "\n" for c, g, _ in cases))
+    t0 = time.time()
+    p = run_cli("eval", "grade", str(f), "--timeout", "5", "--json")
+    took = time.time() - t0
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout)
+    assert r["n"] == 20 and took < 20 * 5

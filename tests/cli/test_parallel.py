@@ -1,0 +1,127 @@
+"""Several processes through the real CLI (2 gloo ranks, started as srun starts them): `train.strategy: fsdp` and
+`ddp` give the single-process update with the same global batch, with the lean forward and activation
+checkpointing; a SIGTERM under fsdp saves sharded state that --resume continues exactly; bf16 compute keeps
+float32 master weights so that lr 1e-6 updates are not rounded away."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import launch_ranks, run_cli
+
+TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s", "step_seconds"}
+# Adam's early steps are ~ lr * sign(gradient): a gradient that is 0 up to rounding one way and 1e-12 the other
+# would move a weight by lr. With eps = 1 the step is ~ lr * gradient, so rounding-level differences stay small.
+LINEAR = ["--set", "optim.eps=1.0", "--set", "optim.max_grad_norm=null"]
+RL = ["--set", "data.num_prompts=64", "--prompts-per-step", "4", "--num-generations", "4", "--max-new-tokens", "12",
+      "--set", "validation.limit=6", "--set", "validation.num_generations=2", "--set", "validation.max_new_tokens=10",
+      "--lr", "1e-3", "--set", "train.micro_batch_size=3", "--set", "grpo.reward=tests.rewards:even_length",
+      "--set", "train.save_every=1", "--max-steps", "3", *LINEAR]
+REHEAT = ["--set", "data.num_prompts=64", "--set", "train.prompts_per_step=4", "--set", "rollout.num_generations=2",
+          "--set", "rollout.max_new_tokens=12", "--set", "validation.enabled=false", "--set", "reheat.report_prompts=3",
+          "--set", "train.micro_batch_size=3", "--lr", "1e-3", "--set", "train.save_every=1", "--max-steps", "3",
+          "--temp", "1.6", *LINEAR]
+FSDP = ["--set", "train.strategy=fsdp", "--set", "train.gradient_checkpointing=true"]
+
+
+def rows(out):
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
+            for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    return load_file(out / "model.safetensors")
+
+
+def assert_same_run(a, b, keys):
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for k in keys:
+            if k in x or k in y:
+                assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+def two(*args, env=None):
+    procs = launch_ranks(2, *args, env=env)
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert procs[1].stdout == ""  # only the main process reports
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_rl_on_two_processes_equals_one(tiny_ckpt, tmp_path, strategy):
+    one = run_cli("rl", str(tiny_ckpt), *RL, "--out", str(tmp_path / "one"), "--json")
+    assert one.returncode == 0, one.stderr
+    extra = FSDP if strategy == "fsdp" else ["--set", "train.strategy=ddp"]
+    procs = two("rl", str(tiny_ckpt), *RL, *extra, "--out", str(tmp_path / "two"), "--json")
+    report = json.loads(procs[0].stdout)
+    par = report["parallel"]
+    assert par["strategy"] == strategy and par["world_size"] == 2 and len(par["per_rank"]) == 2
+    assert_same_run(tmp_path / "one", tmp_path / "two",
+                    ["loss", "grad_norm", "reward", "entropy", "kl_old", "tokens", "val_accuracy", "val_entropy"])
+    if strategy == "fsdp":  # each rank holds about half of the parameters and optimiser state
+        full = json.loads(one.stdout)["parallel"]["per_rank"][0]
+        for rank in par["per_rank"]:
+            assert rank["parameter_bytes"] == pytest.approx(full["parameter_bytes"] / 2, rel=0.05)
+            assert rank["optimizer_state_bytes"] == pytest.approx(full["optimizer_state_bytes"] / 2, rel=0.05)
+
+
+@pytest.mark.slow
+def test_reheat_on_two_fsdp_processes_equals_one(tiny_ckpt, tmp_path):
+    one = run_cli("reheat", str(tiny_ckpt), *REHEAT, "--out", str(tmp_path / "one"), "--json")
+    assert one.returncode == 0, one.stderr
+    procs = two("reheat", str(tiny_ckpt), *REHEAT, *FSDP, "--out", str(tmp_path / "two"), "--json")
+    r1, r2 = json.loads(one.stdout), json.loads(procs[0].stdout)
+    assert r2["parallel"]["frozen"] == "sharded"
+    assert_same_run(tmp_path / "one", tmp_path / "two",
+                    ["loss", "grad_norm", "student_entropy", "teacher_entropy", "top1_agreement", "kl_input"])
+    assert r2["after"]["entropy"] == pytest.approx(r1["after"]["entropy"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_sigterm_after_step_2_then_resume_equals_the_uninterrupted_run(tiny_ckpt, tmp_path):
+    full = tmp_path / "full"
+    two("rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(full))
+    cut = tmp_path / "cut"
+    procs = launch_ranks(2, "rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(cut), env={"TSOPSD_FAULT": "TERM@step#2"})
+    assert [p.returncode for p in procs] == [130, 130], [p.stderr[-2000:] for p in procs]
+    lines = [x for x in procs[0].stderr.splitlines() if x.startswith("tsopsd: error:")]
+    assert len(lines) == 1 and "checkpoint of step 2" in lines[0] and "--resume" in lines[0]
+    ckpt = tmp_path / ".cut.partial" / "checkpoints" / "step-000002" / "state"
+    assert sorted(p.name for p in ckpt.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+    two("rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(cut), "--resume")
+    assert_same_run(full, cut, ["loss", "grad_norm", "reward", "val_accuracy"])
+
+
+@pytest.mark.slow
+def test_bf16_compute_keeps_float32_master_weights_so_small_updates_land(tiny_ckpt, tmp_path):
+    args = ["rl", str(tiny_ckpt), "--set", "data.num_prompts=32", "--prompts-per-step", "4", "--num-generations", "4",
+            "--max-new-tokens", "12", "--set", "validation.enabled=false", "--set", "grpo.reward=tests.rewards:even_length",
+            "--max-steps", "3", "--lr", "1e-6", "--set", "model.dtype=bfloat16", "--set", "output.dtype=float32",
+            "--set", "train.save_every=0"]
+    before = weights(tiny_ckpt)
+
+    def changed(out, ref):
+        after = weights(out)
+        n = sum(v.numel() for v in ref.values())
+        return sum(int((after[k] != ref[k]).sum()) for k in ref) / n
+
+    p = run_cli(*args, "--out", str(tmp_path / "master"), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["parallel"]["master_dtype"] == "float32"
+    assert changed(tmp_path / "master", before) >= 0.9
+    pure = run_cli(*args, "--set", "train.master_weights=model_dtype", "--out", str(tmp_path / "pure"))
+    assert pure.returncode == 0, pure.stderr
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in before.items()}  # what pure bf16 starts from
+    assert changed(tmp_path / "pure", rounded) < 0.5  # bf16 weights: most lr-1e-6 updates round away

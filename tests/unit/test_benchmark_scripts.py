@@ -1,0 +1,45 @@
+"""The benchmark scripts run (`--smoke`: tiny shapes on CPU, numbers meaningless), so the next session that is
+lent a GPU finds them working: gpu_check (incl. its fsdp and long-completion arms), fsdp_memory, rollout_engines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str, timeout: int = 900) -> str:
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], capture_output=True,
+                       text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    out = run("gpu_check.py", "--json", str(tmp_path / "r.json"))
+    assert "long " in out and "fsdp " in out
+    shape = json.loads((tmp_path / "r.json").read_text())["shapes"][0]
+    assert shape["long"]["tokens_per_s"] > 0
+    fs = shape["fsdp"]
+    assert fs["fsdp"]["optimizer_state_MiB"] == fs["plain"]["optimizer_state_MiB"]  # one process: the same state
+
+
+@pytest.mark.slow
+def test_fsdp_memory_smoke():
+    out = run("fsdp_memory.py")
+    ratio = json.loads(out.strip().splitlines()[-1])["state_ratio"]
+    assert 0.45 < ratio < 0.6  # each of 2 fsdp ranks holds about half of a ddp replica's model state
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_rollout_engines_smoke():
+    pytest.importorskip("vllm")
+    out = run("rollout_engines.py")
+    assert "tokens/s" in out

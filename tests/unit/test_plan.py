@@ -1,0 +1,245 @@
+"""tsopsd_cli.core.memory: parameter counts of the built-in shapes, each item against a hand computation on a tiny
+shape, and the strategy, checkpointing, vLLM and fit semantics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tsopsd_cli.core.memory import GiB, SHAPES, Assumptions, ModelShape, plan, shape_from_config, to_dict
+from tsopsd_cli.recipe import build_recipe
+
+# hidden 64, 2 layers, 4 heads of 16 (q: 64), 2 kv heads (kv: 32), MLP 128, vocab 1000, tied
+TINY = ModelShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1000,
+                  tied=True)
+TINY_LAYER = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64 + 2 * 16  # q,k,v,o + MLP + norms = 37024
+TINY_ROOT = 1000 * 64 + 64  # embeddings (tied head) + final norm
+TINY_PARAMS = 2 * TINY_LAYER + TINY_ROOT  # 138112
+A = Assumptions(prompt_tokens=8)
+
+
+def recipe(command="rl", **sets):
+    base = {"model.dtype": "bfloat16", "rollout.max_new_tokens": 16, "rollout.num_generations": 2,
+            "rollout.batch_size": 64, "train.prompts_per_step": 4, "train.micro_batch_size": 2, "train.chunk_size": 8,
+            "train.gradient_checkpointing": True, "validation.limit": 3, "validation.num_generations": 2,
+            "validation.max_new_tokens": 16, "validation.batch_size": 4}
+    base.update(sets)
+    return build_recipe(command, None, list(base.items()))
+
+
+def items(p):
+    return {i.key: i.bytes for i in p.items}
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+@pytest.mark.parametrize("name,exact,total_b,non_embedding_b", [
+    # exact: this module's count; total / non-embedding: the Qwen3 model cards' rounded figures
+    ("qwen3-0.6b", 596_049_920, 0.6, 0.44),
+    ("qwen3-1.7b", 1_720_574_976, 1.7, 1.4),
+    ("qwen3-4b", 4_022_468_096, 4.0, 3.6),
+    ("qwen3-8b", 8_190_735_360, 8.2, 6.95),
+    ("qwen3-14b", 14_768_307_200, 14.8, 13.2),
+])
+def test_builtin_parameter_counts(name, exact, total_b, non_embedding_b):
+    s = SHAPES[name]
+    assert s.params == exact
+    assert s.params / 1e9 == pytest.approx(total_b, rel=0.02)
+    embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
+    assert (s.params - embeddings) / 1e9 == pytest.approx(non_embedding_b, rel=0.02)
+
+
+def test_qwen3_4b_and_8b_as_the_brief_states():
+    assert round(SHAPES["qwen3-4b"].params / 1e9, 2) == 4.02 and SHAPES["qwen3-4b"].tied
+    assert round(SHAPES["qwen3-8b"].params / 1e9, 2) == 8.19 and not SHAPES["qwen3-8b"].tied
+
+
+def test_shape_from_config_matches_the_builtin():
+    cfg = {"model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 9728, "vocab_size": 151936,
+           "tie_word_embeddings": True, "max_position_embeddings": 32768}
+    assert shape_from_config(cfg).params == SHAPES["qwen3-4b"].params
+    qwen2 = shape_from_config({**cfg, "model_type": "qwen2"})  # q/k/v biases, no q/k norms
+    assert qwen2.layer_params == SHAPES["qwen3-4b"].layer_params + (4096 + 2 * 1024) - 2 * 128
+    with pytest.raises(ValueError, match="intermediate_size"):
+        shape_from_config({k: v for k, v in cfg.items() if k != "intermediate_size"})
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        shape_from_config({**cfg, "num_experts": 128})
+
+
+def test_tiny_shape_counts():
+    assert TINY.layer_params == TINY_LAYER == 37024
+    assert TINY.root_params == TINY_ROOT
+    assert TINY.params == TINY_PARAMS == 138112
+    assert TINY.kv_bytes_per_token(2) == 2 * 2 * 2 * 16 * 2  # layers x (k, v) x kv heads x head_dim x bytes
+
+
+# --------------------------------------------------------------------------------------- hand computations
+def test_single_gpu_items_by_hand():
+    p = plan(recipe(), TINY, gpus=1, gpu_memory_gib=80, assumptions=A)
+    got = items(p)
+    assert p.strategy == "single"
+    assert got["weights"] == got["gradients"] == TINY_PARAMS * 4
+    assert got["optimizer_state"] == 2 * TINY_PARAMS * 4
+    assert "frozen" not in got  # grpo.beta 0: no reference
+    assert got["gathered"] == TINY_PARAMS * 2  # autocast's bf16 copy of the float32 weights
+    # step: max(foreach temporary 138112 x 4, float64 norm of the [1000, 64] embedding 64000 x 16)
+    assert got["step_transient"] == max(TINY_PARAMS * 4, 64000 * 16)
+    # activations, B 2, P 8, C 16, bf16. Per token and layer: norms 2 x (4 + 2 + 2) x 64 = 1024; q/k norms
+    # (4 + 4) x 96 = 768 and rotary 4 x 96 = 384; v 2 x 32 = 64; attention out + o input 4 x 64 = 256; MLP 8 x 128
+    # = 1024: 3520 B
+    per_token, tokens = 3520, 2 * 8 + 2 * 16
+    rows = 2 * 16 * 64 * 2 + 2 * 2 * (8 + 16) * 32 * 2 + 2 * 16 * (8 + 16) * 2  # q rows, keys/values, SDPA bias
+    layer = tokens * per_token + rows
+    assert got["activations_saved"] == 2 * tokens * 64 * 2  # checkpointed: each layer's input
+    assert got["activations_layer"] == 2 * layer
+    assert got["attention_mask"] == 2 * 16 * (8 + 16)
+    assert got["activations_head"] == 32 * 64 * (4 + 3 * 2)
+    assert got["lm_head_chunk"] == 8 * 1000 * 24
+    # rollout: min(64, 4 prompts x 2) = 8 sequences of 8 + 16 tokens, 256 B per token, 1.75 peak
+    assert got["rollout_kv_cache"] == math.ceil(8 * 24 * 256 * 1.75)
+    assert got["sampling_weights"] == TINY_PARAMS * 2
+    # validation: min(4, 3 problems x 2) = 4 sequences
+    assert got["validation_kv_cache"] == math.ceil(4 * 24 * 256 * 1.75)
+    # a phase is its items + 5 % + 3 GiB
+    training = sum(i.bytes for i in p.items if "training" in i.phases)
+    assert p.phases["training"] == int(training * 1.05 + 3 * GiB)
+    assert set(p.phases) == {"rollout", "validation", "training", "optimizer_step"}
+
+
+def test_no_checkpointing_keeps_every_layer():
+    p = plan(recipe(**{"train.gradient_checkpointing": False}), TINY, assumptions=A)
+    layer = (2 * 8 + 2 * 16) * 3520 + 2 * 16 * 64 * 2 + 2 * 2 * 24 * 32 * 2 + 2 * 16 * 24 * 2
+    assert items(p)["activations_saved"] == 2 * layer
+    assert items(p)["activations_layer"] == layer
+
+
+def test_fsdp_gathered_and_buffers_by_hand():
+    got = items(plan(recipe(**{"train.strategy": "fsdp"}), TINY, gpus=2, assumptions=A))
+    assert got["gathered"] == (TINY_ROOT + 2 * TINY_LAYER) * 2  # the root + 2 layers in flight, bf16
+    assert got["fsdp_buffers"] == (TINY_ROOT + TINY_LAYER) * (2 + 4)  # unsharded bf16 grads + fp32 reduce input
+    assert got["sampling_weights"] == TINY_PARAMS * 2  # the hf engine samples on every unit gathered
+
+
+def test_ddp_bucket_is_part_of_the_step():
+    got = items(plan(recipe(**{"train.strategy": "ddp"}), SHAPES["qwen3-4b"], gpus=2))
+    s = SHAPES["qwen3-4b"]
+    bucket = ((1 << 25) + s.vocab * s.hidden) * 4
+    assert got["step_transient"] == max(s.params * 4, s.vocab * s.hidden * 16, bucket)
+
+
+# ---------------------------------------------------------------------------------------------- semantics
+def test_fsdp_on_two_gpus_halves_master_gradients_and_optimizer_state():
+    s = SHAPES["qwen3-8b"]
+    ddp = items(plan(recipe(**{"train.strategy": "ddp"}), s, gpus=2))
+    fsdp = items(plan(recipe(**{"train.strategy": "fsdp"}), s, gpus=2))
+    for key in ("weights", "gradients", "optimizer_state"):
+        assert fsdp[key] * 2 == ddp[key]
+
+
+def test_model_dtype_master_weights():
+    got = items(plan(recipe(**{"train.master_weights": "model_dtype"}), TINY, assumptions=A))
+    assert got["weights"] == got["gradients"] == TINY_PARAMS * 2
+    assert got["optimizer_state"] == 2 * TINY_PARAMS * 2
+    assert "gathered" not in got and "sampling_weights" not in got  # nothing to cast
+
+
+def test_frozen_sharded_vs_replicated():
+    s = SHAPES["qwen3-4b"]
+    sharded = plan(recipe("reheat", **{"train.strategy": "fsdp"}), s, gpus=4)
+    replicated = plan(recipe("reheat", **{"train.strategy": "fsdp", "train.frozen": "replicated"}), s, gpus=4)
+    assert items(sharded)["frozen"] == s.params * 2 // 4
+    assert items(replicated)["frozen"] == s.params * 2
+    # a sharded teacher's root stays gathered beside the policy's during the micro-batches
+    assert items(sharded)["gathered"] - items(replicated)["gathered"] == s.root_params * 2
+    assert replicated.phases["training"] > sharded.phases["training"]
+    ref = items(plan(recipe("rl", **{"grpo.beta": 0.04, "train.strategy": "ddp"}), s, gpus=4))
+    assert ref["frozen"] == s.params * 2  # ddp: a full reference replica per process
+
+
+def test_gradient_checkpointing_lowers_activations():
+    s = SHAPES["qwen3-4b"]
+    act = lambda p: sum(i.bytes for i in p.items if i.key.startswith("activations"))  # noqa: E731
+    big = {"rollout.max_new_tokens": 4096, "train.micro_batch_size": 4}
+    on = plan(recipe(**big), s, gpus=8)
+    off = plan(recipe(**big, **{"train.gradient_checkpointing": False}), s, gpus=8)
+    assert act(on) < act(off) / 5
+    assert on.phases["training"] < off.phases["training"]
+
+
+def test_reheat_has_a_report_phase():
+    s = SHAPES["qwen3-4b"]
+    small = plan(recipe("reheat", **{"reheat.report_prompts": 1}), s, gpus=8)
+    large = plan(recipe("reheat", **{"reheat.report_prompts": 32, "validation.max_new_tokens": 4096}), s, gpus=8)
+    assert "report" in small.phases and large.phases["report"] > small.phases["report"]
+
+
+def _vllm(rec, **options):
+    # the recipe validator may still refuse engine vllm for training: build the section by hand
+    v = rec.rollout.vllm.model_copy(update=options)
+    return rec.model_copy(update={"rollout": rec.rollout.model_copy(update={"engine": "vllm", "vllm": v})})
+
+
+def test_vllm_branch_by_hand():
+    rec = _vllm(recipe(), gpu_memory_utilization=0.5, max_model_len=24)
+    p = plan(rec, TINY, gpus=1, gpu_memory_gib=16, assumptions=A)
+    got = items(p)
+    reserve = 8 * GiB
+    assert got["vllm_reserved"] == reserve
+    assert "rollout_kv_cache" not in got  # vLLM's KV cache lives inside its share
+    kv_tokens = (reserve - TINY_PARAMS * 2 - 2 * GiB) // 256
+    assert p.vllm["kv_tokens"] == kv_tokens
+    assert p.vllm["weights_bytes"] == TINY_PARAMS * 2
+    assert p.vllm["concurrent_full_length_sequences"] == kv_tokens // 24
+    # rollout holds the trainer's state and vLLM's share; with sleep mode training only a residue
+    trainer = sum(i.bytes for i in p.items if "rollout" in i.phases and i.trainer)
+    assert p.phases["rollout"] == int(trainer * 1.05 + reserve + 3 * GiB)
+    assert got["vllm_asleep"] == 1 * GiB and "training" not in next(i for i in p.items
+                                                                     if i.key == "vllm_reserved").phases
+    assert p.fits
+    # tensor parallelism splits the weights and the KV heads
+    tp2 = plan(_vllm(recipe(), gpu_memory_utilization=0.5, max_model_len=24, tensor_parallel_size=2), TINY,
+               gpu_memory_gib=16, assumptions=A)
+    assert tp2.vllm["weights_bytes"] == TINY_PARAMS and tp2.vllm["kv_bytes_per_token"] == 128
+
+
+def test_vllm_too_small_a_share_does_not_fit():
+    p = plan(_vllm(recipe(), gpu_memory_utilization=0.1, max_model_len=24), TINY, gpu_memory_gib=16, assumptions=A)
+    assert p.vllm["kv_tokens"] == 0 and not p.fits
+    assert any("cannot hold one sequence" in n for n in p.notes)
+
+
+def test_fits_flips_when_the_gpu_shrinks():
+    rec = recipe()
+    roomy = plan(rec, TINY, gpu_memory_gib=80, assumptions=A)
+    assert roomy.fits and to_dict(roomy)["fits"] is True
+    tight = plan(rec, TINY, gpu_memory_gib=3, assumptions=A)  # below the 3 GiB allowance alone
+    assert not tight.fits and to_dict(tight)["fits"] is False
+    assert roomy.phases == tight.phases  # the answer changes, not the arithmetic
+
+
+def test_to_dict_has_bytes_and_gib_and_the_assumptions():
+    d = to_dict(plan(recipe(), TINY, assumptions=A))
+    assert d["per_gpu"]["weights"] == {**d["per_gpu"]["weights"], "bytes": TINY_PARAMS * 4,
+                                       "gib": round(TINY_PARAMS * 4 / GiB, 3)}
+    assert d["peak"]["bytes"] == max(v["bytes"] for v in d["phases"].values())
+    assert d["assumptions"]["values"]["prompt_tokens"] == 8 and "overhead" in d["assumptions"]
+
+
+def test_transformers_forward_when_lean_is_off():
+    got = items(plan(recipe(**{"model.lean": False}), TINY, assumptions=A))
+    T = 8 + 16  # every sequence carries its prompt; a [B, 1, T, T] padding mask
+    assert got["attention_mask"] == 2 * T * T
+    assert got["activations_saved"] == 2 * (2 * T) * 64 * 2
+    assert got["activations_layer"] == 2 * (2 * T * 3520 + 2 * T * T * 2)
+    # transformers' cache grows by concatenation: no compaction copy
+    assert got["rollout_kv_cache"] == math.ceil(8 * 24 * 256 * (1 + 1 / 2))
+
+
+def test_vllm_without_sleep_mode_keeps_its_share_while_training():
+    awake = plan(_vllm(recipe(), gpu_memory_utilization=0.5, max_model_len=24, sleep_mode=False), TINY,
+                 gpu_memory_gib=16, assumptions=A)
+    asleep = plan(_vllm(recipe(), gpu_memory_utilization=0.5, max_model_len=24), TINY, gpu_memory_gib=16,
+                  assumptions=A)
+    assert awake.phases["training"] - asleep.phases["training"] == 8 * GiB - 1 * GiB
+    assert any("sleep_mode is off" in n for n in awake.notes)

@@ -1,0 +1,484 @@
+"""GPU memory of a training run (rl, reheat) per process, as arithmetic over a recipe and a model shape: no I/O,
+no torch, nothing allocated. `tsopsd plan` prints it.
+
+A run is split into phases that are never resident at the same time; each item of memory says in which phases
+it is held, and a phase's peak is the sum of its items plus an allowance for the CUDA context and fragmentation:
+
+- rollout: sampling the step's completions (hf engine: the gathered model.dtype weights and a KV cache; vllm: its
+  reserved share of the GPU), while the trainer keeps its weights, gradients and optimiser state;
+- validation: the same with the validation batch (sampled with the hf engine, as the trainer does);
+- training: one micro-batch's forward and backward;
+- optimiser step: gradient all-reduce (ddp), norms and the AdamW update, after the activations are freed;
+- report (reheat): the before/after comparison, with the policy and the teacher both gathered.
+
+Where this departs from an exact account (each is stated by `Assumptions.describe`):
+1. Completions are counted at full length (rollout.max_new_tokens) and prompts at `prompt_tokens`; every
+   sequence of a micro-batch may have its own prompt (rl sorts a mini-batch by length across groups).
+2. Activations are estimates: the tensors autograd keeps per token are counted from the lean forward
+   (tsopsd_cli/lean.py), with a memory-efficient attention kernel (no [B, H, C, P + C] score matrix) and the
+   backward's working set taken as one more layer of activations.
+3. Allocator fragmentation is a fixed share of the trainer's allocations, the CUDA context and NCCL a fixed size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GiB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PHASES = ("rollout", "validation", "training", "optimizer_step", "report")
+PHASE_LABELS = {"rollout": "rollout", "validation": "validation", "training": "training (fwd+bwd)",
+                "optimizer_step": "optimiser step", "report": "report (reheat)"}
+
+
+# ---------------------------------------------------------------------------------------------- model shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """A dense decoder (Llama family: Qwen3, Qwen2, Llama), as config.json describes it."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool  # the LM head is the token embedding
+    qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
+    qk_norm: bool = True  # Qwen3: an RMSNorm over each head's q and k
+    max_positions: int = 32768  # vLLM's max_model_len when the recipe gives none
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer."""
+        D, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attention = D * q + 2 * D * kv + q * D  # q, k, v and o projections
+        bias = q + 2 * kv if self.qkv_bias else 0
+        mlp = 3 * D * self.intermediate  # gate, up, down
+        norms = 2 * D + (2 * self.head_dim if self.qk_norm else 0)  # input/post-attention norms, q/k norms
+        return attention + bias + mlp + norms
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers (FSDP's root unit): token embeddings, final norm, untied LM head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.root_params
+
+    @property
+    def largest_tensor(self) -> int:
+        """Elements of the largest single parameter (the [V, D] embedding, or an MLP matrix if larger)."""
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV cache of one token: layers x (key + value) x kv_heads x head_dim x bytes."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * dtype_bytes
+
+
+# Public config.json numbers of the Qwen3 dense checkpoints (the -Base ones share them).
+SHAPES = {
+    "qwen3-0.6b": ModelShape("qwen3-0.6b", 1024, 28, 16, 8, 128, 3072, 151936, tied=True),
+    "qwen3-1.7b": ModelShape("qwen3-1.7b", 2048, 28, 16, 8, 128, 6144, 151936, tied=True),
+    "qwen3-4b": ModelShape("qwen3-4b", 2560, 36, 32, 8, 128, 9728, 151936, tied=True),
+    "qwen3-8b": ModelShape("qwen3-8b", 4096, 36, 32, 8, 128, 12288, 151936, tied=False),
+    "qwen3-14b": ModelShape("qwen3-14b", 5120, 40, 40, 8, 128, 17408, 151936, tied=False),
+}
+
+
+def shape_from_config(cfg: dict, name: str = "config.json") -> ModelShape:
+    """A ModelShape from a config.json mapping (ValueError naming the problem when it is not a dense decoder)."""
+    if not isinstance(cfg, dict):
+        raise ValueError("config.json is not a JSON object")
+    cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+    if cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"):
+        raise ValueError("a mixture-of-experts config; plan covers dense decoders")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size") if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)} (a dense decoder config is expected)")
+    heads = cfg["num_attention_heads"]
+    model_type = str(cfg.get("model_type", ""))
+    return ModelShape(
+        name=name, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, intermediate=cfg["intermediate_size"],
+        vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), qk_norm=model_type.startswith("qwen3"),
+        max_positions=int(cfg.get("max_position_embeddings") or 32768))
+
+
+# ----------------------------------------------------------------------------------------------- assumptions
+@dataclass(frozen=True)
+class Assumptions:
+    prompt_tokens: int = 1024  # longest prompt of a batch
+    overhead_gib: float = 3.0  # CUDA context, NCCL buffers, kernels: per process, every phase
+    fragmentation: float = 0.05  # share of the trainer's allocations lost to the caching allocator
+    fsdp_layers_in_flight: int = 2  # decoder layers gathered at once (the current one and the prefetched one)
+    ddp_bucket_elems: int = 1 << 25  # parallel.sync_gradients' all-reduce bucket
+    hf_cache_peak: float = 1.75  # lean decode: compacting the KV cache copies the kept rows (<= 3/4) beside it
+    vllm_overhead_gib: float = 2.0  # inside vLLM's share: its profiled activations and CUDA graphs
+    vllm_asleep_gib: float = 1.0  # what a sleeping vLLM engine still holds (graph pools, allocator)
+    report_batch: int = 16  # sequences per forward of reheat's before/after comparison (compare_models)
+
+    def describe(self, strategy: str | None = None, engine: str | None = None) -> dict[str, str]:
+        """One sentence per assumption; with `strategy`/`engine`, only those that apply to that run."""
+        out = {
+            "prompt_tokens": f"prompts are {self.prompt_tokens} tokens (--prompt-tokens); completions are counted "
+                             "at rollout.max_new_tokens",
+            "dtypes": "model.dtype auto is bfloat16 (a GPU); 2 bytes per bfloat16/float16 value, 4 per float32",
+            "optimizer": "AdamW keeps 2 moments in the master dtype (float32 unless train.master_weights: "
+                         "model_dtype); its foreach update needs one more temporary of that size",
+            "fsdp": f"FSDP2 keeps the root unit (embeddings, final norm, LM head) gathered through forward and "
+                    f"backward, {self.fsdp_layers_in_flight} decoder layers in flight, and reduce-scatters each "
+                    "unit's unsharded gradient through a float32 buffer",
+            "ddp": f"ddp all-reduces gradients in buckets of {self.ddp_bucket_elems} elements (a bucket can exceed "
+                   "that by its last tensor)",
+            "overhead": f"{self.overhead_gib:g} GiB per process for the CUDA context and NCCL, plus "
+                        f"{self.fragmentation:.0%} of the trainer's allocations for fragmentation",
+            "activations": "activation figures are estimates: tensors autograd keeps per token in the lean forward, "
+                           "a memory-efficient attention kernel (no [B, H, C, P+C] score matrix), the backward "
+                           "working set taken as one more layer",
+            "hf_engine": f"hf engine KV cache peaks at {self.hf_cache_peak:g}x its size (the lean decoder copies the "
+                         "kept rows when it compacts finished ones); validation samples with the hf engine",
+            "vllm": f"vLLM holds rollout.vllm.gpu_memory_utilization x the GPU while sampling: its model.dtype "
+                    f"weights, {self.vllm_overhead_gib:g} GiB of activations and CUDA graphs, the rest KV cache; "
+                    f"with sleep mode it keeps {self.vllm_asleep_gib:g} GiB while the trainer trains",
+        }
+        skip = {"fsdp": strategy not in (None, "fsdp"), "ddp": strategy not in (None, "ddp"),
+                "vllm": engine not in (None, "vllm")}
+        return {k: v for k, v in out.items() if not skip.get(k, False)}
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Item:
+    key: str  # JSON name
+    label: str  # table row
+    bytes: int
+    phases: tuple[str, ...]  # phases in which it is resident
+    formula: str  # what it counts, with the numbers
+    trainer: bool = True  # an allocation of the trainer (fragmentation applies), not vLLM's fixed share
+
+
+@dataclass
+class MemoryPlan:
+    shape: ModelShape
+    gpus: int
+    gpu_memory_bytes: int
+    strategy: str
+    engine: str
+    assumptions: Assumptions
+    items: list[Item] = field(default_factory=list)
+    phases: dict[str, int] = field(default_factory=dict)  # phase -> peak bytes (allowances included)
+    notes: list[str] = field(default_factory=list)
+    vllm: dict | None = None
+    fits: bool = True
+
+    def phase_fits(self, phase: str) -> bool:
+        return self.phases[phase] <= self.gpu_memory_bytes
+
+
+def _n(x: float) -> str:
+    """A count for a formula: 4.02e9, 151936, 0.5."""
+    if isinstance(x, float) and not x.is_integer():
+        return f"{x:.3g}"
+    x = int(x)
+    return f"{x:.3g}".replace("e+0", "e").replace("e+", "e") if x >= 1_000_000 else str(x)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def per_token_activation_bytes(s: ModelShape, cb: int) -> int:
+    """Bytes autograd keeps per token for one decoder layer of the lean forward (no checkpointing).
+
+    RMSNorm computes in float32: it keeps its float32 input (4 B), the cast normed value and its output (cb each).
+    Counted: the two layer norms over D; the q/k norms over (H + KV) x d and rotary's rotated copies (2 x cb);
+    v (cb x KV x d); the attention output and the o-projection's input (2 x cb x H x d); the MLP's gate, SiLU, up
+    and product (4 x cb x I)."""
+    D, q, kv, mlp = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
+    norms = 2 * (4 + 2 * cb) * D
+    qk = ((4 + 2 * cb) if s.qk_norm else cb) * (q + kv) + 2 * cb * (q + kv)
+    return norms + qk + cb * kv + 2 * cb * q + 4 * cb * mlp
+
+
+def _training_activations(r, s: ModelShape, cb: int, a: Assumptions) -> list[Item]:
+    """The micro-batch's activations: what the forward keeps for the backward and the backward's working set."""
+    B, P, C = r.train.micro_batch_size, a.prompt_tokens, r.rollout.max_new_tokens
+    L, V, D, kv = s.layers, s.vocab, s.hidden, s.kv_heads * s.head_dim
+    lean = bool(r.model.lean)
+    ph = ("training",)
+    items = []
+    if lean:  # distinct prompts once [U, P], completions minus their last token [1, Nc]; attention in [B, C] rows
+        tokens = B * P + B * C
+        where = f"{B} x ({P} + {C}) tokens"
+        # completion rows: q in the [B, C] layout, keys/values with the prompt's repeated per row
+        # [B, KV, P + C, d] x 2, the additive mask SDPA makes of the bool mask [B, 1, C, P + C] (kept per layer)
+        extra = B * C * s.heads * s.head_dim * cb + 2 * B * (P + C) * kv * cb + B * C * (P + C) * cb
+        mask = B * C * (P + C)  # the bool mask [B, 1, C, P + C], built once per forward
+        mask_formula = f"bool [B, 1, C, P+C] = {B} x {C} x {P + C} B, once per forward"
+    else:  # the transformers forward: every sequence carries its prompt, a padding mask [B, 1, T, T]
+        T = P + C
+        tokens = B * T
+        where = f"{B} x {T} tokens (transformers forward, model.lean false)"
+        extra = B * T * T * cb
+        mask = B * T * T
+        mask_formula = f"bool [B, 1, T, T] = {B} x {T} x {T} B, once per forward"
+    per_tok = per_token_activation_bytes(s, cb)
+    layer = tokens * per_tok + extra  # one layer's saved activations
+    if r.train.gradient_checkpointing:
+        saved = L * tokens * D * cb  # only each layer's input survives the forward
+        items.append(Item("activations_saved", "activations: checkpointed layer inputs", saved, ph,
+                          f"{L} layers x {where} x {D} x {cb} B"))
+        work = 2 * layer  # one layer recomputed in the backward, plus its gradients
+        items.append(Item("activations_layer", "activations: one layer recomputed + its backward", work, ph,
+                          f"2 x ({where} x {per_tok} B/token + completion attention rows {_n(extra)} B)"))
+    else:
+        saved = L * layer
+        items.append(Item("activations_saved", "activations: every layer kept for the backward", saved, ph,
+                          f"{L} layers x ({where} x {per_tok} B/token + completion attention rows {_n(extra)} B)"))
+        items.append(Item("activations_layer", "activations: backward working set (one layer)", layer, ph,
+                          f"{where} x {per_tok} B/token + {_n(extra)} B"))
+    items.append(Item("attention_mask", "activations: explicit attention mask", mask, ph, mask_formula))
+    # final norm (float32 input, cast, output) and the hidden states' gradient at the B x C completion positions;
+    # reheat also keeps the teacher's hidden states for the student's backward
+    N = B * C
+    teacher = r.command == "reheat"
+    head = N * D * (4 + 3 * cb) + (N * D * cb if teacher else 0)
+    items.append(Item("activations_head", "activations: final norm, hidden states" +
+                      (" (student + teacher)" if teacher else ""), head, ph,
+                      f"{N} completion tokens x {D} x (4 + 3 x {cb}{f' + {cb}' if teacher else ''}) B"))
+    # one chunk's [chunk, V] logits in float32, recomputed in the backward: rl's log-softmax/entropy and their
+    # gradients ~ 24 B per logit; reheat's student and teacher distributions and the divergence ~ 40 B per logit
+    per_logit = 40 if r.command == "reheat" else 24
+    chunk = min(r.train.chunk_size, N)
+    items.append(Item("lm_head_chunk", "activations: LM-head chunk (chunked loss)", chunk * V * per_logit, ph,
+                      f"chunk {chunk} x vocab {V} x {per_logit} B (float32 logits, softmax, gradients)"))
+    return items
+
+
+def _decode_items(key: str, label: str, phase: str, seqs: int, prompts: int, length: int, s: ModelShape, cb: int,
+                  lean: bool, a: Assumptions) -> list[Item]:
+    """The hf engine's KV cache for `seqs` sequences of `length` tokens, and its per-step working set."""
+    kvt = s.kv_bytes_per_token(cb)
+    factor = a.hf_cache_peak if lean else 1 + 1 / s.layers  # transformers' cache grows by concatenation
+    cache = math.ceil(seqs * length * kvt * factor)
+    items = [Item(f"{key}_kv_cache", f"{label}: KV cache (hf engine)", cache, (phase,),
+                  f"{seqs} seqs x {length} tokens x {s.layers} layers x 2 x {s.kv_heads} kv heads x {s.head_dim} x "
+                  f"{cb} B x {factor:.3g} (peak)")]
+    # prefill of the distinct prompts (one layer's MLP and projections, a [U, 1, P, P] bool mask and SDPA's copy),
+    # then per step ~8 float32 [seqs, V] tensors (logits, log-softmax, Gumbel noise, entropy)
+    P = a.prompt_tokens
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    prefill = prompts * P * (2 * s.hidden + q + 2 * kv + 3 * s.intermediate) * cb + prompts * P * P * (1 + cb)
+    step = seqs * s.vocab * 4 * 8
+    items.append(Item(f"{key}_decode", f"{label}: prefill / sampling working set", max(prefill, step), (phase,),
+                      f"max(prefill {prompts} prompts x {P} tokens, {seqs} x vocab {s.vocab} x 8 float32)"))
+    return items
+
+
+def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
+         assumptions: Assumptions = Assumptions()) -> MemoryPlan:
+    """Per-GPU memory of `recipe` (an RLRecipe or ReheatRecipe, or any object with their sections) on `gpus`
+    processes of `gpu_memory_gib` GiB each."""
+    r, s, a = recipe, shape, assumptions
+    if gpus < 1:
+        raise ValueError("gpus must be >= 1")
+    N = gpus
+    strategy = "single" if N == 1 else r.train.strategy
+    fsdp = strategy == "fsdp"
+    dtype = r.model.dtype if r.model.dtype != "auto" else "bfloat16"
+    cb = DTYPE_BYTES[dtype]  # compute dtype (frozen models, gathered parameters, activations, caches)
+    mb = cb if r.train.master_weights == "model_dtype" else 4  # master weights, gradients, AdamW moments
+    mname = "float32" if mb == 4 else dtype
+    shards = N if fsdp else 1
+    P, G = s.params, r.rollout.num_generations
+    out = MemoryPlan(shape=s, gpus=N, gpu_memory_bytes=int(gpu_memory_gib * GiB), strategy=strategy,
+                     engine=r.rollout.engine, assumptions=a)
+    items = out.items
+    reheat = r.command == "reheat"
+    persistent = ("rollout", "validation", "training", "optimizer_step") + (("report",) if reheat else ())
+    sh = f" / {N} shards" if fsdp else ""
+
+    # --- trained model: master weights, gradients, AdamW moments
+    items.append(Item("weights", f"weights (master, {mname})", _ceil_div(P * mb, shards), persistent,
+                      f"{_n(P)} params x {mb} B{sh}"))
+    # the gradients stay allocated from the backward until the next step's zero_grad (through the rollout)
+    items.append(Item("gradients", f"gradients ({mname})", _ceil_div(P * mb, shards), persistent,
+                      f"{_n(P)} params x {mb} B{sh}"))
+    items.append(Item("optimizer_state", f"optimiser state (AdamW, 2 x {mname})", _ceil_div(2 * P * mb, shards),
+                      persistent, f"2 moments x {_n(P)} params x {mb} B{sh}"))
+
+    # --- frozen model: rl's reference (grpo.beta > 0), reheat's teacher (always)
+    has_frozen = reheat or r.grpo.beta > 0
+    frozen_sharded = fsdp and r.train.frozen == "sharded"
+    if has_frozen:
+        what = "teacher" if reheat else "reference"
+        how = f" / {N} shards" if frozen_sharded else (" (full replica)" if N > 1 else "")
+        items.append(Item("frozen", f"{what} (frozen, {dtype})", _ceil_div(P * cb, N if frozen_sharded else 1),
+                          persistent, f"{_n(P)} params x {cb} B{how}"))
+
+    # --- compute copies of the parameters while training
+    if fsdp:
+        root, layer = s.root_params, s.layer_params
+        k = a.fsdp_layers_in_flight
+        # reheat's sharded teacher runs inside each micro-batch and its root stays gathered until parallel.reshard
+        # after them (rl's reference runs in the no-grad pass before training and is resharded there)
+        roots = 2 if reheat and frozen_sharded else 1
+        gathered = (roots * root + k * layer) * cb
+        items.append(Item("gathered", f"gathered parameters ({dtype}, FSDP)", gathered, ("training",),
+                          f"({roots} root{'s' if roots > 1 else ''} x {_n(root)} + {k} layers x {_n(layer)}) x "
+                          f"{cb} B"))
+        red = 4 if cb != 4 else 0  # float32 reduce-scatter input beside the unsharded model.dtype gradient
+        buffers = (root + layer) * (cb + red)
+        items.append(Item("fsdp_buffers", "FSDP transient buffers (unsharded grads, reduce-scatter)", buffers,
+                          ("training",), f"(root {_n(root)} + layer {_n(layer)}) x ({cb} + {red}) B"))
+    elif mb != cb:  # autocast caches a model.dtype copy of every weight; the backward keeps it
+        items.append(Item("gathered", f"autocast weight copy ({dtype})", P * cb, ("training",),
+                          f"{_n(P)} params x {cb} B"))
+
+    # --- optimiser step: after the activations are freed
+    local_params = _ceil_div(P, shards)
+    foreach = local_params * mb  # AdamW's foreach update: one temporary the size of the local moments
+    norms = _ceil_div(s.largest_tensor, shards) * 16  # weight/grad norms: .double().pow(2) of the largest tensor
+    step_parts = {"AdamW foreach temporary": foreach, "norm of the largest tensor in float64": norms}
+    if strategy == "ddp":
+        bucket = min(P, a.ddp_bucket_elems + s.largest_tensor) * mb
+        step_parts["all-reduce bucket"] = bucket
+    which = max(step_parts, key=step_parts.get)
+    items.append(Item("step_transient", "optimiser step transient", step_parts[which], ("optimizer_step",),
+                      f"{which} (largest of: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in step_parts.items())
+                      + ")"))
+
+    # --- activations of one micro-batch
+    items += _training_activations(r, s, cb, a)
+
+    # --- rollout
+    lean = bool(r.model.lean)
+    ppp = _ceil_div(r.train.prompts_per_step, N)  # prompts per process and step
+    gen_len = a.prompt_tokens + r.rollout.max_new_tokens
+    # the hf engine samples on the model.dtype weights: FSDP gathers all of them, autocast caches a copy
+    gather_all = P * cb if (fsdp or mb != cb) else 0
+    gather_formula = f"{_n(P)} params x {cb} B" + (" (every FSDP unit gathered)" if fsdp else " (autocast copy)")
+    sampling = ("rollout", "validation")
+    if r.rollout.engine == "vllm":
+        v = r.rollout.vllm
+        tp = v.tensor_parallel_size
+        reserve = int(v.gpu_memory_utilization * out.gpu_memory_bytes)
+        weights = _ceil_div(P * cb, tp)
+        kvt = _ceil_div(s.kv_bytes_per_token(cb), tp)
+        kv_budget = reserve - weights - int(a.vllm_overhead_gib * GiB)
+        kv_tokens = max(0, kv_budget // kvt)
+        max_len = v.max_model_len or s.max_positions
+        seqs = ppp * G
+        sleep = bool(getattr(v, "sleep_mode", True))
+        out.vllm = {"reserved_bytes": reserve, "weights_bytes": weights, "kv_bytes": max(0, kv_budget),
+                    "kv_bytes_per_token": kvt, "kv_tokens": kv_tokens, "max_model_len": max_len,
+                    "concurrent_full_length_sequences": kv_tokens // max_len, "sequences_per_step": seqs,
+                    "sleep_mode": sleep, "tensor_parallel_size": tp}
+        items.append(Item("vllm_reserved", "vLLM share of the GPU (weights + KV cache)", reserve,
+                          ("rollout",) + (() if sleep else ("validation", "training", "optimizer_step") +
+                                          (("report",) if reheat else ())),
+                          f"gpu_memory_utilization {v.gpu_memory_utilization:g} x {out.gpu_memory_bytes / GiB:g} GiB: "
+                          f"weights {_n(P)} x {cb} B / tp {tp} = {weights / GiB:.2f} GiB, {kv_tokens} KV tokens "
+                          f"({kvt} B each)", trainer=False))
+        if sleep:
+            items.append(Item("vllm_asleep", "vLLM asleep (sleep mode)", int(a.vllm_asleep_gib * GiB),
+                              ("validation", "training", "optimizer_step") + (("report",) if reheat else ()),
+                              "graph pools and allocator state a sleeping engine keeps", trainer=False))
+        if kv_tokens < max_len:
+            out.fits = False
+            out.notes.append(f"vLLM's KV cache ({kv_tokens} tokens) cannot hold one sequence of max_model_len "
+                             f"{max_len}: vLLM refuses to start; raise rollout.vllm.gpu_memory_utilization or lower "
+                             "rollout.vllm.max_model_len")
+        if max_len < gen_len:
+            out.notes.append(f"rollout.vllm.max_model_len {max_len} < prompt {a.prompt_tokens} + max_new_tokens "
+                             f"{r.rollout.max_new_tokens}: longer prompts are refused or cut")
+        elif kv_tokens // max_len < seqs:
+            out.notes.append(f"vLLM holds {kv_tokens // max_len} of the {seqs} sequences per process at full length "
+                             "at once; it schedules the rest (slower, not out of memory)")
+        if not sleep:
+            out.notes.append("rollout.vllm.sleep_mode is off: vLLM's share stays allocated while training")
+        sampling = ("validation",)
+    else:
+        seqs = min(r.rollout.batch_size, ppp * G)
+        items += _decode_items("rollout", "rollout", "rollout", seqs, _ceil_div(seqs, G), gen_len, s, cb, lean, a)
+    if gather_all:
+        items.append(Item("sampling_weights", f"sampling weights ({dtype}, hf engine)", gather_all, sampling,
+                          gather_formula))
+
+    # --- validation (the trainer samples it with the hf engine)
+    val = r.validation
+    if val.enabled:
+        per = _ceil_div(val.limit, N) * val.num_generations if val.limit else val.batch_size
+        vseqs = min(val.batch_size, per)
+        items += _decode_items("validation", "validation", "validation", vseqs, _ceil_div(vseqs, val.num_generations),
+                               a.prompt_tokens + val.max_new_tokens, s, cb, lean, a)
+
+    # --- reheat's before/after report: policy and teacher gathered, the teacher's rollouts on the validation
+    # prompts, then a transformers forward keeping every layer's hidden states of both models
+    if reheat:
+        copies = [w for w, on in (("policy", fsdp or mb != cb), ("teacher", frozen_sharded)) if on]
+        if copies:  # FSDP gathers each sharded model; autocast caches the float32 policy's model.dtype copy
+            items.append(Item("report_weights", f"report: {' + '.join(copies)} gathered ({dtype})",
+                              len(copies) * P * cb, ("report",), f"{len(copies)} x {_n(P)} params x {cb} B"))
+        n_rep = 2 * r.reheat.report_prompts
+        rlen = a.prompt_tokens + val.max_new_tokens
+        rseqs = min(val.batch_size, n_rep)
+        samp = _decode_items("report", "report", "report", rseqs, _ceil_div(rseqs, 2), rlen, s, cb, lean, a)
+        Br = min(a.report_batch, n_rep)
+        full = (s.layers + 1) * Br * rlen * s.hidden * cb  # output_hidden_states of one model's forward
+        picked = 2 * s.layers * Br * val.max_new_tokens * s.hidden * cb  # each model's layers at completion tokens
+        stats = full + picked + Br * rlen * 3 * s.intermediate * cb + Br * rlen * rlen * (1 + cb)
+        samp_total = sum(i.bytes for i in samp)
+        if stats >= samp_total:
+            items.append(Item("report_stats", "report: both models' hidden states (compare_models)", stats,
+                              ("report",), f"{Br} seqs x {rlen} tokens x {s.hidden} x {cb} B x ({s.layers + 1} layers "
+                              f"+ 2 x {s.layers} at completion tokens) + one layer's MLP and mask"))
+        else:
+            items += samp
+
+    # --- peaks: the items of each phase, fragmentation on the trainer's share, the fixed allowance
+    for ph in PHASES:
+        if ph == "report" and not reheat:
+            continue
+        inside = [i for i in items if ph in i.phases]
+        trainer = sum(i.bytes for i in inside if i.trainer)
+        fixed = sum(i.bytes for i in inside if not i.trainer)
+        out.phases[ph] = int(trainer * (1 + a.fragmentation) + fixed + a.overhead_gib * GiB)
+    out.fits = out.fits and all(out.phase_fits(ph) for ph in out.phases)
+    return out
+
+
+def to_dict(p: MemoryPlan) -> dict:
+    """The plan as plain data: every figure in bytes and GiB."""
+    gib = lambda b: round(b / GiB, 3)  # noqa: E731
+    s = p.shape
+    return {
+        "model": {"name": s.name, "params": s.params, "hidden": s.hidden, "layers": s.layers, "heads": s.heads,
+                  "kv_heads": s.kv_heads, "head_dim": s.head_dim, "intermediate": s.intermediate, "vocab": s.vocab,
+                  "tied_embeddings": s.tied},
+        "gpus": p.gpus, "strategy": p.strategy, "rollout_engine": p.engine, "gpu_memory_bytes": p.gpu_memory_bytes,
+        "gpu_memory_gib": gib(p.gpu_memory_bytes),
+        "per_gpu": {i.key: {"label": i.label, "bytes": i.bytes, "gib": gib(i.bytes), "phases": list(i.phases),
+                            "formula": i.formula} for i in p.items},
+        "phases": {ph: {"bytes": b, "gib": gib(b), "fits": p.phase_fits(ph)} for ph, b in p.phases.items()},
+        "peak": {"phase": max(p.phases, key=p.phases.get), "bytes": max(p.phases.values()),
+                 "gib": gib(max(p.phases.values()))},
+        "vllm": None if p.vllm is None else {**p.vllm, **{k.replace("bytes", "gib"): gib(v) for k, v in p.vllm.items()
+                                                          if k.endswith("bytes") and k != "kv_bytes_per_token"}},
+        "assumptions": {**p.assumptions.describe(p.strategy, p.engine), "values": {
+            "prompt_tokens": p.assumptions.prompt_tokens, "overhead_gib": p.assumptions.overhead_gib,
+            "fragmentation": p.assumptions.fragmentation,
+            "fsdp_layers_in_flight": p.assumptions.fsdp_layers_in_flight,
+            "ddp_bucket_elems": p.assumptions.ddp_bucket_elems, "hf_cache_peak": p.assumptions.hf_cache_peak,
+            "vllm_overhead_gib": p.assumptions.vllm_overhead_gib, "vllm_asleep_gib": p.assumptions.vllm_asleep_gib,
+            "report_batch": p.assumptions.report_batch}},
+        "notes": list(p.notes),
+        "fits": p.fits,
+    }

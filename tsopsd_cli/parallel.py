@@ -1,0 +1,400 @@
+"""Several processes and sharding, so that a runner asks for "the model, ready to train" and never needs to know
+whether it is sharded.
+
+Strategies (`train.strategy`; one process is always `single`):
+- `ddp`: every process holds a full replica; gradients are summed across processes (bucketed all-reduce) before
+  the optimiser step.
+- `fsdp`: FSDP2 (`fully_shard`) on every decoder layer and on the root; every process holds 1/world of the
+  weights, gradients and optimiser state. Gradients are reduce-scattered as sums (not means): losses are
+  normalised by global token counts, so the update equals one process's with the same global batch.
+
+Precision: training keeps float32 master weights and float32 optimiser state and computes in `model.dtype`:
+with FSDP through `MixedPrecisionPolicy` (parameters gathered in model.dtype, gradients reduced in float32), on
+one process or ddp through autocast. `train.master_weights: model_dtype` keeps the weights themselves in
+model.dtype (pure low precision) — only when a recipe asks for it by name. Frozen models (teacher, reference) are
+stored in model.dtype, sharded under fsdp unless `train.frozen: replicated`.
+
+Under FSDP the model's own modules must run (their hooks gather and free parameters): `call()` runs a function
+inside the root's forward, `layer_hook()` routes the lean forward's layers through the layer modules, and
+`gathered()` keeps every parameter unsharded while decoding (no collective per token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ processes
+class Dist:
+    """This process's place among several (torch.distributed, gloo on CPU / nccl on GPU), or a single process."""
+
+    def __init__(self, timeout_minutes: float = 30.0):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> str:
+        if self.world > 1 and torch.cuda.is_available() and requested in ("auto", "cuda"):
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def _comm_device(self):
+        backend = torch.distributed.get_backend() if self.world > 1 else "gloo"
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(t)
+        return float(t[0])
+
+    def max(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t[0])
+
+    def any(self, flag: bool) -> bool:
+        return self.max(1.0 if flag else 0.0) > 0
+
+    def gather_objects(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def shard(items: list, dist: Dist) -> list:
+    """This process's share of a list (every world-th item)."""
+    return items[dist.rank::dist.world]
+
+
+# ------------------------------------------------------------------------------------------------ placement
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision a run's models live."""
+
+    strategy: str  # single | ddp | fsdp
+    device: torch.device
+    master_dtype: torch.dtype  # trained weights and optimiser state
+    compute_dtype: torch.dtype  # forward/backward arithmetic, frozen models
+    frozen_sharded: bool
+    world: int
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def autocast(self):
+        """Compute in compute_dtype over master weights of another dtype (one process / ddp; FSDP casts itself)."""
+        if self.fsdp or self.master_dtype == self.compute_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def describe(self) -> dict:
+        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        return {"strategy": self.strategy, "world_size": self.world, "device": str(self.device),
+                "master_dtype": name(self.master_dtype), "compute_dtype": name(self.compute_dtype),
+                "frozen": "sharded" if self.fsdp and self.frozen_sharded else "replicated"}
+
+
+def placement(model_section, train_section, dist: Dist) -> Placement:
+    from tsopsd_cli.checkpoint import resolve_device, resolve_dtype
+
+    device = resolve_device(dist.device(model_section.device))
+    compute = resolve_dtype(model_section.dtype, device)
+    master = compute if train_section.master_weights == "model_dtype" else torch.float32
+    strategy = "single" if dist.world == 1 else train_section.strategy
+    return Placement(strategy=strategy, device=device, master_dtype=master, compute_dtype=compute,
+                     frozen_sharded=train_section.frozen == "sharded", world=dist.world)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The repeated transformer blocks (the unit FSDP shards one at a time)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(body, "layers", None) or getattr(body, "h", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        from tsopsd_cli.errors import CheckpointError
+
+        raise CheckpointError(f"{type(model).__name__}: cannot find its decoder layers to shard (train.strategy: "
+                              "fsdp supports Llama-family layouts); use train.strategy: ddp")
+    return layers
+
+
+def _run(self, fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def prepare(model, pl: Placement, trainable: bool):
+    """The model on its device in its dtype, FSDP-wrapped where the placement says so; frozen models get
+    requires_grad False and eval mode."""
+    dtype = pl.master_dtype if trainable else pl.compute_dtype
+    model.to(device=pl.device, dtype=dtype)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    if pl.fsdp and (trainable or pl.frozen_sharded):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        mp = MixedPrecisionPolicy(param_dtype=pl.compute_dtype, reduce_dtype=torch.float32)
+        units = [*decoder_layers(model), model]
+        for unit in units[:-1]:
+            fully_shard(unit, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        for unit in units:
+            unit._tsopsd_run = types.MethodType(_run, unit)
+            register_fsdp_forward_method(unit, "_tsopsd_run")
+            unit.set_gradient_divide_factor(1.0)  # sum: losses are already normalised by global counts
+            unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-multiplied sum)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def call(model, fn, *args, **kwargs):
+    """fn(*args) inside the model's root forward: under FSDP its root parameters (embeddings, final norm, LM head)
+    are gathered and stay so until the backward pass (FSDP keeps the root unsharded after forward)."""
+    if is_sharded(model):
+        return model._tsopsd_run(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def layer_hook(model):
+    """For lean.shared_prefix_hidden: a hook that runs layer i's computation through the layer module (FSDP
+    gathers its parameters before and frees them after, also when recomputed in the backward pass), or None."""
+    if not is_sharded(model):
+        return None
+    layers = decoder_layers(model)
+    return lambda i, fn, *args: layers[i]._tsopsd_run(fn, i, *args)
+
+
+def _units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model) -> None:
+    """Free the gathered root parameters of a frozen FSDP model (its forward keeps them: no backward follows)."""
+    for unit in _units(model):
+        unit.reshard()
+
+
+@contextlib.contextmanager
+def gathered(model) -> Iterator[None]:
+    """Every parameter unsharded for the duration (decoding: no collective per token); a no-op unless sharded."""
+    units = _units(model)
+    if not units:
+        yield
+        return
+    # FSDP initialises its states lazily from the root's first forward; unsharding a layer first would make the
+    # root's later initialisation fail ("FSDP requires running forward through the root module first")
+    model._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+# ----------------------------------------------------------------------------------------- gradients, norms
+def sync_gradients(model, pl: Placement, bucket_elems: int = 1 << 25) -> None:
+    """ddp: sum every trainable parameter's gradient over processes, in buckets (no buffer the size of all
+    gradients). Every process must hold a gradient for every trainable parameter (the trainer fills zeros)."""
+    if pl.strategy != "ddp":
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush():
+        if not bucket:
+            return
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        bucket.clear()
+
+    for p in params:
+        bucket.append(p.grad)
+        size += p.grad.numel()
+        if size >= bucket_elems:
+            flush()
+            size = 0
+    flush()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _global_sq_sum(tensors, pl: Placement, dist: Dist) -> float:
+    local = sum(float(_local(t).detach().double().pow(2).sum()) for t in tensors)
+    return dist.sum(local) if pl.fsdp else local
+
+
+def clip_grad_norm(model, max_norm: float | None, pl: Placement, dist: Dist) -> float:
+    """Global gradient L2 norm over all processes' shards; gradients are scaled down to `max_norm` when above."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = _global_sq_sum(grads, pl, dist) ** 0.5
+    if max_norm is not None and norm == norm and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            _local(g).mul_(scale)
+    return norm
+
+
+def weight_norm(model, pl: Placement, dist: Dist) -> float:
+    """Global L2 norm of the trained weights (NaN or inf when any weight is)."""
+    return _global_sq_sum([p for p in model.parameters() if p.requires_grad], pl, dist) ** 0.5
+
+
+# --------------------------------------------------------------------------------------------- full tensors
+def persistent_buffers(model) -> Iterator[tuple[str, torch.Tensor]]:
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{name}" if mod_name else name), buf
+
+
+def full_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter (tied ones once) and persistent buffer, one at a time. Sharded
+    parameters are all-gathered one by one: every process must consume the iterator in step."""
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+    yield from persistent_buffers(model)
+
+
+def local_bytes(model, optimizer=None) -> dict:
+    """Bytes this process holds of parameters, gradients and optimiser state (its shards under FSDP)."""
+    params = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+    grads = sum(_local(p.grad).numel() * _local(p.grad).element_size()
+                for p in model.parameters() if p.grad is not None)
+    opt = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    opt += _local(v).numel() * _local(v).element_size()
+    return {"parameter_bytes": params, "gradient_bytes": grads, "optimizer_state_bytes": opt}
+
+
+# -------------------------------------------------------------------------------------- sharded checkpoints
+def _quiet_single_process():
+    """torch.distributed.checkpoint warns on stderr when it runs without a process group (one process): expected."""
+    import warnings
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return ctx
+
+
+def save_state(path, model, optimizer) -> None:
+    """Model and optimiser state, each process writing its own shard (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    ctx = _quiet_single_process()
+    try:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def load_state(path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    ctx = _quiet_single_process()
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    finally:
+        ctx.__exit__(None, None, None)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def save_model(path, model) -> None:
+    """A (frozen) model's weights alone, sharded per process like save_state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    ctx = _quiet_single_process()
+    try:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(path))
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def load_model(path, model) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    ctx = _quiet_single_process()
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    finally:
+        ctx.__exit__(None, None, None)
+    set_model_state_dict(model, state["model"])
+
+
+@torch.no_grad()
+def copy_weights(dst, src) -> None:
+    """dst's weights := src's (the same architecture; dst frozen, in its own dtype). Sharded into sharded copies
+    each process's shards; into a replica, the full tensors are gathered one at a time."""
+    for (name, d), (_, s) in zip(dst.named_parameters(), src.named_parameters(), strict=True):
+        if hasattr(d, "to_local") and hasattr(s, "to_local"):
+            d.to_local().copy_(s.to_local())
+        else:
+            d.copy_(s.full_tensor() if hasattr(s, "full_tensor") else s)

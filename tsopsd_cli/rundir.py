@@ -1,0 +1,275 @@
+"""The working directory of a resumable run: one mechanism for rl, reheat, eval and demo.
+
+With `--out DIR` all work happens in the hidden sibling `.DIR.partial/`, guarded by the lock file `.DIR.lock`:
+
+    .DIR.partial/state.json            the run key (recipe + input fingerprints: what a resume must match) and
+                                       "complete" once every output is written
+    .DIR.partial/<log>.jsonl           one JSON object per line: the metrics of a training run, the samples of an eval
+    .DIR.partial/checkpoints/step-N/   a training run's resumable state, each written atomically
+
+`finish()` marks the state complete and renames the directory to DIR in one step, so DIR only ever appears
+complete. A run stopped after it was marked complete only needs that rename, which resuming does.
+
+Resuming: `resume=True` (`--resume`) continues an unfinished run and refuses when there is none; `resume=False`
+refuses an existing partial directory unless `restart` (`--restart`) discards it; `resume=None` continues a
+matching partial directory by itself (eval: rerun the same command). A partial directory whose key differs is
+never continued. Every refusal happens before anything is created, and `close(discard=True)` removes a partial
+directory that this process created, so a refused or failed setup leaves nothing behind.
+
+Several processes: the main process creates, locks and renames; the others only wait (the directory must be on a
+filesystem all of them see).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from tsopsd_cli.errors import OutputExistsError, UsageError
+
+STATE_FILE = "state.json"
+
+
+def partial_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+# --------------------------------------------------------------------------------------------------------- lock
+class Lock:
+    """An exclusive advisory lock on an output (`.NAME.lock` beside it) for as long as it is held: two runs writing
+    the same --out (a job submitted twice) would corrupt each other, so the second one stops at once (exit 2)."""
+
+    def __init__(self, out: Path):
+        self.path = lock_path(out)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise UsageError(f"{out}: another tsopsd run is writing it ({holder})") from None
+            # The holder before us may have unlinked the file between our open and our flock: then we hold a lock
+            # on a file nobody else can see, so start again on the current one.
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it (see the inode check above)
+            self._fh.close()
+            self._fh = None
+
+
+# ---------------------------------------------------------------------------------------------------------- log
+class JsonlLog:
+    """An append-only JSON-lines file whose torn last line (a kill during a write) is ignored and cut off."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: it and everything after are dropped
+                if not line.endswith("\n") or not isinstance(row, dict):
+                    break
+                rows.append(row)
+        return rows
+
+    def keep(self, pred: Callable[[dict], bool] = lambda row: True) -> list[dict]:
+        """Rewrite the file (atomically) with the valid rows that satisfy `pred`; returns them."""
+        rows = [r for r in self.rows() if pred(r)]
+        tmp = self.path.parent / f".{self.path.name}.tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, self.path)
+        return rows
+
+    def append(self, rows: list[dict], durable: bool = False) -> None:
+        with open(self.path, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+
+
+# ------------------------------------------------------------------------------------------------------ run dir
+class _Single:
+    main = True
+
+    def barrier(self) -> None:
+        pass
+
+
+class RunDir:
+    def __init__(self, out: Path, *, key: str, log_name: str, resume: bool | None, restart: bool = False,
+                 dist=None, what: str = "run"):
+        self.out = Path(out)
+        self.path = partial_path(self.out)
+        self.key = key
+        self.dist = dist or _Single()
+        self.log = JsonlLog(self.path / log_name)
+        self.fresh = False  # this process created the partial directory
+        self.resumed = False  # an unfinished run was found and is continued
+        self.complete = False  # ...and it had already written every output
+        self.lock: Lock | None = None
+        outcome: dict = {}
+        if self.dist.main:
+            try:
+                self._open(resume, restart, what)
+            except Exception as e:  # noqa: BLE001 - told to the other processes, then raised here
+                outcome = {"error": str(e), "exc": e}
+            outcome.update(resumed=self.resumed, complete=self.complete)
+        shared = self._broadcast({k: v for k, v in outcome.items() if k != "exc"})
+        if "exc" in outcome:
+            raise outcome["exc"]
+        if shared.get("error"):  # another process's refusal: stop too (only the main process reports it)
+            raise UsageError(shared["error"])
+        self.resumed, self.complete = shared["resumed"], shared["complete"]
+
+    def _broadcast(self, obj: dict) -> dict:
+        fn = getattr(self.dist, "broadcast_object", None)
+        return fn(obj) if fn is not None else obj
+
+    def _open(self, resume: bool | None, restart: bool, what: str) -> None:
+        exists = self.path.exists()
+        if resume is True and not exists and not restart:
+            raise UsageError(f"--resume: no unfinished {what} at {self.path}")
+        self.lock = Lock(self.out)
+        try:
+            if exists and restart:
+                shutil.rmtree(self.path)
+                exists = False
+            if exists:
+                state = read_json(self.path / STATE_FILE)
+                if resume is False:
+                    raise OutputExistsError(f"{self.path}: an unfinished {what} is there (pass --resume to "
+                                            "continue it, or --restart to discard it)")
+                if state.get("key") != self.key:
+                    raise UsageError(f"{self.path}: the unfinished {what} there used a different recipe or input; "
+                                     "a resume needs the same ones (or pass --restart to discard it)")
+                self.resumed = True
+                self.complete = bool(state.get("complete"))
+            else:
+                self.path.mkdir(parents=True)
+                self.fresh = True
+                write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": False})
+        except BaseException:
+            self.lock.release()
+            raise
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Finished checkpoints, oldest first (a checkpoint directory only gets its step-N name once complete)."""
+        d = self.checkpoint_root
+        return sorted(p for p in d.glob("step-*") if p.is_dir()) if d.is_dir() else []
+
+    def latest(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def staging(self, step: int) -> Path:
+        """The directory a checkpoint of `step` is written into before `publish` names it (every rank writes)."""
+        return self.checkpoint_root / f".step-{step:06d}.tmp"
+
+    def prepare_staging(self, step: int) -> Path:
+        tmp = self.staging(step)
+        if self.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        return tmp
+
+    def publish(self, step: int, keep: int) -> Path:
+        """Name the staged checkpoint step-N (atomic rename), then drop all but the newest `keep` ones."""
+        target = self.checkpoint_root / f"step-{step:06d}"
+        self.dist.barrier()
+        if self.dist.main:
+            if target.exists():
+                self._discard(target)
+            self.staging(step).rename(target)
+            for old in self.checkpoints()[:-keep]:
+                self._discard(old)
+        self.dist.barrier()
+        return target
+
+    def _discard(self, path: Path) -> None:
+        trash = path.parent / f".trash-{uuid.uuid4().hex[:8]}"
+        path.rename(trash)  # out of the step-* namespace first: a kill during the rmtree leaves no half checkpoint
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # --------------------------------------------------------------------------------------------------- finish
+    def mark_complete(self) -> None:
+        if self.dist.main:
+            write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": True})
+        self.complete = True
+
+    def finish(self, before_rename: Callable[[], None] | None = None) -> Path:
+        """Mark complete (every output is in place), then rename to --out, replacing an existing --out (which
+        `check_out` allowed). `before_rename` runs between the two: a signal checked there leaves a complete,
+        resumable directory."""
+        self.mark_complete()
+        if before_rename is not None:
+            before_rename()
+        if self.dist.main:
+            from tsopsd_cli.checkpoint import move_into_place
+
+            shutil.rmtree(self.checkpoint_root, ignore_errors=True)
+            (self.path / STATE_FILE).unlink(missing_ok=True)
+            move_into_place(self.path, self.out)
+        self.dist.barrier()
+        return self.out
+
+    def close(self, discard: bool = False) -> None:
+        """Release the lock; with `discard`, also remove the partial directory if this process created it."""
+        if self.dist.main:
+            if discard and self.fresh and self.path.exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+            if self.lock is not None:
+                self.lock.release()

@@ -1,0 +1,84 @@
+"""SIGTERM and SIGINT, handled the same way by every command at every moment.
+
+The first signal only sets a flag. Work checks it at its safe points (`check()`: between generation batches,
+eval chunks, validation batches and training steps), where it raises `Interrupted`; the command then leaves a
+resumable state behind (a training run saves a checkpoint, an eval has its finished chunks on disk) and exits 130
+with one line on stderr. A second signal interrupts at once (KeyboardInterrupt, also 130): nothing written
+half-way becomes visible, because every output is written atomically.
+
+With several processes a rank must not stop alone (the others would wait in a collective), so `collective(True)`
+turns the local checks off and the training loop asks all ranks together at its step and validation boundaries.
+
+Fault injection (tests): `TSOPSD_FAULT=<TERM|INT|KILL>@<point>[#<n>]` makes the process send itself that signal
+the n-th time (default 1st) it reaches the named point (`fault_point(name)`); e.g. `TERM@validation#2`,
+`KILL@step#3`. Points: setup, validation, rollout, step, save, finish, eval-chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Iterator
+
+from tsopsd_cli.errors import Interrupted
+
+_requested: str | None = None
+_collective = False
+_fault_counts: dict[str, int] = {}
+
+
+def _handle(signum, frame):
+    global _requested
+    if _requested is not None:
+        raise KeyboardInterrupt  # second signal: stop now
+    _requested = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """SIGTERM/SIGINT set the flag for the duration of a command (main thread only; elsewhere a no-op)."""
+    global _requested
+    _requested = None
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, _handle)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def requested() -> str | None:
+    """The name of the signal received ("SIGTERM"), or None."""
+    return _requested
+
+
+def collective(on: bool) -> None:
+    """Several processes: local checks are off; the caller synchronises `requested()` across ranks."""
+    global _collective
+    _collective = on
+
+
+def check(where: str = "") -> None:
+    """Raise Interrupted if a signal arrived (single process only; see `collective`)."""
+    if _requested is not None and not _collective:
+        raise Interrupted(f"{_requested} received{' during ' + where if where else ''}")
+
+
+def fault_point(name: str) -> None:
+    """Testing aid: send the signal named by TSOPSD_FAULT when this point is reached for the n-th time."""
+    spec = os.environ.get("TSOPSD_FAULT")
+    if not spec:
+        return
+    sig, _, rest = spec.partition("@")
+    point, _, nth = rest.partition("#")
+    if point != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(nth or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig.upper()}"))
