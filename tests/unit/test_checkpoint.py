@@ -113,3 +113,29 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     held.release()
     assert not (tmp_path / ".out.lock").exists()  # released locks leave no file behind
     Lock(out).release()  # free again once the first run is gone
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_streamed_writer_shards_with_an_index_that_transformers_loads(tmp_path, tied):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    from tsopsd_cli.checkpoint import provenance, save_checkpoint
+    from tsopsd_cli.tasks import toy
+
+    tok = toy.build_tokenizer()
+    cfg = toy.build_model_config(len(tok), 32, 2, 2, 64, 64, tok.pad_token_id, tok.eos_token_id)
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg).eval()
+    out = save_checkpoint(model, tok, tmp_path / "m", provenance("test", {}, None, None), max_shard_bytes=20_000,
+                          dtype="bfloat16")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({v for v in index["weight_map"].values()})
+    assert len(shards) > 2 and all((out / s).is_file() for s in shards)
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert ("lm_head.weight" in index["weight_map"]) != tied  # tied embeddings are saved once
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for (n, a), (_, b) in zip(model.named_parameters(), back.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a.to(torch.bfloat16).float(), msg=n)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]

@@ -78,6 +78,15 @@ def progress_for(json_out: bool, quiet: bool) -> Progress:
     return Progress(mode="plain")
 
 
+def emit(result: Any, json_out: bool, render) -> int:
+    """A command's result on stdout: one JSON object with --json, else `render(result)` (a rich table)."""
+    if json_out:
+        print_json(result)
+    else:
+        render(result)
+    return 0
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(json_safe(obj), indent=None) + "\n")
     sys.stdout.flush()

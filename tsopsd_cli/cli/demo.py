@@ -22,6 +22,8 @@ def demo(
                                                   "(default 1.6).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds of the continued-RL arms "
                                                  "(default 0).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="The long demo: recipes/demo/full.yaml (3 seeds, the long "
+                                       "continued-RL budget; <= 45 minutes on 2 cores).")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished demo of --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished stages of an earlier demo in --out and "
                                          "continue where it stopped.")] = False,
@@ -38,6 +40,14 @@ def demo(
             from tsopsd_cli.errors import UsageError
 
             raise UsageError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    if full:
+        if recipe is not None:
+            from tsopsd_cli.errors import UsageError
+
+            raise UsageError("--full is recipes/demo/full.yaml: give either --full or --recipe")
+        from tsopsd_cli.recipe import RECIPES_DIR
+
+        recipe = RECIPES_DIR / "demo" / "full.yaml"
     rec = resolve("demo", recipe, set_, {"output.out": str(out), "output.overwrite": overwrite,
                                          "demo.temp": temp, "demo.seeds": seed_list})
     from tsopsd_cli.runners.demo import run_demo
@@ -53,13 +63,16 @@ def demo(
     from rich.table import Table
 
     t = Table(title=f"tsopsd demo (temp {summary['temp']:g}, seeds {summary['seeds']})")
-    for col in ("arm", "start entropy", f"top-{summary['topk']} Jaccard", "CKA", "acc before", "acc after"):
+    for col in ("arm", "start entropy", f"top-{summary['topk']} Jaccard", "CKA", "acc before", "acc after",
+                "pass@k after", "decision entropy start → end"):
         t.add_column(col, justify="left" if col == "arm" else "right")
+    pm = lambda m, sd: "—" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")  # noqa: E731
+    f4 = lambda x: "—" if x is None else f"{x:.4f}"  # noqa: E731
     for name, a in summary["arms"].items():
-        after = f"{a['accuracy_after']:.3f}" + (f" ± {a['accuracy_after_std']:.3f}"
-                                                if a["accuracy_after_std"] is not None else "")
         t.add_row(name, f"{a['entropy']:.3f}", f"{a['topk_jaccard']:.3f}", f"{a['cka_last_layer']:.3f}",
-                  f"{a['accuracy_before']:.3f}", after)
+                  f"{a['accuracy_before']:.3f}", pm(a["accuracy_after"], a["accuracy_after_std"]),
+                  pm(a["pass@k_after"], a.get("pass@k_after_std")),
+                  f"{f4(a['decision_entropy_start'])} → {f4(a['decision_entropy_end'])}")
     con.print(t)
     con.print(f"summary: {Path(summary['out']) / 'summary.md'} ({summary['seconds']:.0f} s)")
     return 0

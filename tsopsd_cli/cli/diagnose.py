@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, data_flags, model_flags, print_json, progress_for, resolve,
+from tsopsd_cli.cli.common import (emit, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
+                                   RemoteOpt, SetOpt, data_flags, model_flags, progress_for, resolve,
                                    stdout_console)
 
 
@@ -49,11 +49,7 @@ def diagnose(
     from tsopsd_cli.runners.diagnose import run_diagnose
 
     report = run_diagnose(rec, checkpoint, progress_for(json_out, quiet))
-    if json_out:
-        print_json(report)
-    else:
-        render(report)
-    return 0
+    return emit(report, json_out, render)
 
 
 def render(r: dict) -> None:
@@ -74,6 +70,9 @@ def render(r: dict) -> None:
     for k, v in r["topk_mass"].items():
         t.add_row(f"top-{k} mass (mean)", f"{v:.4f}")
     t.add_row("effective support exp(H) (mean)", f"{r['effective_support']['mean']:.3f}")
+    dp = r.get("decision_points")
+    if dp and dp["entropy"] is not None:
+        t.add_row("entropy at decision points / elsewhere", f"{dp['entropy']:.4f} / {dp['other_entropy']:.4f}")
     for temp, v in r["temperature_entropy"].items():
         t.add_row(f"entropy at τ={temp}", f"{v:.4f}")
     ro = r.get("rollouts")

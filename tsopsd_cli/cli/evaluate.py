@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt,
+from tsopsd_cli.cli.common import (emit, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt,
                                    RecipeOpt, RemoteOpt, SetOpt, model_flags, print_json, progress_for, resolve,
                                    stdout_console)
 
@@ -58,11 +58,7 @@ def evaluate(
     from tsopsd_cli.runners.evaluate import run_eval
 
     report = run_eval(rec, checkpoint, progress_for(json_out, quiet), restart=restart)
-    if json_out:
-        print_json(report)
-    else:
-        render(report)
-    return 0
+    return emit(report, json_out, render)
 
 
 def render(r: dict) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import EXAMPLE, JsonOpt, SetOpt, print_json, stdout_console
+from tsopsd_cli.cli.common import EXAMPLE, JsonOpt, SetOpt, emit, stdout_console
 from tsopsd_cli.errors import UsageError
 
 EPILOG = EXAMPLE + "tsopsd plan recipes/rl/qwen3-8b-base.yaml --gpus 8 --gpu-memory 80"
@@ -90,11 +90,7 @@ def plan(
     a = Assumptions(prompt_tokens=prompt_tokens, overhead_gib=overhead_gib, fragmentation=fragmentation)
     p = make_plan(rec, shape, gpus=gpus, gpu_memory_gib=gpu_memory, assumptions=a)
     report = {"recipe": str(recipe), "command": rec.command, **to_dict(p)}
-    if json_out:
-        print_json(report)
-    else:
-        render(report)
-    return 0
+    return emit(report, json_out, render)
 
 
 _SHORT = {"rollout": "rollout", "validation": "val", "training": "train", "optimizer_step": "step",

@@ -6,7 +6,7 @@ it is held, and a phase's peak is the sum of its items plus an allowance for the
 
 - rollout: sampling the step's completions (hf engine: the gathered model.dtype weights and a KV cache; vllm: its
   reserved share of the GPU), while the trainer keeps its weights, gradients and optimiser state;
-- validation: the same with the validation batch (sampled with the hf engine, as the trainer does);
+- validation: the same with the validation batch (the run's engine: hf, or the vllm engine awake);
 - training: one micro-batch's forward and backward;
 - optimiser step: gradient all-reduce (ddp), norms and the AdamW update, after the activations are freed;
 - report (reheat): the before/after comparison, with the policy and the teacher both gathered.
@@ -122,7 +122,7 @@ class Assumptions:
     hf_cache_peak: float = 1.75  # lean decode: compacting the KV cache copies the kept rows (<= 3/4) beside it
     vllm_overhead_gib: float = 2.0  # inside vLLM's share: its profiled activations and CUDA graphs
     vllm_asleep_gib: float = 1.0  # what a sleeping vLLM engine still holds (graph pools, allocator)
-    report_batch: int = 16  # sequences per forward of reheat's before/after comparison (compare_models)
+    report_batch: int = 2  # sequences per forward of reheat's before/after comparison (runners.reheat REPORT_BATCH)
 
     def describe(self, strategy: str | None = None, engine: str | None = None) -> dict[str, str]:
         """One sentence per assumption; with `strategy`/`engine`, only those that apply to that run."""
@@ -143,7 +143,7 @@ class Assumptions:
                            "a memory-efficient attention kernel (no [B, H, C, P+C] score matrix), the backward "
                            "working set taken as one more layer",
             "hf_engine": f"hf engine KV cache peaks at {self.hf_cache_peak:g}x its size (the lean decoder copies the "
-                         "kept rows when it compacts finished ones); validation samples with the hf engine",
+                         "kept rows when it compacts finished ones); validation samples with the run's engine",
             "vllm": f"vLLM holds rollout.vllm.gpu_memory_utilization x the GPU while sampling: its model.dtype "
                     f"weights, {self.vllm_overhead_gib:g} GiB of activations and CUDA graphs, the rest KV cache; "
                     f"with sleep mode it keeps {self.vllm_asleep_gib:g} GiB while the trainer trains",
@@ -382,14 +382,14 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
                     "concurrent_full_length_sequences": kv_tokens // max_len, "sequences_per_step": seqs,
                     "sleep_mode": sleep, "tensor_parallel_size": tp}
         items.append(Item("vllm_reserved", "vLLM share of the GPU (weights + KV cache)", reserve,
-                          ("rollout",) + (() if sleep else ("validation", "training", "optimizer_step") +
-                                          (("report",) if reheat else ())),
+                          ("rollout", "validation") + (() if sleep else ("training", "optimizer_step") +
+                                                       (("report",) if reheat else ())),
                           f"gpu_memory_utilization {v.gpu_memory_utilization:g} x {out.gpu_memory_bytes / GiB:g} GiB: "
                           f"weights {_n(P)} x {cb} B / tp {tp} = {weights / GiB:.2f} GiB, {kv_tokens} KV tokens "
                           f"({kvt} B each)", trainer=False))
         if sleep:
             items.append(Item("vllm_asleep", "vLLM asleep (sleep mode)", int(a.vllm_asleep_gib * GiB),
-                              ("validation", "training", "optimizer_step") + (("report",) if reheat else ()),
+                              ("training", "optimizer_step") + (("report",) if reheat else ()),
                               "graph pools and allocator state a sleeping engine keeps", trainer=False))
         if kv_tokens < max_len:
             out.fits = False
@@ -404,17 +404,17 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
                              "at once; it schedules the rest (slower, not out of memory)")
         if not sleep:
             out.notes.append("rollout.vllm.sleep_mode is off: vLLM's share stays allocated while training")
-        sampling = ("validation",)
+        sampling = ()
     else:
         seqs = min(r.rollout.batch_size, ppp * G)
         items += _decode_items("rollout", "rollout", "rollout", seqs, _ceil_div(seqs, G), gen_len, s, cb, lean, a)
-    if gather_all:
+    if gather_all and sampling:
         items.append(Item("sampling_weights", f"sampling weights ({dtype}, hf engine)", gather_all, sampling,
                           gather_formula))
 
-    # --- validation (the trainer samples it with the hf engine)
+    # --- validation (with the vllm engine it is counted in vLLM's share above)
     val = r.validation
-    if val.enabled:
+    if val.enabled and r.rollout.engine == "hf":
         per = _ceil_div(val.limit, N) * val.num_generations if val.limit else val.batch_size
         vseqs = min(val.batch_size, per)
         items += _decode_items("validation", "validation", "validation", vseqs, _ceil_div(vseqs, val.num_generations),

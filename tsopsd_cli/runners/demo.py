@@ -28,7 +28,8 @@ from tsopsd_cli.report import json_safe, pyplot
 from tsopsd_cli.rundir import RunDir
 
 ARM_TITLES = {"continued-rl": "continued RL (rollout T = 1)", "rollout-temperature": "rollout temperature = temp",
-              "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / temp), then RL"}
+              "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / temp), then RL",
+              "thermostat": "RL with the entropy thermostat"}
 
 
 class Demo:
@@ -78,7 +79,7 @@ class Demo:
         collapsed = self.stage("rl until collapse", o / "collapsed",
                                lambda: run_rl(self.sub("collapse", "rl", o / "collapsed"), str(base), p,
                                               resume=self.interrupted(o / "collapsed")))
-        starts = {"continued-rl": collapsed, "rollout-temperature": collapsed}
+        starts = {"continued-rl": collapsed, "rollout-temperature": collapsed, "thermostat": collapsed}
         if "ts-opsd" in d.arms:
             starts["ts-opsd"] = self.stage(
                 "reheat (TS-OPSD)", o / "ts-opsd",
@@ -105,11 +106,12 @@ class Demo:
         summary["out"] = str(self.rundir.finish(before_rename=lambda: signals.check("the demo's finish")))
         return summary
 
-    def diagnose(self, name: str, ckpt: Path, collapsed: Path) -> dict:
+    def diagnose(self, name: str, ckpt: Path, collapsed: Path | None) -> dict:
+        """Diagnose of `ckpt` on its own rollouts (against `collapsed` when given and different)."""
         from tsopsd_cli.runners.diagnose import run_diagnose
 
         target = self.out / "diagnose" / name
-        extra = {"diagnose.reference": str(collapsed)} if ckpt != collapsed else {}
+        extra = {"diagnose.reference": str(collapsed)} if collapsed is not None and ckpt != collapsed else {}
         temps = sorted({1.0, self.temp})
         self.stage(f"diagnose {name}", target, lambda: run_diagnose(self.sub(
             "diagnose", "diagnose", target, **extra, **{"diagnose.temperatures": temps,
@@ -132,12 +134,17 @@ class Demo:
         extra = {"train.seed": seed}
         if arm == "rollout-temperature":
             extra["rollout.temperature"] = self.temp
+        if arm == "thermostat":
+            extra.update(self.r.demo.thermostat)
         self.stage(f"continued RL: {arm}, seed {seed}", target, lambda: run_rl(
             self.sub("continued", "rl", target, **extra), str(start), self.progress,
             resume=self.interrupted(target)))
         ev = self.evaluate(f"{arm}-seed-{seed}", target)
+        diag = self.diagnose(f"{arm}-seed-{seed}", target, None)
         rows = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return {"seed": seed, "checkpoint": str(target), "eval": ev, "metrics": rows}
+        report = json.loads((target / "report.json").read_text())
+        return {"seed": seed, "checkpoint": str(target), "eval": ev, "diagnose": diag, "metrics": rows,
+                "thermostat": report.get("thermostat")}
 
     # ------------------------------------------------------------------ summary
     def summarize(self, diag: dict, evals: dict, runs: dict) -> dict:
@@ -162,25 +169,58 @@ class Demo:
                 "cka_mean": sum(cka) / len(cka) if cka else 1.0,
             }
 
+        def spread(xs: list) -> tuple[float | None, float | None]:
+            xs = [x for x in xs if x is not None]
+            return (statistics.fmean(xs) if xs else None, statistics.stdev(xs) if len(xs) > 1 else None)
+
+        def decision(rep: dict) -> tuple[float | None, float | None]:
+            dp = rep.get("decision_points") or {}
+            return dp.get("entropy"), dp.get("other_entropy")
+
         arms = {}
         for arm, seed_runs in runs.items():
-            point = "collapsed" if arm in ("continued-rl", "rollout-temperature") else arm
+            point = "collapsed" if arm in ("continued-rl", "rollout-temperature", "thermostat") else arm
             row = start_row(point, sampled_at_temp=arm == "rollout-temperature")
             before = acc(evals[point])
-            after = [acc(r["eval"]) for r in seed_runs]
-            avgs = [a["avg"] for a in after]
+            per_seed = []
+            for r in seed_runs:
+                a = acc(r["eval"])
+                m = r["metrics"]
+                train_rows = [x for x in m if "step_seconds" in x]
+                zv = [(x["step"], x["zero_variance_groups"]) for x in train_rows if "zero_variance_groups" in x]
+                tail = [v for _, v in zv[len(zv) * 3 // 4:]]
+                at, other = decision(r["diagnose"])
+                val_rows = [x for x in m if x.get("val_accuracy") is not None]
+                kmax = lambda d: d[max(d, key=int)] if d else None  # noqa: E731
+                per_seed.append({
+                    "seed": r["seed"], "accuracy": a["avg"], "pass@k": a["pass@k"],
+                    "zero_variance_groups_last_quarter": statistics.fmean(tail) if tail else None,
+                    "decision_entropy": at, "other_entropy": other,
+                    "thermostat_phases": (r["thermostat"] or {}).get("count"),
+                    "val_accuracy": [(x["step"], x["val_accuracy"]) for x in val_rows],
+                    "val_pass@k": [(x["step"], kmax(x.get("val_pass@k") or {})) for x in val_rows],
+                    "zero_variance_groups": zv,
+                    "entropy": [(x["step"], x["entropy"]) for x in train_rows if "entropy" in x],
+                    "reward": [(x["step"], x["reward"]) for x in train_rows if "reward" in x],
+                })
+            start_at, start_other = decision(diag[point])
+            acc_mean, acc_std = spread([p["accuracy"] for p in per_seed])
+            pk_mean, pk_std = spread([p["pass@k"] for p in per_seed])
             arms[arm] = {
                 "title": ARM_TITLES[arm], **row,
-                "accuracy_before": before["avg"], "pass@k_before": before["pass@k"],
-                "accuracy_after": statistics.fmean(avgs),
-                "accuracy_after_std": statistics.stdev(avgs) if len(avgs) > 1 else None,
-                "accuracy_after_per_seed": avgs,
-                "pass@k_after": statistics.fmean(a["pass@k"] for a in after), "k": before["k"],
-                "curves": [{"seed": r["seed"],
-                            "entropy": [(m["step"], m["entropy"]) for m in r["metrics"] if "entropy" in m],
-                            "reward": [(m["step"], m["reward"]) for m in r["metrics"] if "reward" in m],
-                            "val_accuracy": [(m["step"], m["val_accuracy"]) for m in r["metrics"]
-                                             if m.get("val_accuracy") is not None]} for r in seed_runs],
+                "accuracy_before": before["avg"], "pass@k_before": before["pass@k"], "k": before["k"],
+                "accuracy_after": acc_mean, "accuracy_after_std": acc_std,
+                "accuracy_after_per_seed": [p["accuracy"] for p in per_seed],
+                "pass@k_after": pk_mean, "pass@k_after_std": pk_std,
+                "zero_variance_groups_last_quarter": spread([p["zero_variance_groups_last_quarter"]
+                                                             for p in per_seed])[0],
+                "decision_entropy_start": start_at, "other_entropy_start": start_other,
+                "decision_entropy_end": spread([p["decision_entropy"] for p in per_seed])[0],
+                "other_entropy_end": spread([p["other_entropy"] for p in per_seed])[0],
+                "per_seed": per_seed,
+                # (the curves of the earlier summary format, kept for scripts that read them)
+                "curves": [{"seed": p["seed"], "entropy": p["entropy"], "reward": p["reward"],
+                            "val_accuracy": p["val_accuracy"]} for p in per_seed],
             }
         base, coll = diag["base"], diag["collapsed"]
         return {
@@ -190,7 +230,9 @@ class Demo:
                          "accuracy_base": acc(evals["base"])["avg"],
                          "accuracy_collapsed": acc(evals["collapsed"])["avg"]},
             "points": {name: {"entropy": diag[name]["entropy"]["mean"], "accuracy": acc(evals[name])["avg"],
-                              "pass@k": acc(evals[name])["pass@k"]} for name in diag},
+                              "pass@k": acc(evals[name])["pass@k"],
+                              "decision_entropy": decision(diag[name])[0], "other_entropy": decision(diag[name])[1]}
+                       for name in diag},
             "arms": arms,
         }
 
@@ -228,6 +270,30 @@ def markdown(s: dict) -> str:
     lines += ["", "Start entropy: mean token entropy of the starting checkpoint on its own rollouts (the "
               "rollout-temperature arm: the collapsed checkpoint's entropy at temp). Overlap, agreement and CKA are "
               "measured on those rollouts against the collapsed checkpoint.", ""]
+    pm = lambda m, sd: f(m) + (f" ± {sd:.3f}" if sd is not None else "")  # noqa: E731
+    k = next(iter(s["arms"].values()))["k"] if s["arms"] else "n"
+    lines += ["## Over the continued-RL steps", "",
+              f"| arm | accuracy after | pass@{k} after | zero-variance groups (last quarter of steps) | entropy at "
+              "decision points: start → end | elsewhere: start → end | thermostat phases per seed |",
+              "|---|---|---|---|---|---|---|"]
+    for name, a in s["arms"].items():
+        phases = [p["thermostat_phases"] for p in a["per_seed"]] if name == "thermostat" else None
+        lines.append(f"| {name} | {pm(a['accuracy_after'], a['accuracy_after_std'])} | "
+                     f"{pm(a['pass@k_after'], a.get('pass@k_after_std'))} | "
+                     f"{f(a['zero_variance_groups_last_quarter'])} | {f(a['decision_entropy_start'], 4)} → "
+                     f"{f(a['decision_entropy_end'], 4)} | {f(a['other_entropy_start'], 4)} → "
+                     f"{f(a['other_entropy_end'], 4)} | {phases if phases is not None else '—'} |")
+    lines += ["", "Accuracy and pass@k: eval of each arm's final checkpoint (mean ± standard deviation over seeds). "
+              "Zero-variance groups: share of sampled groups whose rewards were all equal. Entropy at decision "
+              "points (the toy world's plan letter) vs every other token: diagnose of the starting checkpoint and "
+              "of each final checkpoint (mean over seeds), on their own rollouts at temperature 1.", "",
+              "| arm | seed | accuracy | pass@k | zero-variance (last quarter) | entropy at decision points |",
+              "|---|---|---|---|---|---|"]
+    for name, a in s["arms"].items():
+        for p in a["per_seed"]:
+            lines.append(f"| {name} | {p['seed']} | {f(p['accuracy'])} | {f(p['pass@k'])} | "
+                         f"{f(p['zero_variance_groups_last_quarter'])} | {f(p['decision_entropy'], 4)} |")
+    lines.append("")
     if s.get("plots"):
         lines += [f"![{p}]({p})" for p in s["plots"]] + [""]
     return "\n".join(lines)
@@ -239,12 +305,15 @@ def plot(s: dict, out: Path) -> list[str]:
         return []
     files = []
     for key, ylabel, fname in (("entropy", "token entropy (nats)", "entropy.png"),
-                               ("val_accuracy", "validation accuracy", "accuracy.png")):
+                               ("val_accuracy", "validation accuracy", "accuracy.png"),
+                               ("val_pass@k", "validation pass@k", "pass_at_k.png"),
+                               ("zero_variance_groups", "zero-variance groups", "zero_variance.png")):
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for name, a in s["arms"].items():
-            for i, c in enumerate(a["curves"]):
-                if c[key]:
-                    xs, ys = zip(*c[key])
+            for i, c in enumerate(a["per_seed"]):
+                pts = [(x, y) for x, y in c[key] if y is not None]
+                if pts:
+                    xs, ys = zip(*pts)
                     ax.plot(xs, ys, label=name if i == 0 else None, color=f"C{list(s['arms']).index(name)}",
                             alpha=0.9 if len(a["curves"]) == 1 else 0.6)
         ax.set_xlabel("continued-RL step")
@@ -260,6 +329,13 @@ def plot(s: dict, out: Path) -> list[str]:
 
 
 def run_demo(recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False, restart: bool = False) -> dict:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from tsopsd_cli.errors import UsageError
+
+        raise UsageError("tsopsd demo runs in one process (it is the CPU miniature of the study); launch rl and "
+                         "reheat with torchrun for several processes (docs/cluster.md)")
     demo = Demo(recipe, progress, resume, restart)
     try:
         if demo.rundir.complete:

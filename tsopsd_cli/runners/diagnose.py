@@ -47,7 +47,7 @@ def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
 def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
     """Rollouts from the checkpoint; returns sequences and the rollout summary (diversity, accuracy)."""
     from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
-    from tsopsd_cli.tasks import load_problems
+    from tsopsd_cli.tasks import decision_positions, load_problems
     from tsopsd_cli.tasks.grading import Grader, extract_answer
 
     problems = load_problems(recipe.data)
@@ -58,7 +58,9 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
     with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
         comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
                                 progress=advance)
-    seqs = [(c.prompt_ids, c.token_ids) for c in comps if c.token_ids]
+    kept = [c for c in comps if c.token_ids]
+    seqs = [(c.prompt_ids, c.token_ids) for c in kept]
+    marks = [decision_positions(problems[c.prompt_index], c.token_ids) for c in kept]
     by_prompt: dict[int, list] = {}
     for c in comps:
         by_prompt.setdefault(c.prompt_index, []).append(c)
@@ -77,7 +79,24 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
             grades = grader.grade_many(graded)
         summary["accuracy"] = _mean([g.correct for g in grades])
         summary["graded"] = len(grades)
-    return seqs, summary
+    return seqs, summary, (marks if marks and all(m is not None for m in marks) else None)
+
+
+def decision_split(entropy: torch.Tensor, seqs, marks: list[list[int]]) -> dict:
+    """Mean token entropy at the task's decision points vs at every other completion token.  entropy: [N] in pack
+    order (sequence by sequence)."""
+    mask = torch.zeros(entropy.numel(), dtype=torch.bool)
+    offset = 0
+    for (_, c), pos in zip(seqs, marks, strict=True):
+        for p in pos:
+            if p < len(c):
+                mask[offset + p] = True
+        offset += len(c)
+    e = entropy.double()
+    at, other = e[mask], e[~mask]
+    return {"entropy": float(at.mean()) if at.numel() else None,
+            "other_entropy": float(other.mean()) if other.numel() else None,
+            "tokens": int(at.numel()), "other_tokens": int(other.numel())}
 
 
 def _mean(xs) -> float:
@@ -176,11 +195,11 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
             raise CheckpointError(f"{d.reference}: the reference has a different tokenizer; "
                                   "token-level comparisons need the same vocabulary")
     check_head_matches(loaded.model, loaded.tokenizer)
-    rollout_summary = None
+    rollout_summary = marks = None
     if d.texts is not None:
         seqs = texts_sequences(loaded.tokenizer, d.texts)
     else:
-        seqs, rollout_summary = sample_sequences(recipe, loaded, progress)
+        seqs, rollout_summary, marks = sample_sequences(recipe, loaded, progress)
         if not seqs:
             raise DataError("every sampled completion was empty; nothing to measure")
     st, positions, layer_sim = token_pass(seqs, loaded.model, loaded.tokenizer.pad_token_id, loaded.device,
@@ -189,6 +208,8 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
     report = {"command": "diagnose", "checkpoint": str(checkpoint), "fingerprint": loaded.fingerprint,
               "mode": "texts" if d.texts is not None else "sampled", "num_sequences": len(seqs)}
     report.update(summarize(st, positions, d.entropy_thresholds, d.top_entropy_fraction, d.histogram_bins))
+    if marks is not None:  # the task marks decision points (the toy world): entropy there vs elsewhere
+        report["decision_points"] = decision_split(st.entropy, seqs, marks)
     if rollout_summary is not None:
         report["rollouts"] = rollout_summary
     if ref is not None:

@@ -103,6 +103,9 @@ def run_fold(recipe: ReheatRecipe, checkpoint: str, progress: Progress = NULL) -
 
 
 # -------------------------------------------------------------------------------------------------- ts-opsd
+REPORT_BATCH = 2  # sequences per forward of the before/after comparison: it keeps every layer of both models
+
+
 class ReheatRunner(TrainingRun):
     command = "reheat"
     plot_keys = [("student_entropy", "student entropy (nats)"), ("top1_agreement", "top-1 agreement with input"),
@@ -160,7 +163,8 @@ class ReheatRunner(TrainingRun):
                 with self.pl.autocast():
                     out = compare_models(model, self.input_model, self.tok.pad_token_id, self.device,
                                          self.report_sequences(), temperatures=sorted({1.0, self.r.reheat.temp}),
-                                         topk=[1, 5, 10], chunk_size=self.r.train.chunk_size)
+                                         topk=[1, 5, 10], chunk_size=self.r.train.chunk_size,
+                                         batch_size=REPORT_BATCH)
                 model.train(was)
         return self.dist.broadcast_object(out)  # every process takes the same branches after this
 

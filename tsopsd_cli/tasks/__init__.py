@@ -40,6 +40,16 @@ def load_problems(data) -> list[Problem]:
     raise DataError(f"unknown data type {data.type!r}")
 
 
+def decision_positions(problem: Problem, token_ids: list[int]) -> list[int] | None:
+    """The completion-token indices a task marks as decision points (the toy world's plan letter), or None for
+    tasks that mark none (the math benchmarks)."""
+    if "family" not in problem.meta:
+        return None
+    from tsopsd_cli.tasks import toy
+
+    return toy.decision_positions(problem, token_ids)
+
+
 def hub_rows(data) -> list[dict]:
     try:
         import datasets
