@@ -235,40 +235,66 @@ def classify(operands: tuple[int, ...], ops: tuple[str, ...], bracket: tuple[int
     return family if top(right) <= max_value else None
 
 
-def _random_form(rng: random.Random, level: int, max_operand: int):
-    operands = tuple(rng.randint(1, max_operand) for _ in range(level + 1))
-    ops = tuple(rng.choice(OPS) for _ in range(level))
-    bracket = None
-    if level >= 2 and rng.random() < 0.5:
-        i = rng.randrange(level)
-        j = rng.randrange(i + 1, level + 1)
-        if (i, j) != (0, level):
-            bracket = (i, j)
-    return operands, ops, bracket
-
-
 def families_at(level: int) -> tuple[str, ...]:
     return ("neutral",) if level == 1 else FAMILIES
 
 
-def draw_problem(rng: random.Random, level: int, family: str | None = None, max_operand: int = MAX_OPERAND,
-                 max_value: int = MAX_VALUE) -> ToyProblem:
+_STRUCTURES: dict[tuple, dict[str, list]] = {}
+
+
+def _structures(level: int, max_operand: int) -> dict[str, list]:
+    """{family: [(ops, bracket)]}: the operator/bracket patterns of `level` that can give a problem of each
+    family, found once per process from a fixed sample of operands (deterministic). Precedence problems are flat;
+    a bracket is never around the whole expression."""
+    key = (level, max_operand, MAX_VALUE, MAX_WRONG_VALUE)
+    if key not in _STRUCTURES:
+        import itertools
+
+        rng = random.Random(f"toy-structures-{level}-{max_operand}")
+        brackets = [None] + [(i, j) for i in range(level) for j in range(i + 1, level + 1) if (i, j) != (0, level)]
+        out: dict[str, list] = {f: [] for f in FAMILIES}
+        for ops in itertools.product(OPS, repeat=level):
+            for bracket in brackets:
+                found = {classify(tuple(rng.randint(1, max_operand) for _ in range(level + 1)), ops, bracket)
+                         for _ in range(100)}
+                for fam in FAMILIES:
+                    if fam in found and not (fam == "precedence" and bracket is not None):
+                        out[fam].append((ops, bracket))
+        _STRUCTURES[key] = out
+    return _STRUCTURES[key]
+
+
+def draw_problem(rng: random.Random, level: int, family: str | None = None,
+                 max_operand: int = MAX_OPERAND) -> ToyProblem:
     """One problem with `level` operators (of `family`, else drawn with FAMILY_WEIGHTS), operands in
-    [1, max_operand]."""
+    [1, max_operand]: an operator/bracket pattern that can give the family, uniformly, then operands until the
+    expression is of the family."""
     if family is None:
         fams = families_at(level)
         family = rng.choices(fams, [FAMILY_WEIGHTS[f] for f in fams])[0]
     if family not in families_at(level):
         raise ValueError(f"no {family} problems at level {level}")
+    patterns = _structures(level, max_operand)[family]
     for _ in range(100_000):
-        operands, ops, bracket = _random_form(rng, level, max_operand)
-        if (family == "bracket") != (bracket is not None) and family != "neutral":
-            continue  # precedence problems are flat; a bracket problem's bracket changes the order
-        if classify(operands, ops, bracket, max_value) == family:
+        ops, bracket = rng.choice(patterns)
+        operands = tuple(rng.randint(1, max_operand) for _ in range(level + 1))
+        if classify(operands, ops, bracket) == family:
             steps = tuple(true_steps(operands, ops, bracket))
             return ToyProblem(expression=_format(operands, ops, bracket), steps=steps, answer=steps[-1][3],
                               level=level, family=family)
     raise ValueError(f"cannot draw a {family} problem at level {level}")
+
+
+def make_problem(expression: str) -> ToyProblem:
+    """The problem of an expression or prompt ('(3+4)*2+5' or '(3+4)*2+5=?\\n'); ValueError when it is not one
+    this world draws (see `classify`)."""
+    operands, ops, bracket = parse_expression(expression)
+    family = classify(operands, ops, bracket)
+    if family is None:
+        raise ValueError(f"{expression!r} is not a toy problem (neither plan is right, or its values are too large)")
+    steps = tuple(true_steps(operands, ops, bracket))
+    return ToyProblem(expression=_format(operands, ops, bracket), steps=steps, answer=steps[-1][3], level=len(ops),
+                      family=family)
 
 
 def make_problems(split: str, num: int, seed: int, levels: tuple[int, ...] = LEVELS,
