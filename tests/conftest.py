@@ -110,5 +110,10 @@ def toy_base(tmp_path_factory) -> Path:
     recipe = build_recipe("toy-init", None, parse_set_options([
         f"output.out={out}", "train.steps=300", "model.hidden_size=64", "model.num_layers=3",
         "model.intermediate_size=192", "model.num_heads=2", "train.levels=[1,2]", "train.eval_problems=32"]))
-    run_toy_init(recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only stalls (seconds per step) on a busy machine
+    try:
+        run_toy_init(recipe)
+    finally:
+        torch.set_num_threads(threads)
     return out

@@ -166,10 +166,10 @@ class DiagnoseRecipe(Section):
 
 # -------------------------------------------------------------------------------------------------- toy init
 class ToyModelSection(Section):
-    hidden_size: PositiveInt = Field(128, description="Width of the tiny Qwen3 model.")
-    num_layers: PositiveInt = Field(5, description="Decoder layers.")
+    hidden_size: PositiveInt = Field(96, description="Width of the tiny Qwen3 model.")
+    num_layers: PositiveInt = Field(4, description="Decoder layers.")
     num_heads: PositiveInt = Field(4, description="Attention heads (key/value heads: half).")
-    intermediate_size: PositiveInt = Field(384, description="MLP width.")
+    intermediate_size: PositiveInt = Field(288, description="MLP width.")
     max_positions: PositiveInt = Field(256, description="Longest sequence the model is built for.")
 
     @model_validator(mode="after")
@@ -180,19 +180,22 @@ class ToyModelSection(Section):
 
 
 class SFTSection(Section):
-    steps: PositiveInt = Field(360, description="Optimiser steps of supervised training on worked solutions.")
+    steps: PositiveInt = Field(600, description="Optimiser steps of supervised training on worked solutions.")
     batch_size: PositiveInt = Field(64, description="Worked solutions per step.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, linear warm-up, cosine decay).")
+    lr: float = Field(4e-3, gt=0, description="Peak learning rate (AdamW, linear warm-up, cosine decay).")
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0)
     levels: list[Literal[1, 2, 3]] = Field([1, 2, 3], min_length=1, description="Problem levels trained on.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
-        "Label smoothing of the SFT loss: the base model keeps this much probability spread over the whole "
-        "vocabulary, like a pretrained model that is hotter than its data. RL sharpens it away (entropy "
-        "collapse); 0 trains on the plain cross-entropy."))
+        "Label smoothing of the SFT loss: the model keeps this much probability spread uniformly over the whole "
+        "vocabulary at every token. 0 (the shipped base): plain cross-entropy, whose entropy sits at the "
+        "decision points of the careless corpus."))
+    prec_share: float = Field(0.5, gt=0, lt=1, description=(
+        "Share of the worked solutions that plan precedence-first (P); the rest plan left to right (L), "
+        "whatever the problem (the careless prior of tsopsd_cli/tasks/toy.py)."))
     slip_rate: float = Field(0.0, ge=0, lt=1, description=(
-        "Probability that a step of a training solution has a slipped (wrong) result. A corpus with slips gives a "
-        "base model that knows the right step but samples slips: the spread RL sharpens away."))
+        "Probability that a step of a training solution has a slipped (wrong) result; later steps compute from "
+        "the slipped value."))
     eval_problems: PositiveInt = Field(128, description="Test problems for the accuracy stated at the end.")
     seed: int = Field(0, description="Seed of initialisation and training data.")
 

@@ -49,12 +49,15 @@ def test_frozen_teacher_at_tau_one_gives_zero_loss_and_no_update(tiny_ckpt, tmp_
 
 def test_ts_opsd_raises_entropy_and_keeps_top1(toy_base, tmp_path):
     out = tmp_path / "hot"
-    p = run_cli("reheat", str(toy_base), "--temp", "1.6", "--max-steps", "6", "--lr", "1e-4", "--out", str(out),
+    # lr 3e-4: the toy world's entropy sits on one token per completion (the plan letter), so the per-step rollout
+    # entropy of 16 completions is noisy; at 1e-4 six steps moved it less than that noise (measured: first step
+    # 0.145, last three 0.147, 0.123, 0.139, while the report prompts went 0.111 -> 0.133)
+    p = run_cli("reheat", str(toy_base), "--temp", "1.6", "--max-steps", "6", "--lr", "3e-4", "--out", str(out),
                 *SMALL, "--set", "train.prompts_per_step=8", "--json")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     steps = [m for m in metrics(out) if "loss" in m]
-    assert steps[-1]["student_entropy"] > steps[0]["student_entropy"]
+    assert sum(s["student_entropy"] for s in steps[-3:]) / 3 > steps[0]["student_entropy"]
     assert all(s["teacher_entropy"] > s["student_entropy"] for s in steps[:1])
     assert r["after"]["entropy"] > r["before"]["entropy"]
     # the >= 90 % target is for the toy recipe's model (measured 0.97); this smaller test model has flatter

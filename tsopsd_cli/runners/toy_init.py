@@ -59,7 +59,8 @@ def run_toy_init(recipe: ToyInitRecipe, progress: Progress = NULL) -> dict:
         return warm * 0.5 * (1 + math.cos(math.pi * min(step, tr.steps) / tr.steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    stream = toy.iter_train_examples(tr.seed, tuple(sorted(set(tr.levels))), slip_rate=tr.slip_rate)
+    stream = toy.iter_train_examples(tr.seed, tuple(sorted(set(tr.levels))), slip_rate=tr.slip_rate,
+                                    prec_share=tr.prec_share)
     model.train()
     losses = []
     with progress.task("toy SFT", total=tr.steps) as advance:
@@ -88,7 +89,9 @@ def run_toy_init(recipe: ToyInitRecipe, progress: Progress = NULL) -> dict:
 
 
 def evaluate_toy(model, tokenizer, num: int, progress: Progress = NULL, seed: int = 0) -> dict:
-    """Greedy and sampled (temperature 1) accuracy on toy test problems, and mean sampled-token entropy."""
+    """Greedy and sampled (temperature 1) accuracy on toy test problems; of the sampled completions, the mean
+    negative log-prob per token and the mean entropy at the decision points (toy.decision_positions) and at all
+    other tokens."""
     from tsopsd_cli.engines import SamplingParams
     from tsopsd_cli.engines.hf import HFEngine
     from tsopsd_cli.tasks.grading import extract_answer
@@ -106,4 +109,8 @@ def evaluate_toy(model, tokenizer, num: int, progress: Progress = NULL, seed: in
             if name == "sampled":
                 logps = [lp for c in comps for lp in c.logprobs]
                 res["sampled_nll_per_token"] = -sum(logps) / max(1, len(logps))
+                at, other = toy.decision_entropy_means(
+                    [c.entropies or [] for c in comps],
+                    [toy.decision_positions(problems[c.prompt_index], c.token_ids) for c in comps])
+                res["sampled_entropy_decision"], res["sampled_entropy_other"] = at, other
     return res
