@@ -30,7 +30,7 @@ def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
     from tsopsd_cli.runners.reheat import ReheatRunner
 
     recipe = build_recipe("reheat", None, parse_set_options([
-        f"output.out={out}", "data.num_prompts=4096", f"reheat.prompts_per_step={PROMPTS}", f"reheat.temp={TAU}",
+        f"output.out={out}", "data.num_prompts=4096", f"train.prompts_per_step={PROMPTS}", f"reheat.temp={TAU}",
         "reheat.teacher=frozen", "reheat.divergence=forward_kl", f"rollout.num_generations={GENERATIONS}",
         f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", "rollout.batch_size=128", f"optim.lr={LR}",
         "optim.warmup_steps=0", "train.micro_batch_size=64", f"train.max_steps={steps + 1}", "train.save_every=0",

@@ -34,7 +34,7 @@ def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
     from tsopsd_cli.runners.rl import RLRunner
 
     recipe = build_recipe("rl", None, parse_set_options([
-        f"output.out={out}", "data.num_prompts=4096", f"grpo.prompts_per_step={PROMPTS}",
+        f"output.out={out}", "data.num_prompts=4096", f"train.prompts_per_step={PROMPTS}",
         f"rollout.num_generations={GENERATIONS}", f"rollout.max_new_tokens={MAX_NEW}", "rollout.batch_size=128",
         f"optim.lr={LR}", "grpo.epsilon=0.2", "grpo.epsilon_high=0.28", "grpo.loss_aggregation=token-mean",
         "train.micro_batch_size=64", f"train.max_steps={steps + 1}", "train.save_every=0",

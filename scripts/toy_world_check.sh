@@ -10,7 +10,7 @@ t() { local s=$(date +%s.%N); "$@"; echo "wall $(echo "$(date +%s.%N) - $s" | bc
 t $T toy init --recipe recipes/toy/init.yaml --out "$OUT/base" --json > "$OUT/base.json"
 t $T rl "$OUT/base" --recipe recipes/rl/toy.yaml --out "$OUT/rl" --json > "$OUT/rl.json"
 for S in 0 1 2; do
-  t $T rl "$OUT/rl" --recipe recipes/rl/toy.yaml --set train.max_steps=$STEPS --set grpo.prompts_per_step=16 \
+  t $T rl "$OUT/rl" --recipe recipes/rl/toy.yaml --set train.max_steps=$STEPS --set train.prompts_per_step=16 \
     --set train.seed=$S --set train.eval_every=20 --set train.save_every=0 --out "$OUT/cont-$S" --json > "$OUT/cont-$S.json"
 done
 python scripts/toy_families.py "$OUT/base" "$OUT/rl" "$OUT"/cont-{0,1,2} --json > "$OUT/families.json"

