@@ -216,7 +216,9 @@ class RLRunner(TrainingRun):
                 batch.loss_mask.append(not (g.mask_truncated and c.finish_reason == "length"))
                 batch.engine_logps.append(c.logprobs if other_engine else None)
         comps = [c for grp in groups for c in grp.completions]
-        ents = [e for c in comps for e in (c.entropies or [])]
+        # the engine's exact per-token entropies (hf); vLLM gives none: there the negative log-prob of the sampled
+        # token, whose mean estimates the entropy without bias (noisier)
+        ents = [e for c in comps for e in (c.entropies if c.entropies is not None else [-lp for lp in c.logprobs])]
         batch.stats = {
             "reward": self.global_mean([v for grp in groups for v in grp.rewards]),
             "sampling_entropy": self.global_mean(ents),
