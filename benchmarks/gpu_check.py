@@ -52,7 +52,7 @@ SHAPES = {  # the published Qwen3 base configurations (tied embeddings)
                  head_dim=16, intermediate_size=128),  # --smoke: the code paths on CPU, numbers meaningless
 }
 DEV = "cuda"
-VOCAB, TAU = 151_936, 1.6
+VOCAB, TEMP = 151_936, 1.6
 
 
 def sync() -> None:
@@ -197,14 +197,14 @@ def check_shape(shape: str, args) -> dict:
         with torch.no_grad():
             h, _ = completion_hidden(student, batch)
             rh, _ = completion_hidden(teacher, batch)
-            chunked_token_stats(h, lambda x: x @ head_w.T, [1.0, TAU], [1, 10], 512, batch.targets, rh,
+            chunked_token_stats(h, lambda x: x @ head_w.T, [1.0, TEMP], [1, 10], 512, batch.targets, rh,
                                 lambda x: x @ head_w.T)
 
     def diag_naive():
         with torch.no_grad():
             lg = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             rl = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logits_token_stats(lg[batch.rows, batch.cols].float(), [1.0, TAU], [1, 10], batch.targets,
+            logits_token_stats(lg[batch.rows, batch.cols].float(), [1.0, TEMP], [1, 10], batch.targets,
                                rl[batch.rows, batch.cols].float())
 
     out["diagnose"] = {}
@@ -233,7 +233,7 @@ def check_shape(shape: str, args) -> dict:
         with torch.no_grad():
             th, _ = completion_hidden(teacher, batch)
         tw = decoder_and_head(teacher)[1].weight
-        loss = token_divergence(h, head_w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TAU,
+        loss = token_divergence(h, head_w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TEMP,
                                 chunk_size=args.chunk_size).mean()
         loss.backward()
         opt.step()
@@ -244,7 +244,7 @@ def check_shape(shape: str, args) -> dict:
         with torch.no_grad():
             tl = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         s = lg[batch.rows, batch.cols].float()
-        t = tl[batch.rows, batch.cols].float() / TAU
+        t = tl[batch.rows, batch.cols].float() / TEMP
         loss = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
         loss.backward()
         opt.step()
@@ -354,7 +354,7 @@ def fsdp_arm(shape: str, args) -> dict:
             with torch.no_grad():
                 th = parallel.call(teacher, body, teacher)
                 tw = decoder_and_head(teacher)[1].weight
-            loss = token_divergence(h, w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TAU,
+            loss = token_divergence(h, w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TEMP,
                                     chunk_size=args.chunk_size).mean()
             loss.backward()
             parallel.reshard(teacher)

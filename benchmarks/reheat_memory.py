@@ -2,7 +2,7 @@
 
     python benchmarks/reheat_memory.py [--vocab 151936] [--tokens 4096] [--hidden 256] [--layers 2]
 
-Both arms: student forward + backward, frozen teacher forward, forward KL(teacher/tau || student) over the full
+Both arms: student forward + backward, frozen teacher forward, forward KL(teacher/temp || student) over the full
 vocabulary on the same completion tokens, same random-initialised Qwen3 (tiny depth). The naive arm materialises
 [batch, length, vocab] logits for student and teacher (as a straightforward implementation does); the chunked arm
 is tsopsd's (hidden states, LM head per chunk with activation checkpointing). Each arm runs in a fresh
@@ -32,7 +32,7 @@ def arm(name: str, args) -> dict:
     student.train()
     teacher.eval().requires_grad_(False)
     dev = batch.input_ids.device
-    tau = 1.6
+    temp = 1.6
     base = baseline_mb(torch, dev)
     t0 = time.perf_counter()
     if name == "chunked":
@@ -41,13 +41,13 @@ def arm(name: str, args) -> dict:
             t_hidden, _ = completion_hidden(teacher, batch)
         t_w = decoder_and_head(teacher)[1].weight
         loss = token_divergence(hidden, decoder_and_head(student)[1].weight, lambda idx: t_hidden[idx] @ t_w.T,
-                                "forward_kl", tau=tau, chunk_size=args.chunk_size).mean()
+                                "forward_kl", temp=temp, chunk_size=args.chunk_size).mean()
     else:
         logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, T, V]
         with torch.no_grad():
             t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         s = logits[batch.rows, batch.cols].float()
-        t = t_logits[batch.rows, batch.cols].float() / tau
+        t = t_logits[batch.rows, batch.cols].float() / temp
         lt = F.log_softmax(t, -1)
         loss = (lt.exp() * (lt - F.log_softmax(s, -1))).sum(-1).mean()
     loss.backward()

@@ -5,7 +5,7 @@
     python benchmarks/reheat_vs_trl.py --checkpoint runs/toy-base [--steps 6] [--rounds 3]
 
 The same objective on both sides: on-policy (the student samples its own completions at temperature 1), forward
-KL(teacher || student) over the full vocabulary on completion tokens, teacher = the input checkpoint at tau = 1.6.
+KL(teacher || student) over the full vocabulary on completion tokens, teacher = the input checkpoint at temp = 1.6.
 TRL side: GKDTrainer with lmbda = 1 (always on-policy), beta = 0 (forward KL), sampling temperature 1, and as teacher
 the input checkpoint with the temperature folded into its weights (`tsopsd reheat --method fold --temp 1.6`, exact:
 its logits are the input's logits / 1.6). tsopsd side: `tsopsd reheat` with the frozen teacher at temp 1.6.
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _arms import timed_steps, trl_step_timer, tsopsd_vs_trl  # noqa: E402
 
-PROMPTS, GENERATIONS, MAX_NEW, LR, TAU = 16, 4, 48, 1e-5, 1.6
+PROMPTS, GENERATIONS, MAX_NEW, LR, TEMP = 16, 4, 48, 1e-5, 1.6
 
 
 def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
@@ -30,7 +30,7 @@ def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
     from tsopsd_cli.runners.reheat import ReheatRunner
 
     recipe = build_recipe("reheat", None, parse_set_options([
-        f"output.out={out}", "data.num_prompts=4096", f"train.prompts_per_step={PROMPTS}", f"reheat.temp={TAU}",
+        f"output.out={out}", "data.num_prompts=4096", f"train.prompts_per_step={PROMPTS}", f"reheat.temp={TEMP}",
         "reheat.teacher=frozen", "reheat.divergence=forward_kl", f"rollout.num_generations={GENERATIONS}",
         f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", "rollout.batch_size=128", f"optim.lr={LR}",
         "optim.warmup_steps=0", "train.micro_batch_size=64", f"train.max_steps={steps + 1}", "train.save_every=0",
@@ -49,7 +49,7 @@ def run_trl(ckpt: str, steps: int, out: Path) -> dict:
 
     teacher_dir = out / "teacher"
     run_fold(build_recipe("reheat", None, parse_set_options([
-        f"output.out={teacher_dir}", "reheat.method=fold", f"reheat.temp={TAU}"])), ckpt)
+        f"output.out={teacher_dir}", "reheat.method=fold", f"reheat.temp={TEMP}"])), ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt)
     tok.padding_side = "left"
     student = AutoModelForCausalLM.from_pretrained(ckpt, dtype="float32")

@@ -41,16 +41,27 @@ def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
     r = cli("demo", "--recipe", str(recipe), "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # --json: exactly one JSON object
-    assert set(summary["arms"]) == {"continued-rl", "rollout-temperature", "ts-opsd", "fold"}
-    for arm in summary["arms"].values():
+    assert set(summary["arms"]) == {"continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat"}
+    for name, arm in summary["arms"].items():
         assert len(arm["accuracy_after_per_seed"]) == 2 and arm["accuracy_after_std"] is not None
         assert 0 <= arm["accuracy_before"] <= 1 and 0 <= arm["topk_jaccard"] <= 1 and arm["entropy"] > 0
         assert [c["seed"] for c in arm["curves"]] == [0, 1] and arm["curves"][0]["entropy"]
+        # per arm and seed: accuracy and pass@k, curves over the continued steps, zero-variance groups, entropy at
+        # the toy world's decision points vs elsewhere (start and end), mean and spread over seeds
+        assert [p["seed"] for p in arm["per_seed"]] == [0, 1] and arm["pass@k_after_std"] is not None
+        for p in arm["per_seed"]:
+            assert 0 <= p["accuracy"] <= p["pass@k"] <= 1
+            assert p["val_accuracy"] and p["val_pass@k"] and p["zero_variance_groups"]
+            assert 0 <= p["zero_variance_groups_last_quarter"] <= 1
+            assert p["decision_entropy"] is not None and p["other_entropy"] is not None
+            assert (p["thermostat_phases"] is not None) == (name == "thermostat")
+        assert arm["decision_entropy_start"] is not None and arm["decision_entropy_end"] is not None
     assert summary["arms"]["continued-rl"]["topk_jaccard"] == 1.0  # it starts from the collapsed checkpoint
     assert summary["arms"]["fold"]["top1_agreement"] > 0.99  # dividing logits by tau keeps every argmax
     assert json.loads((out / "summary.json").read_text())["arms"].keys() == summary["arms"].keys()
     md = (out / "summary.md").read_text()
-    assert "| ts-opsd" in md and "| fold" in md
+    assert "| ts-opsd" in md and "| fold" in md and "| thermostat" in md and "## Over the continued-RL steps" in md
+    assert summary["points"]["base"]["decision_entropy"] is not None
     for d in ("base", "collapsed", "ts-opsd", "fold", "arms/fold/seed-1", "eval/fold-seed-1"):
         assert (out / d).is_dir(), d
 

@@ -169,3 +169,19 @@ def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterru
         assert x.keys() == y.keys()
         for k in x:
             assert x[k] == (pytest.approx(y[k], rel=1e-5, abs=1e-7) if isinstance(x[k], float) else y[k]), (x["step"], k)
+
+
+def test_a_log_gets_plain_progress_lines_and_quiet_silences_them(tiny_ckpt, tmp_path):
+    """stderr not a terminal (a cluster log): plain lines with step/total, metrics, elapsed and ETA, also with
+    --json (stdout keeps its one object); --quiet: none."""
+    args = ["rl", str(tiny_ckpt), "--max-steps", "3", *SMALL, "--set", "validation.enabled=false"]
+    p = run_cli(*args, "--out", str(tmp_path / "a"), "--json", env={"TSOPSD_LOG_EVERY": "0"})
+    assert p.returncode == 0, p.stderr
+    json.loads(p.stdout)
+    lines = [x for x in p.stderr.splitlines() if "] rl" in x]
+    assert any("rl: started, 3 to do" in x for x in lines)
+    steps = [x for x in lines if " rl  " in x]
+    assert len(steps) >= 3 and "1/3" in steps[0] and "reward" in steps[0] and "elapsed" in steps[0]
+    assert any("eta" in x for x in steps) and steps[-1].endswith("done")
+    q = run_cli(*args, "--out", str(tmp_path / "b"), "--quiet", env={"TSOPSD_LOG_EVERY": "0"})
+    assert q.returncode == 0 and q.stderr == ""

@@ -1,5 +1,6 @@
-"""The benchmark scripts run (`--smoke`: tiny shapes on CPU, numbers meaningless), so the next session that is
-lent a GPU finds them working: gpu_check (incl. its fsdp and long-completion arms), fsdp_memory, rollout_engines."""
+"""The benchmark scripts run (`--smoke` or tiny shapes on CPU, numbers meaningless), so that an API change cannot
+break them unnoticed and the next session that is lent a GPU finds them working: gpu_check (incl. its fsdp and
+long-completion arms), fsdp_memory, rollout_engines, diagnose_memory, reheat_memory."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(script: str, *args: str, timeout: int = 900) -> str:
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], capture_output=True,
+def run(script: str, *args: str, timeout: int = 900, smoke: bool = True) -> str:
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *(["--smoke"] if smoke else []), *args],
+                       capture_output=True,
                        text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
@@ -43,3 +45,10 @@ def test_rollout_engines_smoke():
     pytest.importorskip("vllm")
     out = run("rollout_engines.py")
     assert "tokens/s" in out
+
+
+@pytest.mark.parametrize("script", ["diagnose_memory.py", "reheat_memory.py"])
+def test_memory_benchmarks_run_on_a_tiny_shape(script):
+    out = run(script, "--vocab", "1000", "--tokens", "64", "--seqs", "2", "--hidden", "32", smoke=False)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result.get("same_loss", result.get("same_statistics")) is True  # both arms compute the same numbers

@@ -97,3 +97,13 @@ def test_reheat_with_the_vllm_engine(ckpt, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(x["engine_logprob_diff"] <= 1e-4 for x in rows if "step_seconds" in x)
     assert r["after"]["entropy"] > r["before"]["entropy"]  # reheating raised entropy
+
+
+def test_diagnose_samples_with_the_vllm_engine(ckpt, tmp_path):
+    p = run_cli("diagnose", str(ckpt), "--engine", "vllm", "--set", "rollout.vllm.enforce_eager=true",
+                "--set", "rollout.vllm.max_model_len=128", "--num-prompts", "4", "--num-generations", "2",
+                "--max-new-tokens", "8", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert r["recipe"]["rollout"]["engine"] == "vllm" and r["rollouts"]["num_generations"] == 2
+    assert r["num_tokens"] > 0 and r["entropy"]["mean"] > 0  # the statistics pass is the trainer's own

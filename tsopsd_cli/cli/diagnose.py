@@ -22,6 +22,7 @@ def diagnose(
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="Rollout engine of sampled mode: hf or vllm.")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(help="Tokens per vocabulary-projection chunk.")] = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -38,7 +39,7 @@ def diagnose(
         "diagnose.reference": str(reference) if reference else None,
         "diagnose.chunk_size": chunk_size,
         "rollout.num_generations": num_generations, "rollout.temperature": temperature,
-        "rollout.max_new_tokens": max_new_tokens, "rollout.seed": seed,
+        "rollout.max_new_tokens": max_new_tokens, "rollout.seed": seed, "rollout.engine": engine,
         **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out) if out else None, "output.overwrite": overwrite,
     }

@@ -18,7 +18,7 @@ EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./ho
 def reheat(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to reheat.")],
     out: TrainOutOpt,
-    temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature tau (default 1.6).")] = None,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature: the teacher is softmax(logits / temp) (default 1.6).")] = None,
     method: Annotated[Optional[str], typer.Option(help="ts-opsd (default) or fold.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="frozen (default) or live.")] = None,
     divergence: Annotated[Optional[str], typer.Option(help="forward_kl (default), reverse_kl or jsd.")] = None,
@@ -31,8 +31,8 @@ def reheat(
     trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
     overwrite: OverwriteOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> int:
-    """Reheat a collapsed checkpoint: TS-OPSD (on-policy self-distillation from the model's own logits / tau),
-    or --method fold (exact closed form: final-norm weight / tau). Writes a checkpoint and a before/after report.
+    """Reheat a collapsed checkpoint: TS-OPSD (on-policy self-distillation from the model's own logits / temp),
+    or --method fold (exact closed form: final-norm weight / temp). Writes a checkpoint and a before/after report.
     """
     flags = {
         "reheat.temp": temp, "reheat.method": method, "reheat.teacher": teacher, "reheat.divergence": divergence,
@@ -54,7 +54,7 @@ def reheat(
                   f"(max logit error {report['max_logit_error']:.2e}, {report['seconds']:.1f} s)")
         return 0
     b, a, acc = report["before"], report["after"], report["accuracy"]
-    con.print(f"reheat (TS-OPSD, tau={report['temp']}): {report['steps']} steps in {report['seconds']:.0f} s, "
+    con.print(f"reheat (TS-OPSD, temp={report['temp']}): {report['steps']} steps in {report['seconds']:.0f} s, "
               f"stopped by {report['stop_reason']} -> {report['out']}")
     if b and a:
         at = report["entropy_at_temp"]
