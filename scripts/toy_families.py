@@ -1,10 +1,11 @@
 """Per-family measurements of toy checkpoints: accuracy, pass@n, stranded problems, decisions, entropy.
 
-    python scripts/toy_families.py CKPT [CKPT ...] [--problems 256] [-n 8] [--seed 0] [--json]
+    python scripts/toy_families.py CKPT [CKPT ...] [--problems 256] [-n 8] [--seed 0] [--split test] [--json]
 
 For each checkpoint, samples n completions at temperature 1 for each of the first `--problems` toy test problems
-(the toy benchmark's problems: `make_problems("test", N, 0)`) and reports, overall, per family and per
-(level, family):
+(the toy benchmark's problems: `make_problems("test", N, 0)`; `--split train`: training-split problems,
+`make_problems("train", N, 0)`, for choices that must not look at the test set) and reports, overall, per family
+and per (level, family):
   acc        avg@n (mean reward)
   pass@n     share of problems with at least one correct completion
   stranded   share of problems with all n completions wrong (a zero-variance, all-wrong GRPO group)
@@ -24,7 +25,7 @@ from collections import defaultdict
 import torch
 
 
-def measure(path: str, num: int, n: int, seed: int, max_new_tokens: int = 48) -> dict:
+def measure(path: str, num: int, n: int, seed: int, max_new_tokens: int = 48, split: str = "test") -> dict:
     from tsopsd_cli.checkpoint import load_checkpoint
     from tsopsd_cli.engines import SamplingParams, encode_prompts
     from tsopsd_cli.engines.hf import HFEngine
@@ -32,7 +33,7 @@ def measure(path: str, num: int, n: int, seed: int, max_new_tokens: int = 48) ->
     from tsopsd_cli.tasks.grading import extract_answer
 
     loaded = load_checkpoint(path, device="cpu")
-    problems = toy.make_problems("test", num, 0)
+    problems = toy.make_problems(split, num, 0)
     engine = HFEngine(loaded.model, loaded.tokenizer, batch_size=256)
     comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]),
                             SamplingParams(num_generations=n, temperature=1.0, max_new_tokens=max_new_tokens,
@@ -77,10 +78,11 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", type=int, default=256)
     ap.add_argument("-n", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", choices=["test", "train"], default="test")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    res = {c: measure(c, a.problems, a.n, a.seed) for c in a.checkpoints}
+    res = {c: measure(c, a.problems, a.n, a.seed, split=a.split) for c in a.checkpoints}
     if a.json:
         json.dump(res, sys.stdout, indent=1)
         print()
