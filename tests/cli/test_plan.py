@@ -62,10 +62,13 @@ def test_one_gpu_does_not_fit_and_still_exits_0():
 
 
 def test_options_move_the_figures():
-    base = plan_json(RL_4B, "--gpus", "8")
-    longer = plan_json(RL_4B, "--gpus", "8", "--prompt-tokens", "4096", "--set", "train.micro_batch_size=1")
+    hf = ["--set", "rollout.engine=hf", "--set", "rollout.batch_size=16"]  # the hf engine's KV cache line
+    base = plan_json(RL_4B, "--gpus", "8", *hf)
+    longer = plan_json(RL_4B, "--gpus", "8", *hf, "--prompt-tokens", "4096", "--set", "train.micro_batch_size=1")
     assert longer["assumptions"]["values"]["prompt_tokens"] == 4096
     assert longer["per_gpu"]["rollout_kv_cache"]["bytes"] > base["per_gpu"]["rollout_kv_cache"]["bytes"]
+    vllm = plan_json(RL_4B, "--gpus", "8")  # the shipped recipe: vLLM's share instead
+    assert "rollout_kv_cache" not in vllm["per_gpu"] and vllm["vllm"]["kv_tokens"] > 9216
     assert plan_json(RL_4B, "--gpus", "8", "--gpu-memory", "20")["fits"] is False
 
 
