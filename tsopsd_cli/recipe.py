@@ -529,7 +529,9 @@ class DemoSection(Section):
         "from the collapsed checkpoint with the entropy thermostat on (thermostat: its reheat steps count in the "
         "same budget).")
     thermostat: dict[str, Any] = Field(
-        {"thermostat.enabled": True}, description="The thermostat arm's `thermostat.*` settings, on top of the "
+        {"thermostat.enabled": True, "thermostat.threshold": 0.008, "thermostat.window": 5, "thermostat.min_gap": 10,
+         "thermostat.max_phase_steps": 40, "thermostat.temp": 1.6, "thermostat.teacher_top_p": 0.95,
+         "thermostat.target_entropy_ratio": 1.0}, description="The thermostat arm's `thermostat.*` settings, on top of the "
         "continued stage's recipe (docs/demo.md says how they were chosen).")
     seeds: list[int] = Field([0], min_length=1, description="Seeds of the continued-RL arms; with several, the "
                              "summary gives mean and spread.")
@@ -540,13 +542,12 @@ class DemoRecipe(Section):
     command: Literal["demo"] = "demo"
     demo: DemoSection = DemoSection()
     init: DemoStage = DemoStage(recipe="toy/init.yaml")
-    # The defaults are recipes/demo/toy.yaml (tested): shorter runs than the standalone recipes, sized for
-    # <= 10 minutes on 2 CPU cores.
-    collapse: DemoStage = DemoStage(recipe="rl/toy.yaml", set={"train.max_steps": 150, "train.eval_every": 50,
-                                                               "train.save_every": 50})
+    # The defaults are recipes/demo/toy.yaml (tested), sized for <= 10 minutes on 2 CPU cores with one seed: the
+    # shipped rl recipe's full collapse, then 60 continued-RL steps per arm.
+    collapse: DemoStage = DemoStage(recipe="rl/toy.yaml")
     reheat: DemoStage = DemoStage(recipe="reheat/toy.yaml")
     continued: DemoStage = DemoStage(recipe="rl/toy.yaml", set={
-        "train.max_steps": 20, "train.prompts_per_step": 16, "train.eval_every": 5, "train.save_every": 0,
+        "train.max_steps": 60, "train.prompts_per_step": 16, "train.eval_every": 10, "train.save_every": 0,
         "validation.limit": 64})
     diagnose: DemoStage = DemoStage(recipe="diagnose/toy.yaml")
     eval: DemoStage = DemoStage(recipe="eval/toy.yaml", set={"eval.toy_num_problems": 128})
