@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 TINY_RL = {"train.max_steps": 2, "train.prompts_per_step": 2, "rollout.num_generations": 2,
@@ -75,8 +76,9 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     tree["demo"]["seeds"] = [0]
     recipe.write_text(yaml.safe_dump(tree))
     out = tmp_path / "demo"
-    # SIGTERM at the third training setup: the first continued-RL arm, after every earlier stage finished
-    r = cli("demo", "--recipe", str(recipe), "--out", str(out), env={"TSOPSD_FAULT": "TERM@setup#3"})
+    # SIGTERM at the third training setup: the first continued-RL arm, after every earlier stage finished; the
+    # first try passes --overwrite and the resume does not (the output settings are not part of what must match)
+    r = cli("demo", "--recipe", str(recipe), "--out", str(out), "--overwrite", env={"TSOPSD_FAULT": "TERM@setup#3"})
     assert r.returncode == 130, r.stderr[-3000:]
     errors = [x for x in r.stderr.splitlines() if x.startswith("tsopsd: error:")]
     assert len(errors) == 1 and "--resume" in errors[0] and "Traceback" not in r.stderr
@@ -89,6 +91,11 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continued-rl" in resumed.stdout and "done before, kept" in resumed.stderr
     assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone
+    summary = json.loads((out / "summary.json").read_text())
+    # the stages the first invocation finished keep their times; total_seconds adds up every stage
+    assert {"toy init", "rl until collapse", "continued RL: continued-rl, seed 0"} <= summary["stage_seconds"].keys()
+    assert summary["total_seconds"] == pytest.approx(sum(summary["stage_seconds"].values()), abs=0.2)
+    assert summary["seconds"] < summary["total_seconds"]
     assert not partial.exists() and not (tmp_path / ".demo.lock").exists()
 
 

@@ -22,8 +22,8 @@ def demo(
                                                   "(default 1.6).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds of the continued-RL arms "
                                                  "(default 0).")] = None,
-    full: Annotated[bool, typer.Option("--full", help="The long demo: recipes/demo/full.yaml (3 seeds, the long "
-                                       "continued-RL budget; <= 45 minutes on 2 cores).")] = False,
+    full: Annotated[bool, typer.Option("--full", help="The long demo: recipes/demo/full.yaml (5 seeds, 100 "
+                                       "continued-RL steps per arm; about 22 minutes on 2 cores).")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished demo of --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished stages of an earlier demo in --out and "
                                          "continue where it stopped.")] = False,

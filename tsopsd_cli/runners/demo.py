@@ -41,7 +41,10 @@ class Demo:
         self.timings: dict[str, float] = {}
         check_out(self.final, recipe.output.overwrite)
         text = recipe_to_yaml(recipe)
-        self.rundir = RunDir(self.final, key=hashlib.sha256(text.encode()).hexdigest()[:16], log_name="stages.jsonl",
+        # what a resume must match: the recipe less its output settings (`--overwrite` on the first try, `--resume`
+        # on the next one is the usual sequence)
+        body = json.dumps({k: v for k, v in recipe.model_dump(mode="json").items() if k != "output"}, sort_keys=True)
+        self.rundir = RunDir(self.final, key=hashlib.sha256(body.encode()).hexdigest()[:16], log_name="stages.jsonl",
                           resume=resume, restart=restart, what="demo")
         self.out = self.rundir.path  # every stage works in here until the whole demo is done
         (self.out / "recipe.yaml").write_text(text)
@@ -100,8 +103,11 @@ class Demo:
             for seed in d.seeds:
                 runs.setdefault(arm, []).append(self.continued(arm, seed, starts[arm]))
         summary = self.summarize(diag, evals, runs)
-        summary["seconds"] = round(time.time() - started, 1)
-        summary["stage_seconds"] = self.timings
+        summary["seconds"] = round(time.time() - started, 1)  # this invocation
+        # every stage's time, stages finished by an earlier (interrupted) invocation included
+        stage_seconds = {row["stage"]: row["seconds"] for row in self.rundir.log.rows() if "stage" in row}
+        summary["stage_seconds"] = {**stage_seconds, **self.timings}
+        summary["total_seconds"] = round(sum(summary["stage_seconds"].values()), 1)
         self.write(summary)
         summary["out"] = str(self.rundir.finish(before_rename=lambda: signals.check("the demo's finish")))
         return summary
