@@ -1,6 +1,4 @@
-import sys
-
-from tsopsd_cli.cli.app import main
+from tsopsd_cli.cli.app import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -307,7 +307,9 @@ def test_workers_ignore_sigint_and_sigterm_and_close_ends_them():
 
 
 _JOB = """
-import sys, time
+import signal, sys, time
+# a job started in the background by a non-interactive shell inherits SIGINT ignored: act as a foreground job
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from tsopsd_cli.tasks.grading import Grader
 g = Grader(workers=2, timeout=60)
 g.grade_many([(r"\\boxed{0.5}", r"\\frac{1}{2}"), (r"\\boxed{x}", "y")])

@@ -111,4 +111,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One process of a multi-process job: its outputs are written and closed and its process group destroyed.
+        # Leave without interpreter finalisation, where the c10d/gloo backend and the device mesh FSDP's modules
+        # hold are torn down after Python's own state and may abort ("terminate called without an active
+        # exception", SIGABRT) — a finished run would then report a failed exit code to the launcher.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
