@@ -661,6 +661,36 @@ def read_recipe_file(path: Path) -> dict:
     return data
 
 
+def command_defaults(cls: type[BaseModel]) -> dict:
+    """The sections a command's recipe sets apart from their own class defaults, as a tree: rl's `data` is
+    ToyData(split="train", num_prompts=4096) and its `rollout` samples 8 completions of up to 1024 tokens, where
+    the bare sections would give the test split and 4 of 64. A recipe file or `--set` that names some fields of such
+    a section changes those fields and keeps the rest."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            tree = default.model_dump(mode="json", exclude_unset=True)
+            if tree and "type" in type(default).model_fields:  # a tagged union (data): keep the tag
+                tree["type"] = default.type
+            if tree:
+                out[name] = tree
+    return out
+
+
+def merge_trees(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section; a section whose `type` differs replaces the base's whole."""
+    out = dict(base)
+    for key, value in top.items():
+        under = out.get(key)
+        if isinstance(under, dict) and isinstance(value, dict) and value.get("type", under.get("type")) == \
+                under.get("type"):
+            out[key] = merge_trees(under, value)
+        else:
+            out[key] = value
+    return out
+
+
 def build_recipe(command: str, recipe_file: Path | None = None,
                  overrides: list[tuple[str, Any]] = ()) -> Section:
     """Defaults < recipe file < overrides; raises RecipeError with one line per problem."""
@@ -668,6 +698,7 @@ def build_recipe(command: str, recipe_file: Path | None = None,
     tree: dict = read_recipe_file(recipe_file) if recipe_file else {}
     if tree.get("command", command) != command:
         raise RecipeError(f"{recipe_file}: this recipe is for '{tree['command']}', not '{command}'")
+    tree = merge_trees(command_defaults(cls), tree)
     data_override = any(k.startswith("data.") for k, _ in overrides)
     for key, value in overrides:
         if key == "data.type" and isinstance(tree.get("data"), dict) and tree["data"].get("type") != value:
@@ -698,7 +729,7 @@ def validate_file(path: Path) -> list[str]:
         if command not in RECIPES:
             return [f"{path}: cannot tell which command this recipe is for (add 'command: "
                     f"{'|'.join(RECIPES)}')"]
-        RECIPES[command].model_validate(tree)
+        RECIPES[command].model_validate(merge_trees(command_defaults(RECIPES[command]), tree))
     except RecipeError as e:
         return e.lines
     except ValidationError as e:

@@ -44,6 +44,31 @@ def test_data_source_switch_and_discriminated_errors():
     assert e.value.lines == ["data.num_prompts: Input should be greater than or equal to 1"]
 
 
+@pytest.mark.parametrize("command", ["rl", "reheat", "eval"])
+def test_naming_one_field_keeps_the_commands_own_section_defaults(command, tmp_path):
+    """rl/reheat train on the toy *train* split with their own rollout sizes; an override of one field of such a
+    section (on the command line or in a file) must not fall back to the bare section's defaults (the test split,
+    4 completions of 64 tokens) for the others."""
+    base = build_recipe(command)
+    data = command != "eval"  # eval has no data section
+    for tree_file, sets in ((None, ["rollout.top_p=0.9", *(["data.num_prompts=64"] if data else [])]),
+                            ("rollout:\n  top_p: 0.9\n" + ("data:\n  num_prompts: 64\n" if data else ""), [])):
+        f = None
+        if tree_file:
+            f = tmp_path / "r.yaml"
+            f.write_text(tree_file)
+        r = build_recipe(command, f, parse_set_options(sets))
+        assert r.rollout.top_p == 0.9
+        assert (r.rollout.num_generations, r.rollout.max_new_tokens) == (base.rollout.num_generations,
+                                                                         base.rollout.max_new_tokens)
+        if data:
+            assert r.data.split == "train" and r.data.num_prompts == 64
+    if data:
+        assert build_recipe(command, None, parse_set_options(["data.type=toy"])).data == base.data
+        jsonl = build_recipe(command, None, parse_set_options(["data.type=jsonl", "data.path=x.jsonl"]))
+        assert jsonl.data.type == "jsonl"  # another source: the toy fields do not carry over
+
+
 def test_cross_field_rule_has_a_sentence():
     with pytest.raises(RecipeError) as e:
         build_recipe("toy-init", None, parse_set_options(["model.hidden_size=30", "model.num_heads=4"]))
