@@ -59,6 +59,11 @@ def test_bad_flags_and_recipe_values_exit_2(cli, tiny_ckpt, tmp_path):
     line = one_error_line(cli("diagnose", str(tiny_ckpt), "--texts", str(tmp_path / "missing.jsonl")))
     assert "missing.jsonl: no such file" in line
     assert not out.exists()
+    # more toy problems than the split holds: a data error, not an internal one
+    line = one_error_line(cli("diagnose", str(tiny_ckpt), "--set", "data.num_prompts=100", "--set", "data.levels=[1]",
+                              "--out", str(out)))
+    assert "could not draw 100 distinct toy test problems at levels [1]" in line and "data.num_prompts" in line
+    assert not out.exists()
 
 
 def test_recipe_validate_and_show(cli, tmp_path):

@@ -39,6 +39,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from tsopsd_cli.errors import DataError
 from tsopsd_cli.tasks.base import Problem
 
 PAD_TOKEN = "<|pad|>"
@@ -307,14 +308,17 @@ def make_problems(split: str, num: int, seed: int, levels: tuple[int, ...] = LEV
     rng = random.Random(f"toy-{split}-{seed}")
     out: list[ToyProblem] = []
     seen: set[str] = set()
-    attempts = 0
+    misses = 0  # draws in a row that gave nothing new (the pools are finite: the test split's holds a few thousand)
     while len(out) < num:
-        attempts += 1
-        if attempts > 200 * num + 10_000:
-            raise ValueError(f"cannot draw {num} distinct {split} problems at levels {levels}")
+        if misses > 20_000:
+            raise DataError(f"could not draw {num} distinct toy {split} problems at levels {list(levels)}: the "
+                            f"draws stopped giving new ones after {len(out)}; ask for fewer (data.num_prompts, "
+                            f"eval.toy_num_problems) or add levels")
         p = draw_problem(rng, rng.choice(levels), max_operand=max_operand)
         if p.expression in seen or split_of(p.expression) != split:
+            misses += 1
             continue
+        misses = 0
         seen.add(p.expression)
         out.append(p)
     return out
