@@ -23,6 +23,7 @@ filesystem all of them see).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,13 @@ from typing import Callable
 from tsopsd_cli.errors import OutputExistsError, UsageError
 
 STATE_FILE = "state.json"
+
+
+def run_key(recipe, *inputs: str) -> str:
+    """What must match for an unfinished run to be resumed: the recipe less its output settings (`--overwrite` on
+    the first try and `--resume` on the next is the usual sequence) and the fingerprints of its inputs."""
+    body = {k: v for k, v in recipe.model_dump(mode="json").items() if k != "output"}
+    return hashlib.sha256(json.dumps([body, *inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def partial_path(out: Path) -> Path:

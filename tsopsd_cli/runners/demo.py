@@ -13,7 +13,6 @@ checkpoint. The summary reports what happened, whichever arm comes out ahead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import time
@@ -25,7 +24,7 @@ from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import DemoRecipe, recipe_to_yaml
 from tsopsd_cli.report import json_safe, pyplot
-from tsopsd_cli.rundir import RunDir
+from tsopsd_cli.rundir import RunDir, run_key
 
 ARM_TITLES = {"continued-rl": "continued RL (rollout T = 1)", "rollout-temperature": "rollout temperature = temp",
               "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / temp), then RL",
@@ -38,13 +37,9 @@ class Demo:
         self.progress = progress
         self.final = Path(recipe.output.out or "runs/demo")
         self.temp = recipe.demo.temp
-        self.timings: dict[str, float] = {}
         check_out(self.final, recipe.output.overwrite)
         text = recipe_to_yaml(recipe)
-        # what a resume must match: the recipe less its output settings (`--overwrite` on the first try, `--resume`
-        # on the next one is the usual sequence)
-        body = json.dumps({k: v for k, v in recipe.model_dump(mode="json").items() if k != "output"}, sort_keys=True)
-        self.rundir = RunDir(self.final, key=hashlib.sha256(body.encode()).hexdigest()[:16], log_name="stages.jsonl",
+        self.rundir = RunDir(self.final, key=run_key(recipe), log_name="stages.jsonl",
                           resume=resume, restart=restart, what="demo")
         self.out = self.rundir.path  # every stage works in here until the whole demo is done
         (self.out / "recipe.yaml").write_text(text)
@@ -59,8 +54,7 @@ class Demo:
         self.progress.log(f"[demo] {name} -> {target}")
         t0 = time.time()
         fn()
-        self.timings[name] = round(time.time() - t0, 1)
-        self.rundir.log.append([{"stage": name, "seconds": self.timings[name]}])
+        self.rundir.log.append([{"stage": name, "seconds": round(time.time() - t0, 1)}])
         return target
 
     @staticmethod
@@ -104,9 +98,8 @@ class Demo:
                 runs.setdefault(arm, []).append(self.continued(arm, seed, starts[arm]))
         summary = self.summarize(diag, evals, runs)
         summary["seconds"] = round(time.time() - started, 1)  # this invocation
-        # every stage's time, stages finished by an earlier (interrupted) invocation included
-        stage_seconds = {row["stage"]: row["seconds"] for row in self.rundir.log.rows() if "stage" in row}
-        summary["stage_seconds"] = {**stage_seconds, **self.timings}
+        # every stage's time from the stage log, stages finished by an earlier (interrupted) invocation included
+        summary["stage_seconds"] = {row["stage"]: row["seconds"] for row in self.rundir.log.rows() if "stage" in row}
         summary["total_seconds"] = round(sum(summary["stage_seconds"].values()), 1)
         self.write(summary)
         summary["out"] = str(self.rundir.finish(before_rename=lambda: signals.check("the demo's finish")))

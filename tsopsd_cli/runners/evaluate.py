@@ -25,7 +25,7 @@ from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import EvalRecipe, recipe_to_yaml
 from tsopsd_cli.report import json_safe
-from tsopsd_cli.rundir import RunDir
+from tsopsd_cli.rundir import RunDir, run_key
 from tsopsd_cli.tasks.base import Problem, answer_text
 from tsopsd_cli.tasks.benchmarks import load_benchmark, load_custom, template_text
 from tsopsd_cli.tasks.grading import Grader, normalize
@@ -53,13 +53,6 @@ def open_engine(recipe: EvalRecipe, checkpoint: str):
         return make_engine("vllm", None, tok, checkpoint=checkpoint, model_section=m, rollout=ro), tok
     ld = load_checkpoint(checkpoint, m)
     return make_engine("hf", ld.model, ld.tokenizer, ro.batch_size, m.lean), ld.tokenizer
-
-
-def run_key(recipe: EvalRecipe, fp: str) -> str:
-    """What must match for a partial eval to be resumed: the recipe (less output settings) and the weights."""
-    body = recipe.model_dump(mode="json")
-    body.pop("output", None)
-    return hashlib.sha256(json.dumps([body, fp], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def chunk_seed(seed: int, benchmark: str, first_id: str) -> int:

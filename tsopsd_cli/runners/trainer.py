@@ -41,7 +41,7 @@ from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import recipe_to_yaml
 from tsopsd_cli.report import json_safe, plot_curves
-from tsopsd_cli.rundir import RunDir
+from tsopsd_cli.rundir import RunDir, run_key
 from tsopsd_cli.runners import optim as O
 from tsopsd_cli.runners.sink import MetricsSink
 from tsopsd_cli.runners.validation import Validator
@@ -157,9 +157,7 @@ class TrainingRun:
                               f"of processes ({self.dist.world})")
         problems = load_problems(r.data)  # data errors before anything is created
         self.source_fp = fingerprint(self.checkpoint)
-        key_body = json.dumps([{k: v for k, v in r.model_dump(mode="json").items() if k != "output"},
-                               self.source_fp], sort_keys=True)
-        key = hashlib.sha256(key_body.encode()).hexdigest()[:16]
+        key = run_key(r, self.source_fp)
         self.run = RunDir(r.output.out, key=key, log_name="metrics.jsonl", resume=self.resume, restart=self.restart,
                           dist=self.dist)
         if self.run.complete:
