@@ -141,24 +141,6 @@ def fingerprint(path: str | os.PathLike, full_hash_limit: int = 1 << 30) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- loading
-def resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} asked for, but no CUDA device is available")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device) -> Any:
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str | None = None,
                     device: str | None = None) -> Loaded:
     """The one way a checkpoint is loaded: `model_section` is a recipe's `model` section (trust_remote_code,
@@ -173,6 +155,8 @@ def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str |
     import transformers
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from tsopsd_cli.devices import resolve_device, resolve_dtype
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -327,11 +311,12 @@ def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: st
     import transformers
     from safetensors.torch import save_file
 
-    from tsopsd_cli import parallel
+    from tsopsd_cli.devices import DTYPES
+    from tsopsd_cli.modeling import persistent_buffers
 
     transformers.utils.logging.disable_progress_bar()
-    params = list(model.named_parameters()) + list(parallel.persistent_buffers(model))
-    out_dtype = parallel.DTYPES[dtype] if dtype else params[0][1].dtype
+    params = list(model.named_parameters()) + list(persistent_buffers(model))
+    out_dtype = DTYPES[dtype] if dtype else params[0][1].dtype
     # shard plan from shapes alone (gathering comes later, one tensor at a time)
     sizes = {name: t.numel() * (out_dtype.itemsize if t.is_floating_point() else t.element_size())
              for name, t in params}

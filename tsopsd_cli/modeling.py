@@ -7,6 +7,7 @@ position before it, so the positions read are prompt_len - 1 ... prompt_len + co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -78,3 +79,11 @@ def completion_hidden(model, batch: PackedBatch, all_layers: bool = False):
     if all_layers:
         layers = [h[batch.rows, batch.cols] for h in out.hidden_states[1:]]
     return last, layers
+
+
+def persistent_buffers(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, buffer) of every buffer a state dict holds (rotary tables and other non-persistent ones left out)."""
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{name}" if mod_name else name), buf

@@ -30,7 +30,8 @@ from typing import Iterator
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from tsopsd_cli.devices import resolve_device, resolve_dtype
+from tsopsd_cli.modeling import persistent_buffers
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -135,8 +136,6 @@ class Placement:
 
 
 def placement(model_section, train_section, dist: Dist) -> Placement:
-    from tsopsd_cli.checkpoint import resolve_device, resolve_dtype
-
     device = resolve_device(dist.device(model_section.device))
     compute = resolve_dtype(model_section.dtype, device)
     master = compute if train_section.master_weights == "model_dtype" else torch.float32
@@ -297,13 +296,6 @@ def weight_norm(model, pl: Placement, dist: Dist) -> float:
 
 
 # --------------------------------------------------------------------------------------------- full tensors
-def persistent_buffers(model) -> Iterator[tuple[str, torch.Tensor]]:
-    for mod_name, mod in model.named_modules():
-        for name, buf in mod.named_buffers(recurse=False):
-            if name not in mod._non_persistent_buffers_set:
-                yield (f"{mod_name}.{name}" if mod_name else name), buf
-
-
 def full_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) of every parameter (tied ones once) and persistent buffer, one at a time. Sharded
     parameters are all-gathered one by one: every process must consume the iterator in step."""

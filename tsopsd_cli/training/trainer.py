@@ -1,0 +1,516 @@
+"""The loop every training command shares (rl, reheat): setup -> [step -> log -> validate -> checkpoint]* ->
+finish. A command subclasses `TrainingRun` once and fills in `setup_method` (its extra models and engines),
+`train_step` (one step's work and metrics) and `report_extra`; everything else exists here once.
+
+Layout of a run (tsopsd_cli.rundir): `.OUT.partial/` with `metrics.jsonl`, `recipe.yaml` and
+`checkpoints/step-N/` = model and optimiser state sharded per process (torch.distributed.checkpoint) plus
+`trainer_state.pt` (schedule, generator and RNG states, data position, step). The finished run is one ordinary
+Hugging Face directory, streamed from the (sharded) float32 master weights in `output.dtype`.
+
+Resuming reproduces the uninterrupted run: a checkpoint stores the data position and every random state, and the
+log is cut back to the checkpoint's step. A signal (tsopsd_cli.signals) is acted on at the next safe point:
+between steps, between generation batches (one process), during validation. The state saved then is that of the
+last completed step; an interrupted validation of step N is redone first on resume.
+
+The non-finite guard: a non-finite rollout log-prob, loss or gradient norm stops the run before the update; an
+update that makes weights non-finite or changes their global norm by more than `optim.max_weight_norm_change`
+stops it before anything is saved. The exit code is 3 and the last good checkpoint stays in the partial
+directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tsopsd_cli import lean, parallel, signals
+from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
+                                   provenance, write_checkpoint)
+from tsopsd_cli.core.chunked import token_logps
+from tsopsd_cli.engines import require as require_engine
+from tsopsd_cli.engines.hf import HFEngine
+from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError
+from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+from tsopsd_cli.progress import NULL, Progress
+from tsopsd_cli.recipe import recipe_to_yaml
+from tsopsd_cli.report import json_safe, plot_curves
+from tsopsd_cli.rundir import RunDir, run_key
+from tsopsd_cli.training import optim as O
+from tsopsd_cli.training.sink import MetricsSink
+from tsopsd_cli.training.validation import Validator
+from tsopsd_cli.tasks import load_problems
+from tsopsd_cli.tasks.base import Problem
+
+TRAINER_STATE = "trainer_state.pt"
+MODEL_STATE = "state"  # the DCP folder inside a checkpoint
+
+
+class PromptStream:
+    """An endless, reshuffled-every-epoch sequence of problems; its position is part of the resumable state."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        if not problems:
+            raise DataError("no training prompts")
+        self.problems = problems
+        self.seed = seed
+        self.position = 0
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.problems), generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def take(self, k: int) -> list[tuple[int, Problem]]:
+        """The next k problems with their global stream positions."""
+        out = []
+        for pos in range(self.position, self.position + k):
+            epoch, i = divmod(pos, len(self.problems))
+            out.append((pos, self.problems[self._order(epoch)[i]]))
+        self.position += k
+        return out
+
+
+class Finished(Interrupted):
+    """A signal after every output was written: only the rename into place is left for --resume."""
+
+
+def row_seed(step_seed: int, position: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{step_seed}:{position}".encode()).digest()[:7], "big")
+
+
+def is_training_row(row: dict) -> bool:
+    return "step_seconds" in row
+
+
+class TrainingRun:
+    command = "train"
+    plot_keys: list[tuple[str, str]] = []
+    progress_info: tuple[str, ...] = ()
+
+    def __init__(self, recipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,
+                 restart: bool = False):
+        self.r = recipe
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.resume = resume
+        self.restart = restart
+        self.stop_reason: str | None = None
+        self.run: RunDir | None = None
+        self.sink: MetricsSink | None = None
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def input_paths(self) -> list:
+        """Every file or folder the run reads (an output must not be, contain or lie inside one of them)."""
+        r = self.r
+        paths = [self.checkpoint, getattr(r.data, "path", None), r.validation.data_dir]
+        return [p for p in paths if p is not None]
+
+    def setup_method(self) -> None:
+        """Load what the method needs besides the policy and its rollout engine (reference, teacher)."""
+
+    def train_step(self) -> dict:
+        """One step: sample, compute the loss, update. Returns the step's metrics."""
+        raise NotImplementedError
+
+    def report_extra(self) -> dict:
+        return {}
+
+    def method_state(self) -> dict:
+        """Resumable state of the method itself (saved with every checkpoint)."""
+        return {}
+
+    def load_method_state(self, state: dict, checkpoint_dir: Path) -> None:
+        pass
+
+    def extra_models(self) -> dict:
+        """Frozen models whose weights are part of the resumable state ({name: model}; saved beside the policy)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what setup_method opened (always called)."""
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        r = self.r
+        self.started = time.time()
+        self.dist = parallel.Dist(r.train.dist_timeout_minutes)
+        signals.collective(self.dist.world > 1)
+        signals.fault_point("setup")
+        if r.output.out is None:
+            raise UsageError("a training run needs an output directory (--out)")
+        inspect_checkpoint(self.checkpoint, allow_pickle=r.model.allow_pickle)
+        check_out(r.output.out, r.output.overwrite, tuple(self.input_paths()))
+        require_engine(r.rollout.engine)
+        if r.train.prompts_per_step % self.dist.world:
+            raise RecipeError(f"train.prompts_per_step ({r.train.prompts_per_step}) must be divisible by the number "
+                              f"of processes ({self.dist.world})")
+        problems = load_problems(r.data)  # data errors before anything is created
+        self.source_fp = fingerprint(self.checkpoint)
+        key = run_key(r, self.source_fp)
+        self.run = RunDir(r.output.out, key=key, log_name="metrics.jsonl", resume=self.resume, restart=self.restart,
+                          dist=self.dist)
+        if self.run.complete:
+            return  # every output is written: execute() only moves it into place
+        try:
+            self._setup_in_run(problems, key)
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except BaseException:
+            self.run.close(discard=True)  # a refused or failed setup leaves nothing behind
+            raise
+
+    def _setup_in_run(self, problems: list[Problem], key: str) -> None:
+        r = self.r
+        self.stream = PromptStream(problems, r.train.seed)
+        self.pl = parallel.placement(r.model, r.train, self.dist)
+        self.model, self.tok = self.load(self.checkpoint, trainable=True)
+        self.device = self.pl.device
+        if r.train.gradient_checkpointing and not (r.model.lean and lean.supports(self.model)):
+            self.model.gradient_checkpointing_enable()
+        self.opt = O.build_optimizer(self.model, r.optim)
+        self.sched = O.build_scheduler(self.opt, r.optim, r.train.max_steps)
+        self.gen = torch.Generator().manual_seed(r.train.seed)
+        self.step = 0
+        self.saved_step = -1
+        self.pending_row: dict | None = None
+        self.history: list[dict] = []
+        self.validator = Validator(r.validation, self.tok) if r.validation.enabled else None
+        ckpt = self.run.latest() if self.run.resumed else None
+        if ckpt is not None:
+            parallel.load_state(ckpt / MODEL_STATE, self.model, self.opt)
+            st = torch.load(ckpt / TRAINER_STATE, weights_only=True, map_location="cpu")
+            self.sched.load_state_dict(st["scheduler"])
+            self.gen.set_state(st["generator"])
+            random.setstate(_tupled(st["python_rng"]))
+            torch.set_rng_state(st["torch_rng"])
+            self.stream.position = st["data_position"]
+            self.step = self.saved_step = st["step"]
+            self.pending_row = st.get("pending_row")
+            self.stop_reason = st.get("stop_reason")
+            self._method_state = st.get("method", {})
+            self.progress.log(f"resumed from {ckpt} (step {self.step})")
+        if self.run.resumed and self.dist.main:  # cut the log back to what the checkpoint contains
+            s = self.step
+            self.history = self.run.log.keep(
+                lambda row: ckpt is not None and (row.get("step", 0) < s or (row["step"] == s and is_training_row(row))))
+        self.history = self.dist.broadcast_object(self.history)
+        self.sink = MetricsSink(r.logging, self.run.path, f"{self.command}-{key}", r.model_dump(mode="json"),
+                                self.dist.main)
+        if self.dist.main:
+            (self.run.path / "recipe.yaml").write_text(recipe_to_yaml(r))
+        self.engine = self.rollout_engine()
+        self.setup_method()
+        if ckpt is not None:
+            self.load_method_state(self._method_state, ckpt)
+        self.wnorm = parallel.weight_norm(self.model, self.pl, self.dist)
+
+    def load(self, path, trainable: bool):
+        """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
+        shards for the trained model, model.dtype for frozen ones)."""
+        ld = load_checkpoint(path, self.r.model, dtype=checkpoint_dtype(path), device="cpu")
+        return parallel.prepare(ld.model, self.pl, trainable), ld.tokenizer
+
+    def frozen(self, path):
+        return self.load(path, trainable=False)[0]
+
+    # ------------------------------------------------------------------------------------------ rollout engine
+    def rollout_engine(self):
+        """The policy's rollout engine, created once per run: hf samples from the trained model itself; vllm is a
+        colocated engine of this process whose weights `sync_engine` replaces in place after every step."""
+        ro = self.r.rollout
+        if ro.engine == "hf":
+            return self.hf_engine(self.model, ro.batch_size)
+        from tsopsd_cli.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine(str(self.checkpoint), self.tok, ro.vllm, dtype=self.r.model.dtype, seed=ro.seed,
+                            trust_remote_code=self.r.model.trust_remote_code, log=self.progress.log)
+        self.progress.log(f"vLLM engine started in {engine.startup_seconds:.1f} s ({engine.dtype}; "
+                          + ("sleeps while the trainer trains)" if engine.can_sleep else "no sleep mode here)"))
+        if self.step > 0:  # resumed: the engine loaded the input checkpoint, the trainer holds step N's weights
+            engine.sync_weights(parallel.full_tensors(self.model))
+        return engine
+
+    def hf_engine(self, model, batch_size: int) -> HFEngine:
+        return HFEngine(model, self.tok, batch_size=batch_size, lean=self.r.model.lean)
+
+    def generate(self, engine, prompts, params):
+        """Sample: the hf engine on (the gathered parameters of) its model in the compute dtype, or the vllm
+        engine (woken up if asleep)."""
+        if engine.name != "hf":
+            return engine.generate(prompts, params)
+        with parallel.gathered(engine.model), self.pl.autocast():
+            return engine.generate(prompts, params)
+
+    def rollouts_done(self) -> None:
+        """Between sampling and training: a sleeping engine gives its memory to the trainer."""
+        if self.engine.name == "vllm" and self.engine.can_sleep:
+            self.engine.sleep()
+
+    def sync_engine(self) -> float | None:
+        """After the step's updates: stream the new weights into the vllm engine (one gathered tensor at a time);
+        the seconds it took, or None for the hf engine (it samples from the trained weights themselves)."""
+        if self.engine.name == "hf":
+            return None
+        t0 = time.perf_counter()
+        self.engine.sync_weights(parallel.full_tensors(self.model))
+        return time.perf_counter() - t0
+
+    def engine_logps(self, comps) -> list[list[float]] | None:
+        """The engine's log-probs of the sampled tokens (at the rollout temperature), kept when they come from
+        another engine than the trainer's own forward, to measure and correct the mismatch."""
+        return [c.logprobs for c in comps] if self.engine.name != "hf" else None
+
+    # ------------------------------------------------------------------------------------------ shared pieces
+
+    def next_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.gen))
+
+    def hidden(self, model, seqs):
+        """(final hidden states at completion positions [N, D], LM-head weight [V, D], PackedBatch); under FSDP the
+        head weight is the gathered one, valid until the backward pass (or `parallel.reshard` of a frozen model)."""
+        pb = pack(seqs, self.tok.pad_token_id, self.device)
+
+        def body():
+            if self.r.model.lean and lean.supports(model):
+                ckpt = self.r.train.gradient_checkpointing and model is self.model
+                return lean.shared_prefix_hidden(model, seqs, checkpoint_layers=ckpt,
+                                                 layer_hook=parallel.layer_hook(model))
+            return completion_hidden(model, pb)[0]
+
+        with self.pl.autocast():
+            hidden = parallel.call(model, body)
+        return hidden, decoder_and_head(model)[1].weight, pb
+
+    def forward_logps(self, model, seqs, temperature: float, with_entropy: bool):
+        hidden, weight, pb = self.hidden(model, seqs)
+        logp, ent = token_logps(hidden, weight, pb.targets, temperature, self.r.train.chunk_size, with_entropy)
+        return logp, ent, pb
+
+    def passes(self, n_local: int) -> int:
+        """How many forward passes this process must run when it has `n_local` of its own: under FSDP every
+        process runs the same number (each pass gathers parameters collectively), padding with empty ones."""
+        return int(self.dist.max(n_local)) if self.pl.fsdp else n_local
+
+    def dummy_seq(self) -> tuple[list[int], list[int]]:
+        """The sequence of a padding pass (its loss is multiplied by 0)."""
+        return [self.tok.pad_token_id], [self.tok.pad_token_id]
+
+    def global_mean(self, xs) -> float | None:
+        total, n = self.dist.sum(float(sum(xs))), self.dist.sum(len(xs))
+        return total / n if n else None
+
+    def check_rollout(self, comps) -> None:
+        bad = any(not math.isfinite(lp) for c in comps for lp in c.logprobs)
+        if self.dist.any(bad):
+            O.check_finite("rollout log-prob (the policy's logits)", float("nan"), self.step + 1)
+
+    def optimizer_step(self) -> float:
+        """Sum gradients (ddp), clip, check, step, check the weights; returns the gradient norm. A parameter
+        without a gradient (nothing was back-propagated, e.g. every row of the mini-batch had advantage 0) gets
+        an explicit zero one, so the optimiser's momentum moves it exactly as after a zero-valued backward."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        parallel.sync_gradients(self.model, self.pl)
+        norm = parallel.clip_grad_norm(self.model, self.r.optim.max_grad_norm, self.pl, self.dist)
+        O.check_finite("gradient norm", norm, self.step + 1)
+        self.opt.step()
+        before, self.wnorm = self.wnorm, parallel.weight_norm(self.model, self.pl, self.dist)
+        O.check_weights(before, self.wnorm, self.r.optim.max_weight_norm_change, self.step + 1)
+        return norm
+
+    def validate(self) -> dict | None:
+        if self.validator is None:
+            return None
+        signals.fault_point("validation")
+        engine = self.engine if self.engine.name != "hf" else self.hf_engine(self.model, self.r.validation.batch_size)
+        was = self.model.training
+        self.model.eval()
+        res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params), self.dist)
+        self.model.train(was)
+        return {"val_accuracy": res["accuracy"], "val_entropy": res["entropy"], "val_pass@k": res["pass@k"],
+                "val_length": res["mean_length"]}
+
+    def log_row(self, row: dict) -> None:
+        self.history.append(row)
+        if self.dist.main:
+            self.run.log.append([json_safe(row)])
+            self.sink.write(row)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def cursor(self) -> dict:
+        """The random states and data position: what a resumed run needs besides the weights."""
+        return {"generator": self.gen.get_state(), "python_rng": random.getstate(),
+                "torch_rng": torch.get_rng_state(), "data_position": self.stream.position}
+
+    def save(self, cursor: dict | None = None, pending_row: dict | None = None) -> None:
+        if self.saved_step == self.step and pending_row is None:
+            return
+        signals.fault_point("save")
+        tmp = self.run.prepare_staging(self.step)
+        parallel.save_state(tmp / MODEL_STATE, self.model, self.opt)
+        for name, model in self.extra_models().items():
+            parallel.save_model(tmp / name, model)
+        if self.dist.main:
+            state = {"scheduler": self.sched.state_dict(), **(cursor or self.cursor()), "step": self.step,
+                     "pending_row": pending_row, "stop_reason": self.stop_reason, "method": self.method_state()}
+            torch.save(state, tmp / TRAINER_STATE)
+        self.run.publish(self.step, self.r.train.keep_last)
+        self.saved_step = self.step
+
+    def safe_point(self, where: str) -> None:
+        """Stop here if any process received a signal (all processes agree)."""
+        if self.dist.any(signals.requested() is not None):
+            raise Interrupted(f"{signals.requested() or 'a signal'} received during {where}")
+
+    def interrupted(self, e: Interrupted) -> Interrupted:
+        if self.saved_step < 0:
+            return Interrupted(f"{e}, before the first checkpoint: the same command with --resume starts again "
+                               f"from step 0 in {self.run.path}")
+        return Interrupted(f"{e}: checkpoint of step {self.saved_step} in {self.run.path}; continue with the same "
+                           "command and --resume")
+
+    # -------------------------------------------------------------------------------------------------- loop
+    def run_loop(self) -> dict:
+        r = self.r
+        cursor = None
+        try:
+            if self.step == 0 and self.saved_step < 0:
+                v = self.validate()
+                if v is not None:
+                    self.log_row({"step": 0, **v})
+            if self.pending_row is not None:  # a validation interrupted at this step: redo it first
+                row, self.pending_row = self.pending_row, None
+                row.update(self.validate() or {})
+                self.log_row(row)
+            with self.progress.task(self.command, total=r.train.max_steps, start=self.step) as advance:
+                while self.step < r.train.max_steps and self.stop_reason is None:
+                    self.safe_point(f"step {self.step + 1}")
+                    cursor = self.cursor()
+                    signals.fault_point("rollout")
+                    t0 = time.perf_counter()
+                    metrics = self.train_step()
+                    signals.fault_point("step")
+                    cursor = None  # the update is done: the current state is the consistent one
+                    synced = self.sync_engine()
+                    if synced is not None:
+                        metrics["weight_sync_seconds"] = synced
+                    self.sched.step()
+                    self.step += 1
+                    row = {"step": self.step, **metrics, "step_seconds": time.perf_counter() - t0}
+                    if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step < r.train.max_steps:
+                        self.pending_row = row
+                        row.update(self.validate() or {})
+                        self.pending_row = None
+                    self.log_row(row)
+                    advance(1, info=" ".join(f"{k} {row[k]:.3f}" for k in self.progress_info
+                                             if isinstance(row.get(k), float)))
+                    if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
+                        self.save()
+            final = self.validate()
+            if final is not None:
+                self.log_row({"step": self.step, **final})
+            return self.finish()
+        except Finished:
+            raise
+        except Interrupted as e:
+            if self.step == 0:
+                pass  # nothing to save: a resume from step 0 redoes exactly this
+            elif cursor is not None:  # stopped inside a step: the model is still that of the last completed one
+                self.save(cursor=cursor)
+            else:
+                pending, self.pending_row = self.pending_row, None
+                if pending is not None:
+                    pending = {k: v for k, v in pending.items() if not k.startswith("val_")}
+                self.save(pending_row=pending)
+            raise self.interrupted(e) from None
+
+    def report(self) -> dict:
+        vals = [h for h in self.history if "val_accuracy" in h]
+        steps = [h for h in self.history if is_training_row(h)]
+        report = {
+            "command": self.command, "checkpoint": str(self.checkpoint), "source_fingerprint": self.source_fp,
+            "steps": self.step, "processes": self.dist.world, "stop_reason": self.stop_reason or "max_steps",
+            "validation": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None},
+            "curves": {k: [h.get(k) for h in steps] for k in ["step", *[key for key, _ in self.plot_keys]]},
+            "val_curves": {"step": [h["step"] for h in vals], "val_accuracy": [h["val_accuracy"] for h in vals],
+                           "val_entropy": [h["val_entropy"] for h in vals]},
+            "parallel": {**self.pl.describe(), "per_rank": self.dist.gather_objects(
+                parallel.local_bytes(self.model, self.opt))},
+        }
+        report.update(self.report_extra())
+        report["seconds"] = round(time.time() - self.started, 3)
+        report["recipe"] = self.r.model_dump(mode="json")
+        return report
+
+    def phases(self) -> list[tuple[int, int]]:
+        """Step spans shaded in the curves (the thermostat's reheat phases)."""
+        return []
+
+    def finish(self) -> dict:
+        signals.fault_point("finish")
+        report = self.report()
+        metrics = {"steps": self.step, "val_accuracy_last": (report["validation"]["last"] or {}).get("val_accuracy"),
+                   **{k: v for k, v in report.items() if k in ("entropy", "reward")}}
+        prov = provenance(self.command, self.r, self.checkpoint, self.source_fp, metrics, self.started)
+        dtype = self.r.output.dtype if self.r.output.dtype != "auto" else checkpoint_dtype(self.checkpoint)
+        if self.dist.main or self.pl.fsdp:  # under FSDP every process takes part in gathering the weights
+            write_checkpoint(self.model, self.tok, self.run.path, prov, dtype=dtype, source=self.checkpoint,
+                             tensors=parallel.full_tensors(self.model) if self.pl.fsdp else None,
+                             write=self.dist.main)
+        if self.dist.main:
+            if self.r.output.plots:
+                with tempfile.TemporaryDirectory() as d:
+                    png = Path(d) / "curves.png"
+                    keys = [*self.plot_keys, ("val_accuracy", "validation accuracy")]
+                    if plot_curves(self.history, keys, png, self.phases()):
+                        (self.run.path / "curves.png").write_bytes(png.read_bytes())
+            (self.run.path / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+        out = self.run.finish(before_rename=self._before_rename)
+        report["out"] = str(out)
+        return report
+
+    def _before_rename(self) -> None:
+        if self.dist.any(signals.requested() is not None):
+            raise Finished(f"{signals.requested() or 'a signal'} received while finishing: the finished run is "
+                              f"complete in {self.run.path}; the same command with --resume moves it into place")
+
+    def finish_complete(self) -> dict:
+        """--resume of a run stopped after it was complete: move it into place and return its report."""
+        report = json.loads((self.run.path / "report.json").read_text()) if self.dist.main else {}
+        report["out"] = str(self.run.finish())
+        return report
+
+    def execute(self) -> dict:
+        try:
+            self.setup()
+            return self.finish_complete() if self.run.complete else self.run_loop()
+        finally:
+            try:
+                self.close()
+                if getattr(self, "engine", None) is not None and hasattr(self.engine, "close"):
+                    self.engine.close()
+                if self.sink is not None:
+                    self.sink.close()
+            finally:
+                if self.run is not None:
+                    self.run.close()
+                signals.collective(False)
+                if hasattr(self, "dist"):
+                    self.dist.close()
+
+
+def _tupled(x):
+    """random.setstate needs tuples where torch.load returns lists."""
+    return tuple(_tupled(v) for v in x) if isinstance(x, (list, tuple)) else x
