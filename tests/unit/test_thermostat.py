@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tsopsd_cli.recipe import ThermostatSection
-from tsopsd_cli.runners.thermostat import Thermostat
+from tsopsd_cli.training.thermostat import Thermostat
 
 
 def section(**kw):

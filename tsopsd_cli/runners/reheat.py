@@ -37,8 +37,8 @@ from tsopsd_cli.errors import CheckpointError
 from tsopsd_cli.modeling import check_head_matches, decoder_and_head
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import ReheatRecipe
-from tsopsd_cli.runners.distill import distill_step, on_policy_rollout
-from tsopsd_cli.runners.trainer import TrainingRun
+from tsopsd_cli.training.distill import distill_step, on_policy_rollout
+from tsopsd_cli.training.trainer import TrainingRun
 
 
 # ------------------------------------------------------------------------------------------------------ fold

@@ -12,12 +12,12 @@ entropy of the sampling distribution softmax(logits / rollout.temperature) (as v
 logged `entropy` is always at temperature 1 (comparable across rollout temperatures); Clip-Cov/KL-Cov select
 their tokens over the whole optimisation mini-batch, across processes, from the rollout policy's log-probs.
 
-The entropy thermostat (`thermostat`, off by default; runners/thermostat.py decides): when the running mean of the
-rollout entropy falls below its threshold, the run switches to TS-OPSD steps (runners.distill, the step `tsopsd
+The entropy thermostat (`thermostat`, off by default; training/thermostat.py decides): when the running mean of the
+rollout entropy falls below its threshold, the run switches to TS-OPSD steps (training.distill, the step `tsopsd
 reheat` takes) towards a frozen snapshot of the current policy / temp, until the entropy recovers, then resumes
 GRPO. Every row of metrics.jsonl says which kind of step it was (`phase`: grpo | reheat).
 
-Setup, checkpoints, resume, signals, the non-finite guard and several processes come from runners.trainer.
+Setup, checkpoints, resume, signals, the non-finite guard and several processes come from training.trainer.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from tsopsd_cli.engines import encode_prompts, sampling_params
 from tsopsd_cli.errors import RecipeError
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import RLRecipe
-from tsopsd_cli.runners.distill import distill_step, on_policy_rollout
-from tsopsd_cli.runners.optim import check_finite
-from tsopsd_cli.runners.thermostat import Thermostat
-from tsopsd_cli.runners.trainer import TrainingRun, row_seed
+from tsopsd_cli.training.distill import distill_step, on_policy_rollout
+from tsopsd_cli.training.optim import check_finite
+from tsopsd_cli.training.thermostat import Thermostat
+from tsopsd_cli.training.trainer import TrainingRun, row_seed
 from tsopsd_cli.tasks.base import Problem
 from tsopsd_cli.tasks.grading import Grader
 
