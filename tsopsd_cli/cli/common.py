@@ -33,6 +33,17 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle w
                                          rich_help_panel="Model")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the checkpoint.",
                                          rich_help_panel="Model")]
+# Options every training command (rl, reheat) has
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the unfinished run of --out from its last "
+                                         "checkpoint.", rich_help_panel="Output")]
+RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard an unfinished run of --out.",
+                                          rich_help_panel="Output")]
+TrainOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.",
+                                           rich_help_panel="Output")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Training steps.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")]
 
 
 def resolve(command: str, recipe_file: Path | None, sets: list[str] | None, flags: dict[str, Any]):
@@ -100,3 +111,17 @@ def stdout_console():
 
 
 EXAMPLE = "[bold]Example:[/bold] "
+
+
+def run_training(run_fn, rec, checkpoint: str, json_out: bool, quiet: bool, resume: bool,
+                 restart: bool) -> dict | None:
+    """Run rl or reheat; the report when it is this process's to print as a table, else None (another process
+    than the main one, which reports nothing, or --json, printed here)."""
+    main_process = is_main_process()
+    report = run_fn(rec, checkpoint, progress_for(json_out, quiet), resume=resume, restart=restart)
+    if not main_process:
+        return None  # with several processes only the main one reports
+    if json_out:
+        print_json(report)
+        return None
+    return report

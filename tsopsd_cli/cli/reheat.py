@@ -6,10 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, data_flags, model_flags, resolve, stdout_console)
-from tsopsd_cli.cli.rl import (DataOpt, LrOpt, MaxStepsOpt, RestartOpt, ResumeOpt, SeedOpt, TrainOutOpt,
-                               run_training)
+from tsopsd_cli.cli.common import (DataOpt, DeviceOpt, DtypeOpt, JsonOpt, LrOpt, MaxStepsOpt, OverwriteOpt,
+                                   PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, RestartOpt, ResumeOpt, SeedOpt, SetOpt,
+                                   TrainOutOpt, data_flags, model_flags, resolve, run_training, stdout_console)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
           "(exact baseline: tsopsd reheat ./collapsed --method fold --temp 1.6 --out ./folded)")

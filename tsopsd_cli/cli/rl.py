@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, data_flags, is_main_process, model_flags, print_json,
-                                   progress_for, resolve, stdout_console)
+from tsopsd_cli.cli.common import (DataOpt, DeviceOpt, DtypeOpt, JsonOpt, LrOpt, MaxStepsOpt, OverwriteOpt,
+                                   PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, RestartOpt, ResumeOpt, SeedOpt, SetOpt,
+                                   TrainOutOpt, data_flags, model_flags, resolve, run_training, stdout_console)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd rl ./toy-base --recipe recipes/rl/toy.yaml --out ./toy-rl   "
           "(after pre-emption: the same command with --resume)")
-
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the unfinished run of --out from its last "
-                                         "checkpoint.", rich_help_panel="Output")]
-RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard an unfinished run of --out.",
-                                          rich_help_panel="Output")]
-# Options every training command (rl, reheat) has
-TrainOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.",
-                                           rich_help_panel="Output")]
-DataOpt = Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Training steps.")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")]
-
-
-def run_training(run_fn, rec, checkpoint: str, json_out: bool, quiet: bool, resume: bool,
-                 restart: bool) -> dict | None:
-    """Run rl or reheat; the report when it is this process's to print as a table, else None (another process
-    than the main one, which reports nothing, or --json, printed here)."""
-    main_process = is_main_process()
-    report = run_fn(rec, checkpoint, progress_for(json_out, quiet), resume=resume, restart=restart)
-    if not main_process:
-        return None  # with several processes only the main one reports
-    if json_out:
-        print_json(report)
-        return None
-    return report
-
 
 def rl(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to continue from.")],
