@@ -409,7 +409,38 @@ class TrainingRecipe(Section):
         return self
 
 
-class ThermostatSection(Section):
+class DistillSection(Section):
+    """What a TS-OPSD step distils towards and when it stops: shared by `reheat` and the thermostat of `rl`."""
+
+    temp: float = Field(1.6, gt=0, description="Teacher temperature: the teacher is softmax(logits / temp); > 1 "
+                        "reheats.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl = KL(teacher || student): mass-covering, so it raises entropy; "
+        "reverse_kl = KL(student || teacher); jsd: generalised JSD with beta.")
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
+    teacher_top_p: float = Field(1.0, gt=0, le=1, description=(
+        "Restrict the temperature-scaled teacher to its top-p nucleus (renormalised). 1.0 (default): the plain "
+        "softmax(logits / temp). Below 1, reheating spreads probability over the teacher's plausible candidates "
+        "only, and the student's mass on tokens outside them is trained down."))
+    target_entropy: float | None = Field(None, gt=0, description="Stop once the student's mean token entropy on "
+                                         "the rollouts reaches this (nats).")
+    target_entropy_ratio: float | None = Field(None, gt=0, description="Stop once the student's entropy reaches "
+                                               "this fraction of the teacher's entropy on the same rollouts.")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if self.target_entropy is not None and self.target_entropy_ratio is not None and \
+                "target_entropy_ratio" not in self.model_fields_set:
+            self.target_entropy_ratio = None  # an absolute target replaces a default ratio
+        if self.target_entropy is not None and self.target_entropy_ratio is not None:
+            raise ValueError("give at most one of target_entropy and target_entropy_ratio")
+        if self.teacher_top_p < 1 and self.divergence == "reverse_kl":
+            raise ValueError("teacher_top_p < 1 needs forward_kl or jsd (reverse KL to a truncated teacher is "
+                             "infinite)")
+        return self
+
+
+class ThermostatSection(DistillSection):
     """Reheat inside the RL loop: when the rollout entropy (a running mean) falls below a threshold, run TS-OPSD
     steps towards a frozen snapshot of the current policy / temp until the entropy recovers, then resume GRPO."""
 
@@ -423,13 +454,9 @@ class ThermostatSection(Section):
     max_phase_steps: PositiveInt = Field(10, description="TS-OPSD steps at most per phase.")
     temp: float = Field(1.6, gt=1, description="Teacher temperature of the phase: the teacher is softmax(logits of "
                         "the snapshot / temp).")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="As reheat.divergence.")
-    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
-    teacher_top_p: float = Field(1.0, gt=0, le=1, description="As reheat.teacher_top_p.")
     target_entropy_ratio: float | None = Field(
         0.5, gt=0, description="End the phase once the student's entropy on the phase's rollouts reaches this "
         "fraction of the teacher's entropy on the same tokens (as reheat.target_entropy_ratio).")
-    target_entropy: float | None = Field(None, gt=0, description="Or once it reaches this many nats.")
 
     @model_validator(mode="after")
     def _one_each(self):
@@ -440,13 +467,6 @@ class ThermostatSection(Section):
             raise ValueError("give at most one of threshold and threshold_ratio")
         if self.threshold is None and self.threshold_ratio is None:
             raise ValueError("give threshold or threshold_ratio")
-        if self.target_entropy is not None and self.target_entropy_ratio is not None and \
-                "target_entropy_ratio" not in self.model_fields_set:
-            self.target_entropy_ratio = None
-        if self.target_entropy is not None and self.target_entropy_ratio is not None:
-            raise ValueError("give at most one of target_entropy and target_entropy_ratio")
-        if self.teacher_top_p < 1 and self.divergence == "reverse_kl":
-            raise ValueError("teacher_top_p < 1 needs forward_kl or jsd")
         return self
 
 
@@ -464,37 +484,14 @@ class RLRecipe(TrainingRecipe):
 
 
 # ---------------------------------------------------------------------------------------------------- reheat
-class ReheatSection(Section):
+class ReheatSection(DistillSection):
     method: Literal["ts-opsd", "fold"] = Field("ts-opsd", description="ts-opsd: on-policy self-distillation from "
                                                "the temperature-scaled teacher (its logits / temp); fold: the "
                                                "exact closed-form baseline (final-norm weight / temp), seconds, no "
                                                "data.")
-    temp: float = Field(1.6, gt=0, description="Teacher temperature: the teacher is softmax(logits / temp); > 1 "
-                       "reheats.")
     teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: a snapshot of the input checkpoint; "
                                                "live: the current student, stop-gradient.")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="forward_kl = KL(teacher || student): mass-covering, so it raises entropy; "
-        "reverse_kl = KL(student || teacher); jsd: generalised JSD with beta.")
-    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
-    teacher_top_p: float = Field(1.0, gt=0, le=1, description=(
-        "Restrict the temperature-scaled teacher to its top-p nucleus (renormalised). 1.0 (default): the plain "
-        "softmax(logits / temp). Below 1, reheating spreads probability over the teacher's plausible candidates "
-        "only, and the student's mass on tokens outside them is trained down."))
-    target_entropy: float | None = Field(None, gt=0, description="Stop once the student's mean token entropy on "
-                                         "the rollouts reaches this (nats).")
-    target_entropy_ratio: float | None = Field(None, gt=0, description="Stop once the student's entropy reaches "
-                                               "this fraction of the teacher's entropy on the same rollouts.")
     report_prompts: PositiveInt = Field(32, description="Validation prompts for the before/after diagnose summary.")
-
-    @model_validator(mode="after")
-    def _one_target(self):
-        if self.target_entropy is not None and self.target_entropy_ratio is not None:
-            raise ValueError("give at most one of target_entropy and target_entropy_ratio")
-        if self.teacher_top_p < 1 and self.divergence == "reverse_kl":
-            raise ValueError("teacher_top_p < 1 needs forward_kl or jsd (reverse KL to a truncated teacher is "
-                             "infinite)")
-        return self
 
 
 class ReheatRecipe(TrainingRecipe):
