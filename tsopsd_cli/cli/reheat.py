@@ -8,7 +8,8 @@ import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
                                    RemoteOpt, SetOpt, data_flags, model_flags, resolve, stdout_console)
-from tsopsd_cli.cli.rl import (DataOpt, LrOpt, MaxStepsOpt, RestartOpt, ResumeOpt, SeedOpt, TrainOutOpt,
+from tsopsd_cli.cli.common import ChatOpt, TemplateOpt
+from tsopsd_cli.cli.rl import (training_prompt_flags, DataOpt, LrOpt, MaxStepsOpt, RestartOpt, ResumeOpt, SeedOpt, TrainOutOpt,
                                run_training)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
@@ -26,6 +27,7 @@ def reheat(
     target_entropy: Annotated[Optional[float], typer.Option(help="Stop at this student entropy (nats).")] = None,
     target_entropy_ratio: Annotated[Optional[float], typer.Option(help="Stop at this fraction of the teacher's "
                                                                         "entropy.")] = None,
+    prompt_template: TemplateOpt = None, chat_template: ChatOpt = False,
     seed: SeedOpt = None, resume: ResumeOpt = False, restart: RestartOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
@@ -42,7 +44,8 @@ def reheat(
         "output.out": str(out), "output.overwrite": overwrite,
     }
     flags.update(data_flags(data, split="train"))
-    rec = resolve("reheat", recipe, set_, flags)
+    flags.update(training_prompt_flags(prompt_template, chat_template))
+    rec = resolve("reheat", recipe, set_, flags, checkpoint=checkpoint)
     from tsopsd_cli.runners.reheat import run_reheat
 
     report = run_training(run_reheat, rec, checkpoint, json_out, quiet, resume, restart)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli.cli.common import (DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, data_flags, is_main_process, model_flags, print_json,
+                                   RemoteOpt, SetOpt, ChatOpt, TemplateOpt, data_flags, prompt_flags, is_main_process, model_flags, print_json,
                                    progress_for, resolve, stdout_console)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd rl ./toy-base --recipe recipes/rl/toy.yaml --out ./toy-rl   "
@@ -21,10 +21,17 @@ RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard an unfinish
 # Options every training command (rl, reheat) has
 TrainOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.",
                                            rich_help_panel="Output")]
-DataOpt = Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file (fields problem, answer). "
+                                                "Required for a checkpoint that is not a toy-world one.")]
 MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Training steps.")]
 LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")]
+
+
+def training_prompt_flags(prompt_template: str | None, chat_template: bool) -> dict:
+    """`--prompt-template` / `--chat-template` of rl and reheat: the training prompts and validation alike."""
+    return {**prompt_flags("data", prompt_template, chat_template),
+            **prompt_flags("validation", prompt_template, chat_template)}
 
 
 def run_training(run_fn, rec, checkpoint: str, json_out: bool, quiet: bool, resume: bool,
@@ -49,6 +56,7 @@ def rl(
     temperature: Annotated[Optional[float], typer.Option(help="Rollout temperature (> 1: rollout-level "
                                                                  "reheating).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion.")] = None,
+    prompt_template: TemplateOpt = None, chat_template: ChatOpt = False,
     seed: SeedOpt = None, resume: ResumeOpt = False, restart: RestartOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
@@ -65,7 +73,8 @@ def rl(
         "output.out": str(out), "output.overwrite": overwrite,
     }
     flags.update(data_flags(data, split="train"))
-    rec = resolve("rl", recipe, set_, flags)
+    flags.update(training_prompt_flags(prompt_template, chat_template))
+    rec = resolve("rl", recipe, set_, flags, checkpoint=checkpoint)
     from tsopsd_cli.runners.rl import run_rl
 
     report = run_training(run_rl, rec, checkpoint, json_out, quiet, resume, restart)
