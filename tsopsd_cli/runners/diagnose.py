@@ -72,14 +72,13 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
     by_prompt: dict[int, list] = {}
     for c in comps:
         by_prompt.setdefault(c.prompt_index, []).append(c)
-    answers = [[a for a in (extract_answer(c.text) for c in cs) if a is not None] for cs in by_prompt.values()]
+    answers = [[a for a in (extract_answer(c.text) for c in cs) if a] for cs in by_prompt.values()]
     summary = {
         "num_prompts": len(problems),
         "num_generations": params.num_generations,
         "temperature": params.temperature,
         "distinct_completions": _mean([len({c.text for c in cs}) for cs in by_prompt.values()]),
-        # "no answer" is not an answer: a prompt whose samples all lack one has 0 distinct answers
-        "distinct_answers": _mean([len(set(a)) for a in answers]),
+        "distinct_answers": distinct_answers([[c.text for c in cs] for cs in by_prompt.values()]),
         "answered": _mean([len(a) / len(cs) for a, cs in zip(answers, by_prompt.values())]),
         "mean_length": _mean([len(c.token_ids) for c in comps]),
         "truncation_rate": _mean([c.finish_reason == "length" for c in comps]),
@@ -91,6 +90,15 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
         summary["accuracy"] = _mean([g.correct for g in grades])
         summary["graded"] = len(grades)
     return seqs, summary, (marks if marks and all(m is not None for m in marks) else None), problems[0].prompt
+
+
+def distinct_answers(groups: list[list[str]]) -> float:
+    """Mean over prompts of the number of distinct final answers among its completions (texts). A completion
+    without a final answer adds none: "no answer" is not an answer, so a prompt whose samples all lack one
+    counts 0."""
+    from tsopsd_cli.tasks.grading import extract_answer
+
+    return _mean([len({a for a in (extract_answer(t) for t in texts) if a}) for texts in groups])
 
 
 def decision_split(entropy: torch.Tensor, seqs, marks: list[list[int]]) -> dict:

@@ -26,7 +26,7 @@ from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import EvalRecipe, recipe_to_yaml
 from tsopsd_cli.report import json_safe
 from tsopsd_cli.rundir import RunDir, run_key
-from tsopsd_cli.tasks.base import Problem, answer_text
+from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template
 from tsopsd_cli.tasks.benchmarks import load_benchmark, load_custom, template_text
 from tsopsd_cli.tasks.grading import Grader, normalize
 
@@ -146,6 +146,10 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
         timeouts = grader.timeouts
     report = summarize(recipe, checkpoint, fp, sets, rows, n)
     report["grader_timeouts"] = timeouts
+    # each benchmark's first prompt exactly as the model read it (template, and chat template when on)
+    report["first_prompts"] = {bench: (apply_chat_template(tokenizer, ps[0].prompt)
+                                       if ev.chat_template and bench != "toy" else ps[0].prompt)
+                               for bench, ps in sets.items() if ps}
     return report
 
 
