@@ -20,9 +20,8 @@ def load_problems(data, tokenizer=None, limit: int | None = None) -> list[Proble
         from tsopsd_cli.tasks import toy
 
         levels = tuple(sorted(set(data.levels)))
-        probs = [p.to_problem(i) for i, p in
-                 enumerate(toy.make_problems(data.split, data.num_prompts, data.seed, levels))]
-        return probs[:limit] if limit else probs
+        num = min(data.num_prompts, limit) if limit else data.num_prompts  # a draw of `limit` problems
+        return [p.to_problem(i) for i, p in enumerate(toy.make_problems(data.split, num, data.seed, levels))]
     if data.type == "benchmark":
         from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
 

@@ -417,12 +417,15 @@ def is_toy_tokenizer(tokenizer) -> bool:
 
 def is_toy_checkpoint(path) -> bool | None:
     """Whether the checkpoint at `path` speaks the toy world (its tokenizer.json holds exactly the toy vocabulary),
-    read from the file without loading the tokenizer; None when there is no tokenizer.json to tell (a missing
-    or unreadable checkpoint: the command's own checks report it)."""
+    read from the file without loading the tokenizer (a checkpoint with a config.json but no tokenizer.json is not
+    a toy one); None when it cannot tell (no checkpoint there, an unreadable file: the command's own checks
+    report it)."""
     import json
     from pathlib import Path
 
     file = Path(path) / "tokenizer.json"
+    if not file.is_file():  # the toy world always writes one; a checkpoint without it is another world's
+        return False if (Path(path) / "config.json").is_file() else None
     try:
         spec = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
