@@ -256,11 +256,6 @@ class EvalSection(Section):
                                   "<name>/test.jsonl or parquet); None: the Hugging Face hub via `datasets`.")
     limit: PositiveInt | None = Field(None, description="First N problems of each benchmark.")
     prompt_template: str = Field("boxed", description=TEMPLATE_HELP + " Toy prompts are always the toy format.")
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _template(cls, v: str) -> str:
-        return _check_template(v)
     chat_template: bool = Field(False, description="Wrap each prompt as one user turn of the tokenizer's chat "
                                 "template.")
     toy_num_problems: PositiveInt = Field(200, description="Toy test problems evaluated.")
@@ -278,6 +273,11 @@ class EvalSection(Section):
             return parse_names(v)
         except Exception as e:  # noqa: BLE001 - DataError -> validation message
             raise ValueError(str(e)) from None
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return _check_template(v)
 
 
 class EvalRecipe(Section):

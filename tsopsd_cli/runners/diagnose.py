@@ -52,6 +52,9 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
     from tsopsd_cli.tasks.grading import Grader, extract_answer
     from tsopsd_cli.tasks.toy import is_toy_tokenizer
 
+    from tsopsd_cli.tasks import source_name
+
+    progress.log(f"loading prompts: {source_name(recipe.data)} ({recipe.data.type})")
     problems = load_problems(recipe.data, loaded.tokenizer, limit=recipe.diagnose.num_prompts)
     if not problems:
         raise DataError("the prompt source gave no problems")
