@@ -283,3 +283,14 @@ def test_validation_chat_template_of_named_benchmarks(benchmark_dir):
     assert p.prompt.startswith("<|im_start|>user\n") and "\\boxed{}" in p.prompt
     plain = validation_sets(v.model_copy(update={"chat_template": False}), None, None)["math500"][0]
     assert plain.prompt.endswith("\\boxed{}.")
+
+
+def test_chat_rendering_gives_the_chat_templates_tokens():
+    from tsopsd_cli.engines import encode_prompts
+    from tsopsd_cli.tasks.base import apply_chat_template
+    from tests.qwen_ckpt import INSTRUCT_EOS, qwen_tokenizer
+
+    tok = qwen_tokenizer(INSTRUCT_EOS)
+    q = "What is $\\frac{1}{2}+\\frac{1}{3}$? Put your final answer in \\boxed{}."
+    text = apply_chat_template(tok, q)
+    assert tok(text)["input_ids"] == encode_prompts(tok, [q], chat_template=True)[0]
