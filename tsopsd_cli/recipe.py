@@ -743,7 +743,7 @@ def merge_trees(base: dict, top: dict) -> dict:
 
 
 # What a command does with a checkpoint that is not a toy-world one when no recipe or flag names a prompt source
-# (tasks.toy.is_toy_checkpoint decides): diagnose samples on MATH-500 with reasoning-length completions; rl and
+# (tasks.toy.is_toy_checkpoint decides): diagnose and eval sample MATH-500 with reasoning-length completions; rl and
 # reheat refuse (training on the toy world's arithmetic would be silently wrong, and no data set is a safe default).
 REAL_DIAGNOSE_DATA = {"type": "benchmark", "name": "math500", "limit": 64}
 REAL_MAX_NEW_TOKENS = 4096
@@ -768,6 +768,11 @@ def build_recipe(command: str, recipe_file: Path | None = None,
     user_keys = {k for k, _ in overrides} | {f"{sec}.{f}" for sec, body in tree.items() if isinstance(body, dict)
                                              for f in body}
     tree = merge_trees(command_defaults(cls), tree)
+    if world == "real" and command == "eval":
+        if not {"eval.benchmarks", "eval.data"} & user_keys:
+            set_path(tree, "eval.benchmarks", ["math500"])
+        if "rollout.max_new_tokens" not in user_keys:
+            set_path(tree, "rollout.max_new_tokens", REAL_MAX_NEW_TOKENS)
     if world == "real" and command == "diagnose":
         if not user_data:
             tree["data"] = dict(REAL_DIAGNOSE_DATA)

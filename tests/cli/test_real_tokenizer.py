@@ -294,3 +294,14 @@ def test_chat_rendering_gives_the_chat_templates_tokens():
     q = "What is $\\frac{1}{2}+\\frac{1}{3}$? Put your final answer in \\boxed{}."
     text = apply_chat_template(tok, q)
     assert tok(text)["input_ids"] == encode_prompts(tok, [q], chat_template=True)[0]
+
+
+def test_eval_defaults_to_math500_on_a_real_checkpoint(qwen3_base, benchmark_dir):
+    r = ok(run_cli("eval", str(qwen3_base), "--data-dir", str(benchmark_dir), "--limit", "1", "-n", "1",
+                   "--max-new-tokens", "3", "--json", "-q"))
+    assert list(r["benchmarks"]) == ["math500"]
+    from tsopsd_cli.recipe import REAL_MAX_NEW_TOKENS, build_recipe
+
+    assert build_recipe("eval", None, [], world="real").rollout.max_new_tokens == REAL_MAX_NEW_TOKENS
+    assert build_recipe("eval", None, [], world="toy").eval.benchmarks == ["toy"]
+    assert build_recipe("eval", None, [("eval.benchmarks", ["aime24"])], world="real").eval.benchmarks == ["aime24"]
