@@ -55,6 +55,8 @@ def diagnose(
     }
     if data is not None and (benchmark is not None or data_dir is not None):
         raise UsageError("give --data or --benchmark/--data-dir, not both")
+    if benchmark == "toy" and data_dir is None:
+        data, benchmark = "toy", None
     flags.update(data_flags(data))
     if benchmark is not None or data_dir is not None:
         flags.update({"data.type": "benchmark", "data.name": benchmark,
