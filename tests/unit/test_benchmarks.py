@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tsopsd_cli.errors import DataError
+from tsopsd_cli.tasks.base import render_template
 from tsopsd_cli.tasks.benchmarks import (PROMPT_TEMPLATES, load_benchmark, load_custom, parse_names,
                                          template_text)
 
@@ -38,7 +39,7 @@ def test_names_and_templates():
     assert template_text("Q: {question}\nA:") == "Q: {question}\nA:"
     with pytest.raises(DataError):
         template_text("nonsense")
-    assert "\\boxed{}" in PROMPT_TEMPLATES["boxed"].format(question="x")
+    assert "\\boxed{}" in render_template(PROMPT_TEMPLATES["boxed"], "x")
 
 
 def test_missing_local_copy_is_a_clear_error(tmp_path):

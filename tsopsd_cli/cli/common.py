@@ -40,17 +40,37 @@ RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard an unfinish
                                           rich_help_panel="Output")]
 TrainOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.",
                                            rich_help_panel="Output")]
-DataOpt = Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file.")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Prompts: 'toy' or a JSONL file (fields problem, answer). "
+                                                "Required for a checkpoint that is not a toy-world one.")]
 MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Training steps.")]
 LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of data order and sampling.")]
 
 
-def resolve(command: str, recipe_file: Path | None, sets: list[str] | None, flags: dict[str, Any]):
-    """Recipe from defaults < file < typed flags < --set. Flags left at None/False are not applied."""
+def resolve(command: str, recipe_file: Path | None, sets: list[str] | None, flags: dict[str, Any],
+            checkpoint: str | None = None):
+    """Recipe from defaults < file < typed flags < --set. Flags left at None/False are not applied. With
+    `checkpoint`, the defaults are those of its world (recipe.build_recipe: toy or real)."""
     overrides = [(k, v) for k, v in flags.items() if v is not None and v is not False]
     overrides += parse_set_options(sets or [])
-    return build_recipe(command, recipe_file, overrides)
+    world = None
+    if checkpoint is not None:
+        from tsopsd_cli.tasks.toy import is_toy_checkpoint
+
+        toy = is_toy_checkpoint(checkpoint)
+        world = None if toy is None else ("toy" if toy else "real")
+    return build_recipe(command, recipe_file, overrides, world=world)
+
+
+ChatOpt = Annotated[bool, typer.Option("--chat-template", help="Wrap each prompt as one user turn of the "
+                                       "tokenizer's chat template (instruct models).")]
+TemplateOpt = Annotated[Optional[str], typer.Option(help="Prompt template: boxed (default), qa-boxed, plain, or "
+                                                    "any text with {question} (used as written).")]
+
+
+def prompt_flags(section: str, prompt_template: str | None, chat_template: bool) -> dict[str, Any]:
+    """`--prompt-template` / `--chat-template` as overrides of `section` (data, validation or eval)."""
+    return {f"{section}.prompt_template": prompt_template, f"{section}.chat_template": chat_template or None}
 
 
 def model_flags(device, dtype, allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
@@ -111,6 +131,12 @@ def stdout_console():
 
 
 EXAMPLE = "[bold]Example:[/bold] "
+
+
+def training_prompt_flags(prompt_template: str | None, chat_template: bool) -> dict:
+    """`--prompt-template` / `--chat-template` of rl and reheat: the training prompts and validation alike."""
+    return {**prompt_flags("data", prompt_template, chat_template),
+            **prompt_flags("validation", prompt_template, chat_template)}
 
 
 def run_training(run_fn, rec, checkpoint: str, json_out: bool, quiet: bool, resume: bool,

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (emit, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
+from tsopsd_cli.errors import UsageError
+
+from tsopsd_cli.cli.common import (emit, ChatOpt, TemplateOpt, prompt_flags, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
                                    RemoteOpt, SetOpt, data_flags, model_flags, progress_for, resolve,
                                    stdout_console)
 
@@ -16,8 +18,16 @@ def diagnose(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory.")],
     texts: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, completion}: teacher-forced mode.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (same tokenizer).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Prompt source: 'toy' or a JSONL file.")] = None,
-    num_prompts: Annotated[Optional[int], typer.Option(help="Toy prompts to sample on.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Prompt source: 'toy' or a JSONL file (default: toy prompts "
+                                                      "for a toy checkpoint, else MATH-500).")] = None,
+    benchmark: Annotated[Optional[str], typer.Option("--benchmark", "-b", help="Sample on a named benchmark: "
+                         "math500 (default on non-toy checkpoints), aime24, aime25, amc23, gsm8k, minerva_math, "
+                         "olympiadbench.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local benchmark copies (<name>.jsonl); without it the "
+                                                          "benchmark comes from the hub (needs `datasets`).")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option(help="Sample on at most this many prompts of the source.")]
+    = None,
+    prompt_template: TemplateOpt = None, chat_template: ChatOpt = False,
     num_generations: Annotated[Optional[int], typer.Option(help="Completions per prompt.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion.")] = None,
@@ -43,10 +53,17 @@ def diagnose(
         **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out) if out else None, "output.overwrite": overwrite,
     }
+    if data is not None and (benchmark is not None or data_dir is not None):
+        raise UsageError("give --data or --benchmark/--data-dir, not both")
+    if benchmark == "toy" and data_dir is None:
+        data, benchmark = "toy", None
     flags.update(data_flags(data))
-    if num_prompts is not None:
-        flags["data.num_prompts"] = num_prompts
-    rec = resolve("diagnose", recipe, set_, flags)
+    if benchmark is not None or data_dir is not None:
+        flags.update({"data.type": "benchmark", "data.name": benchmark,
+                      "data.data_dir": str(data_dir) if data_dir else None})
+    flags["diagnose.num_prompts"] = num_prompts
+    flags.update(prompt_flags("data", prompt_template, chat_template))
+    rec = resolve("diagnose", recipe, set_, flags, checkpoint=checkpoint)
     from tsopsd_cli.runners.diagnose import run_diagnose
 
     report = run_diagnose(rec, checkpoint, progress_for(json_out, quiet))
@@ -92,5 +109,7 @@ def render(r: dict) -> None:
         if ref.get("cka"):
             t.add_row("CKA per layer (min / last)", f"{min(ref['cka']):.4f} / {ref['cka'][-1]:.4f}")
     con.print(t)
+    if r.get("first_prompt") is not None:
+        con.print(f"first prompt: {r['first_prompt']!r}", markup=False)
     if r.get("out"):
         con.print(f"report written to {r['out']}/report.json")

@@ -18,7 +18,8 @@ EVAL_EPILOG = ("[bold]Example:[/bold] tsopsd eval ./ckpt --benchmark aime24,math
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory.")],
     benchmark: Annotated[Optional[list[str]], typer.Option("--benchmark", "-b", help="toy, aime24, aime25, amc23, "
-                         "math500, gsm8k, minerva_math, olympiadbench (repeatable or comma-separated).")] = None,
+                         "math500, gsm8k, minerva_math, olympiadbench (repeatable or comma-separated). Default: toy "
+                         "on a toy checkpoint, else math500.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="A custom JSONL/parquet set.")] = None,
     question_field: Annotated[Optional[str], typer.Option(help="Question field of --data.")] = None,
     answer_field: Annotated[Optional[str], typer.Option(help="Answer field of --data.")] = None,
@@ -54,7 +55,7 @@ def evaluate(
         **model_flags(device, dtype, allow_pickle, trust_remote_code),
         "output.out": str(out) if out else None, "output.overwrite": overwrite,
     }
-    rec = resolve("eval", recipe, set_, flags)
+    rec = resolve("eval", recipe, set_, flags, checkpoint=checkpoint)
     from tsopsd_cli.runners.evaluate import run_eval
 
     report = run_eval(rec, checkpoint, progress_for(json_out, quiet), restart=restart)

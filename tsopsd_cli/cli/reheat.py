@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (DataOpt, DeviceOpt, DtypeOpt, JsonOpt, LrOpt, MaxStepsOpt, OverwriteOpt,
-                                   PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, RestartOpt, ResumeOpt, SeedOpt, SetOpt,
-                                   TrainOutOpt, data_flags, model_flags, resolve, run_training, stdout_console)
+from tsopsd_cli.cli.common import (ChatOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, LrOpt, MaxStepsOpt,
+                                   OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, RestartOpt, ResumeOpt,
+                                   SeedOpt, SetOpt, TemplateOpt, TrainOutOpt, data_flags, model_flags, resolve,
+                                   run_training, stdout_console, training_prompt_flags)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
           "(exact baseline: tsopsd reheat ./collapsed --method fold --temp 1.6 --out ./folded)")
@@ -25,6 +26,7 @@ def reheat(
     target_entropy: Annotated[Optional[float], typer.Option(help="Stop at this student entropy (nats).")] = None,
     target_entropy_ratio: Annotated[Optional[float], typer.Option(help="Stop at this fraction of the teacher's "
                                                                         "entropy.")] = None,
+    prompt_template: TemplateOpt = None, chat_template: ChatOpt = False,
     seed: SeedOpt = None, resume: ResumeOpt = False, restart: RestartOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
@@ -41,7 +43,8 @@ def reheat(
         "output.out": str(out), "output.overwrite": overwrite,
     }
     flags.update(data_flags(data, split="train"))
-    rec = resolve("reheat", recipe, set_, flags)
+    flags.update(training_prompt_flags(prompt_template, chat_template))
+    rec = resolve("reheat", recipe, set_, flags, checkpoint=checkpoint)
     from tsopsd_cli.runners.reheat import run_reheat
 
     report = run_training(run_reheat, rec, checkpoint, json_out, quiet, resume, restart)

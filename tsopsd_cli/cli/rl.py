@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli.cli.common import (DataOpt, DeviceOpt, DtypeOpt, JsonOpt, LrOpt, MaxStepsOpt, OverwriteOpt,
-                                   PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, RestartOpt, ResumeOpt, SeedOpt, SetOpt,
-                                   TrainOutOpt, data_flags, model_flags, resolve, run_training, stdout_console)
+from tsopsd_cli.cli.common import (ChatOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, LrOpt, MaxStepsOpt,
+                                   OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, RestartOpt, ResumeOpt,
+                                   SeedOpt, SetOpt, TemplateOpt, TrainOutOpt, data_flags, model_flags, resolve,
+                                   run_training, stdout_console, training_prompt_flags)
 
 EPILOG = ("[bold]Example:[/bold] tsopsd rl ./toy-base --recipe recipes/rl/toy.yaml --out ./toy-rl   "
           "(after pre-emption: the same command with --resume)")
@@ -21,6 +22,7 @@ def rl(
     temperature: Annotated[Optional[float], typer.Option(help="Rollout temperature (> 1: rollout-level "
                                                                  "reheating).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion.")] = None,
+    prompt_template: TemplateOpt = None, chat_template: ChatOpt = False,
     seed: SeedOpt = None, resume: ResumeOpt = False, restart: RestartOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False, recipe: RecipeOpt = None, set_: SetOpt = None,
@@ -37,7 +39,8 @@ def rl(
         "output.out": str(out), "output.overwrite": overwrite,
     }
     flags.update(data_flags(data, split="train"))
-    rec = resolve("rl", recipe, set_, flags)
+    flags.update(training_prompt_flags(prompt_template, chat_template))
+    rec = resolve("rl", recipe, set_, flags, checkpoint=checkpoint)
     from tsopsd_cli.runners.rl import run_rl
 
     report = run_training(run_rl, rec, checkpoint, json_out, quiet, resume, restart)

@@ -45,31 +45,44 @@ def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
 
 
 def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
-    """Rollouts from the checkpoint; returns sequences and the rollout summary (diversity, accuracy)."""
+    """Rollouts from the checkpoint; returns sequences, the rollout summary (diversity, accuracy), the toy world's
+    decision points (None on other checkpoints or prompt sources) and the first prompt as tokenized."""
     from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
     from tsopsd_cli.tasks import decision_positions, load_problems
     from tsopsd_cli.tasks.grading import Grader, extract_answer
+    from tsopsd_cli.tasks.toy import is_toy_tokenizer
 
-    problems = load_problems(recipe.data)
+    from tsopsd_cli.tasks import source_name
+
+    progress.log(f"loading prompts: {source_name(recipe.data)} ({recipe.data.type})")
+    problems = load_problems(recipe.data, loaded.tokenizer, limit=recipe.diagnose.num_prompts)
+    if not problems:
+        raise DataError("the prompt source gave no problems")
     params = sampling_params(recipe.rollout)
     engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size,
                          recipe.model.lean, checkpoint=loaded.path, model_section=recipe.model,
                          rollout=recipe.rollout)
+    progress.log(f"sampling {len(problems)} prompts x {params.num_generations} (up to {params.max_new_tokens} "
+                 f"new tokens each); first prompt: {problems[0].prompt[:200]!r}")
     with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
         comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
                                 progress=advance)
     kept = [c for c in comps if c.token_ids]
     seqs = [(c.prompt_ids, c.token_ids) for c in kept]
-    marks = [decision_positions(problems[c.prompt_index], c.token_ids) for c in kept]
+    # the decision points are the toy world's plan letter, read with its character tokenizer
+    marks = [decision_positions(problems[c.prompt_index], c.token_ids) for c in kept] \
+        if is_toy_tokenizer(loaded.tokenizer) else []
     by_prompt: dict[int, list] = {}
     for c in comps:
         by_prompt.setdefault(c.prompt_index, []).append(c)
+    answers = [[a for a in (extract_answer(c.text) for c in cs) if a] for cs in by_prompt.values()]
     summary = {
         "num_prompts": len(problems),
         "num_generations": params.num_generations,
         "temperature": params.temperature,
         "distinct_completions": _mean([len({c.text for c in cs}) for cs in by_prompt.values()]),
-        "distinct_answers": _mean([len({extract_answer(c.text) for c in cs}) for cs in by_prompt.values()]),
+        "distinct_answers": distinct_answers([[c.text for c in cs] for cs in by_prompt.values()]),
+        "answered": _mean([len(a) / len(cs) for a, cs in zip(answers, by_prompt.values())]),
         "mean_length": _mean([len(c.token_ids) for c in comps]),
         "truncation_rate": _mean([c.finish_reason == "length" for c in comps]),
     }
@@ -79,7 +92,16 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
             grades = grader.grade_many(graded)
         summary["accuracy"] = _mean([g.correct for g in grades])
         summary["graded"] = len(grades)
-    return seqs, summary, (marks if marks and all(m is not None for m in marks) else None)
+    return seqs, summary, (marks if marks and all(m is not None for m in marks) else None), problems[0].prompt
+
+
+def distinct_answers(groups: list[list[str]]) -> float:
+    """Mean over prompts of the number of distinct final answers among its completions (texts). A completion
+    without a final answer adds none: "no answer" is not an answer, so a prompt whose samples all lack one
+    counts 0."""
+    from tsopsd_cli.tasks.grading import extract_answer
+
+    return _mean([len({a for a in (extract_answer(t) for t in texts) if a}) for texts in groups])
 
 
 def decision_split(entropy: torch.Tensor, seqs, marks: list[list[int]]) -> dict:
@@ -104,12 +126,41 @@ def _mean(xs) -> float:
     return float(sum(xs)) / len(xs) if xs else float("nan")
 
 
+def shared_rows(model, ref_model) -> tuple[int, int, int]:
+    """(rows of the checkpoint's LM head, rows of the reference's, rows compared): two checkpoints of one
+    tokenizer may pad their vocabularies differently (Qwen: 151,936 or 152,064 rows for 151,669 ids); they are
+    compared over the rows both have, which cover every id of the tokenizer."""
+    a = decoder_and_head(model)[1].weight.shape[0]
+    b = decoder_and_head(ref_model)[1].weight.shape[0]
+    return a, b, min(a, b)
+
+
+def _first_rows(head, n: int):
+    return lambda h: head(h)[..., :n]  # [c, V] -> [c, n]
+
+
+def clip_to_rows(seqs, rows: int):
+    """Completions cut before the first token id >= `rows` (a padding row the other model lacks); returns the
+    kept sequences and the number of completion tokens dropped."""
+    out, dropped = [], 0
+    for p, c in seqs:
+        cut = next((i for i, t in enumerate(c) if t >= rows), len(c))
+        dropped += len(c) - cut
+        if cut:
+            out.append((p, c[:cut]))
+    return out, dropped
+
+
 def token_pass(seqs, model, pad_id: int, device, temperatures, topk, chunk_size: int, batch_size: int,
-               ref_model=None, progress: Progress = NULL):
+               ref_model=None, progress: Progress = NULL, rows: int | None = None):
     """Chunked statistics over all completion tokens of `seqs` [(prompt ids, completion ids)] under `model`
-    (against `ref_model` when given); returns (TokenStats, positions [N], LayerSimilarity or None)."""
+    (against `ref_model` when given); `rows`: use only the first `rows` logits of each head (shared_rows).
+    Returns (TokenStats, positions [N], LayerSimilarity or None)."""
     _, head = decoder_and_head(model)
     ref_head = decoder_and_head(ref_model)[1] if ref_model is not None else None
+    if rows is not None:
+        head = _first_rows(head, rows)
+        ref_head = _first_rows(ref_head, rows) if ref_head is not None else None
     layer_sim = LayerSimilarity() if ref_model is not None else None
     parts, positions = [], []
     with progress.task("statistics", total=len(seqs)) as advance, torch.no_grad():
@@ -181,32 +232,51 @@ def compare_models(model, reference, pad_id: int, device, seqs, temperatures: li
 def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = NULL) -> dict:
     out = recipe.output.out
     d = recipe.diagnose
-    check_out(out, recipe.output.overwrite, (checkpoint, d.reference, d.texts, getattr(recipe.data, "path", None)))
+    check_out(out, recipe.output.overwrite, (checkpoint, d.reference, d.texts, getattr(recipe.data, "path", None),
+                                             getattr(recipe.data, "data_dir", None)))
     started = time.time()
     if d.texts is None:
         from tsopsd_cli.engines import require
 
         require(recipe.rollout.engine)
+    progress.log(f"loading {checkpoint}")
     loaded = load_checkpoint(checkpoint, recipe.model)
-    ref = None
+    ref = rows = None
     if d.reference is not None:
+        progress.log(f"loading the reference {d.reference}")
         ref = load_checkpoint(d.reference, recipe.model)
         if not same_tokenizer(loaded.tokenizer, ref.tokenizer):
             raise CheckpointError(f"{d.reference}: the reference has a different tokenizer; "
                                   "token-level comparisons need the same vocabulary")
+        vocab_rows = shared_rows(loaded.model, ref.model)
+        if vocab_rows[0] != vocab_rows[1]:
+            rows = vocab_rows[2]
+            progress.log(f"the LM heads have {vocab_rows[0]} and {vocab_rows[1]} rows (the same tokenizer, padded "
+                         f"differently): every statistic is over the {rows} rows both have")
     check_head_matches(loaded.model, loaded.tokenizer)
-    rollout_summary = marks = None
+    rollout_summary = marks = first_prompt = None
     if d.texts is not None:
         seqs = texts_sequences(loaded.tokenizer, d.texts)
     else:
-        seqs, rollout_summary, marks = sample_sequences(recipe, loaded, progress)
+        seqs, rollout_summary, marks, first_prompt = sample_sequences(recipe, loaded, progress)
         if not seqs:
             raise DataError("every sampled completion was empty; nothing to measure")
+    dropped = 0
+    if rows is not None:
+        before = len(seqs)
+        seqs, dropped = clip_to_rows(seqs, rows)
+        if len(seqs) != before:
+            marks = None
+        if not seqs:
+            raise DataError(f"every completion starts with a token id >= {rows}, a row the reference lacks")
+    progress.log(f"statistics over {sum(len(c) for _, c in seqs)} completion tokens")
     st, positions, layer_sim = token_pass(seqs, loaded.model, loaded.tokenizer.pad_token_id, loaded.device,
                                           d.temperatures, d.topk, d.chunk_size, d.batch_size,
-                                          ref.model if ref else None, progress)
+                                          ref.model if ref else None, progress, rows)
     report = {"command": "diagnose", "checkpoint": str(checkpoint), "fingerprint": loaded.fingerprint,
               "mode": "texts" if d.texts is not None else "sampled", "num_sequences": len(seqs)}
+    if first_prompt is not None:
+        report["first_prompt"] = first_prompt
     report.update(summarize(st, positions, d.entropy_thresholds, d.top_entropy_fraction, d.histogram_bins))
     if marks is not None:  # the task marks decision points (the toy world): entropy there vs elsewhere
         report["decision_points"] = decision_split(st.entropy, seqs, marks)
@@ -215,6 +285,9 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
     if ref is not None:
         sim = layer_sim.result() if layer_sim.count else {"cka": [], "cosine": [], "cka_tokens": 0}
         report["reference"].update({"checkpoint": str(d.reference), "fingerprint": ref.fingerprint, **sim})
+        if rows is not None:
+            report["reference"]["vocab_rows"] = {"checkpoint": vocab_rows[0], "reference": vocab_rows[1],
+                                                 "compared": rows, "tokens_dropped": dropped}
     report["seconds"] = round(time.time() - started, 3)
     report["recipe"] = recipe.model_dump(mode="json")
     if out is not None:

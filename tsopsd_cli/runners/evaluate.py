@@ -26,7 +26,7 @@ from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import EvalRecipe, recipe_to_yaml
 from tsopsd_cli.report import json_safe
 from tsopsd_cli.rundir import RunDir, run_key
-from tsopsd_cli.tasks.base import Problem, answer_text
+from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template
 from tsopsd_cli.tasks.benchmarks import load_benchmark, load_custom, template_text
 from tsopsd_cli.tasks.grading import Grader, normalize
 
@@ -111,6 +111,12 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
             run.close()
 
 
+def prompt_text(tokenizer, problem: Problem, chat: bool) -> str:
+    """The text the model reads for `problem`: its rendered template, as one user turn of the chat template when
+    `chat` (tasks.base.apply_chat_template, the one chat rendering of every command)."""
+    return apply_chat_template(tokenizer, problem.prompt) if chat else problem.prompt
+
+
 def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run, progress) -> dict:
     params = sampling_params(recipe.rollout)
     n = params.num_generations
@@ -130,7 +136,8 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
                 signals.check("eval")
                 signals.fault_point("eval-chunk")
                 seeded = dataclasses.replace(params, seed=chunk_seed(params.seed, bench, chunk[0].id))
-                comps = engine.generate(encode_prompts(tokenizer, [p.prompt for p in todo], chat), seeded)
+                comps = engine.generate(encode_prompts(tokenizer, [prompt_text(tokenizer, p, chat) for p in todo]),
+                                        seeded)
                 grades = grader.grade_many([(c.text, todo[c.prompt_index].answer) for c in comps])
                 new = []
                 for c, g in zip(comps, grades):
@@ -146,6 +153,9 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
         timeouts = grader.timeouts
     report = summarize(recipe, checkpoint, fp, sets, rows, n)
     report["grader_timeouts"] = timeouts
+    # each benchmark's first prompt exactly as the model read it (template, and chat template when on)
+    report["first_prompts"] = {bench: prompt_text(tokenizer, ps[0], ev.chat_template and bench != "toy")
+                               for bench, ps in sets.items() if ps}
     return report
 
 

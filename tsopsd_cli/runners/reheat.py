@@ -137,11 +137,11 @@ class ReheatRunner(TrainingRun):
     def report_sequences(self) -> list:
         """Fixed rollouts of the input model on validation prompts: the same tokens before and after."""
         if not hasattr(self, "_report_seqs"):
-            from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
+            from tsopsd_cli.tasks import validation_sets
 
             v = self.r.validation
-            problems = load_benchmark(v.benchmarks[0], v.data_dir, template_text(v.prompt_template),
-                                      self.r.reheat.report_prompts, toy_num=self.r.reheat.report_prompts)
+            sets = validation_sets(v, self.r.data, self.tok, limit=self.r.reheat.report_prompts)
+            problems = next(iter(sets.values()))
             engine = self.hf_engine(self.input_model, v.batch_size)
             with self.pl.autocast():
                 comps = engine.generate(encode_prompts(self.tok, [p.prompt for p in problems]), SamplingParams(

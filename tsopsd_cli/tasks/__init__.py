@@ -1,4 +1,4 @@
-"""Prompt sources (toy world, JSONL files) and graders."""
+"""Prompt sources (toy world, named math benchmarks, JSONL files, hub data sets) and graders."""
 
 from __future__ import annotations
 
@@ -6,25 +6,37 @@ import json
 from pathlib import Path
 
 from tsopsd_cli.errors import DataError
-from tsopsd_cli.tasks.base import Problem, answer_text
+from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, render_template
 
 
-def load_problems(data) -> list[Problem]:
-    """Problems for a recipe's `data` section."""
+def load_problems(data, tokenizer=None, limit: int | None = None) -> list[Problem]:
+    """Problems for a recipe's `data` section, the first `limit` of them when given. `tokenizer`: the checkpoint's,
+    needed when the section's `chat_template` is on (each prompt becomes one user turn of its chat template)."""
+    chat = getattr(data, "chat_template", False)
+    if chat and tokenizer is None:
+        raise ValueError("load_problems: chat_template is on; pass the checkpoint's tokenizer")
+    chat_tok = tokenizer if chat else None
     if data.type == "toy":
         from tsopsd_cli.tasks import toy
 
         levels = tuple(sorted(set(data.levels)))
-        return [p.to_problem(i) for i, p in
-                enumerate(toy.make_problems(data.split, data.num_prompts, data.seed, levels))]
+        num = min(data.num_prompts, limit) if limit else data.num_prompts  # a draw of `limit` problems
+        return [p.to_problem(i) for i, p in enumerate(toy.make_problems(data.split, num, data.seed, levels))]
+    if data.type == "benchmark":
+        from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
+
+        n = min(x for x in (data.limit, limit) if x) if (data.limit or limit) else None
+        return load_benchmark(data.name, data.data_dir, template_text(data.prompt_template), n,
+                              chat_tokenizer=chat_tok)
     if data.type in ("jsonl", "hub"):
         from tsopsd_cli.tasks.benchmarks import template_text
 
         template = template_text(data.prompt_template)
         rows = read_jsonl(data.path) if data.type == "jsonl" else hub_rows(data)
         source = data.path if data.type == "jsonl" else data.name
-        if data.limit:
-            rows = rows[:data.limit]
+        for cap in (data.limit, limit):
+            if cap:
+                rows = rows[:cap]
         out = []
         for n, row in enumerate(rows, 1):
             if data.question_field not in row:
@@ -35,9 +47,42 @@ def load_problems(data) -> list[Problem]:
                     raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
                 answer = answer_text(row[data.answer_field])
             pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
-            out.append(Problem(id=pid, prompt=template.format(question=row[data.question_field]), answer=answer))
+            prompt = render_template(template, row[data.question_field])
+            if chat_tok is not None:
+                prompt = apply_chat_template(chat_tok, prompt)
+            out.append(Problem(id=pid, prompt=prompt, answer=answer))
         return out
     raise DataError(f"unknown data type {data.type!r}")
+
+
+def source_name(data) -> str:
+    """A short name of a prompt source (the key of its validation metrics): toy, the benchmark's name, or the
+    file's or data set's stem."""
+    import re
+
+    if data.type == "toy":
+        return "toy"
+    if data.type == "benchmark":
+        return data.name
+    raw = Path(data.path).stem if data.type == "jsonl" else data.name.rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw) or "data"
+
+
+def validation_sets(section, data, tokenizer, limit: int | None = None) -> dict[str, list[Problem]]:
+    """The problem sets a training run validates on (and reheat's before/after report samples from, with
+    `limit=reheat.report_prompts`, which replaces `section.limit`): `section.benchmarks` when the recipe names them; otherwise the run's own prompt
+    source `data` (toy data: the toy test problems, so that validation is on problems the run does not train on;
+    any other source: its first `section.limit` problems, with the same template and chat setting as training)."""
+    from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
+
+    n = limit or section.limit
+    if section.benchmarks is None and data.type != "toy":
+        return {source_name(data): load_problems(data, tokenizer, n)}
+    names = section.benchmarks if section.benchmarks is not None else ["toy"]
+    chat = tokenizer if getattr(section, "chat_template", False) else None
+    template = template_text(section.prompt_template)
+    return {name: load_benchmark(name, section.data_dir, template, n, toy_num=n or 200, toy_seed=0,
+                                 chat_tokenizer=chat) for name in names}
 
 
 def decision_positions(problem: Problem, token_ids: list[int]) -> list[int] | None:

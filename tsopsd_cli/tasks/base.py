@@ -15,6 +15,30 @@ def answer_text(value) -> str:
     return str(value).strip()
 
 
+def render_template(template: str, question: str) -> str:
+    """`template` with every `{question}` replaced by `question`; every other character, braces included, as
+    written (`'{question} Put your final answer in \\boxed{}.'`, `{answer}`, LaTeX). The one rendering of a prompt
+    template, for every command."""
+    return template.replace("{question}", str(question))
+
+
+def apply_chat_template(tokenizer, text: str) -> str:
+    """`text` as one user turn of the tokenizer's chat template followed by the generation prompt, as text whose
+    tokenization with the tokenizer's usual special tokens gives the template's tokens (a leading BOS the tokenizer
+    adds by itself is not written twice)."""
+    from tsopsd_cli.errors import DataError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat_template is on but this checkpoint's tokenizer has no chat template; turn it off "
+                        "(a base model: use a prompt template such as boxed or qa-boxed)")
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and out.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        out = out[len(bos):]
+    return out
+
+
 @dataclass(frozen=True)
 class Problem:
     id: str

@@ -10,17 +10,20 @@ from pathlib import Path
 from typing import Callable
 
 from tsopsd_cli.errors import DataError, MissingDependencyError
-from tsopsd_cli.tasks.base import Problem, answer_text
+from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, render_template
 from tsopsd_cli.tasks.grading import extract_boxed
 
+# Templates are plain text in which `{question}` is replaced (tasks.base.render_template); no other brace is special.
 PROMPT_TEMPLATES = {
     # Qwen2.5-Math / DeepSeek-R1 / DAPO style: the one most math-RL papers report with.
-    "boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{}.",
     # SimpleRL-Zoo / Open-Reasoner base-model style, for models without a chat template.
     "qa-boxed": "Question:\n{question}\nPlease reason step by step, and put your final answer within "
-                "\\boxed{{}}.\nAnswer:\n",
+                "\\boxed{}.\nAnswer:\n",
     "plain": "{question}",
 }
+# The template of every prompt source (eval, diagnose, rl/reheat data, validation) unless a recipe names another
+DEFAULT_TEMPLATE = "boxed"
 
 
 def _gold_gsm8k(value) -> str:
@@ -125,7 +128,9 @@ def _pick(row: dict, fields: tuple[str, ...]):
 
 
 def records_to_problems(name: str, rows: list[dict], question_fields, answer_fields, normalize_gold, id_fields,
-                        template: str, source: str) -> list[Problem]:
+                        template: str, source: str, chat_tokenizer=None) -> list[Problem]:
+    """Problems of benchmark records; the prompt is `template` rendered with the question and, with
+    `chat_tokenizer`, wrapped as one user turn of that tokenizer's chat template."""
     out = []
     for n, row in enumerate(rows):
         q = _pick(row, tuple(question_fields))
@@ -136,8 +141,11 @@ def records_to_problems(name: str, rows: list[dict], question_fields, answer_fie
         if gold is None or gold == "":
             raise DataError(f"{source}: record {n}: none of the answer fields {list(answer_fields)} present")
         pid = _pick(row, tuple(id_fields))
-        out.append(Problem(id=f"{name}-{pid if pid is not None else n}", prompt=template.format(question=q),
-                           answer=gold, meta={"question": q}))
+        prompt = render_template(template, q)
+        if chat_tokenizer is not None:
+            prompt = apply_chat_template(chat_tokenizer, prompt)
+        out.append(Problem(id=f"{name}-{pid if pid is not None else n}", prompt=prompt, answer=gold,
+                           meta={"question": q}))
     ids = [p.id for p in out]
     if len(set(ids)) != len(ids):  # ids must be unique for resuming; fall back to the record index
         out = [Problem(id=f"{name}-{n}", prompt=p.prompt, answer=p.answer, meta=p.meta) for n, p in enumerate(out)]
@@ -145,9 +153,9 @@ def records_to_problems(name: str, rows: list[dict], question_fields, answer_fie
 
 
 def load_benchmark(name: str, data_dir: Path | None, template: str, limit: int | None = None,
-                   toy_num: int = 200, toy_seed: int = 0) -> list[Problem]:
-    """Problems of a named benchmark. `template` is a format string with {question} (ignored by `toy`, whose
-    prompts are the toy model's native format)."""
+                   toy_num: int = 200, toy_seed: int = 0, chat_tokenizer=None) -> list[Problem]:
+    """Problems of a named benchmark. `template` is a text with {question} (ignored by `toy`, whose prompts are
+    the toy model's native format); `chat_tokenizer`: wrap each prompt in its chat template (not toy)."""
     if name == "toy":
         from tsopsd_cli.tasks import toy
 
@@ -160,7 +168,7 @@ def load_benchmark(name: str, data_dir: Path | None, template: str, limit: int |
                         f"{spec.local_names[0]}/test.jsonl) under {data_dir}")
     rows = read_records(local) if local else _hub_records(spec)
     problems = records_to_problems(name, rows, spec.question_fields, spec.answer_fields, spec.normalize_gold,
-                                   spec.id_fields, template, str(local or spec.hub_id))
+                                   spec.id_fields, template, str(local or spec.hub_id), chat_tokenizer)
     return problems[:limit] if limit else problems
 
 
@@ -174,11 +182,11 @@ def load_custom(path: Path, question_field: str, answer_field: str, template: st
 
 
 def template_text(name_or_text: str) -> str:
-    """A template name from PROMPT_TEMPLATES, or a literal format string containing {question}."""
+    """A template name from PROMPT_TEMPLATES, or a literal text containing {question} (used as written)."""
     text = PROMPT_TEMPLATES.get(name_or_text, name_or_text)
     if "{question}" not in text:
         raise DataError(f"prompt template {name_or_text!r} is neither a known name "
-                        f"({', '.join(PROMPT_TEMPLATES)}) nor a format string with {{question}}")
+                        f"({', '.join(PROMPT_TEMPLATES)}) nor a text with {{question}}")
     return text
 
 

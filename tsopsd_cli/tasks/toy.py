@@ -405,12 +405,48 @@ def decision_entropy_means(entropies, positions) -> tuple[float | None, float | 
 
 
 # ----------------------------------------------------------------------------------------- tokenizer/model
+def toy_vocab() -> dict[str, int]:
+    """The toy tokenizer's vocabulary (specials first, then CHARACTERS): what makes a checkpoint a toy-world one."""
+    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+
+
+def is_toy_tokenizer(tokenizer) -> bool:
+    """True for the toy world's character tokenizer (build_tokenizer), whatever its saved settings."""
+    return tokenizer.get_vocab() == toy_vocab()
+
+
+def is_toy_checkpoint(path) -> bool | None:
+    """Whether the checkpoint at `path` speaks the toy world (its tokenizer.json holds exactly the toy vocabulary),
+    read from the file without loading the tokenizer (a checkpoint with a config.json but no tokenizer.json is not
+    a toy one); None when it cannot tell (no checkpoint there, an unreadable file: the command's own checks
+    report it)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():  # the toy world always writes one; a checkpoint without it is another world's
+        return False if (Path(path) / "config.json").is_file() else None
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(vocab, dict):
+        return False  # BPE merges without a plain vocab, or another model type: not the toy tokenizer
+    vocab = dict(vocab)
+    for added in spec.get("added_tokens") or []:
+        if isinstance(added, dict) and "content" in added:
+            vocab[added["content"]] = added.get("id")
+    return vocab == toy_vocab()
+
+
 def build_tokenizer():
     """A character-level Hugging Face fast tokenizer covering printable ASCII and newline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    vocab = toy_vocab()
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()

@@ -32,6 +32,7 @@ import torch
 
 from tsopsd_cli import lean, parallel, signals
 from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
+                                   load_tokenizer,
                                    provenance, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import require as require_engine
@@ -155,7 +156,9 @@ class TrainingRun:
         if r.train.prompts_per_step % self.dist.world:
             raise RecipeError(f"train.prompts_per_step ({r.train.prompts_per_step}) must be divisible by the number "
                               f"of processes ({self.dist.world})")
-        problems = load_problems(r.data)  # data errors before anything is created
+        chat_tok = load_tokenizer(Path(self.checkpoint), r.model.trust_remote_code) \
+            if getattr(r.data, "chat_template", False) else None  # prompts in the checkpoint's chat template
+        problems = load_problems(r.data, chat_tok)  # data errors before anything is created
         self.source_fp = fingerprint(self.checkpoint)
         key = run_key(r, self.source_fp)
         self.run = RunDir(r.output.out, key=key, log_name="metrics.jsonl", resume=self.resume, restart=self.restart,
@@ -185,7 +188,7 @@ class TrainingRun:
         self.saved_step = -1
         self.pending_row: dict | None = None
         self.history: list[dict] = []
-        self.validator = Validator(r.validation, self.tok) if r.validation.enabled else None
+        self.validator = Validator(r.validation, self.tok, r.data) if r.validation.enabled else None
         ckpt = self.run.latest() if self.run.resumed else None
         if ckpt is not None:
             parallel.load_state(ckpt / MODEL_STATE, self.model, self.opt)
@@ -441,6 +444,7 @@ class TrainingRun:
         steps = [h for h in self.history if is_training_row(h)]
         report = {
             "command": self.command, "checkpoint": str(self.checkpoint), "source_fingerprint": self.source_fp,
+            "first_prompt": self.stream.problems[0].prompt if self.stream.problems else None,
             "steps": self.step, "processes": self.dist.world, "stop_reason": self.stop_reason or "max_steps",
             "validation": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None},
             "curves": {k: [h.get(k) for h in steps] for k in ["step", *[key for key, _ in self.plot_keys]]},

@@ -9,15 +9,19 @@ from typing import Callable
 
 from tsopsd_cli.core.metrics import benchmark_metrics
 from tsopsd_cli.engines import encode_prompts, sampling_params
-from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
+from tsopsd_cli.tasks import validation_sets
 from tsopsd_cli.tasks.grading import Grader, normalize
 
 
 class Validator:
-    def __init__(self, section, tokenizer, grader_timeout: float = 5.0):
-        template = template_text(section.prompt_template)
-        self.sets = {name: load_benchmark(name, section.data_dir, template, section.limit,
-                                          toy_num=section.limit or 200, toy_seed=0) for name in section.benchmarks}
+    def __init__(self, section, tokenizer, data=None, grader_timeout: float = 5.0):
+        """`section`: the recipe's `validation`; `data`: the run's prompt source, validated on when the section
+        names no benchmarks (tasks.validation_sets)."""
+        if data is None and section.benchmarks is None:
+            from tsopsd_cli.recipe import ToyData
+
+            data = ToyData()
+        self.sets = validation_sets(section, data, tokenizer)
         self.tokenizer = tokenizer
         self.section = section
         self.grader_timeout = grader_timeout
