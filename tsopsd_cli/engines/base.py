@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Protocol
 
 
@@ -51,11 +52,44 @@ class Completion:
 
 
 class Engine(Protocol):
+    """What every rollout engine implements (docs/engines.md, "Adding an engine"). Engines are built by
+    `tsopsd_cli.engines.open_engine` from their registration; nothing outside `tsopsd_cli.engines` asks which
+    engine it holds."""
+
     name: str
+    # True when the engine samples from the trainer's own parameters (hf): its log-probs are the trainer's, there
+    # is nothing to sync and no engine/trainer mismatch to measure.
+    samples_from_trainer_weights: bool
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
         """`params.num_generations` completions per prompt (token ids), ordered by (prompt_index, sample_index).
-        `progress(n)` is called as sequences finish."""
+        `progress(n)` is called as sequences finish. Takes back the engine's memory first if it was released."""
+        ...
+
+    def with_batch_size(self, batch_size: int) -> "Engine":
+        """The same engine sampling at most `batch_size` sequences at once (itself when it batches on its own)."""
+        ...
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, object]]) -> float | None:
+        """Load the trainer's (name, tensor) pairs into the engine; seconds taken, or None (without consuming the
+        iterator) when the engine samples from the trainer's weights."""
+        ...
+
+    def release(self) -> None:
+        """Give the accelerator memory the engine holds to the trainer (before training and before any gather)."""
+        ...
+
+    def acquire(self) -> None:
+        """Take the memory back before sampling (`generate` does it too)."""
+        ...
+
+    def own_logprobs(self, comps: list[Completion]) -> list[list[float]] | None:
+        """The engine's log-probs of the sampled tokens when they come from another forward than the trainer's
+        (to measure and correct the mismatch); None when they are the trainer's own."""
+        ...
+
+    def close(self) -> None:
+        """Free everything the engine holds; a new engine can start after it."""
         ...
 
 

@@ -52,9 +52,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 class HFEngine:
-    name = "hf"
+    """Samples from a transformers model in this process: the trainer's own weights, so there is nothing to
+    sync, no memory to release, and its log-probs are the trainer's."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True):
+    name = "hf"
+    needs_model = True
+    samples_from_trainer_weights = True
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True, sample_context=None):
         from tsopsd_cli import lean as lean_mod
 
         self.model = model
@@ -63,9 +68,50 @@ class HFEngine:
         self.device = next(model.parameters()).device
         # The plain-torch decode path (tsopsd_cli.lean) for architectures it reproduces exactly; else transformers.
         self.lean = lean and lean_mod.supports(model)
+        self.sample_context = sample_context  # () -> context manager entered around generate (FSDP gather, autocast)
+
+    @staticmethod
+    def check_installed() -> None:
+        """transformers is a core dependency: nothing to check."""
+
+    @classmethod
+    def from_recipe(cls, tokenizer, *, model=None, checkpoint=None, model_section=None, rollout=None,
+                    batch_size=None, sample_context=None, log=None) -> "HFEngine":
+        if model is None:
+            raise ValueError("the hf engine samples from a loaded model")
+        bs = batch_size or (rollout.batch_size if rollout is not None else 64)
+        lean = model_section.lean if model_section is not None else True
+        return cls(model, tokenizer, batch_size=bs, lean=lean, sample_context=sample_context)
+
+    def with_batch_size(self, batch_size: int) -> "HFEngine":
+        if batch_size == self.batch_size:
+            return self
+        return HFEngine(self.model, self.tokenizer, batch_size=batch_size, lean=self.lean,
+                        sample_context=self.sample_context)
+
+    def sync_weights(self, named_tensors) -> None:
+        return None  # samples from the trained parameters themselves; the iterator is not consumed (no gather)
+
+    def release(self) -> None:
+        pass
+
+    def acquire(self) -> None:
+        pass
+
+    def own_logprobs(self, comps) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+        if self.sample_context is None:
+            return self._generate(prompts, params, progress)
+        with self.sample_context():
+            return self._generate(prompts, params, progress)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
         prompt_ids = prompts
         jobs = [(i, j) for i in range(len(prompts)) for j in range(params.num_generations)]
         gen = torch.Generator(device=self.device).manual_seed(params.seed)

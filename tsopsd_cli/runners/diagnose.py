@@ -46,18 +46,20 @@ def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
 
 def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
     """Rollouts from the checkpoint; returns sequences and the rollout summary (diversity, accuracy)."""
-    from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
+    from tsopsd_cli.engines import encode_prompts, open_engine, sampling_params
     from tsopsd_cli.tasks import decision_positions, load_problems
     from tsopsd_cli.tasks.grading import Grader, extract_answer
 
     problems = load_problems(recipe.data)
     params = sampling_params(recipe.rollout)
-    engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size,
-                         recipe.model.lean, checkpoint=loaded.path, model_section=recipe.model,
-                         rollout=recipe.rollout)
-    with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
-        comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
-                                progress=advance)
+    engine = open_engine(recipe.rollout.engine, loaded.tokenizer, model=loaded.model, checkpoint=loaded.path,
+                         model_section=recipe.model, rollout=recipe.rollout)
+    try:
+        with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
+            comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
+                                    progress=advance)
+    finally:
+        engine.close()  # the scoring passes that follow use the transformers model
     kept = [c for c in comps if c.token_ids]
     seqs = [(c.prompt_ids, c.token_ids) for c in kept]
     marks = [decision_positions(problems[c.prompt_index], c.token_ids) for c in kept]

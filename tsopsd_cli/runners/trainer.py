@@ -20,6 +20,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,8 +35,8 @@ from tsopsd_cli import lean, parallel, signals
 from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
                                    provenance, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
+from tsopsd_cli.engines import open_engine
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.engines.hf import HFEngine
 from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
@@ -226,50 +227,46 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------------ rollout engine
     def rollout_engine(self):
-        """The policy's rollout engine, created once per run: hf samples from the trained model itself; vllm is a
-        colocated engine of this process whose weights `sync_engine` replaces in place after every step."""
+        """The policy's rollout engine, created once per run by the engine factory: one that samples from the
+        trained model itself (hf: under FSDP with the parameters gathered, in the compute dtype), or one that
+        loads the checkpoint and whose weights `sync_engine` replaces in place after every step."""
         ro = self.r.rollout
-        if ro.engine == "hf":
-            return self.hf_engine(self.model, ro.batch_size)
-        from tsopsd_cli.engines.vllm import VLLMEngine
-
-        engine = VLLMEngine(str(self.checkpoint), self.tok, ro.vllm, dtype=self.r.model.dtype, seed=ro.seed,
-                            trust_remote_code=self.r.model.trust_remote_code, log=self.progress.log)
-        self.progress.log(f"vLLM engine started in {engine.startup_seconds:.1f} s ({engine.dtype}; "
-                          + ("sleeps while the trainer trains)" if engine.can_sleep else "no sleep mode here)"))
+        engine = open_engine(ro.engine, self.tok, model=self.model, checkpoint=self.checkpoint,
+                             model_section=self.r.model, rollout=ro, sample_context=self._sampling_context,
+                             log=self.progress.log)
         if self.step > 0:  # resumed: the engine loaded the input checkpoint, the trainer holds step N's weights
             engine.sync_weights(parallel.full_tensors(self.model))
         return engine
 
-    def hf_engine(self, model, batch_size: int) -> HFEngine:
-        return HFEngine(model, self.tok, batch_size=batch_size, lean=self.r.model.lean)
+    @contextlib.contextmanager
+    def _sampling_context(self):
+        with parallel.gathered(self.model), self.pl.autocast():
+            yield
+
+    def hf_engine(self, model, batch_size: int):
+        """A plain transformers engine on `model` (no gather: the caller arranges the parameters)."""
+        return open_engine("hf", self.tok, model=model, model_section=self.r.model, batch_size=batch_size)
 
     def generate(self, engine, prompts, params):
-        """Sample: the hf engine on (the gathered parameters of) its model in the compute dtype, or the vllm
-        engine (woken up if asleep)."""
-        if engine.name != "hf":
-            return engine.generate(prompts, params)
-        with parallel.gathered(engine.model), self.pl.autocast():
-            return engine.generate(prompts, params)
+        """Sample with `engine` (it gathers, casts or wakes what it needs)."""
+        return engine.generate(prompts, params)
 
     def rollouts_done(self) -> None:
-        """Between sampling and training: a sleeping engine gives its memory to the trainer."""
-        if self.engine.name == "vllm" and self.engine.can_sleep:
-            self.engine.sleep()
+        """Between sampling and training: the engine gives its memory to the trainer."""
+        self.engine.release()
 
     def sync_engine(self) -> float | None:
-        """After the step's updates: stream the new weights into the vllm engine (one gathered tensor at a time);
-        the seconds it took, or None for the hf engine (it samples from the trained weights themselves)."""
-        if self.engine.name == "hf":
-            return None
+        """After the step's updates: stream the new weights into the engine (one gathered tensor at a time); the
+        seconds it took, or None for an engine that samples from the trained weights themselves."""
         t0 = time.perf_counter()
-        self.engine.sync_weights(parallel.full_tensors(self.model))
+        if self.engine.sync_weights(parallel.full_tensors(self.model)) is None:
+            return None
         return time.perf_counter() - t0
 
     def engine_logps(self, comps) -> list[list[float]] | None:
         """The engine's log-probs of the sampled tokens (at the rollout temperature), kept when they come from
         another engine than the trainer's own forward, to measure and correct the mismatch."""
-        return [c.logprobs for c in comps] if self.engine.name != "hf" else None
+        return self.engine.own_logprobs(comps)
 
     # ------------------------------------------------------------------------------------------ shared pieces
 
@@ -334,7 +331,7 @@ class TrainingRun:
         if self.validator is None:
             return None
         signals.fault_point("validation")
-        engine = self.engine if self.engine.name != "hf" else self.hf_engine(self.model, self.r.validation.batch_size)
+        engine = self.engine.with_batch_size(self.r.validation.batch_size)
         was = self.model.training
         self.model.eval()
         res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params), self.dist)
@@ -499,7 +496,7 @@ class TrainingRun:
         finally:
             try:
                 self.close()
-                if getattr(self, "engine", None) is not None and hasattr(self.engine, "close"):
+                if getattr(self, "engine", None) is not None:
                     self.engine.close()
                 if self.sink is not None:
                     self.sink.close()
