@@ -93,6 +93,47 @@ class Engine(Protocol):
         ...
 
 
+def end_token_ids(tokenizer, *configs) -> tuple[int, ...]:
+    """Every token id that ends a completion, in one place for every engine: the tokenizer's eos, then the
+    `eos_token_id` of each config given (the checkpoint's config.json and generation_config.json, as objects or
+    dicts; an int or a list), without repeats. A Qwen3 instruct checkpoint lists [<|im_end|>, <|endoftext|>]; a
+    base checkpoint read with an instruct tokenizer ends with <|endoftext|> although the tokenizer's eos is
+    <|im_end|>: both must stop a completion."""
+    ids: list[int] = []
+
+    def add(x) -> None:
+        if x is None:
+            return
+        if isinstance(x, (list, tuple, set)):
+            for y in x:
+                add(y)
+        elif int(x) not in ids:
+            ids.append(int(x))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    for c in configs:
+        if c is None:
+            continue
+        add(c.get("eos_token_id") if isinstance(c, dict) else getattr(c, "eos_token_id", None))
+    return tuple(ids)
+
+
+def checkpoint_end_token_ids(path, tokenizer) -> tuple[int, ...]:
+    """`end_token_ids` of a checkpoint directory: its tokenizer, config.json and generation_config.json."""
+    import json
+    from pathlib import Path
+
+    configs = []
+    for name in ("config.json", "generation_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                configs.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                pass  # an unreadable generation config names no end token; loading reports a bad config.json
+    return end_token_ids(tokenizer, *configs)
+
+
 def encode_prompts(tokenizer, texts: list[str], chat_template: bool = False) -> list[list[int]]:
     """Token ids of prompts: plain text with the tokenizer's usual special tokens (e.g. BOS), or with
     `chat_template` a single user turn followed by the generation prompt."""

@@ -12,7 +12,7 @@ import torch
 from tsopsd_cli import signals
 from tsopsd_cli.core.chunked import nucleus
 from tsopsd_cli.core.stats import entropy_from_logp
-from tsopsd_cli.engines.base import Completion, SamplingParams
+from tsopsd_cli.engines.base import Completion, SamplingParams, end_token_ids
 
 
 _M64 = 2**64
@@ -51,6 +51,13 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return nucleus(logits, top_p)
 
 
+def cut_at_stop(text: str, stops) -> str:
+    """`text` up to and including its earliest-ending stop string (as vLLM's `include_stop_str_in_output`): the
+    token that completed a stop string may carry characters after it."""
+    ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
+    return text[:min(ends)] if ends else text
+
+
 class HFEngine:
     """Samples from a transformers model in this process: the trainer's own weights, so there is nothing to
     sync, no memory to release, and its log-probs are the trainer's."""
@@ -69,6 +76,9 @@ class HFEngine:
         # The plain-torch decode path (tsopsd_cli.lean) for architectures it reproduces exactly; else transformers.
         self.lean = lean and lean_mod.supports(model)
         self.sample_context = sample_context  # () -> context manager entered around generate (FSDP gather, autocast)
+        # every end token the checkpoint names: tokenizer, config.json, generation_config.json (as loaded)
+        self.end_ids = end_token_ids(tokenizer, getattr(model, "config", None),
+                                     getattr(model, "generation_config", None))
 
     @staticmethod
     def check_installed() -> None:
@@ -138,7 +148,8 @@ class HFEngine:
         from transformers import DynamicCache
 
         tok, dev = self.tokenizer, self.device
-        pad, eos = tok.pad_token_id, tok.eos_token_id
+        pad = tok.pad_token_id
+        ends = torch.tensor(self.end_ids, dtype=torch.long, device=dev)
         bsz, width = len(ids), max(len(x) for x in ids)
         input_ids = torch.full((bsz, width), pad, dtype=torch.long)
         mask = torch.zeros((bsz, width), dtype=torch.long)
@@ -156,6 +167,7 @@ class HFEngine:
         # filler after the end may be the eos token itself (pad == eos is common).
         length = [steps] * bsz
         reason = ["length"] * bsz
+        by_string = [False] * bsz  # ended by a stop string (its text is cut after it)
         if self.lean:
             from tsopsd_cli.lean import LeanDecoder
 
@@ -183,12 +195,14 @@ class HFEngine:
             ents[rows, t] = entropy_from_logp(logp)
             n = t + 1
             live = ~done[rows]
-            ended = rows[live & (nxt == eos)].tolist()
-            if params.stop:
-                for r in rows[live & (nxt != eos)].tolist():
+            is_end = torch.isin(nxt, ends)
+            ended = rows[live & is_end].tolist()
+            if params.stop:  # decoded text of the last tokens: a stop string may straddle token boundaries
+                for r in rows[live & ~is_end].tolist():
                     tail = tok.decode(tokens[r, max(0, n - 16):n].tolist(), skip_special_tokens=True)
                     if any(s in tail for s in params.stop):
                         ended.append(r)
+                        by_string[r] = True
             for r in ended:
                 done[r] = True
                 length[r], reason[r] = n, "stop"
@@ -214,6 +228,8 @@ class HFEngine:
             n = min(length[r], tokens.shape[1])
             row = tokens[r, :n].tolist()
             text = tok.decode(row, skip_special_tokens=True)
+            if by_string[r]:
+                text = cut_at_stop(text, params.stop)
             result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=ids[r], token_ids=row,
                                      text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason[r],
                                      entropies=ents[r, :n].tolist()))

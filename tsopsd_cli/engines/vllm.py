@@ -11,9 +11,9 @@ hand tensors to the worker directly:
   vLLM's `processed_logprobs`: log softmax(logits / temperature) of the sampled token, equal to the hf engine's
   when top_k/top_p are off; with truncation on they are those of the truncated, renormalised distribution (the
   hf engine reports the untruncated one). vLLM does not return full distributions cheaply, so
-  `Completion.entropies` is None and the mean negative log-prob stands in as the entropy estimate. vLLM also
-  stops at the extra eos ids of the checkpoint's generation_config.json (finish_reason "stop"); the hf engine
-  stops at the tokenizer's eos only.
+  `Completion.entropies` is None and the mean negative log-prob stands in as the entropy estimate. Completions
+  stop at every end token the checkpoint names (`engines.base.checkpoint_end_token_ids`: tokenizer, config.json,
+  generation_config.json; passed as `stop_token_ids`), as in the hf engine.
 - `sync_weights(named_tensors)`: streams (Hugging Face name, tensor) pairs into the running model in place
   (the worker's `reload_weights(weights_iterator=...)`, vllm/v1/worker/gpu_model_runner.py; vLLM's layer-wise
   reload buffers each layer until all its tensors arrived, then re-runs the layer's weight processing, e.g. the
@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
-from tsopsd_cli.engines.base import Completion, SamplingParams
+from tsopsd_cli.engines.base import Completion, SamplingParams, checkpoint_end_token_ids
 from tsopsd_cli.errors import MissingDependencyError, TsopsdError
 
 _M64 = 2**64 - 1
@@ -390,6 +390,9 @@ class VLLMEngine:
         self.max_model_len = mc.max_model_len
         self.tied_embeddings = bool(getattr(mc.hf_text_config, "tie_word_embeddings", False))
         self.eos_token_id = tokenizer.eos_token_id
+        # every end token the checkpoint names (tokenizer, config.json, generation_config.json): passed to every
+        # request as stop_token_ids, so that the set does not depend on what vLLM reads from the configs itself
+        self.end_ids = checkpoint_end_token_ids(self.model_path, tokenizer)
         self._expected_names = _checkpoint_tensor_names(self.model_path)
         if self._expected_names is not None:
             self._expected_names = {n for n in self._expected_names if not n.endswith("rotary_emb.inv_freq")}
@@ -425,19 +428,21 @@ class VLLMEngine:
                 sps.append(VSP(n=1, temperature=params.temperature, top_p=params.top_p,
                                top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
                                stop=list(params.stop) or None, include_stop_str_in_output=True, seed=seed,
+                               stop_token_ids=None if ignore_eos else list(self.end_ids),
                                logprobs=0, flat_logprobs=True, skip_special_tokens=True, ignore_eos=ignore_eos))
                 inputs.append(tp)
                 jobs.append((i, j))
         outs = self._run(inputs, sps, progress)
-        eos = self.eos_token_id
+        ends = set(self.end_ids)
         result = []
         for (pi, si), out in zip(jobs, outs):
             c = out.outputs[0]
             ids = list(c.token_ids)
             if c.finish_reason not in ("stop", "length"):
                 raise TsopsdError(f"vLLM finished a completion with reason {c.finish_reason!r}")
-            if not ignore_eos and eos is not None and eos in ids[:-1]:
-                raise TsopsdError(f"vLLM returned tokens after the eos token ({eos}) in completion ({pi}, {si})")
+            if not ignore_eos and ends.intersection(ids[:-1]):
+                raise TsopsdError(f"vLLM returned tokens after an end token ({sorted(ends)}) in completion "
+                                  f"({pi}, {si})")
             lps = _token_logprobs(c.logprobs, ids, 0) if ids else []
             result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=list(prompts[pi]),
                                      token_ids=ids, text=c.text, logprobs=lps,
