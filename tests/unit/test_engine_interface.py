@@ -211,3 +211,24 @@ def test_the_hf_engine_samples_from_the_trainer_s_weights_and_syncs_nothing(tiny
     assert len(comps) == 2 and entered == [1]  # the sampling context (FSDP gather, autocast) was entered
     assert engine.own_logprobs(comps) is None
     engine.release(), engine.acquire(), engine.close()
+
+
+def test_the_weight_sync_guard_fires_after_consecutive_steps_above_the_dtype_s_limit(fake_vllm, tmp_path):
+    from tsopsd_cli.engines.vllm import MAX_LOGPROB_DIFF
+    from tsopsd_cli.errors import WeightSyncError
+
+    engine = make(tmp_path)  # bfloat16 (the fake's dtype): default limit 0.1, 3 consecutive steps
+    limit = MAX_LOGPROB_DIFF["bfloat16"]
+    for step, diff in enumerate([0.5, 0.5, 0.01, None, 0.5, 0.5], 1):  # a good step resets the count; None skips
+        engine.check_sync(diff, step)
+    with pytest.raises(WeightSyncError, match=rf"0\.5 > {limit:g} \(bfloat16\) for 3 consecutive steps") as e:
+        engine.check_sync(0.5, 7)
+    assert e.value.exit_code == 5 and "\n" not in str(e.value)
+    engine = make(tmp_path)
+    engine.options = SimpleNamespace(**{**vars(OPTIONS), "max_logprob_diff": 1e-3, "max_logprob_diff_steps": 1})
+    engine.check_sync(1e-3, 1)  # at the limit: fine
+    with pytest.raises(WeightSyncError):
+        engine.check_sync(float("nan"), 2)  # a non-finite mismatch counts as above
+    engine.options = SimpleNamespace(**{**vars(OPTIONS), "max_logprob_diff_steps": 0})  # off
+    for step in range(5):
+        engine.check_sync(1e9, step)

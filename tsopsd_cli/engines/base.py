@@ -88,6 +88,11 @@ class Engine(Protocol):
         (to measure and correct the mismatch); None when they are the trainer's own."""
         ...
 
+    def check_sync(self, logprob_diff: float | None, step: int) -> None:
+        """Given the step's `engine_logprob_diff` (a global mean: the same on every process), raise
+        WeightSyncError when the engine's weights evidently are not the trainer's (a no-op without a sync)."""
+        ...
+
     def close(self) -> None:
         """Free everything the engine holds; a new engine can start after it."""
         ...

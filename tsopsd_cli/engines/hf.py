@@ -111,6 +111,9 @@ class HFEngine:
     def own_logprobs(self, comps) -> None:
         return None
 
+    def check_sync(self, logprob_diff, step: int) -> None:
+        pass  # nothing is synced
+
     def close(self) -> None:
         pass
 

@@ -47,12 +47,18 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 from tsopsd_cli.engines.base import Completion, SamplingParams, checkpoint_end_token_ids
-from tsopsd_cli.errors import MissingDependencyError, TsopsdError
+from tsopsd_cli.errors import MissingDependencyError, TsopsdError, WeightSyncError
 
 _M64 = 2**64 - 1
 # Wrapper fragments that torch.compile / activation checkpointing / FSDP1 insert into parameter names.
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
+
+# The weight-sync guard's default limit on engine_logprob_diff (mean |log p_engine - log p_trainer| per token) by
+# the engine's dtype. A working sync measured 1.4e-7 in float32 on CPU (docs/engines.md); bf16 rounding of logits
+# of magnitude ~20 is ~0.06 per logit (8 mantissa bits), and the field reports mean mismatches of ~1e-2 in bf16.
+# A sync that loads nothing leaves the engine on old weights, and the mismatch then grows with every update.
+MAX_LOGPROB_DIFF = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.1}
 
 # The oldest vLLM with everything this engine calls (docs/engines.md; pyproject's `vllm` extra says the same).
 VLLM_FLOOR = "0.17.0"
@@ -292,6 +298,25 @@ class VLLMEngine:
     def own_logprobs(self, comps: list[Completion]) -> list[list[float]]:
         return [c.logprobs for c in comps]
 
+    def check_sync(self, logprob_diff: float | None, step: int) -> None:
+        """The weight-sync guard: WeightSyncError (exit 5) once `logprob_diff` was above the limit
+        (`rollout.vllm.max_logprob_diff`, default by dtype) for `max_logprob_diff_steps` consecutive steps.
+        Every process sees the same global mean, so all of them stop at the same step."""
+        steps = getattr(self.options, "max_logprob_diff_steps", 3)
+        if logprob_diff is None or not steps:
+            return
+        limit = getattr(self.options, "max_logprob_diff", None)
+        dtype = str(self.dtype).removeprefix("torch.")
+        limit = limit if limit is not None else MAX_LOGPROB_DIFF.get(dtype, MAX_LOGPROB_DIFF["bfloat16"])
+        import math
+
+        bad = not math.isfinite(logprob_diff) or logprob_diff > limit
+        self._over_limit = self._over_limit + 1 if bad else 0
+        if self._over_limit >= steps:
+            raise WeightSyncError(
+                f"weight sync failed: engine_logprob_diff {logprob_diff:.3g} > {limit:g} ({dtype}) for {steps} "
+                f"consecutive steps (up to step {step}): the vLLM engine is not sampling from the trained weights")
+
     def release(self) -> None:
         """Before training or any gather of the trainer's weights: sleep where vLLM can (GPU, sleep_mode on)."""
         if self.can_sleep:
@@ -334,6 +359,8 @@ class VLLMEngine:
         self._log = log or _default_log
         self._logged: set[str] = set()
         self.on_cpu = on_cpu
+        self.options = options
+        self._over_limit = 0  # consecutive steps above the weight-sync guard's limit
         self.last_sync_seconds: float | None = None
         self.syncs = 0
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -526,6 +553,12 @@ class VLLMEngine:
         `last_sync_seconds`). Asleep at level 1 or 2, the weights are woken first; the KV cache stays asleep
         until `wake()` or the next `generate`."""
         self._check_open()
+        if os.environ.get("TSOPSD_FAULT") == "SYNC_SKIP":  # testing aid: a sync that silently loads nothing
+            for _ in named_tensors:  # still consumed: under FSDP every process gathers in step
+                pass
+            self.syncs += 1
+            self.last_sync_seconds = 0.0
+            return 0.0
         if self._in_process_executor() is None:
             raise TsopsdError("sync_weights needs vLLM's worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "
                               "tensor_parallel_size 1)")

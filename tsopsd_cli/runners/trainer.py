@@ -37,7 +37,7 @@ from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, ins
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import open_engine
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError
+from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError, WeightSyncError
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import recipe_to_yaml
@@ -268,6 +268,16 @@ class TrainingRun:
         another engine than the trainer's own forward, to measure and correct the mismatch."""
         return self.engine.own_logprobs(comps)
 
+    def check_weight_sync(self, logprob_diff: float | None) -> None:
+        """The weight-sync guard (the engine decides; every process sees the same global mean): stop the run,
+        exit 5, keeping the last good checkpoint."""
+        try:
+            self.engine.check_sync(logprob_diff, self.step + 1)
+        except WeightSyncError as e:
+            kept = (f"the last good checkpoint (step {self.saved_step}) stays in {self.run.path}"
+                    if self.saved_step >= 0 else f"no checkpoint was saved yet ({self.run.path})")
+            raise WeightSyncError(f"{e}; {kept}") from None
+
     # ------------------------------------------------------------------------------------------ shared pieces
 
     def next_seed(self) -> int:
@@ -403,6 +413,7 @@ class TrainingRun:
                     signals.fault_point("rollout")
                     t0 = time.perf_counter()
                     metrics = self.train_step()
+                    self.check_weight_sync(metrics.get("engine_logprob_diff"))
                     signals.fault_point("step")
                     cursor = None  # the update is done: the current state is the consistent one
                     synced = self.sync_engine()
