@@ -473,8 +473,8 @@ class TrainingRun:
 
     def finish(self) -> dict:
         signals.fault_point("finish")
-        self.engine.release()  # the report and the final write gather whole models: the engine sleeps first
         report = self.report()
+        self.engine.release()  # the final write gathers the whole model: the engine sleeps first
         metrics = {"steps": self.step, "val_accuracy_last": (report["validation"]["last"] or {}).get("val_accuracy"),
                    **{k: v for k, v in report.items() if k in ("entropy", "reward")}}
         prov = provenance(self.command, self.r, self.checkpoint, self.source_fp, metrics, self.started)
