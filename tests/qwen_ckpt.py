@@ -85,3 +85,65 @@ def make_qwen_checkpoint(path: Path, *, arch: str = "qwen3", eos: str = BASE_EOS
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def make_writer_checkpoint(path: Path, text_tokens: list[int], *, loop_to: int = 0, tokenizer_eos: str = INSTRUCT_EOS,
+                           config_eos: list[str] | None = None, generation_eos: list[str] | None = None,
+                           hidden_size: int = 64, dtype: str = "float32") -> Path:
+    """A Qwen3 checkpoint with the real tokenizer that writes `text_tokens` (token ids, all distinct) after any
+    prompt whose last token is not one of them, and after the last one goes on from `text_tokens[loop_to]`.
+
+    How: every attention o_proj and MLP down_proj is zero, so the final hidden state is the (normalised) embedding
+    of the current token alone. Token i of the text has embedding e_i (a basis vector), every other token e_D
+    (D = hidden_size - 1); the untied LM head's row of the token that follows token i is 10·e_i, and that of the
+    first text token 10·e_D. The chosen next token then has logit 10·sqrt(hidden_size) = 80 at hidden 64 and every
+    other token 0: it is sampled with probability 1 - 151,935·e^-80 at temperature 1.
+
+    `config_eos` / `generation_eos`: the end tokens config.json / generation_config.json name (None: config.json
+    names none and no generation_config.json is written). The tokenizer's eos is `tokenizer_eos`."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n = len(text_tokens)
+    if len(set(text_tokens)) != n:
+        raise ValueError("a writer checkpoint's text tokens must be distinct (each one selects its successor)")
+    if n >= hidden_size:
+        raise ValueError(f"{n} text tokens need hidden_size > {n}")
+    tok = qwen_tokenizer(tokenizer_eos)
+    ids = lambda names: [tok.convert_tokens_to_ids(t) for t in names]  # noqa: E731
+    cfg_eos = ids(config_eos) if config_eos else None
+    cfg = model_config("qwen3", hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, head_dim=32, intermediate_size=64, tie_word_embeddings=False,
+                       eos_token_id=(cfg_eos[0] if len(cfg_eos) == 1 else cfg_eos) if cfg_eos else None,
+                       pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    default = hidden_size - 1
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = torch.zeros_like(model.model.embed_tokens.weight)  # [V, H]
+        head = torch.zeros_like(model.lm_head.weight)  # [V, H]
+        emb[:, default] = 1.0
+        head[text_tokens[0], default] = 10.0
+        for i, t in enumerate(text_tokens):
+            emb[t] = 0.0
+            emb[t, i] = 1.0
+            head[text_tokens[i + 1] if i + 1 < n else text_tokens[loop_to], i] = 10.0
+        model.model.embed_tokens.weight.copy_(emb)
+        model.lm_head.weight.copy_(head)
+    model = model.to(getattr(torch, dtype))
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    gen = path / "generation_config.json"
+    if generation_eos:
+        e = ids(generation_eos)
+        gen.write_text(json.dumps({"eos_token_id": e if len(e) > 1 else e[0], "pad_token_id": tok.pad_token_id}))
+    elif gen.exists():
+        gen.unlink()
+    return path

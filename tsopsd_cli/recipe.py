@@ -145,13 +145,20 @@ class VLLMOptions(Section):
                              "sleep mode; not available on CPU, where this is ignored).")
     sleep_level: Literal[1, 2] = Field(2, description="1: keep the engine's weights in CPU memory while asleep; "
                                        "2: discard them (training syncs new weights before every wake anyway).")
+    max_logprob_diff: float | None = Field(None, gt=0, description="Weight-sync guard (rl, reheat): the run stops "
+                                           "(exit 5) when engine_logprob_diff, the mean |log p_engine - log "
+                                           "p_trainer| of the step's tokens, is above this for "
+                                           "max_logprob_diff_steps consecutive steps. None: by the engine's dtype "
+                                           "(float32 0.01, float16 0.05, bfloat16 0.1).")
+    max_logprob_diff_steps: int = Field(3, ge=0, description="Consecutive steps above max_logprob_diff that stop "
+                                        "the run; 0 turns the guard off.")
 
 
 class RolloutSection(Section):
     """Sampling of completions (the engines)."""
 
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers on CPU or GPU (batched, KV "
-                                          "cache); vllm: the optional vLLM engine.")
+    engine: str = Field("hf", description="hf: transformers on CPU or GPU (batched, KV cache); vllm: the optional "
+                        "vLLM engine (any engine registered in tsopsd_cli.engines).")
     vllm: VLLMOptions = VLLMOptions()
     num_generations: PositiveInt = Field(4, description="Completions sampled per prompt.")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
@@ -161,6 +168,15 @@ class RolloutSection(Section):
     batch_size: PositiveInt = Field(64, description="Sequences per generation call.")
     stop: list[str] = Field([], description="Strings that end a completion (kept in the text).")
     seed: int = Field(0, description="Sampling seed.")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from tsopsd_cli.engines import names
+
+        if v not in names():
+            raise ValueError(f"unknown engine {v!r}; one of: {', '.join(names())}")
+        return v
 
 
 class OutputSection(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Protocol
 
 
@@ -51,12 +52,91 @@ class Completion:
 
 
 class Engine(Protocol):
+    """What every rollout engine implements (docs/engines.md, "Adding an engine"). Engines are built by
+    `tsopsd_cli.engines.open_engine` from their registration; nothing outside `tsopsd_cli.engines` asks which
+    engine it holds."""
+
     name: str
+    # True when the engine samples from the trainer's own parameters (hf): its log-probs are the trainer's, there
+    # is nothing to sync and no engine/trainer mismatch to measure.
+    samples_from_trainer_weights: bool
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
         """`params.num_generations` completions per prompt (token ids), ordered by (prompt_index, sample_index).
-        `progress(n)` is called as sequences finish."""
+        `progress(n)` is called as sequences finish. Takes back the engine's memory first if it was released."""
         ...
+
+    def with_batch_size(self, batch_size: int) -> "Engine":
+        """The same engine sampling at most `batch_size` sequences at once (itself when it batches on its own)."""
+        ...
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, object]]) -> float | None:
+        """Load the trainer's (name, tensor) pairs into the engine; seconds taken, or None (without consuming the
+        iterator) when the engine samples from the trainer's weights."""
+        ...
+
+    def release(self) -> None:
+        """Give the accelerator memory the engine holds to the trainer (before training and before any gather)."""
+        ...
+
+    def acquire(self) -> None:
+        """Take the memory back before sampling (`generate` does it too)."""
+        ...
+
+    def own_logprobs(self, comps: list[Completion]) -> list[list[float]] | None:
+        """The engine's log-probs of the sampled tokens when they come from another forward than the trainer's
+        (to measure and correct the mismatch); None when they are the trainer's own."""
+        ...
+
+    def check_sync(self, logprob_diff: float | None, step: int) -> None:
+        """Given the step's `engine_logprob_diff` (a global mean: the same on every process), raise
+        WeightSyncError when the engine's weights evidently are not the trainer's (a no-op without a sync)."""
+        ...
+
+    def close(self) -> None:
+        """Free everything the engine holds; a new engine can start after it."""
+        ...
+
+
+def end_token_ids(tokenizer, *configs) -> tuple[int, ...]:
+    """Every token id that ends a completion, in one place for every engine: the tokenizer's eos, then the
+    `eos_token_id` of each config given (the checkpoint's config.json and generation_config.json, as objects or
+    dicts; an int or a list), without repeats. A Qwen3 instruct checkpoint lists [<|im_end|>, <|endoftext|>]; a
+    base checkpoint read with an instruct tokenizer ends with <|endoftext|> although the tokenizer's eos is
+    <|im_end|>: both must stop a completion."""
+    ids: list[int] = []
+
+    def add(x) -> None:
+        if x is None:
+            return
+        if isinstance(x, (list, tuple, set)):
+            for y in x:
+                add(y)
+        elif int(x) not in ids:
+            ids.append(int(x))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    for c in configs:
+        if c is None:
+            continue
+        add(c.get("eos_token_id") if isinstance(c, dict) else getattr(c, "eos_token_id", None))
+    return tuple(ids)
+
+
+def checkpoint_end_token_ids(path, tokenizer) -> tuple[int, ...]:
+    """`end_token_ids` of a checkpoint directory: its tokenizer, config.json and generation_config.json."""
+    import json
+    from pathlib import Path
+
+    configs = []
+    for name in ("config.json", "generation_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                configs.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                pass  # an unreadable generation config names no end token; loading reports a bad config.json
+    return end_token_ids(tokenizer, *configs)
 
 
 def encode_prompts(tokenizer, texts: list[str], chat_template: bool = False) -> list[list[int]]:

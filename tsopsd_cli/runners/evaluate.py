@@ -16,10 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from tsopsd_cli import signals
+from tsopsd_cli import engines, signals
 from tsopsd_cli.checkpoint import check_out, fingerprint, inspect_checkpoint, load_checkpoint, load_tokenizer
 from tsopsd_cli.core.metrics import benchmark_metrics
-from tsopsd_cli.engines import encode_prompts, make_engine, sampling_params
+from tsopsd_cli.engines import encode_prompts, sampling_params
 from tsopsd_cli.engines import require as require_engine
 from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
@@ -46,13 +46,15 @@ def plan(recipe: EvalRecipe) -> dict[str, list[Problem]]:
 
 
 def open_engine(recipe: EvalRecipe, checkpoint: str):
-    """(engine, tokenizer); vLLM loads the weights itself, hf through transformers."""
+    """(engine, tokenizer): an engine that samples from a transformers model gets one loaded here; the others
+    load the weights themselves."""
     m, ro = recipe.model, recipe.rollout
-    if ro.engine == "vllm":
-        tok = load_tokenizer(Path(checkpoint), m.trust_remote_code)
-        return make_engine("vllm", None, tok, checkpoint=checkpoint, model_section=m, rollout=ro), tok
-    ld = load_checkpoint(checkpoint, m)
-    return make_engine("hf", ld.model, ld.tokenizer, ro.batch_size, m.lean), ld.tokenizer
+    if engines.engine_class(ro.engine).needs_model:
+        ld = load_checkpoint(checkpoint, m)
+        model, tok = ld.model, ld.tokenizer
+    else:
+        model, tok = None, load_tokenizer(Path(checkpoint), m.trust_remote_code)
+    return engines.open_engine(ro.engine, tok, model=model, checkpoint=checkpoint, model_section=m, rollout=ro), tok
 
 
 def chunk_seed(seed: int, benchmark: str, first_id: str) -> int:
@@ -91,8 +93,7 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
         try:
             report = _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run, progress)
         finally:
-            if hasattr(engine, "close"):
-                engine.close()
+            engine.close()
         report["seconds"] = round(time.time() - started, 3)
         if run is not None:
             (run.path / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")

@@ -208,13 +208,13 @@ class RLRunner(TrainingRun):
             flat_all = [v for part in self.dist.gather_objects(all_rewards) for grp in part for v in grp]
             batch_std = float(torch.tensor(flat_all, dtype=torch.float64).std()) if len(flat_all) > 1 else 0.0
         adv = grpo.group_advantages(rewards, g.scale_rewards, batch_std=batch_std) if groups else rewards
-        other_engine = self.engine.name != "hf"
         for gi, grp in enumerate(groups):
+            own = self.engine_logps(grp.completions)  # None when the engine samples from the trainer's weights
             for ci, c in enumerate(grp.completions):
                 batch.seqs.append((c.prompt_ids, c.token_ids))
                 batch.advantages.append(float(adv[gi, ci]))
                 batch.loss_mask.append(not (g.mask_truncated and c.finish_reason == "length"))
-                batch.engine_logps.append(c.logprobs if other_engine else None)
+                batch.engine_logps.append(own[ci] if own is not None else None)
         comps = [c for grp in groups for c in grp.completions]
         # the engine's exact per-token entropies (hf); vLLM gives none: there the negative log-prob of the sampled
         # token, whose mean estimates the entropy without bias (noisier)
@@ -348,7 +348,7 @@ class RLRunner(TrainingRun):
                 grad_norms.append(self.optimizer_step())
         tokens = self.dist.sum(acc["tokens"]) or 1.0
         diff_sum, diff_n = self.dist.sum(diff_sum + acc["engine_diff"]), self.dist.sum(diff_n + acc["engine_tokens"])
-        other_engine = self.engine.name != "hf"
+        other_engine = not self.engine.samples_from_trainer_weights
         return {
             "engine_logprob_diff": diff_sum / diff_n if other_engine and diff_n else None,
             "tis_capped_fraction": self.dist.sum(acc["tis_capped"]) / tokens if g.tis_cap and other_engine else None,

@@ -20,6 +20,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,9 +36,9 @@ from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, ins
                                    load_tokenizer,
                                    provenance, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
+from tsopsd_cli.engines import open_engine
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.engines.hf import HFEngine
-from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError
+from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError, WeightSyncError
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import recipe_to_yaml
@@ -229,50 +230,56 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------------ rollout engine
     def rollout_engine(self):
-        """The policy's rollout engine, created once per run: hf samples from the trained model itself; vllm is a
-        colocated engine of this process whose weights `sync_engine` replaces in place after every step."""
+        """The policy's rollout engine, created once per run by the engine factory: one that samples from the
+        trained model itself (hf: under FSDP with the parameters gathered, in the compute dtype), or one that
+        loads the checkpoint and whose weights `sync_engine` replaces in place after every step."""
         ro = self.r.rollout
-        if ro.engine == "hf":
-            return self.hf_engine(self.model, ro.batch_size)
-        from tsopsd_cli.engines.vllm import VLLMEngine
-
-        engine = VLLMEngine(str(self.checkpoint), self.tok, ro.vllm, dtype=self.r.model.dtype, seed=ro.seed,
-                            trust_remote_code=self.r.model.trust_remote_code, log=self.progress.log)
-        self.progress.log(f"vLLM engine started in {engine.startup_seconds:.1f} s ({engine.dtype}; "
-                          + ("sleeps while the trainer trains)" if engine.can_sleep else "no sleep mode here)"))
+        engine = open_engine(ro.engine, self.tok, model=self.model, checkpoint=self.checkpoint,
+                             model_section=self.r.model, rollout=ro, sample_context=self._sampling_context,
+                             log=self.progress.log)
         if self.step > 0:  # resumed: the engine loaded the input checkpoint, the trainer holds step N's weights
             engine.sync_weights(parallel.full_tensors(self.model))
         return engine
 
-    def hf_engine(self, model, batch_size: int) -> HFEngine:
-        return HFEngine(model, self.tok, batch_size=batch_size, lean=self.r.model.lean)
+    @contextlib.contextmanager
+    def _sampling_context(self):
+        with parallel.gathered(self.model), self.pl.autocast():
+            yield
+
+    def hf_engine(self, model, batch_size: int):
+        """A plain transformers engine on `model` (no gather: the caller arranges the parameters)."""
+        return open_engine("hf", self.tok, model=model, model_section=self.r.model, batch_size=batch_size)
 
     def generate(self, engine, prompts, params):
-        """Sample: the hf engine on (the gathered parameters of) its model in the compute dtype, or the vllm
-        engine (woken up if asleep)."""
-        if engine.name != "hf":
-            return engine.generate(prompts, params)
-        with parallel.gathered(engine.model), self.pl.autocast():
-            return engine.generate(prompts, params)
+        """Sample with `engine` (it gathers, casts or wakes what it needs)."""
+        return engine.generate(prompts, params)
 
     def rollouts_done(self) -> None:
-        """Between sampling and training: a sleeping engine gives its memory to the trainer."""
-        if self.engine.name == "vllm" and self.engine.can_sleep:
-            self.engine.sleep()
+        """Between sampling and training: the engine gives its memory to the trainer."""
+        self.engine.release()
 
     def sync_engine(self) -> float | None:
-        """After the step's updates: stream the new weights into the vllm engine (one gathered tensor at a time);
-        the seconds it took, or None for the hf engine (it samples from the trained weights themselves)."""
-        if self.engine.name == "hf":
-            return None
+        """After the step's updates: stream the new weights into the engine (one gathered tensor at a time); the
+        seconds it took, or None for an engine that samples from the trained weights themselves."""
         t0 = time.perf_counter()
-        self.engine.sync_weights(parallel.full_tensors(self.model))
+        if self.engine.sync_weights(parallel.full_tensors(self.model)) is None:
+            return None
         return time.perf_counter() - t0
 
     def engine_logps(self, comps) -> list[list[float]] | None:
         """The engine's log-probs of the sampled tokens (at the rollout temperature), kept when they come from
         another engine than the trainer's own forward, to measure and correct the mismatch."""
-        return [c.logprobs for c in comps] if self.engine.name != "hf" else None
+        return self.engine.own_logprobs(comps)
+
+    def check_weight_sync(self, logprob_diff: float | None) -> None:
+        """The weight-sync guard (the engine decides; every process sees the same global mean): stop the run,
+        exit 5, keeping the last good checkpoint."""
+        try:
+            self.engine.check_sync(logprob_diff, self.step + 1)
+        except WeightSyncError as e:
+            kept = (f"the last good checkpoint (step {self.saved_step}) stays in {self.run.path}"
+                    if self.saved_step >= 0 else f"no checkpoint was saved yet ({self.run.path})")
+            raise WeightSyncError(f"{e}; {kept}") from None
 
     # ------------------------------------------------------------------------------------------ shared pieces
 
@@ -329,6 +336,11 @@ class TrainingRun:
         norm = parallel.clip_grad_norm(self.model, self.r.optim.max_grad_norm, self.pl, self.dist)
         O.check_finite("gradient norm", norm, self.step + 1)
         self.opt.step()
+        # Free the gradients now rather than at the next zero_grad: otherwise they stay allocated through the
+        # weight sync and the next rollout, where a waking vLLM engine needs the memory back. Their size is kept
+        # for the report (what a step holds).
+        self.grad_bytes = parallel.local_bytes(self.model)["gradient_bytes"]
+        self.opt.zero_grad(set_to_none=True)
         before, self.wnorm = self.wnorm, parallel.weight_norm(self.model, self.pl, self.dist)
         O.check_weights(before, self.wnorm, self.r.optim.max_weight_norm_change, self.step + 1)
         return norm
@@ -337,7 +349,7 @@ class TrainingRun:
         if self.validator is None:
             return None
         signals.fault_point("validation")
-        engine = self.engine if self.engine.name != "hf" else self.hf_engine(self.model, self.r.validation.batch_size)
+        engine = self.engine.with_batch_size(self.r.validation.batch_size)
         was = self.model.training
         self.model.eval()
         res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params), self.dist)
@@ -404,6 +416,7 @@ class TrainingRun:
                     signals.fault_point("rollout")
                     t0 = time.perf_counter()
                     metrics = self.train_step()
+                    self.check_weight_sync(metrics.get("engine_logprob_diff"))
                     signals.fault_point("step")
                     cursor = None  # the update is done: the current state is the consistent one
                     synced = self.sync_engine()
@@ -451,7 +464,7 @@ class TrainingRun:
             "val_curves": {"step": [h["step"] for h in vals], "val_accuracy": [h["val_accuracy"] for h in vals],
                            "val_entropy": [h["val_entropy"] for h in vals]},
             "parallel": {**self.pl.describe(), "per_rank": self.dist.gather_objects(
-                parallel.local_bytes(self.model, self.opt))},
+                {**parallel.local_bytes(self.model, self.opt), "gradient_bytes": getattr(self, "grad_bytes", 0)})},
         }
         report.update(self.report_extra())
         report["seconds"] = round(time.time() - self.started, 3)
@@ -465,6 +478,7 @@ class TrainingRun:
     def finish(self) -> dict:
         signals.fault_point("finish")
         report = self.report()
+        self.engine.release()  # the final write gathers the whole model: the engine sleeps first
         metrics = {"steps": self.step, "val_accuracy_last": (report["validation"]["last"] or {}).get("val_accuracy"),
                    **{k: v for k, v in report.items() if k in ("entropy", "reward")}}
         prov = provenance(self.command, self.r, self.checkpoint, self.source_fp, metrics, self.started)
@@ -503,7 +517,7 @@ class TrainingRun:
         finally:
             try:
                 self.close()
-                if getattr(self, "engine", None) is not None and hasattr(self.engine, "close"):
+                if getattr(self, "engine", None) is not None:
                     self.engine.close()
                 if self.sink is not None:
                     self.sink.close()
