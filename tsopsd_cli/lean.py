@@ -215,17 +215,27 @@ def causal_attention(q, k, v, scale: float, gqa: bool):
     kernels skip the blocks above the diagonal and never form [B, H, T, T] scores. On CPU that is the flash kernel
     (grouped-query heads taken as they are). On CUDA only the fused kernels are allowed (flash, memory-efficient,
     cuDNN): the math kernel would materialise the scores (about 25 GB at 8k tokens), so a shape none of them
-    takes fails loudly instead of silently. Flash takes grouped heads in 16-bit dtypes; otherwise (float32, the
-    memory-efficient kernel) the key/value heads are expanded: linear memory, [B, H, T, d]."""
+    takes fails loudly instead of silently. Grouped heads go in as they are in 16-bit dtypes (flash takes them);
+    where no fused kernel takes them (float32: the memory-efficient kernel) the key/value heads are expanded:
+    linear memory, [B, H, T, d]."""
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if gqa and q.dtype not in (torch.float16, torch.bfloat16):
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    if gqa and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            with sdpa_kernel(fused):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:  # no fused kernel takes grouped heads at this shape/card: expand them below
+            pass
+    if gqa:
         rep = q.shape[1] // k.shape[1]
-        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    with sdpa_kernel(fused):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpoint_layers: bool = False,
