@@ -20,9 +20,10 @@ Random-initialised weights (nothing is downloaded), vocabulary 151,936, one CUDA
   the lean forward through the FSDP modules, chunked forward-KL loss) on a one-process group, next to the same
   step on plain bf16 weights (`plain`): tokens/s, peak memory, and the model-state bytes each holds;
 - `long`: the lean training forward + backward at long completions (`--long-completion`, default 8192 tokens;
-  2 sequences sharing a prompt, activation checkpointing): peak memory and tokens/s — the completion attention
-  takes an explicit mask, and on CUDA only the fused SDPA kernels are allowed, so a [B, heads, C, P + C] score
-  tensor is never formed (it would be ~25 GB here).
+  2 sequences sharing a prompt, activation checkpointing): peak memory and tokens/s — each prompt and its
+  completions go through one causal SDPA call with no mask tensor (tsopsd_cli.lean.causal_attention: on CUDA only
+  the fused kernels, which skip the blocks above the diagonal), so neither a [B, 1, C, P + C] mask nor a
+  [B, heads, C, P + C] score tensor is formed (the scores would be ~25 GB here).
 TFLOP/s counts model FLOPs only (2 x params x tokens per forward, x3 for forward + backward, attention and LM head
 included, recomputation not counted). Peak memory is the CUDA allocator's peak during the step above the memory
 held before it (weights, gradients and optimiser state are allocated by a warm-up step first).

@@ -210,21 +210,32 @@ class LeanDecoder(LeanModel):
         return self._forward(next_ids[:, None], self.position, start, mask)
 
 
-def masked_attention(q, k, v, mask, scale: float, gqa: bool):
-    """Attention of the completion queries q [B, H, C, d] over keys/values [B, KV, P + C, d] with an explicit
-    mask [B, 1, C, P + C]. On CUDA only the fused kernels are allowed (memory-efficient, flash, cuDNN): the math
-    kernel would materialise [B, H, C, P + C] scores (about 25 GB at 8k-token completions), so a shape none of the
-    fused kernels takes fails loudly instead of silently. Key/value heads are expanded for that call, since not
-    every fused kernel takes grouped-query attention together with a mask."""
+def causal_attention(q, k, v, scale: float, gqa: bool):
+    """Causal attention, q [B, H, T, d] over k, v [B, KV, T, d] -> [B, H, T, d], with no mask tensor: the fused
+    kernels skip the blocks above the diagonal and never form [B, H, T, T] scores. On CPU that is the flash kernel
+    (grouped-query heads taken as they are). On CUDA only the fused kernels are allowed (flash, memory-efficient,
+    cuDNN): the math kernel would materialise the scores (about 25 GB at 8k tokens), so a shape none of them
+    takes fails loudly instead of silently. Grouped heads go in as they are in 16-bit dtypes (flash takes them);
+    where no fused kernel takes them (float32: the memory-efficient kernel) the key/value heads are expanded:
+    linear memory, [B, H, T, d]."""
     if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    if gqa and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            with sdpa_kernel(fused):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:  # no fused kernel takes grouped heads at this shape/card: expand them below
+            pass
     if gqa:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
+    with sdpa_kernel(fused):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpoint_layers: bool = False,
@@ -232,14 +243,19 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     """seqs: [(prompt ids, completion ids)] -> final-normed hidden states [N, D] at the positions that predict
     the completion tokens, in `modeling.pack` order (sequence by sequence, token by token).
 
-    Distinct prompts run as one right-padded batch [U, P] (causal attention; padding sits after every valid
-    position, so no mask is needed). Completions minus their last token run at positions len(prompt) + j,
-    attending to their prompt's keys/values (padding masked) and causally to their own. Their per-token work
-    (norms, projections, MLP: most of the arithmetic) runs on the Nc real tokens only, [1, Nc, D]; queries, keys
-    and values are laid out as [B, C] rows just for attention. The first completion token is predicted from the
-    prompt's last position, the others from the completion part. With `checkpoint_layers`, each layer's
-    activations are recomputed in the backward pass. `layer_hook(i, fn, xp, xc)`, when given, runs layer i's
-    computation `fn(i, xp, xc)` (tsopsd_cli.parallel.layer_hook routes it through an FSDP layer module)."""
+    Distinct prompts run as one right-padded batch [U, P] for the per-token work; completions minus their last
+    token run at positions len(prompt) + j, and their per-token work (norms, projections, MLP: most of the
+    arithmetic) runs on the Nc real tokens only, [1, Nc, D]. Attention needs no mask tensor: for each distinct
+    prompt u (length p_u) with G completions (the longest C_u fed tokens), the rows [prompt u, completion g]
+    ([G, heads, p_u + C_u, d]) go through one causal attention call. A completion query then sees exactly its
+    prompt and its own earlier tokens; the zero keys that pad a shorter completion sit after its last real token,
+    where causality hides them; the prompt's own output is read from the first row (the other rows repeat its
+    queries, G * p_u^2 / 2 extra scores, small beside the completions'). Memory is linear in the length: no
+    [B, 1, T, T] mask, no [B, H, T, T] scores (the fused kernels skip the blocks above the diagonal).
+    The first completion token is predicted from the prompt's last position, the others from the completion part.
+    With `checkpoint_layers`, each layer's activations are recomputed in the backward pass. `layer_hook(i, fn,
+    xp, xc)`, when given, runs layer i's computation `fn(i, xp, xc)` (tsopsd_cli.parallel.layer_hook routes it
+    through an FSDP layer module)."""
     from torch.utils.checkpoint import checkpoint
 
     lm = LeanModel(model)
@@ -263,24 +279,24 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     seq = torch.repeat_interleave(torch.arange(B, device=dev), c_len)  # [N]
     j = torch.cat([torch.arange(int(n), device=dev) for n in c_len.tolist()]) if B else seq
     first = j == 0
+    # per distinct prompt: (its length, the rows of its completions that feed tokens, their longest fed part)
+    groups = []
+    for u, p in enumerate(prompts):
+        rows = [b for b in range(B) if owner_list[b] == u and len(seqs[b][1]) > 1]
+        c_u = max((len(seqs[b][1]) - 1 for b in rows), default=0)
+        groups.append((len(p), torch.tensor(rows, dtype=torch.long, device=dev), c_u))
 
     xp = lm.embed(p_ids.to(dev))  # [U, P, D]
     cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
-    xc = cos_c = sin_c = mask = slots = None
+    xc = cos_c = sin_c = slots = None
     if C > 0:
         fed = [t for _, c in seqs for t in c[:-1]]
-        # slot of each fed token in the [B, C] attention layout (row b, column j - 1), in sequence order
+        # slot of each fed token in the [B, C] row layout (row b, column j - 1), in sequence order
         row, col = seq[~first], j[~first] - 1
         slots = row * C + col  # [Nc]
         xc = lm.embed(torch.tensor(fed, dtype=torch.long, device=dev))[None]  # [1, Nc, D]
         start = p_len[owner]  # [B]
         cos_c, sin_c = lm.rotary(xc, (start[row] + col)[None])
-        prompt_keys = torch.arange(P, device=dev)[None, :] < start[:, None]  # [B, P]
-        causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
-        mask = torch.cat([prompt_keys[:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)[:, None]
-        if dev.type == "cuda":  # additive, in the compute dtype, broadcast over heads: [B, 1, C, P + C]
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else xc.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, float("-inf"))
     gqa = lm.n_kv != lm.n_heads
 
     def to_rows(t: torch.Tensor) -> torch.Tensor:
@@ -289,16 +305,30 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         flat = t[0].transpose(0, 1)  # [Nc, h, d]
         return flat.new_zeros(B * C, h, d).index_copy(0, slots, flat).view(B, C, h, d).transpose(1, 2)
 
+    def attend(qp, kp, vp, qc, kc, vc):
+        """prompt q/k/v [U, h, P, d], completion q/k/v [B, h, C, d] -> outputs [U, H, P, d] and [B, H, C, d]"""
+        out_p, out_c, c_rows = [], [], []
+        for u, (n, rows, c_u) in enumerate(groups):
+            if c_u == 0:  # no completion of this prompt feeds a token: the prompt alone
+                o = causal_attention(qp[u:u + 1, :, :n], kp[u:u + 1, :, :n], vp[u:u + 1, :, :n], lm.scaling, gqa)
+            else:
+                G = rows.numel()
+                q, k, v = (torch.cat([tp[u:u + 1, :, :n].expand(G, -1, -1, -1), tc.index_select(0, rows)[:, :, :c_u]],
+                                     2) for tp, tc in ((qp, qc), (kp, kc), (vp, vc)))  # [G, h, n + c_u, d]
+                o = causal_attention(q, k, v, lm.scaling, gqa)
+                out_c.append(F.pad(o[:, :, n:], (0, 0, 0, C - c_u)))  # [G, H, C, d]
+                c_rows.append(rows)
+            out_p.append(F.pad(o[0, :, :n], (0, 0, 0, P - n)))  # padded prompt positions: zeros (never read)
+        # rows without a fed token stay zeros (no slot reads them)
+        out_c = qc.new_zeros(qc.shape).index_copy(0, torch.cat(c_rows), torch.cat(out_c))
+        return torch.stack(out_p), out_c
+
     def layer(i: int, xp: torch.Tensor, xc: torch.Tensor | None):
         w = lm.weights(i)
         qp, kp, vp = lm.qkv(w, xp, cos_p, sin_p)
-        out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=lm.scaling, enable_gqa=gqa)
         if xc is None:
-            return lm.finish(w, xp, out_p), None
-        qc, kc, vc = (to_rows(t) for t in lm.qkv(w, xc, cos_c, sin_c))
-        keys = torch.cat([kp.index_select(0, owner), kc], 2)  # [B, KV, P + C, d]
-        values = torch.cat([vp.index_select(0, owner), vc], 2)
-        out_c = masked_attention(qc, keys, values, mask, lm.scaling, gqa)
+            return lm.finish(w, xp, causal_attention(qp, kp, vp, lm.scaling, gqa)), None
+        out_p, out_c = attend(qp, kp, vp, *(to_rows(t) for t in lm.qkv(w, xc, cos_c, sin_c)))
         out_c = out_c.transpose(1, 2).reshape(B * C, lm.n_heads, -1).index_select(0, slots)  # [Nc, H, d]
         return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c.transpose(0, 1)[None])
 

@@ -52,3 +52,27 @@ def test_memory_benchmarks_run_on_a_tiny_shape(script):
     out = run(script, "--vocab", "1000", "--tokens", "64", "--seqs", "2", "--hidden", "32", smoke=False)
     result = json.loads(out.strip().splitlines()[-1])
     assert result.get("same_loss", result.get("same_statistics")) is True  # both arms compute the same numbers
+
+
+@pytest.mark.slow
+def test_real_shape_vs_trl_smoke():
+    """The real-vocabulary comparison runs end to end (narrow model, real tokenizer and vocabulary, MATH-500
+    prompts); without TRL its rows are skipped with a note and their ratios are 'na'."""
+    import importlib.util
+
+    out = run("real_shape_vs_trl.py")
+    last = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split())
+    assert list(last) == ["reheat_time", "reheat_mem", "rl_time", "fwdbwd_2k", "mem_8k_over_2k"]
+    assert float(last["fwdbwd_2k"]) > 0 and float(last["mem_8k_over_2k"]) > 0
+    assert "reheat-tsopsd time split" in out and "rl-tsopsd time split" in out and "optimiser" in out
+    if importlib.util.find_spec("trl") is None:
+        assert "TRL is not installed" in out and last["rl_time"] == last["reheat_time"] == "na"
+    else:
+        assert float(last["rl_time"]) > 0 and float(last["reheat_mem"]) > 0
+
+
+def test_real_shape_length_reward_has_variance():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from real_shape_vs_trl import length_reward
+
+    assert length_reward(["a", "ab", "abc", "abcd"]) == [1 / 3, 2 / 3, 1.0, 0.0]

@@ -158,3 +158,102 @@ def test_training_forward_follows_model_lean(tiny_ckpt, tmp_path):
         run.close()
     assert calls[0] == pytest.approx(calls[1], rel=1e-4, abs=1e-7)
     torch.testing.assert_close(params[0], params[1], atol=1e-7, rtol=1e-5)
+
+
+def _gqa_model(n_kv: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=n_kv, head_dim=16, intermediate_size=96,
+                                         max_position_embeddings=512, pad_token_id=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval().double()
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])  # multi-query, grouped-query, plain multi-head
+@pytest.mark.parametrize("lengths", [
+    ((3,), (2, 2)),  # one prompt, two short completions
+    ((1, 17, 6), (40, 1, 33, 2, 41, 5, 9)),  # a one-token prompt; completions as long as and longer than prompts
+    ((64, 5), (150, 3, 120, 150)),  # prompts padded by 59 positions; completions of several lengths per prompt
+])
+def test_shared_prefix_forward_float64_lengths_and_head_groupings(n_kv, lengths):
+    """float64: the lean forward equals transformers' at several prompt/completion lengths, with the prompts'
+    right padding, several completions per prompt, and 1, 2 or 4 key/value heads for 4 query heads."""
+    model = _gqa_model(n_kv)
+    g = torch.Generator().manual_seed(n_kv)
+    prompts = [torch.randint(1, 101, (n,), generator=g).tolist() for n in lengths[0]]
+    seqs = [(prompts[k % len(prompts)], torch.randint(0, 101, (n,), generator=g).tolist())
+            for k, n in enumerate(lengths[1])]
+    want = completion_hidden(model, pack(seqs, 0, "cpu"))[0]
+    got = shared_prefix_hidden(model, seqs)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    for a, b in zip(_grads(model, got), _grads(model, want), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any aten op returns (forward and backward kernels alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("checkpoint_layers", [False, True])
+def test_shared_prefix_forward_forms_no_length_squared_tensor(checkpoint_layers):
+    """Two 3,000-token completions sharing a prompt: a mask [B, 1, C, P + C] would hold 18 M elements, scores
+    [B, H, C, P + C] 72 M; every tensor of the forward and backward (attention included: the fused kernel) stays
+    below C^2 / 8 = 1.1 M — memory linear in the length."""
+    model = _model("qwen3")  # 4 query heads, 2 key/value heads
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(1, 101, (20,), generator=g).tolist()
+    C = 3000
+    seqs = [(prompt, torch.randint(1, 101, (C,), generator=g).tolist()) for _ in range(2)]
+    with _LargestTensor() as seen:
+        h = shared_prefix_hidden(model, seqs, checkpoint_layers=checkpoint_layers)
+        h.square().mean().backward()
+    assert h.shape == (2 * C, 64)
+    assert seen.numel < C * C // 8, (seen.numel, seen.op)
+
+
+def test_shared_prefix_forward_through_fsdp_layer_hook(tmp_path):
+    """The FSDP path (one-process gloo group, FSDP2 on every layer and the root, layer_hook routing each layer
+    through its module): the same values and gradients as the plain model."""
+    import copy
+
+    from tsopsd_cli import parallel
+
+    model = _gqa_model(2)
+    plain = copy.deepcopy(model)
+    seqs = _seqs(torch.Generator().manual_seed(6))
+    want = shared_prefix_hidden(plain, seqs)
+    want_grads = _grads(plain, want)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        pl = parallel.Placement(strategy="fsdp", device=torch.device("cpu"), master_dtype=torch.float64,
+                                compute_dtype=torch.float64, frozen_sharded=True, world=1)
+        sharded = parallel.prepare(model, pl, trainable=True)
+        assert parallel.layer_hook(sharded) is not None
+        got = parallel.call(sharded, lambda m: shared_prefix_hidden(m, seqs, checkpoint_layers=True,
+                                                                    layer_hook=parallel.layer_hook(m)), sharded)
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+        weights = torch.linspace(-1, 1, got.numel(), dtype=got.dtype).view_as(got)
+        (got * weights).sum().backward()
+        names = [n for n, p in plain.model.named_parameters() if p.requires_grad]
+        grads = dict(sharded.model.named_parameters())
+        for name, b in zip(names, want_grads, strict=True):
+            a = grads[name].grad.full_tensor()
+            torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+    finally:
+        torch.distributed.destroy_process_group()
