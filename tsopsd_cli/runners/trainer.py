@@ -217,8 +217,10 @@ class TrainingRun:
 
     def load(self, path, trainable: bool):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
-        shards for the trained model, model.dtype for frozen ones)."""
-        ld = load_checkpoint(path, self.r.model, dtype=checkpoint_dtype(path), device="cpu")
+        shards for the trained model, model.dtype for frozen ones). A model sharded over several processes is read
+        by the main process alone; the others build it empty and receive their shards (parallel.prepare)."""
+        weights = self.dist.main or not parallel.shards_from_rank0(self.pl, trainable)
+        ld = load_checkpoint(path, self.r.model, dtype=checkpoint_dtype(path), device="cpu", weights=weights)
         return parallel.prepare(ld.model, self.pl, trainable), ld.tokenizer
 
     def frozen(self, path):
