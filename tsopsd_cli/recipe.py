@@ -110,6 +110,12 @@ class VLLMOptions(Section):
                              "sleep mode; not available on CPU, where this is ignored).")
     sleep_level: Literal[1, 2] = Field(2, description="1: keep the engine's weights in CPU memory while asleep; "
                                        "2: discard them (training syncs new weights before every wake anyway).")
+    max_num_batched_tokens: PositiveInt | None = Field(None, description="Tokens vLLM schedules per forward; it "
+                                                       "profiles its activations at this size (None: vLLM's default, "
+                                                       "16384 on an 80 GB GPU). Smaller leaves more KV cache.")
+    max_num_seqs: PositiveInt | None = Field(None, description="Sequences vLLM runs at once; its sampler profiles "
+                                             "[max_num_seqs, vocab] float32 buffers (None: vLLM's default, 1024 on "
+                                             "an 80 GB GPU).")
 
 
 class RolloutSection(Section):

@@ -235,6 +235,9 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = getattr(options, "gpu_memory_utilization", 0.85)
         if self.can_sleep:
             kwargs["enable_sleep_mode"] = True
+        for key in ("max_num_batched_tokens", "max_num_seqs"):
+            if getattr(options, key, None):
+                kwargs[key] = int(getattr(options, key))
         mml = max_model_len or getattr(options, "max_model_len", None)
         if mml:
             kwargs["max_model_len"] = int(mml)
