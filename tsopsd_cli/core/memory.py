@@ -354,10 +354,11 @@ def _vllm_profile(v, s: ModelShape, cb: int, tp: int, a: Assumptions) -> tuple[i
 
 
 def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
-         assumptions: Assumptions = Assumptions(), device: str = "cuda") -> MemoryPlan:
+         assumptions: Assumptions = Assumptions(), device: str = "cuda", strategy: str | None = None) -> MemoryPlan:
     """Per-process memory of `recipe` (an RLRecipe or ReheatRecipe, or any object with their sections) on `gpus`
     processes with `gpu_memory_gib` GiB each (device "cuda"), or on the CPU of one host with `gpu_memory_gib` GiB
-    in all (device "cpu": `fits` compares the processes' sum with it)."""
+    in all (device "cpu": `fits` compares the processes' sum with it). `strategy` overrides the one the run would
+    take (benchmarks: fsdp on one process)."""
     r, s, a = recipe, shape, assumptions
     if gpus < 1:
         raise ValueError("gpus must be >= 1")
@@ -365,7 +366,7 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
         raise ValueError("device must be cuda or cpu")
     cpu = device == "cpu"
     N = gpus
-    strategy = "single" if N == 1 else r.train.strategy
+    strategy = strategy or ("single" if N == 1 else r.train.strategy)
     fsdp = strategy == "fsdp"
     dtype = r.model.dtype if r.model.dtype != "auto" else ("float32" if cpu else "bfloat16")
     cb = DTYPE_BYTES[dtype]  # compute dtype (frozen models, gathered parameters, activations, caches)
