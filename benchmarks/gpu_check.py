@@ -387,52 +387,6 @@ SHAPES["4b"] = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=
                     head_dim=128, intermediate_size=9728)
 
 
-NESTED_IN_PLACE = {("report_rollout", "rollout")}
-
-
-class PhaseMeter:
-    """Peak allocated bytes and seconds per phase of a run; phases nest (a report inside setup): entering one
-    closes the enclosing phase's segment, leaving it opens a new one."""
-
-    def __init__(self):
-        self.peak: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-        self.stack: list[tuple[str, float]] = []
-
-    def _close(self) -> None:
-        name, t0 = self.stack[-1]
-        sync()
-        self.peak[name] = max(self.peak.get(name, 0), peak())
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-    def _open(self) -> None:
-        if DEV == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        name, _ = self.stack[-1]
-        self.stack[-1] = (name, time.perf_counter())
-
-    def wrap(self, owner, attr: str, name: str) -> None:
-        fn = getattr(owner, attr)
-        meter = self
-
-        def wrapped(*a, **k):
-            if meter.stack and (meter.stack[-1][0] == name or (meter.stack[-1][0], name) in NESTED_IN_PLACE):
-                return fn(*a, **k)  # already inside this phase (the report's rollouts sample through generate)
-            if meter.stack:
-                meter._close()
-            meter.stack.append((name, 0.0))
-            meter._open()
-            try:
-                return fn(*a, **k)
-            finally:
-                meter._close()
-                meter.stack.pop()
-                if meter.stack:
-                    meter._open()
-
-        setattr(owner, attr, wrapped)
-
-
 def plan_arm(shape: str, command: str, work: Path, args) -> dict:
     """One real `rl` or `reheat` run (fsdp on one process, hf engine), measured per phase, beside `plan`."""
     import contextlib
@@ -442,10 +396,8 @@ def plan_arm(shape: str, command: str, work: Path, args) -> dict:
     from tsopsd_cli import parallel
     from tsopsd_cli.core.memory import GiB, SHAPES as PLAN_SHAPE_TABLE, Assumptions, plan, shape_from_config
     from tsopsd_cli.recipe import build_recipe, parse_set_options
-    from tsopsd_cli.runners import reheat as reheat_mod
     from tsopsd_cli.runners.reheat import ReheatRunner
     from tsopsd_cli.runners.rl import RLRunner
-    from tsopsd_cli.runners.trainer import TrainingRun
 
     ckpt = work / f"ckpt-{shape}"
     if not ckpt.exists():
@@ -469,14 +421,16 @@ def plan_arm(shape: str, command: str, work: Path, args) -> dict:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29534")
         torch.distributed.init_process_group("nccl" if DEV == "cuda" else "gloo", rank=0, world_size=1)
-    meter = PhaseMeter()
+    from benchmarks._phases import PhaseMeter, training_patches
+
+    def reset():
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    meter = PhaseMeter(reset, peak, sync)
     runner_cls = RLRunner if command == "rl" else ReheatRunner
     saved = {}
-    patches = [(TrainingRun, "setup", "load"), (TrainingRun, "generate", "rollout"),
-               (runner_cls, "train_step", "training"), (TrainingRun, "optimizer_step", "optimizer_step"),
-               (TrainingRun, "finish", "save")]
-    if command == "reheat":
-        patches += [(reheat_mod, "report_rollouts", "report_rollout"), (ReheatRunner, "summary_pass", "report")]
+    patches = training_patches(command)
     real_placement = parallel.placement
 
     def fsdp_placement(m, t, dist):  # one process, but sharded as fsdp would be (a one-process group)
