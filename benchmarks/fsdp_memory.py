@@ -63,18 +63,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_qwen_checkpoint(path: Path) -> Path:
+def build_qwen_checkpoint(path: Path, shape: str = "qwen3-0.6b") -> Path:
     from tests.qwen_ckpt import QWEN3_0_6B, make_qwen_checkpoint
 
-    make_qwen_checkpoint(path, dtype="bfloat16", **QWEN3_0_6B)
+    make_qwen_checkpoint(path, dtype="bfloat16", **(QWEN3_0_6B if shape == "qwen3-0.6b" else {}))
     data = path.parent / "prompts.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i} + {2 * i}?", "answer": str(3 * i)}) + "\n"
                             for i in range(16)))
     return data
 
 
-def run_strategy(strategy: str, ckpt: Path, work: Path, args, data: Path | None = None, world: int = 2) -> dict:
-    out = work / strategy
+def run_strategy(strategy: str, ckpt: Path, work: Path, args, data: Path | None = None, world: int = 2,
+                 name: str | None = None) -> dict:
+    """`tsopsd rl` on `world` processes with `train.strategy` (one process runs unsharded whatever it says)."""
+    name = name or strategy
+    out = work / name
     # the toy checkpoint: toy prompts; the real-tokenizer one: prompts from a file, shorter completions
     gens, tokens, micro = ("4", "16", "8") if data is None else ("2", "8", "4")
     argv = ["rl", str(ckpt), "--out", str(out), "--max-steps", str(args.steps), "--prompts-per-step", "4",
@@ -91,16 +94,16 @@ def run_strategy(strategy: str, ckpt: Path, work: Path, args, data: Path | None 
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1" if world > 1 else "2",
                "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
         code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.fsdp_memory import worker; "
-                f"sys.exit(worker({argv!r}, {str(work / f'{strategy}-peak-{rank}')!r}))")
+                f"sys.exit(worker({argv!r}, {str(work / f'{name}-peak-{rank}')!r}))")
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=1800) for p in procs]
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0:
-            raise SystemExit(f"{strategy}: a rank failed:\n{err[-3000:]}")
+            raise SystemExit(f"{name}: a rank failed:\n{err[-3000:]}")
     report = json.loads(outs[0][0])
     per_rank = report["parallel"]["per_rank"]
-    peaks = [int((work / f"{strategy}-peak-{r}").read_text()) for r in range(world)]
+    peaks = [int((work / f"{name}-peak-{r}").read_text()) for r in range(world)]
     return {"per_rank": per_rank, "peak_rss": peaks, "seconds": report["seconds"]}
 
 
@@ -110,10 +113,10 @@ def against_one_process(args) -> int:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         ckpt = work / "ckpt"
-        data = build_qwen_checkpoint(ckpt)
-        one = run_strategy("single", ckpt, work, args, data=data, world=1)
+        data = build_qwen_checkpoint(ckpt, args.shape)
+        one = run_strategy("fsdp", ckpt, work, args, data=data, world=1, name="one")
         two = run_strategy("fsdp", ckpt, work, args, data=data, world=2)
-    print("model: Qwen3-0.6B shape, random weights saved in bfloat16, real Qwen3 tokenizer; float32 master weights "
+    print(f"model: {args.shape} shape, random weights saved in bfloat16, real Qwen3 tokenizer; float32 master weights "
           f"and AdamW; tsopsd rl, {args.steps} step(s), 4 prompts x 2 x 8 tokens")
     print(f"one process : peak RSS {mib(one['peak_rss'][0]):8.1f} MiB ({one['seconds']:.1f} s)")
     for r, peak in enumerate(two["peak_rss"]):
@@ -130,8 +133,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="a tiny model: check that the script runs")
-    ap.add_argument("--shape", choices=["qwen3-0.6b"], default=None,
-                    help="the real shape with the real tokenizer: fsdp (2 processes) against one process")
+    ap.add_argument("--shape", choices=["qwen3-0.6b", "tiny"], default=None,
+                    help="the real shape with the real tokenizer: fsdp (2 processes) against one process (tiny: a "
+                    "hidden-64 model with the same tokenizer, to check the script)")
     args = ap.parse_args()
     if args.shape:
         return against_one_process(args)
