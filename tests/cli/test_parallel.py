@@ -161,6 +161,8 @@ reads = []
 real = transformers.AutoModelForCausalLM.from_pretrained.__func__
 def spy(cls, *a, **k):
     reads.append(str(a[0]))
+    if len(sys.argv) > 3:
+        raise OSError("disk gone")
     return real(cls, *a, **k)
 transformers.AutoModelForCausalLM.from_pretrained = classmethod(spy)
 
@@ -222,6 +224,34 @@ def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
     assert cfg["tie_word_embeddings"] and cfg.get("dtype") == "bfloat16"
     assert r0["local_torch.float32"] + r1["local_torch.float32"] == sum(
         v.numel() for v in load_file(ckpt / "model.safetensors").values())  # each process holds its half only
+
+
+@pytest.mark.slow
+def test_a_failed_read_on_the_main_process_stops_every_process_at_once(tmp_path):
+    """The process that receives its shards must not wait (up to the collective timeout) for a main process whose
+    read failed: the failure is agreed on and every process exits with the checkpoint error."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import _free_port
+    from tests.qwen_ckpt import make_qwen_checkpoint
+
+    ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
+    script = tmp_path / "ranks.py"
+    script.write_text(LOAD_RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[2])
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path), "fail"], text=True,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": root, "WORLD_SIZE": "2", "RANK": str(k),
+                                   "LOCAL_RANK": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}) for k in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    # (without the agreement the second process fails only at the 1-minute collective timeout, with gloo's error)
+    assert "disk gone" in errs[0] and "could not load the checkpoint" in errs[1]
 
 
 @pytest.mark.slow
