@@ -333,6 +333,8 @@ def test_a_cpu_run_is_host_memory_without_a_cuda_allowance_and_without_the_phase
     training = sum(i.bytes for i in p.items if "training" in i.phases)
     assert p.phases["training"] == int(training * 1.05 + int(0.6 * GiB))  # the runtime, not a CUDA context
     assert p.phase_fits("training") == (2 * p.phases["training"] <= 16 * GiB)  # the processes share the host
+    # off CUDA torch's AdamW updates tensor by tensor: no foreach temporary the size of all moments
+    assert got["step_transient"] == max(2 * 64000 * 4, 64000 * 16)
     d = to_dict(p)
     assert d["device"] == "cpu" and "cpu" in d["assumptions"] and "overhead" not in d["assumptions"]
     # fsdp: the main process holds the checkpoint it read until every shard is sent

@@ -438,9 +438,12 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
 
     # --- optimiser step: after the activations are freed
     local_params = _ceil_div(P, shards)
-    foreach = local_params * mb  # AdamW's foreach update: one temporary the size of the local moments
     norms = _ceil_div(big, shards) * 16  # weight/grad norms: .double().pow(2) of the largest tensor
-    step_parts = {"AdamW foreach temporary": foreach, "norm of the largest tensor in float64": norms}
+    if cpu:  # torch's AdamW takes its per-tensor path off CUDA: the denominator and one more temporary per tensor
+        step_parts = {"AdamW per-tensor temporaries (CPU)": 2 * _ceil_div(big, shards) * mb}
+    else:  # AdamW's foreach update on CUDA: one temporary the size of the local moments
+        step_parts = {"AdamW foreach temporary": local_params * mb}
+    step_parts["norm of the largest tensor in float64"] = norms
     if strategy == "ddp":
         bucket = min(P, a.ddp_bucket_elems + big) * mb
         step_parts["all-reduce bucket"] = bucket
