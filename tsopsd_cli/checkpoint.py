@@ -142,9 +142,12 @@ def fingerprint(path: str | os.PathLike, full_hash_limit: int = 1 << 30) -> str:
 
 # -------------------------------------------------------------------------------------------------- loading
 def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str | None = None,
-                    device: str | None = None) -> Loaded:
+                    device: str | None = None, weights: bool = True) -> Loaded:
     """The one way a checkpoint is loaded: `model_section` is a recipe's `model` section (trust_remote_code,
-    allow_pickle, attn_implementation, dtype, device); `dtype`/`device` override its dtype and device."""
+    allow_pickle, attn_implementation, dtype, device); `dtype`/`device` override its dtype and device.
+    `weights=False`: the same model class built from config.json on the meta device (no weights read, no memory),
+    with the checkpoint's generation config, for a process that receives its shards from another
+    (parallel.prepare)."""
     if model_section is None:
         from tsopsd_cli.recipe import ModelSection
 
@@ -174,6 +177,10 @@ def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str |
                                   use_safetensors=not m.allow_pickle or None)
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
+    if not weights:
+        model = empty_model(path, kwargs)
+        return Loaded(model=model, tokenizer=tokenizer, path=path, fingerprint=fingerprint(path),
+                      device=torch_device("meta"), dtype=dt)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -181,6 +188,34 @@ def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str |
     model.to(dev)
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, path=path, fingerprint=fingerprint(path), device=dev, dtype=dt)
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+def empty_model(path: Path, kwargs: dict):
+    """The checkpoint's causal-LM class on the meta device (parameters and buffers without storage), configured
+    as `from_pretrained(path, **kwargs)` would configure it, with the checkpoint's generation config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    kw = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=kw.get("trust_remote_code", False))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot build the model from config.json ({_first_line(e)})") from None
+    if (path / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - the one from config.json stays, as from_pretrained would keep it
+            pass
+    model.eval()
+    return model
 
 
 def checkpoint_dtype(path: str | os.PathLike) -> str:

@@ -160,27 +160,80 @@ def _run(self, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def shards_from_rank0(pl: Placement, trainable: bool) -> bool:
+    """Whether a model is loaded by the main process alone and sharded out to the others (`prepare`): every
+    FSDP-sharded model of a run of several processes."""
+    return pl.fsdp and pl.world > 1 and (trainable or pl.frozen_sharded)
+
+
 def prepare(model, pl: Placement, trainable: bool):
     """The model on its device in its dtype, FSDP-wrapped where the placement says so; frozen models get
-    requires_grad False and eval mode."""
+    requires_grad False and eval mode.
+
+    A sharded model of several processes (`shards_from_rank0`) is loaded as verl and torchtune load one: only the
+    main process has read the checkpoint (`model` holds its weights there and is a meta-device model, without
+    storage, on the others); every process builds the same empty model, shards it, allocates only its own shards
+    in the master dtype, and receives them from the main process one tensor at a time
+    (`set_model_state_dict(..., broadcast_from_rank0=True)`). No process upcasts or holds the whole model in the
+    master dtype: host memory per process is about one checkpoint-dtype copy on the main process plus 1/world of
+    the master weights, instead of world x (checkpoint copy + full master copy)."""
     dtype = pl.master_dtype if trainable else pl.compute_dtype
+    if shards_from_rank0(pl, trainable):
+        return _shard_from_rank0(model, pl, trainable, dtype)
     model.to(device=pl.device, dtype=dtype)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
     if pl.fsdp and (trainable or pl.frozen_sharded):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        _fully_shard(model, pl)
+    return model
 
-        mp = MixedPrecisionPolicy(param_dtype=pl.compute_dtype, reduce_dtype=torch.float32)
-        units = [*decoder_layers(model), model]
-        for unit in units[:-1]:
-            fully_shard(unit, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        for unit in units:
-            unit._tsopsd_run = types.MethodType(_run, unit)
-            register_fsdp_forward_method(unit, "_tsopsd_run")
-            unit.set_gradient_divide_factor(1.0)  # sum: losses are already normalised by global counts
-            unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-multiplied sum)
+
+def _fully_shard(model, pl: Placement) -> None:
+    """FSDP2 on every decoder layer, then the root (parameters gathered in the compute dtype, gradients reduced in
+    float32 as sums)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=pl.compute_dtype, reduce_dtype=torch.float32)
+    units = [*decoder_layers(model), model]
+    for unit in units[:-1]:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for unit in units:
+        unit._tsopsd_run = types.MethodType(_run, unit)
+        register_fsdp_forward_method(unit, "_tsopsd_run")
+        unit.set_gradient_divide_factor(1.0)  # sum: losses are already normalised by global counts
+        unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-multiplied sum)
+
+
+@torch.no_grad()
+def _shard_from_rank0(model, pl: Placement, trainable: bool, dtype: torch.dtype):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    main = torch.distributed.get_rank() == 0
+    full: dict = {}
+    buffers: dict = {}
+    if main:  # the loaded weights (checkpoint dtype, CPU) become the source; the model itself is rebuilt empty
+        full = model.state_dict()
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        gen = model.generation_config
+        with torch.device("meta"):  # (model.to("meta") would untie tied embeddings)
+            model = type(model)(model.config)
+        model.generation_config = gen
+    model.to(dtype=dtype)  # meta: no memory
+    model.eval()
+    if not trainable:
+        model.requires_grad_(False)
+    _fully_shard(model, pl)
+    model.to_empty(device=pl.device)  # this process's shards only, uninitialised
+    # every tensor of the main process's state dict is broadcast, then each process keeps its slice
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    # buffers left out of the state dict (rotary inv_freq) were made on the meta device: the main process's values
+    for name, buf in model.named_buffers():
+        if main:
+            buf.copy_(buffers[name].to(buf.dtype))
+        torch.distributed.broadcast(buf, src=0)
     return model
 
 

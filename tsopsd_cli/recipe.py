@@ -152,6 +152,12 @@ class VLLMOptions(Section):
                                            "(float32 0.01, float16 0.05, bfloat16 0.1).")
     max_logprob_diff_steps: int = Field(3, ge=0, description="Consecutive steps above max_logprob_diff that stop "
                                         "the run; 0 turns the guard off.")
+    max_num_batched_tokens: PositiveInt | None = Field(None, description="Tokens vLLM schedules per forward; it "
+                                                       "profiles its activations at this size (None: vLLM's default, "
+                                                       "16384 on an 80 GB GPU). Smaller leaves more KV cache.")
+    max_num_seqs: PositiveInt | None = Field(None, description="Sequences vLLM runs at once; its sampler profiles "
+                                             "[max_num_seqs, vocab] float32 buffers (None: vLLM's default, 1024 on "
+                                             "an 80 GB GPU).")
 
 
 class RolloutSection(Section):

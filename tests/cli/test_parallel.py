@@ -145,3 +145,131 @@ def test_vllm_rollouts_on_two_processes(strategy, tmp_path):
     assert json.loads(procs[0].stdout)["parallel"]["strategy"] == strategy
     steps = [r for r in rows(out) if r.get("phase")]
     assert len(steps) == 2 and all(r["engine_logprob_diff"] <= 1e-4 for r in steps)
+
+
+# ---------------------------------------------------------------------------------------- loading that scales
+LOAD_RANK_SCRIPT = r'''
+import json, sys, types
+import torch
+import transformers
+from safetensors.torch import load_file
+from tsopsd_cli import parallel
+from tsopsd_cli.recipe import build_recipe, parse_set_options
+from tsopsd_cli.runners.trainer import TrainingRun
+
+reads = []
+real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+def spy(cls, *a, **k):
+    reads.append(str(a[0]))
+    if len(sys.argv) > 3:
+        raise OSError("disk gone")
+    return real(cls, *a, **k)
+transformers.AutoModelForCausalLM.from_pretrained = classmethod(spy)
+
+path = sys.argv[1]
+run = object.__new__(TrainingRun)
+run.r = build_recipe("rl", None, parse_set_options(["train.strategy=fsdp", "model.dtype=bfloat16"]))
+run.dist = parallel.Dist(1.0)
+run.pl = parallel.placement(run.r.model, run.r.train, run.dist)
+policy, tok = run.load(path, trainable=True)
+teacher = run.frozen(path)
+file = load_file(f"{path}/model.safetensors")
+out = {"reads": len(reads), "tied": policy.lm_head.weight is policy.get_input_embeddings().weight, "bad": []}
+for model, dtype in ((policy, torch.float32), (teacher, torch.bfloat16)):
+    for name, t in parallel.full_tensors(model):
+        want = file[name if name in file else "model.embed_tokens.weight"].to(dtype)
+        if t.dtype != dtype or not torch.equal(t, want):
+            out["bad"].append(name)
+    fresh = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
+    inv = fresh.model.rotary_emb.inv_freq.to(model.model.rotary_emb.inv_freq.dtype)
+    out["inv_freq_ok"] = out.get("inv_freq_ok", True) and torch.equal(model.model.rotary_emb.inv_freq, inv)
+    out["local_" + str(dtype)] = sum(p.to_local().numel() for p in model.parameters())
+json.dump(out, open(sys.argv[2] + f"/rank{run.dist.rank}.json", "w"))
+run.dist.close()
+'''
+
+
+@pytest.mark.slow
+def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
+    """Issue 22 (loading that scales): every process read the whole checkpoint and upcast the whole model before
+    sharding. Now only the main process reads it; the other builds on the meta device and receives its shards.
+    The sharded weights (float32 policy, bf16 teacher) equal the bf16 checkpoint's exactly, the embeddings stay
+    tied, and the rotary buffers (not in the state dict) are right on the meta-built process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import _free_port
+    from tests.qwen_ckpt import make_qwen_checkpoint
+
+    ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
+    script = tmp_path / "ranks.py"
+    script.write_text(LOAD_RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[2])
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path)], text=True,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": root, "WORLD_SIZE": "2", "RANK": str(k),
+                                   "LOCAL_RANK": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}) for k in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2))
+    assert r0["reads"] == 2 and r1["reads"] == 0  # policy and teacher read by the main process alone
+    for r in (r0, r1):
+        assert r["bad"] == [] and r["tied"] and r["inv_freq_ok"]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] and cfg.get("dtype") == "bfloat16"
+    assert r0["local_torch.float32"] + r1["local_torch.float32"] == sum(
+        v.numel() for v in load_file(ckpt / "model.safetensors").values())  # each process holds its half only
+
+
+@pytest.mark.slow
+def test_a_failed_read_on_the_main_process_stops_every_process_at_once(tmp_path):
+    """The process that receives its shards must not wait (up to the collective timeout) for a main process whose
+    read failed: the failure is agreed on and every process exits with the checkpoint error."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import _free_port
+    from tests.qwen_ckpt import make_qwen_checkpoint
+
+    ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
+    script = tmp_path / "ranks.py"
+    script.write_text(LOAD_RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[2])
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path), "fail"], text=True,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": root, "WORLD_SIZE": "2", "RANK": str(k),
+                                   "LOCAL_RANK": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}) for k in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    # (without the agreement the second process fails only at the 1-minute collective timeout, with gloo's error)
+    assert "disk gone" in errs[0] and "could not load the checkpoint" in errs[1]
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_equal_one_on_a_real_tokenizer_tied_bf16_checkpoint(tmp_path):
+    """The rank-0 loading path end to end: 2 steps of rl on a tied, bf16-saved checkpoint with the real Qwen3
+    tokenizer (vocabulary 151,936): 2 fsdp processes give the one-process run."""
+    from tests.qwen_ckpt import make_qwen_checkpoint
+
+    ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(8)))
+    args = ["rl", str(ckpt), "--set", "data.type=jsonl", "--set", f"data.path={data}", "--prompts-per-step", "2",
+            "--num-generations", "2", "--max-new-tokens", "6", "--set", "validation.enabled=false",
+            "--set", "grpo.reward=tests.rewards:even_length", "--max-steps", "2", "--lr", "1e-3",
+            "--set", "train.micro_batch_size=2", "--set", "train.save_every=0", "--set", "output.dtype=float32",
+            *LINEAR]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two(*args, *FSDP, "--out", str(tmp_path / "two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ["loss", "grad_norm", "reward", "entropy", "tokens"])

@@ -103,3 +103,26 @@ def test_a_config_json_path_or_checkpoint_directory(tmp_path):
         assert d["model"]["name"] == str(model)
     assert plan_json(RL_4B, "--model", "Qwen/Qwen3-4B-Base")["model"]["name"] == "qwen3-4b"
     assert "no config.json" in one_error_line(run_cli("plan", RL_4B, "--model", str(tmp_path)))
+
+
+@pytest.mark.parametrize("recipe", ["rl/qwen3-4b-base", "rl/qwen3-8b-base", "reheat/qwen3-4b-base",
+                                    "reheat/qwen3-8b-base"])
+def test_every_shipped_qwen3_recipe_fits_8x80_with_every_phase(recipe):
+    """Issue 21.5: the honest plan (load, weight sync, report rollouts with vLLM awake, the report with it asleep,
+    PyTorch's carried cache, vLLM's profiled share) still says the shipped recipes fit one node of 8 x 80 GB."""
+    r = plan_json(str(ROOT / f"recipes/{recipe}.yaml"), "--gpus", "8", "--gpu-memory", "80")
+    want = {"load", "rollout", "validation", "training", "optimizer_step", "weight_sync"}
+    if recipe.startswith("reheat"):
+        want |= {"report_rollout", "report"}
+    assert set(r["phases"]) == want and r["fits"] is True
+    assert r["vllm"]["max_num_batched_tokens"] == 9216 and r["vllm"]["max_num_seqs"] == 64
+    assert "torch_cache" in r["per_gpu"] and "sync_tensor" in r["per_gpu"]
+
+
+def test_a_cpu_run(tmp_path):
+    r = plan_json(RL_4B, "--model", "qwen3-0.6b", "--device", "cpu", "--gpus", "2", "--gpu-memory", "24",
+                  "--set", "rollout.engine=hf", "--set", "validation.enabled=false", "--set", "model.dtype=auto")
+    assert r["device"] == "cpu" and "validation" not in r["phases"] and "weight_sync" not in r["phases"]
+    assert r["per_gpu"]["weights"]["bytes"] == 596_049_920 * 4 // 2  # float32 master, 2 fsdp shards
+    assert "overhead" not in r["assumptions"] and r["assumptions"]["values"]["cpu_runtime_gib"] == 0.6
+    assert "--device" in one_error_line(run_cli("plan", RL_4B, "--device", "tpu"))

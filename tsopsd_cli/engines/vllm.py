@@ -392,6 +392,9 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if self.can_sleep:
             kwargs["enable_sleep_mode"] = True
+        for key in ("max_num_batched_tokens", "max_num_seqs"):
+            if getattr(options, key, None):
+                kwargs[key] = int(getattr(options, key))
         mml = max_model_len or getattr(options, "max_model_len", None)
         if mml:
             kwargs["max_model_len"] = int(mml)
@@ -437,6 +440,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self._check_usable()
+        if not prompts:  # a process with no share of a spread batch
+            return []
         n = params.num_generations
         if n < 1 or params.max_new_tokens < 1:
             raise ValueError(f"num_generations ({n}) and max_new_tokens ({params.max_new_tokens}) must be >= 1")

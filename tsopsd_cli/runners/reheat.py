@@ -135,44 +135,39 @@ class ReheatRunner(TrainingRun):
 
     # ---------------------------------------------------------------- before/after report
     def report_sequences(self) -> list:
-        """Fixed rollouts of the input model on validation prompts: the same tokens before and after."""
-        if not hasattr(self, "_report_seqs"):
-            from tsopsd_cli.tasks import validation_sets
-
-            v = self.r.validation
-            sets = validation_sets(v, self.r.data, self.tok, limit=self.r.reheat.report_prompts)
-            problems = next(iter(sets.values()))
-            engine = self.hf_engine(self.input_model, v.batch_size)
-            with self.pl.autocast():
-                comps = engine.generate(encode_prompts(self.tok, [p.prompt for p in problems]), SamplingParams(
-                    num_generations=2, temperature=1.0, max_new_tokens=v.max_new_tokens, stop=tuple(v.stop),
-                    row_seeds=tuple(range(len(problems)))))
-            self._report_seqs = [(c.prompt_ids, c.token_ids) for c in comps if c.token_ids]
+        """Fixed rollouts of the input model on the run's own prompts: the same tokens before and after."""
+        if getattr(self, "_report_seqs", None) is None:
+            self._report_seqs = report_rollouts(self)
         return self._report_seqs
 
     def summary_pass(self, model) -> dict | None:
         """`model` against the input checkpoint (runners.diagnose.compare_models) at temperature 1 and at temp; the
-        main process computes it while every process holds the gathered weights; every process gets the result."""
+        main process computes it while every process holds the gathered weights; every process gets the result.
+        A sleep-capable rollout engine is put to sleep first: gathering two whole models while vLLM holds its
+        share of the GPU is what would not fit."""
         from tsopsd_cli.runners.diagnose import compare_models
 
+        seqs = self.report_sequences()  # (with the engine awake, before anything is gathered)
+        self.rollouts_done()
         out = None
         with parallel.gathered(model), parallel.gathered(self.input_model):
             if self.dist.main:
                 was = model.training
                 model.eval()
                 with self.pl.autocast():
-                    out = compare_models(model, self.input_model, self.tok.pad_token_id, self.device,
-                                         self.report_sequences(), temperatures=sorted({1.0, self.r.reheat.temp}),
-                                         topk=[1, 5, 10], chunk_size=self.r.train.chunk_size,
-                                         batch_size=REPORT_BATCH)
+                    out = compare_models(model, self.input_model, self.tok.pad_token_id, self.device, seqs,
+                                         temperatures=sorted({1.0, self.r.reheat.temp}), topk=[1, 5, 10],
+                                         chunk_size=self.r.train.chunk_size, batch_size=REPORT_BATCH)
                 model.train(was)
         return self.dist.broadcast_object(out)  # every process takes the same branches after this
 
     def method_state(self) -> dict:
-        return {"before": self.before}
+        # the report's rollouts travel with the checkpoint: after a resume the engine holds trained weights
+        return {"before": self.before, "report_seqs": getattr(self, "_report_seqs", None)}
 
     def load_method_state(self, state: dict, checkpoint_dir) -> None:
         self.before = state.get("before")
+        self._report_seqs = state.get("report_seqs")
 
     def report_extra(self) -> dict:
         rh = self.r.reheat
@@ -193,6 +188,24 @@ class ReheatRunner(TrainingRun):
             "accuracy": {"before": vals[0]["val_accuracy"] if vals else None,
                          "after": vals[-1]["val_accuracy"] if vals else None},
         }
+
+
+def report_rollouts(run) -> list[tuple[list[int], list[int]]]:
+    """The before/after report's fixed rollouts: 2 completions of each of the first `reheat.report_prompts`
+    prompts of the run's own prompt source, sampled at temperature 1 by the run's rollout engine while it still
+    holds the input weights (setup, step 0). Each process samples every world-th prompt (seeded by the prompt's
+    index, so the tokens do not depend on the number of processes) and every process receives all of them, in
+    prompt order. Returns the non-empty (prompt ids, completion ids)."""
+    v = run.r.validation
+    problems = run.stream.problems[:run.r.reheat.report_prompts]
+    mine = list(range(run.dist.rank, len(problems), run.dist.world))
+    params = SamplingParams(num_generations=2, temperature=1.0, max_new_tokens=v.max_new_tokens,
+                            stop=tuple(v.stop), row_seeds=tuple(mine))
+    # every process calls the engine, with or without prompts: a sharded hf engine gathers collectively
+    comps = run.generate(run.engine, encode_prompts(run.tok, [problems[i].prompt for i in mine]), params)
+    local = [(mine[c.prompt_index], c.sample_index, c.prompt_ids, c.token_ids) for c in comps]
+    merged = sorted((x for part in run.dist.gather_objects(local) for x in part), key=lambda x: (x[0], x[1]))
+    return [(list(p), list(t)) for _, _, p, t in merged if t]
 
 
 def run_reheat(recipe: ReheatRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,

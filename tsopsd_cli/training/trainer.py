@@ -38,7 +38,7 @@ from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, ins
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import open_engine
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError, WeightSyncError
+from tsopsd_cli.errors import CheckpointError, DataError, Interrupted, RecipeError, UsageError, WeightSyncError
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import recipe_to_yaml
@@ -221,8 +221,19 @@ class TrainingRun:
 
     def load(self, path, trainable: bool):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
-        shards for the trained model, model.dtype for frozen ones)."""
-        ld = load_checkpoint(path, self.r.model, dtype=checkpoint_dtype(path), device="cpu")
+        shards for the trained model, model.dtype for frozen ones). A model sharded over several processes is read
+        by the main process alone; the others build it empty and receive their shards (parallel.prepare)."""
+        from_rank0 = parallel.shards_from_rank0(self.pl, trainable)
+        failed: BaseException | None = None
+        try:
+            ld = load_checkpoint(path, self.r.model, dtype=checkpoint_dtype(path), device="cpu",
+                                 weights=self.dist.main or not from_rank0)
+        except Exception as e:  # noqa: BLE001 - decided collectively below, then raised
+            failed = e
+        if from_rank0 and self.dist.any(failed is not None):  # no process may wait for shards that never come
+            raise failed or CheckpointError(f"{path}: the main process could not load the checkpoint")
+        if failed is not None:
+            raise failed
         return parallel.prepare(ld.model, self.pl, trainable), ld.tokenizer
 
     def frozen(self, path):
