@@ -115,7 +115,7 @@ def test_diagnose_padded_checkpoint_against_a_smaller_reference(qwen3_padded, qw
 
 
 def test_clip_to_rows_cuts_at_a_row_the_other_head_lacks():
-    from tsopsd_cli.runners.diagnose import clip_to_rows
+    from tsopsd_cli.analysis import clip_to_rows
 
     kept, dropped = clip_to_rows([([1], [5, 9, 3]), ([1], [12, 2]), ([1], [4])], rows=8)
     assert kept == [([1], [5]), ([1], [4])] and dropped == 4

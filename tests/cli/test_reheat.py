@@ -122,8 +122,8 @@ class SleepyEngine:
     share of the accelerator while awake. It samples through the hf engine on the trained model (so its rollouts
     are the policy's) and records, in order, every sampling call (with its prompts) and every sleep."""
 
-    name = "vllm"
-    can_sleep = True
+    name = "sleepy"
+    samples_from_trainer_weights = False
 
     def __init__(self, run, events):
         from tsopsd_cli.engines.hf import HFEngine
@@ -138,9 +138,21 @@ class SleepyEngine:
         self.events.append(("generate", [self.tok.decode(p) for p in prompts]))
         return self.hf.generate(prompts, params)
 
-    def sleep(self):
+    def with_batch_size(self, batch_size):
+        return self
+
+    def release(self):  # vLLM's sleep
         self.asleep = True
         self.events.append(("sleep", None))
+
+    def acquire(self):
+        self.asleep = False
+
+    def own_logprobs(self, comps):
+        return [c.logprobs for c in comps]
+
+    def check_sync(self, logprob_diff, step):
+        pass
 
     def sync_weights(self, named):
         for _ in named:
@@ -194,7 +206,8 @@ def test_the_report_samples_the_runs_own_prompts(tiny_ckpt, tmp_path, monkeypatc
     qs = ["1+2=?", "3*4=?", "9-5=?", "7+7=?", "2*8=?"]
     data.write_text("".join(json.dumps({"problem": q, "answer": "0"}) + "\n" for q in qs))
     events, _ = _reheat_with_sleepy_engine(tiny_ckpt, tmp_path, monkeypatch, "validation.enabled=false",
-                                           "data.type=jsonl", f"data.path={data}")
+                                           "data.type=jsonl", f"data.path={data}",
+                                           'data.prompt_template="{question}"')
     first = next(prompts for kind, prompts in events if kind == "generate")
     assert first == qs[:3]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from tsopsd_cli.analysis import clip_to_rows, mean_or_nan, shared_rows, summarize, token_pass
 from tsopsd_cli.checkpoint import Loaded, atomic_dir, check_out, load_checkpoint
 from tsopsd_cli.core import stats as S
-from tsopsd_cli.core.representation import LayerSimilarity
 from tsopsd_cli.errors import CheckpointError, DataError
-from tsopsd_cli.modeling import check_head_matches, completion_hidden, decoder_and_head, pack
+from tsopsd_cli.modeling import check_head_matches
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.report import json_safe, pyplot
 from tsopsd_cli.recipe import DiagnoseRecipe, recipe_to_yaml
@@ -82,17 +82,17 @@ def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress)
         "num_prompts": len(problems),
         "num_generations": params.num_generations,
         "temperature": params.temperature,
-        "distinct_completions": _mean([len({c.text for c in cs}) for cs in by_prompt.values()]),
+        "distinct_completions": mean_or_nan([len({c.text for c in cs}) for cs in by_prompt.values()]),
         "distinct_answers": distinct_answers([[c.text for c in cs] for cs in by_prompt.values()]),
-        "answered": _mean([len(a) / len(cs) for a, cs in zip(answers, by_prompt.values())]),
-        "mean_length": _mean([len(c.token_ids) for c in comps]),
-        "truncation_rate": _mean([c.finish_reason == "length" for c in comps]),
+        "answered": mean_or_nan([len(a) / len(cs) for a, cs in zip(answers, by_prompt.values())]),
+        "mean_length": mean_or_nan([len(c.token_ids) for c in comps]),
+        "truncation_rate": mean_or_nan([c.finish_reason == "length" for c in comps]),
     }
     graded = [(c.text, problems[c.prompt_index].answer) for c in comps if problems[c.prompt_index].answer]
     if graded:
         with Grader() as grader:
             grades = grader.grade_many(graded)
-        summary["accuracy"] = _mean([g.correct for g in grades])
+        summary["accuracy"] = mean_or_nan([g.correct for g in grades])
         summary["graded"] = len(grades)
     return seqs, summary, (marks if marks and all(m is not None for m in marks) else None), problems[0].prompt
 
@@ -103,7 +103,7 @@ def distinct_answers(groups: list[list[str]]) -> float:
     counts 0."""
     from tsopsd_cli.tasks.grading import extract_answer
 
-    return _mean([len({a for a in (extract_answer(t) for t in texts) if a}) for texts in groups])
+    return mean_or_nan([len({a for a in (extract_answer(t) for t in texts) if a}) for texts in groups])
 
 
 def decision_split(entropy: torch.Tensor, seqs, marks: list[list[int]]) -> dict:
@@ -121,114 +121,6 @@ def decision_split(entropy: torch.Tensor, seqs, marks: list[list[int]]) -> dict:
     return {"entropy": float(at.mean()) if at.numel() else None,
             "other_entropy": float(other.mean()) if other.numel() else None,
             "tokens": int(at.numel()), "other_tokens": int(other.numel())}
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return float(sum(xs)) / len(xs) if xs else float("nan")
-
-
-def shared_rows(model, ref_model) -> tuple[int, int, int]:
-    """(rows of the checkpoint's LM head, rows of the reference's, rows compared): two checkpoints of one
-    tokenizer may pad their vocabularies differently (Qwen: 151,936 or 152,064 rows for 151,669 ids); they are
-    compared over the rows both have, which cover every id of the tokenizer."""
-    a = decoder_and_head(model)[1].weight.shape[0]
-    b = decoder_and_head(ref_model)[1].weight.shape[0]
-    return a, b, min(a, b)
-
-
-def _first_rows(head, n: int):
-    return lambda h: head(h)[..., :n]  # [c, V] -> [c, n]
-
-
-def clip_to_rows(seqs, rows: int):
-    """Completions cut before the first token id >= `rows` (a padding row the other model lacks); returns the
-    kept sequences and the number of completion tokens dropped."""
-    out, dropped = [], 0
-    for p, c in seqs:
-        cut = next((i for i, t in enumerate(c) if t >= rows), len(c))
-        dropped += len(c) - cut
-        if cut:
-            out.append((p, c[:cut]))
-    return out, dropped
-
-
-def token_pass(seqs, model, pad_id: int, device, temperatures, topk, chunk_size: int, batch_size: int,
-               ref_model=None, progress: Progress = NULL, rows: int | None = None):
-    """Chunked statistics over all completion tokens of `seqs` [(prompt ids, completion ids)] under `model`
-    (against `ref_model` when given); `rows`: use only the first `rows` logits of each head (shared_rows).
-    Returns (TokenStats, positions [N], LayerSimilarity or None)."""
-    _, head = decoder_and_head(model)
-    ref_head = decoder_and_head(ref_model)[1] if ref_model is not None else None
-    if rows is not None:
-        head = _first_rows(head, rows)
-        ref_head = _first_rows(ref_head, rows) if ref_head is not None else None
-    layer_sim = LayerSimilarity() if ref_model is not None else None
-    parts, positions = [], []
-    with progress.task("statistics", total=len(seqs)) as advance, torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
-            chunk = seqs[s:s + batch_size]
-            batch = pack(chunk, pad_id, device)
-            hidden, layers = completion_hidden(model, batch, all_layers=ref_model is not None)
-            ref_hidden = None
-            if ref_model is not None:
-                ref_hidden, ref_layers = completion_hidden(ref_model, batch, all_layers=True)
-                if len(layers) == len(ref_layers):
-                    layer_sim.add(layers, ref_layers)
-            parts.append(S.chunked_token_stats(hidden, head, temperatures, topk, chunk_size,
-                                               target=batch.targets, ref_hidden=ref_hidden, ref_head=ref_head))
-            positions.append(batch.completion_pos)
-            advance(len(chunk))
-    return S._cat(parts), torch.cat(positions), layer_sim
-
-
-def summarize(st: S.TokenStats, positions: torch.Tensor, entropy_thresholds=(0.1, 0.5, 1.0),
-              top_entropy_fraction: float = 0.2, histogram_bins: int = 20) -> dict:
-    ent = st.entropy
-    report = {
-        "num_tokens": int(ent.numel()),
-        "entropy": {
-            "mean": float(ent.double().mean()),
-            "std": float(ent.double().std()) if ent.numel() > 1 else 0.0,
-            "median": float(ent.double().median()),
-            "quantiles": S.quantiles(ent),
-            "above": {str(t): float((ent > t).double().mean()) for t in entropy_thresholds},
-            "top_fraction": top_entropy_fraction,
-            "top_fraction_share": S.top_fraction_share(ent, top_entropy_fraction),
-            "histogram": S.histogram(ent, histogram_bins),
-        },
-        "top1_prob": {"mean": float(st.top1_prob.double().mean()), "median": float(st.top1_prob.double().median())},
-        "topk_mass": {str(k): float(v.double().mean()) for k, v in st.topk_mass.items()},
-        "effective_support": {"mean": float(ent.double().exp().mean()),
-                              "median": float(ent.double().exp().median())},
-        "temperature_entropy": {f"{t:g}": float(v.double().mean()) for t, v in st.entropy_at.items()},
-        "nll": float(-st.token_logprob.double().mean()) if st.token_logprob is not None else None,
-    }
-    means, counts = S.per_position_mean(ent, positions)
-    report["per_position"] = {"entropy": means, "count": counts}
-    if st.kl_forward is not None:
-        report["reference"] = {
-            "kl_forward": float(st.kl_forward.double().mean()),
-            "kl_reverse": float(st.kl_reverse.double().mean()),
-            "top1_agreement": float(st.top1_agree.double().mean()),
-            "topk_jaccard": {str(k): float(v.double().mean()) for k, v in st.jaccard.items()},
-        }
-    return report
-
-
-def compare_models(model, reference, pad_id: int, device, seqs, temperatures: list[float], topk: list[int],
-                   chunk_size: int = 256, batch_size: int = 16) -> dict:
-    """The statistics of `model` against `reference` on the same tokens (reheat's before/after summary): entropy
-    at each of `temperatures` (keys formatted with :g), top-1 probability, top-k mass, KL both ways, top-1
-    agreement, Jaccard@k, per-layer CKA and cosine."""
-    st, pos, sim = token_pass(seqs, model, pad_id, device, temperatures, topk, chunk_size, batch_size, reference)
-    rep = summarize(st, pos)
-    res = sim.result()
-    return {"entropy": rep["entropy"]["mean"], "top1_prob": rep["top1_prob"]["mean"],
-            "temperature_entropy": rep["temperature_entropy"], "topk_mass": rep["topk_mass"],
-            "kl_forward": rep["reference"]["kl_forward"], "kl_reverse": rep["reference"]["kl_reverse"],
-            "top1_agreement": rep["reference"]["top1_agreement"],
-            "topk_jaccard": rep["reference"]["topk_jaccard"], "cka": res["cka"], "cosine": res["cosine"]}
 
 
 def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = NULL) -> dict:

@@ -14,7 +14,7 @@ TS-OPSD, as implemented here (the paper's exact loss and schedule are not public
 5. Stopping: `train.max_steps`, or the student's mean token entropy on the step's rollouts reaching
    `target_entropy` or `target_entropy_ratio` x the teacher's entropy on the same tokens.
 6. The report compares the result with the input on fixed rollouts of the input (entropy at temperature 1 and at
-   temp, sharpness, KL, top-1 agreement, Jaccard@k, per-layer CKA): `runners.diagnose.compare_models`.
+   temp, sharpness, KL, top-1 agreement, Jaccard@k, per-layer CKA): `analysis.compare_models`.
 
 `--method fold`: for a model whose final norm has a scale and whose LM head is bias-free and applied to the
 normed state (Qwen3, Llama, Mistral...), multiplying the final norm's weight by 1/temp makes every logit
@@ -30,6 +30,7 @@ import time
 import torch
 
 from tsopsd_cli import parallel
+from tsopsd_cli.analysis import compare_models
 from tsopsd_cli.checkpoint import (atomic_dir, check_out, checkpoint_dtype, load_checkpoint, provenance,
                                    write_checkpoint)
 from tsopsd_cli.engines import SamplingParams, encode_prompts
@@ -141,12 +142,10 @@ class ReheatRunner(TrainingRun):
         return self._report_seqs
 
     def summary_pass(self, model) -> dict | None:
-        """`model` against the input checkpoint (runners.diagnose.compare_models) at temperature 1 and at temp; the
+        """`model` against the input checkpoint (analysis.compare_models) at temperature 1 and at temp; the
         main process computes it while every process holds the gathered weights; every process gets the result.
         A sleep-capable rollout engine is put to sleep first: gathering two whole models while vLLM holds its
         share of the GPU is what would not fit."""
-        from tsopsd_cli.runners.diagnose import compare_models
-
         seqs = self.report_sequences()  # (with the engine awake, before anything is gathered)
         self.rollouts_done()
         out = None
