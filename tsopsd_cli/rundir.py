@@ -153,8 +153,9 @@ class _Single:
 
 class RunDir:
     def __init__(self, out: Path, *, key: str, log_name: str, resume: bool | None, restart: bool = False,
-                 dist=None, what: str = "run"):
+                 dist=None, what: str = "run", overwrite: bool = False):
         self.out = Path(out)
+        self.overwrite = overwrite
         self.path = partial_path(self.out)
         self.key = key
         self.dist = dist or _Single()
@@ -185,8 +186,17 @@ class RunDir:
         exists = self.path.exists()
         if resume is True and not exists and not restart:
             raise UsageError(f"--resume: no unfinished {what} at {self.path}")
+        from tsopsd_cli import signals
+
+        signals.fault_point("lock")
         self.lock = Lock(self.out)
         try:
+            # Checked again under the lock: a run that finished between the caller's check_out and this lock (a job
+            # submitted twice) has put its output there, and nothing may replace it unless asked.
+            self._refuse_existing()
+            exists = self.path.exists()
+            if resume is True and not exists and not restart:
+                raise UsageError(f"--resume: no unfinished {what} at {self.path}")
             if exists and restart:
                 shutil.rmtree(self.path)
                 exists = False
@@ -207,6 +217,10 @@ class RunDir:
         except BaseException:
             self.lock.release()
             raise
+
+    def _refuse_existing(self) -> None:
+        if self.out.exists() and not self.overwrite:
+            raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     @property
@@ -259,8 +273,8 @@ class RunDir:
         self.complete = True
 
     def finish(self, before_rename: Callable[[], None] | None = None) -> Path:
-        """Mark complete (every output is in place), then rename to --out, replacing an existing --out (which
-        `check_out` allowed). `before_rename` runs between the two: a signal checked there leaves a complete,
+        """Mark complete (every output is in place), then rename to --out, replacing an existing --out only with
+        `overwrite` (otherwise refused: the complete run stays in the partial directory). `before_rename` runs between the two: a signal checked there leaves a complete,
         resumable directory."""
         self.mark_complete()
         if before_rename is not None:
@@ -268,6 +282,7 @@ class RunDir:
         if self.dist.main:
             from tsopsd_cli.checkpoint import move_into_place
 
+            self._refuse_existing()  # still holding the lock: only something outside tsopsd can have made it
             shutil.rmtree(self.checkpoint_root, ignore_errors=True)
             (self.path / STATE_FILE).unlink(missing_ok=True)
             move_into_place(self.path, self.out)

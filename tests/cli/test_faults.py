@@ -309,3 +309,65 @@ def test_eval_grade_on_adversarial_completions_finishes_within_the_time_limits(t
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout)
     assert r["n"] == 20 and took < 20 * 5
+
+
+# ------------------------------------------------------------------------------------ concurrent runs (#24)
+SMALL = ["--set", "data.num_prompts=16", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6",
+         "--set", "validation.enabled=false", "--set", "grpo.reward=tests.rewards:even_length", "--max-steps", "2",
+         "--set", "train.save_every=1", "--quiet"]
+
+
+def _env(extra: dict | None = None) -> dict:
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (env.get("PYTHONPATH"), root) if x)
+    env.pop("TSOPSD_PROGRESS", None)
+    return env
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """The real entry point, started without waiting (run_cli's environment)."""
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "tsopsd"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]
+    return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
+
+
+def _stopped(pid: int) -> bool:
+    from pathlib import Path
+
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _wait_for(pred, timeout: float = 120.0, what: str = "") -> None:
+    t0 = time.time()
+    while not pred():
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_second_run_never_replaces_a_finished_out_whenever_it_was_started(tiny_ckpt, tmp_path):
+    """#24.1: the second run passed the output check, then waited (here: stopped itself right before taking the
+    lock) while the first finished; it must then refuse, not replace the first run's output. A third run started
+    while the first works is refused at once by the lock."""
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *SMALL, "--out", str(out)]
+    second = start_cli(*args, env={"TSOPSD_FAULT": "STOP@lock"})
+    try:
+        _wait_for(lambda: _stopped(second.pid), what="the second run to reach the lock")
+        first = start_cli(*args)
+        _wait_for(lambda: (tmp_path / ".x.partial").exists() or first.poll() is not None, what="the first run")
+        third = run_cli(*args)
+        assert third.returncode == 2 and "x" in third.stderr, third.stderr
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+        before = (out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").stat().st_mtime_ns
+    finally:
+        second.send_signal(signal.SIGCONT)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 2 and "already exists" in err and "--overwrite" in err, err
+    assert ((out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").stat().st_mtime_ns) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no partial, no lock left by either refusal

@@ -76,7 +76,7 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
     sets = plan(recipe)
     fp = fingerprint(checkpoint)
     run = RunDir(out, key=run_key(recipe, fp), log_name=SAMPLES_FILE, resume=None, restart=restart,
-                 what="eval") if out is not None else None
+                 what="eval", overwrite=recipe.output.overwrite) if out is not None else None
     stored = False
     try:
         if run is not None and run.complete:

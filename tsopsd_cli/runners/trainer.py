@@ -159,7 +159,7 @@ class TrainingRun:
         self.source_fp = fingerprint(self.checkpoint)
         key = run_key(r, self.source_fp)
         self.run = RunDir(r.output.out, key=key, log_name="metrics.jsonl", resume=self.resume, restart=self.restart,
-                          dist=self.dist)
+                          dist=self.dist, overwrite=r.output.overwrite)
         if self.run.complete:
             return  # every output is written: execute() only moves it into place
         try:
