@@ -164,19 +164,41 @@ class RunDir:
         self.resumed = False  # an unfinished run was found and is continued
         self.complete = False  # ...and it had already written every output
         self.lock: Lock | None = None
+        self.keep = False  # set once the run has state worth keeping: a failure then leaves the partial directory
+        self.nonce = uuid.uuid4().hex
         outcome: dict = {}
         if self.dist.main:
             try:
                 self._open(resume, restart, what)
             except Exception as e:  # noqa: BLE001 - told to the other processes, then raised here
                 outcome = {"error": str(e), "exc": e}
-            outcome.update(resumed=self.resumed, complete=self.complete)
-        shared = self._broadcast({k: v for k, v in outcome.items() if k != "exc"})
-        if "exc" in outcome:
-            raise outcome["exc"]
-        if shared.get("error"):  # another process's refusal: stop too (only the main process reports it)
-            raise UsageError(shared["error"])
-        self.resumed, self.complete = shared["resumed"], shared["complete"]
+            outcome.update(resumed=self.resumed, complete=self.complete, nonce=self.nonce)
+        try:
+            shared = self._broadcast({k: v for k, v in outcome.items() if k != "exc"})
+            if "exc" in outcome:
+                raise outcome["exc"]
+            if shared.get("error"):  # another process's refusal: stop too (only the main process reports it)
+                raise UsageError(shared["error"])
+            self.resumed, self.complete = shared["resumed"], shared["complete"]
+            self._same_directory(shared["nonce"])
+        except BaseException:
+            self.close(discard=True)  # nothing half-made stays behind (a .partial, a .lock)
+            raise
+        on_abort = getattr(self.dist, "on_abort", None)
+        if on_abort is not None:  # a process ended by its watchdog (peers failed) cleans up too
+            on_abort(lambda: self.close(discard=not self.keep))
+
+    def _same_directory(self, nonce: str) -> None:
+        """Several processes: every one must see the directory rank 0 made (a filesystem all of them share), or
+        checkpoints would be incomplete and a resume would deadlock; refused on every rank (exit 2) otherwise."""
+        agree = getattr(self.dist, "agree", None)
+        if agree is None:
+            return
+        error = None
+        if not self.dist.main and read_json(self.path / STATE_FILE).get("nonce") != nonce:
+            error = UsageError(f"{self.path}: this process does not see the run directory that rank 0 made; "
+                               "--out must be on a filesystem every process of the job shares")
+        agree(error)
 
     def _broadcast(self, obj: dict) -> dict:
         fn = getattr(self.dist, "broadcast_object", None)
@@ -210,10 +232,11 @@ class RunDir:
                                      "a resume needs the same ones (or pass --restart to discard it)")
                 self.resumed = True
                 self.complete = bool(state.get("complete"))
+                write_json_atomic(self.path / STATE_FILE, {**state, "nonce": self.nonce})
             else:
                 self.path.mkdir(parents=True)
                 self.fresh = True
-                write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": False})
+                write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": False, "nonce": self.nonce})
         except BaseException:
             self.lock.release()
             raise
@@ -269,7 +292,7 @@ class RunDir:
     # --------------------------------------------------------------------------------------------------- finish
     def mark_complete(self) -> None:
         if self.dist.main:
-            write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": True})
+            write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": True, "nonce": self.nonce})
         self.complete = True
 
     def finish(self, before_rename: Callable[[], None] | None = None) -> Path:

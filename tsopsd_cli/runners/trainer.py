@@ -32,11 +32,11 @@ import torch
 
 from tsopsd_cli import lean, parallel, signals
 from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
-                                   provenance, write_checkpoint)
+                                   provenance, warn, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import require as require_engine
 from tsopsd_cli.engines.hf import HFEngine
-from tsopsd_cli.errors import DataError, Interrupted, RecipeError, UsageError
+from tsopsd_cli.errors import CheckpointError, DataError, Interrupted, RecipeError, TsopsdError, UsageError
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import recipe_to_yaml
@@ -147,17 +147,25 @@ class TrainingRun:
         self.dist = parallel.Dist(r.train.dist_timeout_minutes)
         signals.collective(self.dist.world > 1)
         signals.fault_point("setup")
-        if r.output.out is None:
-            raise UsageError("a training run needs an output directory (--out)")
-        inspect_checkpoint(self.checkpoint, allow_pickle=r.model.allow_pickle)
-        check_out(r.output.out, r.output.overwrite, tuple(self.input_paths()))
-        require_engine(r.rollout.engine)
-        if r.train.prompts_per_step % self.dist.world:
-            raise RecipeError(f"train.prompts_per_step ({r.train.prompts_per_step}) must be divisible by the number "
-                              f"of processes ({self.dist.world})")
-        problems = load_problems(r.data)  # data errors before anything is created
-        self.source_fp = fingerprint(self.checkpoint)
+        problems, error = None, None
+        try:  # every check before anything is created; with several processes the verdict is collective
+            if r.output.out is None:
+                raise UsageError("a training run needs an output directory (--out)")
+            inspect_checkpoint(self.checkpoint, allow_pickle=r.model.allow_pickle)
+            check_out(r.output.out, r.output.overwrite, tuple(self.input_paths()))
+            require_engine(r.rollout.engine)
+            if r.train.prompts_per_step % self.dist.world:
+                raise RecipeError(f"train.prompts_per_step ({r.train.prompts_per_step}) must be divisible by the "
+                                  f"number of processes ({self.dist.world})")
+            problems = load_problems(r.data)  # data errors before anything is created
+            self.source_fp = fingerprint(self.checkpoint)
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except TsopsdError as e:
+            error = e
+        self.dist.agree(error)
         key = run_key(r, self.source_fp)
+        self.agree_on_inputs(problems)
         self.run = RunDir(r.output.out, key=key, log_name="metrics.jsonl", resume=self.resume, restart=self.restart,
                           dist=self.dist, overwrite=r.output.overwrite)
         if self.run.complete:
@@ -169,6 +177,27 @@ class TrainingRun:
         except BaseException:
             self.run.close(discard=True)  # a refused or failed setup leaves nothing behind
             raise
+        self.run.keep = True  # from here on a failure keeps the partial directory (its checkpoints)
+
+    def agree_on_inputs(self, problems: list[Problem]) -> None:
+        """Several processes: refuse (exit 2, on every rank) unless all run the same recipe on the same input
+        checkpoint, data and output; a rank given another lr would train silently wrong weights, another max_steps
+        would deadlock the job."""
+        if self.dist.world == 1:
+            return
+        digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
+        body = self.r.model_dump(mode="json")
+        parts = {"the recipe": digest({k: v for k, v in body.items() if k != "output"}),
+                 "the output settings": digest(body.get("output")),
+                 "the input checkpoint": self.source_fp,
+                 "the training data": digest([(p.prompt, p.answer) for p in problems]),
+                 "--out": str(Path(self.r.output.out).resolve())}
+        every = self.dist.gather_objects(parts)
+        bad = sorted({name for other in every for name in parts if other[name] != every[0][name]})
+        if bad:
+            ranks = [i for i, other in enumerate(every) if other != every[0]]
+            raise UsageError(f"the processes of this job disagree on {', '.join(bad)} (ranks {ranks} differ from "
+                             "rank 0): every process must run the same command")
 
     def _setup_in_run(self, problems: list[Problem], key: str) -> None:
         r = self.r
@@ -186,10 +215,8 @@ class TrainingRun:
         self.pending_row: dict | None = None
         self.history: list[dict] = []
         self.validator = Validator(r.validation, self.tok) if r.validation.enabled else None
-        ckpt = self.run.latest() if self.run.resumed else None
+        ckpt, st = self.resume_point()
         if ckpt is not None:
-            parallel.load_state(ckpt / MODEL_STATE, self.model, self.opt)
-            st = torch.load(ckpt / TRAINER_STATE, weights_only=True, map_location="cpu")
             self.sched.load_state_dict(st["scheduler"])
             self.gen.set_state(st["generator"])
             random.setstate(_tupled(st["python_rng"]))
@@ -214,6 +241,37 @@ class TrainingRun:
         if ckpt is not None:
             self.load_method_state(self._method_state, ckpt)
         self.wnorm = parallel.weight_norm(self.model, self.pl, self.dist)
+
+    def resume_point(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to continue from, chosen once (rank 0) for every process: the newest intact one. A
+        damaged newest checkpoint (a truncated trainer state, a missing or corrupt shard: a full disk or a kill
+        during a copy) is passed over with one line saying so, and the previous intact one is used."""
+        if not self.run.resumed:
+            return None, None
+        candidates = [str(p) for p in self.run.checkpoints()] if self.dist.main else None
+        candidates = self.dist.broadcast_object(candidates)
+        for path in reversed([Path(c) for c in candidates]):
+            error = None
+            st = None
+            try:
+                st = torch.load(path / TRAINER_STATE, weights_only=True, map_location="cpu")
+                parallel.load_state(path / MODEL_STATE, self.model, self.opt)
+            except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                error = e
+            failed = self.dist.gather_objects(None if error is None else f"{type(error).__name__}: "
+                                              f"{str(error).splitlines()[0] if str(error) else ''}")
+            bad = [f for f in failed if f is not None]
+            if not bad:
+                return path, st
+            if self.dist.main:
+                warn(f"checkpoint {path.name} in {self.run.path} is damaged ({bad[0][:200]}); falling back to the "
+                     "previous one")
+        if candidates:
+            raise CheckpointError(f"{self.run.path}: no intact checkpoint to resume from (all {len(candidates)} "
+                                  "are damaged); pass --restart to start again")
+        return None, None
 
     def load(self, path, trainable: bool):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
@@ -315,10 +373,26 @@ class TrainingRun:
         if self.dist.any(bad):
             O.check_finite("rollout log-prob (the policy's logits)", float("nan"), self.step + 1)
 
+    def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Note (not raise: the other processes would wait in the next collective) a non-finite loss of this
+        process; `optimizer_step` decides on every process together. Testing aid: TSOPSD_FAULT=NAN@step#N makes
+        the loss of step N non-finite (in the process whose RANK is TSOPSD_FAULT_RANK, or every one)."""
+        if signals.poisoned("step", self.step + 1):
+            loss = loss * float("nan")
+        value = float(loss.detach())
+        if not math.isfinite(value) and getattr(self, "bad_loss", None) is None:
+            self.bad_loss = value
+        return loss
+
     def optimizer_step(self) -> float:
-        """Sum gradients (ddp), clip, check, step, check the weights; returns the gradient norm. A parameter
-        without a gradient (nothing was back-propagated, e.g. every row of the mini-batch had advantage 0) gets
-        an explicit zero one, so the optimiser's momentum moves it exactly as after a zero-valued backward."""
+        """Check the losses (every process together), sum gradients (ddp), clip, check, step, check the weights;
+        returns the gradient norm. A parameter without a gradient (nothing was back-propagated, e.g. every row of
+        the mini-batch had advantage 0) gets an explicit zero one, so the optimiser's momentum moves it exactly as
+        after a zero-valued backward."""
+        bad, self.bad_loss = getattr(self, "bad_loss", None), None
+        if self.dist.any(bad is not None):
+            where = "" if bad is not None else f" on another process (rank {self.dist.rank} had a finite one)"
+            O.check_finite(f"loss{where}", bad if bad is not None else float("nan"), self.step + 1)
         for p in self.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -496,6 +570,10 @@ class TrainingRun:
         try:
             self.setup()
             return self.finish_complete() if self.run.complete else self.run_loop()
+        except BaseException as e:
+            if hasattr(self, "dist"):
+                self.dist.failing(e)  # the other processes stop within seconds, with the same exit code
+            raise
         finally:
             try:
                 self.close()
