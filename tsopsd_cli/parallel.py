@@ -210,12 +210,35 @@ class Dist:
         if self._watch is not None:
             self._watch.post_failure(exit_code_of(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
+    def explain(self, exc: BaseException) -> BaseException:
+        """What a communication error (a collective whose peer went away) means: the failure another process
+        posted (its message and exit code), or the death of the peers whose heartbeats stopped (exit 6). Any other
+        exception is returned as it is."""
+        if self._watch is None or not _is_comm_error(exc):
+            return exc
+        from tsopsd_cli.errors import PeerFailed, with_code
+
+        record, dead = self._watch.diagnose()
+        if record is not None and record["rank"] != self.rank:
+            return with_code(f"rank {record['rank']} failed: {record['message']}", record["code"])
+        who = f"rank {', '.join(map(str, dead))}" if dead else "another process"
+        return PeerFailed(f"{who} of the job died (a collective lost its peer); the last checkpoint is kept: "
+                          "continue with the same command and --resume")
+
     def close(self) -> None:
         global _ACTIVE
         if self._watch is not None:
             self.failure = self._watch.leave()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset", "gloo", "NCCL", "Broken pipe"))
 
 
 class _Watchdog:
@@ -259,6 +282,30 @@ class _Watchdog:
         except Exception:  # noqa: BLE001
             pass
         return self.dist.failure
+
+    def diagnose(self, wait: float = 3.0) -> tuple[dict | None, list[int]]:
+        """(the failure record, or None; the peers whose heartbeats did not advance during `wait` seconds)."""
+        import time
+
+        peers = [r for r in range(self.dist.world) if r != self.dist.rank]
+
+        def read():
+            with self.lock:
+                rec = json.loads(self.store.get(_KEY + "abort")) if self.store.check([_KEY + "abort"]) else None
+                return rec, {r: self.store.add(f"{_KEY}hb/{r}", 0) for r in peers}
+
+        try:
+            record, first = read()
+            t0 = time.monotonic()
+            while record is None and time.monotonic() - t0 < wait:
+                time.sleep(0.2)
+                record, last = read()
+            if record is not None:
+                self.dist.failure = record
+                return record, []
+            return None, [r for r in peers if last[r] == first[r]]
+        except Exception:  # noqa: BLE001 - the store is gone: rank 0 died
+            return self.dist.failure, [0] if self.dist.failure is None else []
 
     def leave(self) -> dict | None:
         """Stop watching; say so to the others; rank 0 (the store's host) waits up to GRACE seconds for the others

@@ -8,6 +8,9 @@ half-way becomes visible, because every output is written atomically.
 
 With several processes a rank must not stop alone (the others would wait in a collective), so `collective(True)`
 turns the local checks off and the training loop asks all ranks together at its step and validation boundaries.
+A rollout's generation (hundreds of seconds at 8B) is the exception: inside `abortable()` each rank stops its
+generation at the next decoding step and the ranks agree right after it, so that a SIGTERM is acted on within
+seconds of the rollout phase instead of after a whole step.
 
 Fault injection (tests): `TSOPSD_FAULT=<TERM|INT|KILL|STOP>@<point>[#<n>]` makes the process send itself that
 signal the n-th time (default 1st) it reaches the named point (`fault_point(name)`); e.g. `TERM@validation#2`,
@@ -27,6 +30,7 @@ from tsopsd_cli.errors import Interrupted
 
 _requested: str | None = None
 _collective = False
+_abortable = False
 _fault_counts: dict[str, int] = {}
 
 
@@ -66,9 +70,21 @@ def collective(on: bool) -> None:
     _collective = on
 
 
+@contextlib.contextmanager
+def abortable() -> Iterator[None]:
+    """Several processes: local checks are on for the duration, for work that no collective runs through (a
+    rollout's generation on gathered or replicated weights); the caller agrees with the others right after."""
+    global _abortable
+    was, _abortable = _abortable, True
+    try:
+        yield
+    finally:
+        _abortable = was
+
+
 def check(where: str = "") -> None:
-    """Raise Interrupted if a signal arrived (single process only; see `collective`)."""
-    if _requested is not None and not _collective:
+    """Raise Interrupted if a signal arrived (single process, or inside `abortable`; see `collective`)."""
+    if _requested is not None and (not _collective or _abortable):
         raise Interrupted(f"{_requested} received{' during ' + where if where else ''}")
 
 

@@ -371,3 +371,127 @@ def test_a_second_run_never_replaces_a_finished_out_whenever_it_was_started(tiny
     assert second.returncode == 2 and "already exists" in err and "--overwrite" in err, err
     assert ((out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").stat().st_mtime_ns) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no partial, no lock left by either refusal
+
+
+# --------------------------------------------------------------------------- several processes (#24, by hand)
+# Ranks started as srun starts them: one process per rank, each with its own environment (RANK, WORLD_SIZE,
+# MASTER_ADDR/PORT on loopback, gloo), no launcher watching them. Kept small: tiny checkpoints, 1-3 steps.
+MP = [*SMALL, "--set", "train.strategy=fsdp", "--max-steps", "3", "--prompts-per-step", "4", "--num-generations",
+      "4"]
+
+
+def start_ranks(n: int, args_per_rank: list[list[str]], env: dict | None = None,
+                env_per_rank: list[dict] | None = None, ranks: list[int] | None = None) -> dict:
+    """Start the given ranks (default: all n) of one n-process job; returns {rank: Popen}."""
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    procs = {}
+    for rank in (range(n) if ranks is None else ranks):
+        extra = {"OMP_NUM_THREADS": "1", **(env or {}), **((env_per_rank or [{}] * n)[rank]),
+                 "WORLD_SIZE": str(n), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}
+        procs[rank] = start_cli(*args_per_rank[rank], env=extra)
+        procs[rank].port = port
+    return procs
+
+
+def finish_all(procs: dict, timeout: float = 600) -> dict:
+    """{rank: (exit code, stderr, seconds from the start of waiting to its exit)}."""
+    t0, done = time.time(), {}
+    while len(done) < len(procs):
+        for rank, p in procs.items():
+            if rank not in done and p.poll() is not None:
+                done[rank] = (p.returncode, p.stderr.read(), time.time() - t0)
+        if time.time() - t0 > timeout:
+            for p in procs.values():
+                p.kill()
+            raise AssertionError(f"ranks still running after {timeout} s: {set(procs) - set(done)}")
+        time.sleep(0.05)
+    return done
+
+
+def errors_of(stderr: str) -> list[str]:
+    return [x for x in stderr.splitlines() if x.startswith("tsopsd: error:")]
+
+
+def left_behind(tmp_path, name: str = "x") -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{name}."))
+
+
+@pytest.mark.slow
+def test_two_ranks_a_nan_on_rank_1_at_step_2_both_exit_3_and_the_step_1_checkpoint_resumes(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args], env={"TSOPSD_FAULT": "NAN@step#2", "TSOPSD_FAULT_RANK": "1"}))
+    assert [done[r][0] for r in (0, 1)] == [3, 3], done
+    assert abs(done[0][2] - done[1][2]) < 10  # together, not after a collective timeout
+    line = errors_of(done[0][1])
+    assert len(line) == 1 and "non-finite loss" in line[0] and "step 2" in line[0], done[0][1]
+    ckpts = tmp_path / ".x.partial" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001"]
+    assert left_behind(tmp_path) == [".x.partial"]  # the lock is released
+    done = finish_all(start_ranks(2, [args + ["--resume"]] * 2))
+    assert [done[r][0] for r in (0, 1)] == [0, 0], done
+    assert steps_of(out) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_ranks_that_disagree_on_a_recipe_value_both_exit_2_at_start_up_leaving_nothing(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args + ["--lr", "5e-3"]]), timeout=300)
+    assert [done[r][0] for r in (0, 1)] == [2, 2], done
+    line = errors_of(done[0][1])
+    assert len(line) == 1 and "disagree on the recipe" in line[0] and "[1]" in line[0], done[0][1]
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_rank_whose_peer_never_started_exits_130_within_seconds(tiny_ckpt, tmp_path):
+    import socket
+
+    out = tmp_path / "x"
+    procs = start_ranks(2, [["rl", str(tiny_ckpt), *MP, "--out", str(out)]] * 2, ranks=[0])
+    p = procs[0]
+
+    def listening():
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", p.port)) == 0
+
+    _wait_for(lambda: listening() or p.poll() is not None, what="rank 0 to wait for its peer")
+    time.sleep(1.0)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    code = p.wait(timeout=60)
+    took = time.time() - t0
+    err = p.stderr.read()
+    assert code == 130 and took < 10, (code, took, err)
+    assert len(errors_of(err)) == 1 and "SIGTERM" in errors_of(err)[0], err
+    assert left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_rank_killed_during_setup_its_peer_exits_within_seconds_leaving_no_partial_or_lock(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args], env={"TSOPSD_FAULT": "KILL@setup-run",
+                                                         "TSOPSD_FAULT_RANK": "1"}), timeout=300)
+    assert done[1][0] == -signal.SIGKILL
+    assert done[0][0] == 6 and done[0][2] - done[1][2] < 40, done[0]  # PEER_DEAD (15 s) + GRACE, not 30 min
+    assert len(errors_of(done[0][1])) == 1 and "rank 1" in errors_of(done[0][1])[0], done[0][1]
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_during_setup_makes_every_rank_exit_with_its_code(tiny_ckpt, tmp_path):
+    """Rank 1 reads another (here: corrupt) checkpoint: refused on every rank (exit 2) within seconds."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "x"
+    done = finish_all(start_ranks(2, [["rl", str(tiny_ckpt), *MP, "--out", str(out)],
+                                      ["rl", str(bad), *MP, "--out", str(out)]]), timeout=300)
+    assert [done[r][0] for r in (0, 1)] == [2, 2], done
+    assert "rank 1" in errors_of(done[0][1])[0]
+    assert not out.exists() and left_behind(tmp_path) == []

@@ -20,6 +20,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -201,6 +202,7 @@ class TrainingRun:
 
     def _setup_in_run(self, problems: list[Problem], key: str) -> None:
         r = self.r
+        signals.fault_point("setup-run")
         self.stream = PromptStream(problems, r.train.seed)
         self.pl = parallel.placement(r.model, r.train, self.dist)
         self.model, self.tok = self.load(self.checkpoint, trainable=True)
@@ -302,13 +304,29 @@ class TrainingRun:
     def hf_engine(self, model, batch_size: int) -> HFEngine:
         return HFEngine(model, self.tok, batch_size=batch_size, lean=self.r.model.lean)
 
-    def generate(self, engine, prompts, params):
+    def generate(self, engine, prompts, params, agree: bool = True):
         """Sample: the hf engine on (the gathered parameters of) its model in the compute dtype, or the vllm
-        engine (woken up if asleep)."""
-        if engine.name != "hf":
-            return engine.generate(prompts, params)
-        with parallel.gathered(engine.model), self.pl.autocast():
-            return engine.generate(prompts, params)
+        engine (woken up if asleep). With `agree` (every process calls it the same number of times: rollouts) a
+        signal stops the generation at its next decoding step on each process and all of them agree on it right
+        after (raising Interrupted together); the step's state is then that of the last completed step."""
+        aborted = False
+        try:
+            with signals.abortable() if agree else contextlib.nullcontext():
+                if engine.name != "hf":
+                    comps = engine.generate(prompts, params)
+                else:
+                    with parallel.gathered(engine.model), self.pl.autocast():
+                        comps = engine.generate(prompts, params)
+        except Interrupted:
+            if not agree:
+                raise
+            aborted, comps = True, None
+        if agree and self.dist.world > 1 and self.dist.any(aborted):
+            raise Interrupted(f"{signals.requested() or 'a signal'} received during the rollout of step "
+                              f"{self.step + 1}")
+        if aborted:
+            raise Interrupted(f"{signals.requested() or 'a signal'} received during generation")
+        return comps
 
     def rollouts_done(self) -> None:
         """Between sampling and training: a sleeping engine gives its memory to the trainer."""
@@ -390,6 +408,8 @@ class TrainingRun:
         the mini-batch had advantage 0) gets an explicit zero one, so the optimiser's momentum moves it exactly as
         after a zero-valued backward."""
         bad, self.bad_loss = getattr(self, "bad_loss", None), None
+        if bad is None and signals.poisoned("step", self.step + 1):
+            bad = float("nan")  # (the testing aid, on a process that had no row to train in this step)
         if self.dist.any(bad is not None):
             where = "" if bad is not None else f" on another process (rank {self.dist.rank} had a finite one)"
             O.check_finite(f"loss{where}", bad if bad is not None else float("nan"), self.step + 1)
@@ -411,7 +431,8 @@ class TrainingRun:
         engine = self.engine if self.engine.name != "hf" else self.hf_engine(self.model, self.r.validation.batch_size)
         was = self.model.training
         self.model.eval()
-        res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params), self.dist)
+        res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params, agree=False),
+                                 self.dist)
         self.model.train(was)
         return {"val_accuracy": res["accuracy"], "val_entropy": res["entropy"], "val_pass@k": res["pass@k"],
                 "val_length": res["mean_length"]}
@@ -571,9 +592,13 @@ class TrainingRun:
             self.setup()
             return self.finish_complete() if self.run.complete else self.run_loop()
         except BaseException as e:
-            if hasattr(self, "dist"):
-                self.dist.failing(e)  # the other processes stop within seconds, with the same exit code
-            raise
+            if not hasattr(self, "dist"):
+                raise
+            why = self.dist.explain(e)  # a collective that lost its peer: what happened to the peer
+            self.dist.failing(why)  # the other processes stop within seconds, with the same exit code
+            if why is e:
+                raise
+            raise why from None
         finally:
             try:
                 self.close()
