@@ -495,3 +495,95 @@ def test_a_rank_that_fails_during_setup_makes_every_rank_exit_with_its_code(tiny
     assert [done[r][0] for r in (0, 1)] == [2, 2], done
     assert "rank 1" in errors_of(done[0][1])[0]
     assert not out.exists() and left_behind(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- input validation, CLI (#24.7, #24.8)
+def test_rl_data_with_empty_answers_is_refused_with_a_count(tiny_ckpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1=?", "answer": "2"}\n{"problem": "2+2=?", "answer": null}\n'
+                    '{"problem": "3+3=?", "answer": []}\n')
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "x")))
+    assert "2 of 3 rows" in line and "empty 'answer'" in line and "line 2" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_rl_prompts_longer_than_the_models_context_are_refused(tiny_ckpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+" * 200 + "1=?", "answer": "201"}) + "\n")  # context: 128 tokens
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "x")))
+    assert "model's context (128 tokens" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def _nan_checkpoint(tiny_ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "nan-ckpt"
+    shutil.copytree(tiny_ckpt, ck)
+    w = load_file(ck / "model.safetensors")
+    name = sorted(w)[3]
+    w[name] = w[name].clone()
+    w[name].view(-1)[0] = float("nan")
+    save_file(w, ck / "model.safetensors", metadata={"format": "pt"})
+    return ck
+
+
+def test_a_checkpoint_with_nan_weights_is_bad_input_everywhere(tiny_ckpt, tmp_path):
+    ck = _nan_checkpoint(tiny_ckpt, tmp_path)
+    for args in (["rl", str(ck), *SMALL, "--out", str(tmp_path / "x")],
+                 ["eval", str(ck), "--limit", "1", "-n", "1", "--max-new-tokens", "4", "--quiet"],
+                 ["diagnose", str(ck), "--num-prompts", "1", "--num-generations", "1", "--max-new-tokens", "4", "--quiet"]):
+        line = one_error_line(run_cli(*args), code=2)
+        assert "NaN or infinite" in line, (args[0], line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan-ckpt"]
+
+
+def test_bad_environment_values_do_not_break_version(tmp_path):
+    for env in ({"TSOPSD_LOG_EVERY": "abc"}, {"WORLD_SIZE": "x"}):
+        p = run_cli("--version", env=env)
+        assert p.returncode == 0 and p.stdout.startswith("tsopsd "), (env, p.stderr)
+    line = one_error_line(run_cli("toy", "init", "--out", str(tmp_path / "t"), "--steps", "1",
+                                  env={"TSOPSD_LOG_EVERY": "abc"}))
+    assert "TSOPSD_LOG_EVERY" in line
+
+
+def test_a_closed_stdout_does_not_fail_a_finished_run(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    p = start_cli("rl", str(tiny_ckpt), *SMALL, "--max-steps", "1", "--out", str(out), "--json")
+    p.stdout.close()  # as `| head -c 0` does
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert (out / "model.safetensors").is_file() and "error" not in err
+
+
+def test_ctrl_c_is_exit_130_with_one_line(tiny_ckpt, tmp_path):
+    p = run_cli("rl", str(tiny_ckpt), *SMALL, "--out", str(tmp_path / "x"), env={"TSOPSD_FAULT": "INT@rollout#1"})
+    line = one_error_line(p, code=130)
+    assert "SIGINT" in line
+    # a KeyboardInterrupt raised inside a command (a second Ctrl-C) reaches tsopsd, not typer's silent exit 130
+    from tsopsd_cli.cli import app
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    import tsopsd_cli.runners.rl as rl_runner
+
+    orig, rl_runner.run_rl = rl_runner.run_rl, boom
+    try:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = app.main(["rl", str(tiny_ckpt), "--out", str(tmp_path / "y")])
+    finally:
+        rl_runner.run_rl = orig
+    assert code == 130 and err.getvalue().startswith("tsopsd: error: interrupted"), err.getvalue()
+
+
+def test_eval_grade_stops_on_a_signal(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text("".join(json.dumps({"completion": "so \\boxed{4}", "answer": "4"}) + "\n" for _ in range(40)))
+    p = run_cli("eval", "grade", str(f), "--json", "--quiet", env={"TSOPSD_FAULT": "TERM@grade-chunk#2"})
+    line = one_error_line(p, code=130)
+    assert "SIGTERM received during grading" in line and p.stdout == ""

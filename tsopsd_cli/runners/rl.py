@@ -82,6 +82,7 @@ def to_padded(flat: torch.Tensor, batch, num_seqs: int, width: int) -> torch.Ten
 # ---------------------------------------------------------------------------------------------------- runner
 class RLRunner(TrainingRun):
     command = "rl"
+    needs_answers = True
     plot_keys = [("entropy", "token entropy (nats)"), ("reward", "reward")]
     progress_info = ("reward", "entropy")
     snapshot = None  # the thermostat's teacher: the policy frozen at the start of a reheat phase

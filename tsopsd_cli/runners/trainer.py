@@ -21,10 +21,12 @@ directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +84,10 @@ class PromptStream:
         return out
 
 
+class CheckpointWriteError(TsopsdError):
+    """A step checkpoint could not be written (a full disk, an I/O error): exit 1, the previous one is kept."""
+
+
 class Finished(Interrupted):
     """A signal after every output was written: only the rename into place is left for --resume."""
 
@@ -96,6 +102,7 @@ def is_training_row(row: dict) -> bool:
 
 class TrainingRun:
     command = "train"
+    needs_answers = False  # every training prompt must have a gold answer (rl's rewards grade against it)
     plot_keys: list[tuple[str, str]] = []
     progress_info: tuple[str, ...] = ()
 
@@ -158,7 +165,7 @@ class TrainingRun:
             if r.train.prompts_per_step % self.dist.world:
                 raise RecipeError(f"train.prompts_per_step ({r.train.prompts_per_step}) must be divisible by the "
                                   f"number of processes ({self.dist.world})")
-            problems = load_problems(r.data)  # data errors before anything is created
+            problems = load_problems(r.data, require_answers=self.needs_answers)  # before anything is created
             self.source_fp = fingerprint(self.checkpoint)
         except (Interrupted, KeyboardInterrupt):
             raise
@@ -206,6 +213,7 @@ class TrainingRun:
         self.stream = PromptStream(problems, r.train.seed)
         self.pl = parallel.placement(r.model, r.train, self.dist)
         self.model, self.tok = self.load(self.checkpoint, trainable=True)
+        self.check_prompt_lengths(problems)
         self.device = self.pl.device
         if r.train.gradient_checkpointing and not (r.model.lean and lean.supports(self.model)):
             self.model.gradient_checkpointing_enable()
@@ -274,6 +282,19 @@ class TrainingRun:
             raise CheckpointError(f"{self.run.path}: no intact checkpoint to resume from (all {len(candidates)} "
                                   "are damaged); pass --restart to start again")
         return None, None
+
+    def check_prompt_lengths(self, problems: list[Problem]) -> None:
+        """Refuse (exit 2) training prompts that leave no room for a completion in the model's context."""
+        from tsopsd_cli.engines import encode_prompts
+
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if not context:
+            return
+        lengths = [len(ids) for ids in encode_prompts(self.tok, [p.prompt for p in problems])]
+        over = [n for n in lengths if n >= context]
+        if over:
+            raise DataError(f"{len(over)} of {len(lengths)} training prompts are as long as or longer than the "
+                            f"model's context ({context} tokens; the longest has {max(over)}): shorten or drop them")
 
     def load(self, path, trainable: bool):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
@@ -454,15 +475,31 @@ class TrainingRun:
             return
         signals.fault_point("save")
         tmp = self.run.prepare_staging(self.step)
-        parallel.save_state(tmp / MODEL_STATE, self.model, self.opt)
-        for name, model in self.extra_models().items():
-            parallel.save_model(tmp / name, model)
-        if self.dist.main:
-            state = {"scheduler": self.sched.state_dict(), **(cursor or self.cursor()), "step": self.step,
-                     "pending_row": pending_row, "stop_reason": self.stop_reason, "method": self.method_state()}
-            torch.save(state, tmp / TRAINER_STATE)
+        try:
+            parallel.save_state(tmp / MODEL_STATE, self.model, self.opt)
+            for name, model in self.extra_models().items():
+                parallel.save_model(tmp / name, model)
+            if self.dist.main:
+                state = {"scheduler": self.sched.state_dict(), **(cursor or self.cursor()), "step": self.step,
+                         "pending_row": pending_row, "stop_reason": self.stop_reason, "method": self.method_state()}
+                torch.save(state, tmp / TRAINER_STATE)
+        except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit, Interrupted)):
+                raise
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the half-written staging folder (and the space it took)
+            raise CheckpointWriteError(self._write_failure(e)) from None
         self.run.publish(self.step, self.r.train.keep_last)
         self.saved_step = self.step
+
+    def _write_failure(self, e: BaseException) -> str:
+        cause = " ".join(str(e).split())[:200] or type(e).__name__
+        if "No space left" in cause or getattr(e, "errno", None) == errno.ENOSPC:
+            cause = "no space left on the device"
+        kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step >= 0
+                else "no earlier checkpoint: a resume starts from step 0")
+        return (f"writing the checkpoint of step {self.step} in {self.run.path} failed ({cause}); {kept}: free "
+                "space if needed, then run the same command with --resume")
 
     def safe_point(self, where: str) -> None:
         """Stop here if any process received a signal (all processes agree)."""

@@ -9,7 +9,7 @@ from tsopsd_cli.errors import DataError
 from tsopsd_cli.tasks.base import Problem, answer_text
 
 
-def load_problems(data) -> list[Problem]:
+def load_problems(data, require_answers: bool = False) -> list[Problem]:
     """Problems for a recipe's `data` section."""
     if data.type == "toy":
         from tsopsd_cli.tasks import toy
@@ -26,6 +26,7 @@ def load_problems(data) -> list[Problem]:
         if data.limit:
             rows = rows[:data.limit]
         out = []
+        empty: list[int] = []
         for n, row in enumerate(rows, 1):
             if data.question_field not in row:
                 raise DataError(f"{source}:{n}: no field {data.question_field!r} (set data.question_field)")
@@ -33,9 +34,14 @@ def load_problems(data) -> list[Problem]:
             if data.answer_field is not None:
                 if data.answer_field not in row:
                     raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
-                answer = answer_text(row[data.answer_field])
+                answer = answer_text(row[data.answer_field]) if row[data.answer_field] is not None else ""
+                if not answer and require_answers:  # null, [] or "": no gold to grade against ("None" would grade \boxed{None} correct)
+                    empty.append(n)
             pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
             out.append(Problem(id=pid, prompt=template.format(question=row[data.question_field]), answer=answer))
+        if empty:
+            raise DataError(f"{source}: {len(empty)} of {len(rows)} rows have an empty {data.answer_field!r} (null, [] "
+                            f"or \"\"; first at line {empty[0]}): remove them or fill in their answers")
         return out
     raise DataError(f"unknown data type {data.type!r}")
 
