@@ -587,3 +587,63 @@ def test_eval_grade_stops_on_a_signal(tmp_path):
     p = run_cli("eval", "grade", str(f), "--json", "--quiet", env={"TSOPSD_FAULT": "TERM@grade-chunk#2"})
     line = one_error_line(p, code=130)
     assert "SIGTERM received during grading" in line and p.stdout == ""
+
+
+# ---------------------------------------------------------------------- damaged checkpoints, full disk (#24.6)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tiny_ckpt, tmp_path):
+    args = ["rl", str(tiny_ckpt), *SMALL, "--max-steps", "3"]
+    for damage in ("truncated trainer state", "missing shard"):
+        out = tmp_path / damage.replace(" ", "-")
+        p = run_cli(*args, "--out", str(out), env={"TSOPSD_FAULT": "KILL@step#3"})
+        assert p.returncode == -signal.SIGKILL
+        ckpts = tmp_path / f".{out.name}.partial" / "checkpoints"
+        assert sorted(x.name for x in ckpts.iterdir()) == ["step-000001", "step-000002"]
+        if damage == "truncated trainer state":
+            st = ckpts / "step-000002" / "trainer_state.pt"
+            st.write_bytes(st.read_bytes()[:100])
+        else:
+            for shard in (ckpts / "step-000002" / "state").glob("*.distcp"):
+                shard.unlink()
+        p = run_cli(*args, "--out", str(out), "--resume")
+        assert p.returncode == 0, p.stderr
+        warnings = [x for x in p.stderr.splitlines() if x.startswith("tsopsd: warning:")]
+        assert len(warnings) == 1 and "step-000002" in warnings[0] and "falling back" in warnings[0], p.stderr
+        assert "Traceback" not in p.stderr
+        assert steps_of(out) == [1, 2, 3]
+
+
+def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, tmp_path, monkeypatch):
+    """A full disk during a step checkpoint: torch.distributed.checkpoint raises CheckpointException, which derives
+    from BaseException (it escaped every handler before)."""
+    import contextlib
+    import io
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from tsopsd_cli import parallel
+    from tsopsd_cli.cli import app
+
+    calls = []
+    real = parallel.save_state
+
+    def save_state(path, model, opt):
+        calls.append(path)
+        if len(calls) == 2:
+            raise CheckpointException("CheckpointException ranks:dict_keys([0])",
+                                      {0: (OSError(28, "No space left on device"), None)})
+        return real(path, model, opt)
+
+    monkeypatch.setattr(parallel, "save_state", save_state)
+    out = tmp_path / "x"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = app.main(["rl", str(tiny_ckpt), *SMALL, "--max-steps", "3", "--out", str(out)])
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    assert code == 1 and len(lines) == 1, err.getvalue()
+    assert "checkpoint of step 2" in lines[0] and "step 1 is kept" in lines[0] and "--resume" in lines[0]
+    ckpts = tmp_path / ".x.partial" / "checkpoints"
+    assert sorted(x.name for x in ckpts.iterdir()) == ["step-000001"]  # no half-written staging folder
+    monkeypatch.setattr(parallel, "save_state", real)
+    p = run_cli("rl", str(tiny_ckpt), *SMALL, "--max-steps", "3", "--out", str(out), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert steps_of(out) == [1, 2, 3]
