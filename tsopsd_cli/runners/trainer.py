@@ -474,6 +474,7 @@ class TrainingRun:
         if self.saved_step == self.step and pending_row is None:
             return
         signals.fault_point("save")
+        t0 = time.perf_counter()
         tmp = self.run.prepare_staging(self.step)
         try:
             parallel.save_state(tmp / MODEL_STATE, self.model, self.opt)
@@ -491,6 +492,8 @@ class TrainingRun:
             raise CheckpointWriteError(self._write_failure(e)) from None
         self.run.publish(self.step, self.r.train.keep_last)
         self.saved_step = self.step
+        # (the save's duration is one term of the SIGTERM lead time a cluster job needs: docs/cluster.md)
+        self.progress.log(f"checkpoint of step {self.step} saved in {time.perf_counter() - t0:.1f} s")
 
     def _write_failure(self, e: BaseException) -> str:
         cause = " ".join(str(e).split())[:200] or type(e).__name__
