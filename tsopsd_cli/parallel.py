@@ -37,8 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ------------------------------------------------------------------------------------------------ processes
 # How a multi-process job keeps no rank waiting (issue 24). Besides the process group, every process keeps a side
 # channel on the job's TCP store (MASTER_ADDR:MASTER_PORT, served by rank 0) and a watchdog thread that
-#  - posts a heartbeat every HEARTBEAT seconds and notices a peer whose heartbeat stopped for PEER_DEAD seconds
-#    (killed, out of memory) or whose process group store is gone (rank 0 died);
+#  - posts a heartbeat every HEARTBEAT seconds and notices a peer whose heartbeat stopped for TSOPSD_PEER_TIMEOUT
+#    seconds (killed, out of memory) or whose process group store is gone (rank 0 died); a peer killed while the
+#    others are in a collective with it is usually noticed sooner, by the collective's own error (`explain`);
 #  - reads the job's failure record: the first process that fails posts {rank, code, message} (first one wins);
 #  - reads the signal numbers that the C-level handler writes to a wake-up pipe even while the main thread is
 #    blocked inside a collective (Python runs its own handlers only between bytecodes);
@@ -49,7 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # from outside (it watches the workers and stops all when one fails); under srun there is no agent, so the
 # processes watch each other.
 HEARTBEAT = 0.5
-PEER_DEAD = 15.0
+PEER_DEAD = 60.0  # default of TSOPSD_PEER_TIMEOUT: long enough for a process busy in a call that holds the GIL
 GRACE = 5.0
 _KEY = "tsopsd/"
 _ACTIVE: "Dist | None" = None
@@ -66,6 +67,21 @@ def env_int(name: str, default: int) -> int:
         from tsopsd_cli.errors import UsageError
 
         raise UsageError(f"{name}={raw!r}: expected an integer (set by the launcher: torchrun, srun)") from None
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        from tsopsd_cli.errors import UsageError
+
+        raise UsageError(f"{name}={raw!r}: expected a number of seconds > 0")
+    return value
 
 
 def active() -> "Dist | None":
@@ -249,6 +265,7 @@ class _Watchdog:
         import threading
 
         self.dist = dist
+        self.dead_after = _env_seconds("TSOPSD_PEER_TIMEOUT", PEER_DEAD)
         self.store = torch.distributed.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30))
         self.lock = threading.Lock()  # the store client is used by this thread and the main thread
         self.cleanups: list = []
@@ -400,8 +417,8 @@ class _Watchdog:
                 for r in peers:
                     if counts[r] != beats[r][0]:
                         beats[r] = (counts[r], now)
-                    elif r not in gone and now - beats[r][1] > PEER_DEAD and event is None:
-                        msg = (f"rank {r} stopped answering for {PEER_DEAD:g} s (died?); the last checkpoint is "
+                    elif r not in gone and now - beats[r][1] > self.dead_after and event is None:
+                        msg = (f"rank {r} stopped answering for {self.dead_after:g} s (died?); the last checkpoint is "
                                "kept: continue with the same command and --resume")
                         self.post_failure(EXIT_PEER, msg)
                         event = (now, EXIT_PEER, msg)
