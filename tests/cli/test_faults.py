@@ -647,3 +647,19 @@ def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, t
     p = run_cli("rl", str(tiny_ckpt), *SMALL, "--max-steps", "3", "--out", str(out), "--resume")
     assert p.returncode == 0, p.stderr
     assert steps_of(out) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_ranks_sigterm_during_the_rollout_stops_generation_and_agrees_at_once(tiny_ckpt, tmp_path):
+    """#21.4: a signal during generation is acted on at the next decoding step, not after the whole step (with
+    several processes the safe point used to be the start of the next step only)."""
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args], env={"TSOPSD_FAULT": "TERM@rollout#2"}))
+    assert [done[r][0] for r in (0, 1)] == [130, 130], done
+    line = errors_of(done[0][1])
+    assert len(line) == 1 and "rollout of step 2" in line[0] and "checkpoint of step 1" in line[0], done[0][1]
+    assert sorted(p.name for p in (tmp_path / ".x.partial" / "checkpoints").iterdir()) == ["step-000001"]
+    done = finish_all(start_ranks(2, [args + ["--resume"]] * 2))
+    assert [done[r][0] for r in (0, 1)] == [0, 0], done
+    assert steps_of(out) == [1, 2, 3]
