@@ -84,6 +84,33 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+def announce_early_failure(code: int, message: str, wait: float = 15.0) -> None:
+    """A process of a multi-process job that failed before it joined the others (a bad flag or recipe): post the
+    failure on the job's store so that the others, waiting in the rendezvous, stop with the same code instead of
+    waiting out the timeout. Rank 0 serves the store for up to `wait` seconds (until the others have read it)."""
+    import time
+
+    try:
+        world, rank = env_int("WORLD_SIZE", 1), env_int("RANK", 0)
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), env_int("MASTER_PORT", 29500)
+    except Exception:  # noqa: BLE001 - nothing to announce with
+        return
+    if world <= 1 or torch.distributed.is_initialized():
+        return
+    value = json.dumps({"rank": rank, "code": code, "message": message})
+    try:
+        store = torch.distributed.TCPStore(host, port, world, rank == 0, timeout=timedelta(seconds=wait),
+                                           wait_for_workers=False)
+        store.compare_set(_KEY + "abort", "", value)
+        if rank == 0:
+            others = [f"{_KEY}left/{r}" for r in range(1, world)]
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < wait and not store.check(others):
+                time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the others are not there (yet): they time out instead
+        pass
+
+
 def active() -> "Dist | None":
     """The multi-process group of this process, if one was set up (the CLI asks it for the agreed exit code)."""
     return _ACTIVE
@@ -141,6 +168,8 @@ class Dist:
                 probe = torch.distributed.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
             if probe is not None and probe.check([_KEY + "abort"]):
                 f = json.loads(probe.get(_KEY + "abort"))
+                probe.set(f"{_KEY}left/{self.rank}", "1")
+                self.failure = f
                 raise with_code(f"rank {f['rank']} failed: {f['message']}", f["code"])
             if time.monotonic() > deadline:
                 raise PeerFailed(f"the other processes of the job did not all start within {minutes:g} min "

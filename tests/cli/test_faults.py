@@ -663,3 +663,19 @@ def test_two_ranks_sigterm_during_the_rollout_stops_generation_and_agrees_at_onc
     done = finish_all(start_ranks(2, [args + ["--resume"]] * 2))
     assert [done[r][0] for r in (0, 1)] == [0, 0], done
     assert steps_of(out) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_rank_with_a_bad_flag_stops_its_peers_waiting_in_the_rendezvous(tiny_ckpt, tmp_path):
+    """A rank that fails before it joins (here: an unknown recipe field) posts its failure on the job's store: the
+    other one, waiting for it in the rendezvous, exits with the same code instead of waiting 30 minutes."""
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    for bad in (0, 1):
+        per = [args, args]
+        per[bad] = args + ["--set", "train.no_such_field=1"]
+        done = finish_all(start_ranks(2, per), timeout=120)
+        assert [done[r][0] for r in (0, 1)] == [2, 2], (bad, done)
+        good = 1 - bad
+        assert f"rank {bad} failed" in errors_of(done[good][1])[0], done[good][1]
+        assert not out.exists() and left_behind(tmp_path) == []

@@ -149,12 +149,16 @@ def _first_cause(exc: BaseException) -> str:
 
 def _agreed(code: int, lines: list[str]) -> tuple[int, list[str]]:
     """Several processes: every rank exits with the code of the job's first failure (posted by the rank that
-    failed first), not with the follow-on error a collective with a departed peer gives it."""
-    if "tsopsd_cli.parallel" not in sys.modules:
+    failed first), not with the follow-on error a collective with a departed peer gives it. A process that failed
+    before it joined the others tells them (they wait in the rendezvous)."""
+    if code == 0 or _world_size() <= 1:
         return code, lines
     from tsopsd_cli import parallel
 
     dist = parallel.active()
+    if dist is None and code != EXIT_INTERRUPTED:
+        parallel.announce_early_failure(code, lines[0] if lines else "failed")
+        return code, lines
     failure = dist.failure if dist is not None else None
     if failure is None or code == 0 or failure["rank"] == dist.rank or failure["code"] == code:
         return code, lines
