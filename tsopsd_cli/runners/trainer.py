@@ -15,7 +15,12 @@ last completed step; an interrupted validation of step N is redone first on resu
 The non-finite guard: a non-finite rollout log-prob, loss or gradient norm stops the run before the update; an
 update that makes weights non-finite or changes their global norm by more than `optim.max_weight_norm_change`
 stops it before anything is saved. The exit code is 3 and the last good checkpoint stays in the partial
-directory.
+directory. Every check is decided by all processes together (a loss is noted, then agreed on before the update),
+so no process stops alone while the others wait in a collective.
+
+Several processes also agree at start-up (the setup checks, a fingerprint of recipe, input and --out, the run
+directory, the checkpoint to resume from); any other failure is posted to the others by `Dist.failing` and they
+stop within seconds with the same exit code (tsopsd_cli.parallel).
 """
 
 from __future__ import annotations
