@@ -98,10 +98,17 @@ def announce_early_failure(code: int, message: str, wait: float = 15.0) -> None:
     if world <= 1 or torch.distributed.is_initialized():
         return
     value = json.dumps({"rank": rank, "code": code, "message": message})
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)  # c10d logs connection retries with C++ stack traces on stderr: keep it to one line
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     try:
-        store = torch.distributed.TCPStore(host, port, world, rank == 0, timeout=timedelta(seconds=wait),
+        store = torch.distributed.TCPStore(host, port, world, rank == 0, timeout=timedelta(seconds=5),
                                            wait_for_workers=False)
         store.compare_set(_KEY + "abort", "", value)
+        store.set(f"{_KEY}left/{rank}", "1")
         if rank == 0:
             others = [f"{_KEY}left/{r}" for r in range(1, world)]
             t0 = time.monotonic()
@@ -109,6 +116,10 @@ def announce_early_failure(code: int, message: str, wait: float = 15.0) -> None:
                 time.sleep(0.1)
     except Exception:  # noqa: BLE001 - the others are not there (yet): they time out instead
         pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def active() -> "Dist | None":

@@ -678,4 +678,5 @@ def test_a_rank_with_a_bad_flag_stops_its_peers_waiting_in_the_rendezvous(tiny_c
         assert [done[r][0] for r in (0, 1)] == [2, 2], (bad, done)
         good = 1 - bad
         assert f"rank {bad} failed" in errors_of(done[good][1])[0], done[good][1]
+        assert [x for x in done[bad][1].splitlines() if x.strip()] == errors_of(done[bad][1])  # one line, no noise
         assert not out.exists() and left_behind(tmp_path) == []
