@@ -59,7 +59,7 @@ def training_patches(command: str, engine: str = "hf") -> list[tuple[object, str
     from tsopsd_cli.runners import reheat as reheat_mod
     from tsopsd_cli.runners.reheat import ReheatRunner
     from tsopsd_cli.runners.rl import RLRunner
-    from tsopsd_cli.runners.trainer import TrainingRun
+    from tsopsd_cli.training.trainer import TrainingRun
 
     runner = RLRunner if command == "rl" else ReheatRunner
     out = [(TrainingRun, "setup", "load"), (TrainingRun, "generate", "rollout"), (runner, "train_step", "training"),

@@ -185,6 +185,10 @@ def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str |
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot load model ({_first_line(e)})") from None
+    bad = non_finite_weight(model)
+    if bad is not None:
+        raise CheckpointError(f"{path}: the weight {bad} holds NaN or infinite values (a diverged or damaged "
+                              "checkpoint); use an earlier one")
     model.to(dev)
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, path=path, fingerprint=fingerprint(path), device=dev, dtype=dt)
@@ -216,6 +220,20 @@ def empty_model(path: Path, kwargs: dict):
             pass
     model.eval()
     return model
+
+
+def non_finite_weight(model) -> str | None:
+    """The name of the first parameter or buffer with a NaN or infinite value, or None (in pieces of 16M values:
+    no full-size mask of a large embedding)."""
+    import torch
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        for piece in t.detach().reshape(-1).split(1 << 24):
+            if not bool(torch.isfinite(piece).all()):
+                return name
+    return None
 
 
 def checkpoint_dtype(path: str | os.PathLike) -> str:

@@ -22,6 +22,23 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _log_every() -> float:
+    """TSOPSD_LOG_EVERY, read when a plain progress log is made (never at import: a bad value must not break
+    `--version`)."""
+    import math
+
+    from tsopsd_cli.errors import UsageError
+
+    raw = os.environ.get("TSOPSD_LOG_EVERY", "30")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"TSOPSD_LOG_EVERY={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
 class Progress:
     """`with progress.task("rl", total=n) as advance: advance(k, info="loss 0.1")`; `progress.log(msg)`."""
 
@@ -29,7 +46,7 @@ class Progress:
         if mode not in ("rich", "plain", "off"):
             raise ValueError(f"unknown progress mode {mode!r}")
         self.mode = mode
-        self.every = float(os.environ.get("TSOPSD_LOG_EVERY", "30")) if every is None else every
+        self.every = (_log_every() if mode == "plain" else 30.0) if every is None else every
         self.stream = stream or sys.stderr
         self._rich = None
         if mode == "rich":

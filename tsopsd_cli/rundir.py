@@ -153,8 +153,9 @@ class _Single:
 
 class RunDir:
     def __init__(self, out: Path, *, key: str, log_name: str, resume: bool | None, restart: bool = False,
-                 dist=None, what: str = "run"):
+                 dist=None, what: str = "run", overwrite: bool = False):
         self.out = Path(out)
+        self.overwrite = overwrite
         self.path = partial_path(self.out)
         self.key = key
         self.dist = dist or _Single()
@@ -163,19 +164,41 @@ class RunDir:
         self.resumed = False  # an unfinished run was found and is continued
         self.complete = False  # ...and it had already written every output
         self.lock: Lock | None = None
+        self.keep = False  # set once the run has state worth keeping: a failure then leaves the partial directory
+        self.nonce = uuid.uuid4().hex
         outcome: dict = {}
         if self.dist.main:
             try:
                 self._open(resume, restart, what)
             except Exception as e:  # noqa: BLE001 - told to the other processes, then raised here
                 outcome = {"error": str(e), "exc": e}
-            outcome.update(resumed=self.resumed, complete=self.complete)
-        shared = self._broadcast({k: v for k, v in outcome.items() if k != "exc"})
-        if "exc" in outcome:
-            raise outcome["exc"]
-        if shared.get("error"):  # another process's refusal: stop too (only the main process reports it)
-            raise UsageError(shared["error"])
-        self.resumed, self.complete = shared["resumed"], shared["complete"]
+            outcome.update(resumed=self.resumed, complete=self.complete, nonce=self.nonce)
+        try:
+            shared = self._broadcast({k: v for k, v in outcome.items() if k != "exc"})
+            if "exc" in outcome:
+                raise outcome["exc"]
+            if shared.get("error"):  # another process's refusal: stop too (only the main process reports it)
+                raise UsageError(shared["error"])
+            self.resumed, self.complete = shared["resumed"], shared["complete"]
+            self._same_directory(shared["nonce"])
+        except BaseException:
+            self.close(discard=True)  # nothing half-made stays behind (a .partial, a .lock)
+            raise
+        on_abort = getattr(self.dist, "on_abort", None)
+        if on_abort is not None:  # a process ended by its watchdog (peers failed) cleans up too
+            on_abort(lambda: self.close(discard=not self.keep))
+
+    def _same_directory(self, nonce: str) -> None:
+        """Several processes: every one must see the directory rank 0 made (a filesystem all of them share), or
+        checkpoints would be incomplete and a resume would deadlock; refused on every rank (exit 2) otherwise."""
+        agree = getattr(self.dist, "agree", None)
+        if agree is None:
+            return
+        error = None
+        if not self.dist.main and read_json(self.path / STATE_FILE).get("nonce") != nonce:
+            error = UsageError(f"{self.path}: this process does not see the run directory that rank 0 made; "
+                               "--out must be on a filesystem every process of the job shares")
+        agree(error)
 
     def _broadcast(self, obj: dict) -> dict:
         fn = getattr(self.dist, "broadcast_object", None)
@@ -185,8 +208,17 @@ class RunDir:
         exists = self.path.exists()
         if resume is True and not exists and not restart:
             raise UsageError(f"--resume: no unfinished {what} at {self.path}")
+        from tsopsd_cli import signals
+
+        signals.fault_point("lock")
         self.lock = Lock(self.out)
         try:
+            # Checked again under the lock: a run that finished between the caller's check_out and this lock (a job
+            # submitted twice) has put its output there, and nothing may replace it unless asked.
+            self._refuse_existing()
+            exists = self.path.exists()
+            if resume is True and not exists and not restart:
+                raise UsageError(f"--resume: no unfinished {what} at {self.path}")
             if exists and restart:
                 shutil.rmtree(self.path)
                 exists = False
@@ -200,13 +232,18 @@ class RunDir:
                                      "a resume needs the same ones (or pass --restart to discard it)")
                 self.resumed = True
                 self.complete = bool(state.get("complete"))
+                write_json_atomic(self.path / STATE_FILE, {**state, "nonce": self.nonce})
             else:
                 self.path.mkdir(parents=True)
                 self.fresh = True
-                write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": False})
+                write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": False, "nonce": self.nonce})
         except BaseException:
             self.lock.release()
             raise
+
+    def _refuse_existing(self) -> None:
+        if self.out.exists() and not self.overwrite:
+            raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     @property
@@ -255,12 +292,12 @@ class RunDir:
     # --------------------------------------------------------------------------------------------------- finish
     def mark_complete(self) -> None:
         if self.dist.main:
-            write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": True})
+            write_json_atomic(self.path / STATE_FILE, {"key": self.key, "complete": True, "nonce": self.nonce})
         self.complete = True
 
     def finish(self, before_rename: Callable[[], None] | None = None) -> Path:
-        """Mark complete (every output is in place), then rename to --out, replacing an existing --out (which
-        `check_out` allowed). `before_rename` runs between the two: a signal checked there leaves a complete,
+        """Mark complete (every output is in place), then rename to --out, replacing an existing --out only with
+        `overwrite` (otherwise refused: the complete run stays in the partial directory). `before_rename` runs between the two: a signal checked there leaves a complete,
         resumable directory."""
         self.mark_complete()
         if before_rename is not None:
@@ -268,6 +305,7 @@ class RunDir:
         if self.dist.main:
             from tsopsd_cli.checkpoint import move_into_place
 
+            self._refuse_existing()  # still holding the lock: only something outside tsopsd can have made it
             shutil.rmtree(self.checkpoint_root, ignore_errors=True)
             (self.path / STATE_FILE).unlink(missing_ok=True)
             move_into_place(self.path, self.out)

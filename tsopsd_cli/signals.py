@@ -8,10 +8,15 @@ half-way becomes visible, because every output is written atomically.
 
 With several processes a rank must not stop alone (the others would wait in a collective), so `collective(True)`
 turns the local checks off and the training loop asks all ranks together at its step and validation boundaries.
+A rollout's generation (hundreds of seconds at 8B) is the exception: inside `abortable()` each rank stops its
+generation at the next decoding step and the ranks agree right after it, so that a SIGTERM is acted on within
+seconds of the rollout phase instead of after a whole step.
 
-Fault injection (tests): `TSOPSD_FAULT=<TERM|INT|KILL>@<point>[#<n>]` makes the process send itself that signal
-the n-th time (default 1st) it reaches the named point (`fault_point(name)`); e.g. `TERM@validation#2`,
-`KILL@step#3`. Points: setup, validation, rollout, step, save, finish, eval-chunk.
+Fault injection (tests): `TSOPSD_FAULT=<TERM|INT|KILL|STOP>@<point>[#<n>]` makes the process send itself that
+signal the n-th time (default 1st) it reaches the named point (`fault_point(name)`); e.g. `TERM@validation#2`,
+`KILL@step#3`. Points: setup, lock, validation, rollout, step, save, finish, eval-chunk. `NAN@step#<n>` makes the
+loss of training step n non-finite (`poisoned`). With `TSOPSD_FAULT_RANK=<r>` only the process whose RANK is r
+is affected (every process when unset).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tsopsd_cli.errors import Interrupted
 
 _requested: str | None = None
 _collective = False
+_abortable = False
 _fault_counts: dict[str, int] = {}
 
 
@@ -64,21 +70,53 @@ def collective(on: bool) -> None:
     _collective = on
 
 
+@contextlib.contextmanager
+def abortable() -> Iterator[None]:
+    """Several processes: local checks are on for the duration, for work that no collective runs through (a
+    rollout's generation on gathered or replicated weights); the caller agrees with the others right after."""
+    global _abortable
+    was, _abortable = _abortable, True
+    try:
+        yield
+    finally:
+        _abortable = was
+
+
 def check(where: str = "") -> None:
-    """Raise Interrupted if a signal arrived (single process only; see `collective`)."""
-    if _requested is not None and not _collective:
+    """Raise Interrupted if a signal arrived (single process, or inside `abortable`; see `collective`)."""
+    if _requested is not None and (not _collective or _abortable):
         raise Interrupted(f"{_requested} received{' during ' + where if where else ''}")
+
+
+def _fault(name: str) -> tuple[str, int] | None:
+    """(signal or NAN, n) of TSOPSD_FAULT when it names this point and this process (read when needed, never at
+    import: a bad value must not break `--version`)."""
+    spec = os.environ.get("TSOPSD_FAULT")
+    if not spec:
+        return None
+    rank = os.environ.get("TSOPSD_FAULT_RANK")
+    if rank not in (None, "") and rank != os.environ.get("RANK", "0"):
+        return None
+    sig, _, rest = spec.partition("@")
+    point, _, nth = rest.partition("#")
+    if point != name:
+        return None
+    try:
+        return sig.upper(), int(nth or 1)
+    except ValueError:
+        return None
 
 
 def fault_point(name: str) -> None:
     """Testing aid: send the signal named by TSOPSD_FAULT when this point is reached for the n-th time."""
-    spec = os.environ.get("TSOPSD_FAULT")
-    if not spec:
-        return
-    sig, _, rest = spec.partition("@")
-    point, _, nth = rest.partition("#")
-    if point != name:
+    fault = _fault(name)
+    if fault is None or fault[0] == "NAN":
         return
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] == int(nth or 1):
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig.upper()}"))
+    if _fault_counts[name] == fault[1]:
+        os.kill(os.getpid(), getattr(signal, f"SIG{fault[0]}"))
+
+
+def poisoned(name: str, n: int) -> bool:
+    """Testing aid: True when TSOPSD_FAULT is `NAN@<name>#<n>` (this process): the caller makes a value NaN."""
+    return _fault(name) == ("NAN", n)

@@ -309,3 +309,374 @@ def test_eval_grade_on_adversarial_completions_finishes_within_the_time_limits(t
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout)
     assert r["n"] == 20 and took < 20 * 5
+
+
+# ------------------------------------------------------------------------------------ concurrent runs (#24)
+SMALL = ["--set", "data.num_prompts=16", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6",
+         "--set", "validation.enabled=false", "--set", "grpo.reward=tests.rewards:even_length", "--max-steps", "2",
+         "--set", "train.save_every=1", "--quiet"]
+
+
+def _env(extra: dict | None = None) -> dict:
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (env.get("PYTHONPATH"), root) if x)
+    env.pop("TSOPSD_PROGRESS", None)
+    return env
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """The real entry point, started without waiting (run_cli's environment)."""
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "tsopsd"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]
+    return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
+
+
+def _stopped(pid: int) -> bool:
+    from pathlib import Path
+
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _wait_for(pred, timeout: float = 120.0, what: str = "") -> None:
+    t0 = time.time()
+    while not pred():
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_second_run_never_replaces_a_finished_out_whenever_it_was_started(tiny_ckpt, tmp_path):
+    """#24.1: the second run passed the output check, then waited (here: stopped itself right before taking the
+    lock) while the first finished; it must then refuse, not replace the first run's output. A third run started
+    while the first works is refused at once by the lock."""
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *SMALL, "--out", str(out)]
+    second = start_cli(*args, env={"TSOPSD_FAULT": "STOP@lock"})
+    try:
+        _wait_for(lambda: _stopped(second.pid), what="the second run to reach the lock")
+        first = start_cli(*args)
+        _wait_for(lambda: (tmp_path / ".x.partial").exists() or first.poll() is not None, what="the first run")
+        third = run_cli(*args)
+        assert third.returncode == 2 and "x" in third.stderr, third.stderr
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+        before = (out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").stat().st_mtime_ns
+    finally:
+        second.send_signal(signal.SIGCONT)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 2 and "already exists" in err and "--overwrite" in err, err
+    assert ((out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").stat().st_mtime_ns) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no partial, no lock left by either refusal
+
+
+# --------------------------------------------------------------------------- several processes (#24, by hand)
+# Ranks started as srun starts them: one process per rank, each with its own environment (RANK, WORLD_SIZE,
+# MASTER_ADDR/PORT on loopback, gloo), no launcher watching them. Kept small: tiny checkpoints, 1-3 steps.
+MP = [*SMALL, "--set", "train.strategy=fsdp", "--max-steps", "3", "--prompts-per-step", "4", "--num-generations",
+      "4"]
+
+
+def start_ranks(n: int, args_per_rank: list[list[str]], env: dict | None = None,
+                env_per_rank: list[dict] | None = None, ranks: list[int] | None = None) -> dict:
+    """Start the given ranks (default: all n) of one n-process job; returns {rank: Popen}."""
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    procs = {}
+    for rank in (range(n) if ranks is None else ranks):
+        extra = {"OMP_NUM_THREADS": "1", **(env or {}), **((env_per_rank or [{}] * n)[rank]),
+                 "WORLD_SIZE": str(n), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}
+        procs[rank] = start_cli(*args_per_rank[rank], env=extra)
+        procs[rank].port = port
+    return procs
+
+
+def finish_all(procs: dict, timeout: float = 600) -> dict:
+    """{rank: (exit code, stderr, seconds from the start of waiting to its exit)}."""
+    t0, done = time.time(), {}
+    while len(done) < len(procs):
+        for rank, p in procs.items():
+            if rank not in done and p.poll() is not None:
+                done[rank] = (p.returncode, p.stderr.read(), time.time() - t0)
+        if time.time() - t0 > timeout:
+            for p in procs.values():
+                p.kill()
+            raise AssertionError(f"ranks still running after {timeout} s: {set(procs) - set(done)}")
+        time.sleep(0.05)
+    return done
+
+
+def errors_of(stderr: str) -> list[str]:
+    return [x for x in stderr.splitlines() if x.startswith("tsopsd: error:")]
+
+
+def left_behind(tmp_path, name: str = "x") -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{name}."))
+
+
+@pytest.mark.slow
+def test_two_ranks_a_nan_on_rank_1_at_step_2_both_exit_3_and_the_step_1_checkpoint_resumes(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args], env={"TSOPSD_FAULT": "NAN@step#2", "TSOPSD_FAULT_RANK": "1"}))
+    assert [done[r][0] for r in (0, 1)] == [3, 3], done
+    assert abs(done[0][2] - done[1][2]) < 10  # together, not after a collective timeout
+    line = errors_of(done[0][1])
+    assert len(line) == 1 and "non-finite loss" in line[0] and "step 2" in line[0], done[0][1]
+    ckpts = tmp_path / ".x.partial" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001"]
+    assert left_behind(tmp_path) == [".x.partial"]  # the lock is released
+    done = finish_all(start_ranks(2, [args + ["--resume"]] * 2))
+    assert [done[r][0] for r in (0, 1)] == [0, 0], done
+    assert steps_of(out) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_ranks_that_disagree_on_a_recipe_value_both_exit_2_at_start_up_leaving_nothing(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args + ["--lr", "5e-3"]]), timeout=300)
+    assert [done[r][0] for r in (0, 1)] == [2, 2], done
+    line = errors_of(done[0][1])
+    assert len(line) == 1 and "disagree on the recipe" in line[0] and "[1]" in line[0], done[0][1]
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_rank_whose_peer_never_started_exits_130_within_seconds(tiny_ckpt, tmp_path):
+    import socket
+
+    out = tmp_path / "x"
+    procs = start_ranks(2, [["rl", str(tiny_ckpt), *MP, "--out", str(out)]] * 2, ranks=[0])
+    p = procs[0]
+
+    def listening():
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", p.port)) == 0
+
+    _wait_for(lambda: listening() or p.poll() is not None, what="rank 0 to wait for its peer")
+    time.sleep(1.0)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    code = p.wait(timeout=60)
+    took = time.time() - t0
+    err = p.stderr.read()
+    assert code == 130 and took < 10, (code, took, err)
+    assert len(errors_of(err)) == 1 and "SIGTERM" in errors_of(err)[0], err
+    assert left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_rank_killed_during_setup_its_peer_exits_within_seconds_leaving_no_partial_or_lock(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args], env={"TSOPSD_FAULT": "KILL@setup-run", "TSOPSD_FAULT_RANK": "1",
+                                                         "TSOPSD_PEER_TIMEOUT": "10"}), timeout=300)
+    assert done[1][0] == -signal.SIGKILL
+    assert done[0][0] == 6 and done[0][2] - done[1][2] < 30, done[0]  # the peer timeout + GRACE, not 30 min
+    assert len(errors_of(done[0][1])) == 1 and "rank 1" in errors_of(done[0][1])[0], done[0][1]
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_during_setup_makes_every_rank_exit_with_its_code(tiny_ckpt, tmp_path):
+    """Rank 1 reads another (here: corrupt) checkpoint: refused on every rank (exit 2) within seconds."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "x"
+    done = finish_all(start_ranks(2, [["rl", str(tiny_ckpt), *MP, "--out", str(out)],
+                                      ["rl", str(bad), *MP, "--out", str(out)]]), timeout=300)
+    assert [done[r][0] for r in (0, 1)] == [2, 2], done
+    assert "rank 1" in errors_of(done[0][1])[0]
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- input validation, CLI (#24.7, #24.8)
+def test_rl_data_with_empty_answers_is_refused_with_a_count(tiny_ckpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1=?", "answer": "2"}\n{"problem": "2+2=?", "answer": null}\n'
+                    '{"problem": "3+3=?", "answer": []}\n')
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "x")))
+    assert "2 of 3 rows" in line and "empty 'answer'" in line and "line 2" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_rl_prompts_longer_than_the_models_context_are_refused(tiny_ckpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+" * 200 + "1=?", "answer": "201"}) + "\n")  # context: 128 tokens
+    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "x")))
+    assert "model's context (128 tokens" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def _nan_checkpoint(tiny_ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "nan-ckpt"
+    shutil.copytree(tiny_ckpt, ck)
+    w = load_file(ck / "model.safetensors")
+    name = sorted(w)[3]
+    w[name] = w[name].clone()
+    w[name].view(-1)[0] = float("nan")
+    save_file(w, ck / "model.safetensors", metadata={"format": "pt"})
+    return ck
+
+
+def test_a_checkpoint_with_nan_weights_is_bad_input_everywhere(tiny_ckpt, tmp_path):
+    ck = _nan_checkpoint(tiny_ckpt, tmp_path)
+    for args in (["rl", str(ck), *SMALL, "--out", str(tmp_path / "x")],
+                 ["eval", str(ck), "--limit", "1", "-n", "1", "--max-new-tokens", "4", "--quiet"],
+                 ["diagnose", str(ck), "--num-prompts", "1", "--num-generations", "1", "--max-new-tokens", "4", "--quiet"]):
+        line = one_error_line(run_cli(*args), code=2)
+        assert "NaN or infinite" in line, (args[0], line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan-ckpt"]
+
+
+def test_bad_environment_values_do_not_break_version(tmp_path):
+    for env in ({"TSOPSD_LOG_EVERY": "abc"}, {"WORLD_SIZE": "x"}):
+        p = run_cli("--version", env=env)
+        assert p.returncode == 0 and p.stdout.startswith("tsopsd "), (env, p.stderr)
+    line = one_error_line(run_cli("toy", "init", "--out", str(tmp_path / "t"), "--steps", "1",
+                                  env={"TSOPSD_LOG_EVERY": "abc"}))
+    assert "TSOPSD_LOG_EVERY" in line
+
+
+def test_a_closed_stdout_does_not_fail_a_finished_run(tiny_ckpt, tmp_path):
+    out = tmp_path / "x"
+    p = start_cli("rl", str(tiny_ckpt), *SMALL, "--max-steps", "1", "--out", str(out), "--json")
+    p.stdout.close()  # as `| head -c 0` does
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert (out / "model.safetensors").is_file() and "error" not in err
+
+
+def test_ctrl_c_is_exit_130_with_one_line(tiny_ckpt, tmp_path):
+    p = run_cli("rl", str(tiny_ckpt), *SMALL, "--out", str(tmp_path / "x"), env={"TSOPSD_FAULT": "INT@rollout#1"})
+    line = one_error_line(p, code=130)
+    assert "SIGINT" in line
+    # a KeyboardInterrupt raised inside a command (a second Ctrl-C) reaches tsopsd, not typer's silent exit 130
+    from tsopsd_cli.cli import app
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    import tsopsd_cli.runners.rl as rl_runner
+
+    orig, rl_runner.run_rl = rl_runner.run_rl, boom
+    try:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = app.main(["rl", str(tiny_ckpt), "--out", str(tmp_path / "y")])
+    finally:
+        rl_runner.run_rl = orig
+    assert code == 130 and err.getvalue().startswith("tsopsd: error: interrupted"), err.getvalue()
+
+
+def test_eval_grade_stops_on_a_signal(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text("".join(json.dumps({"completion": "so \\boxed{4}", "answer": "4"}) + "\n" for _ in range(40)))
+    p = run_cli("eval", "grade", str(f), "--json", "--quiet", env={"TSOPSD_FAULT": "TERM@grade-chunk#2"})
+    line = one_error_line(p, code=130)
+    assert "SIGTERM received during grading" in line and p.stdout == ""
+
+
+# ---------------------------------------------------------------------- damaged checkpoints, full disk (#24.6)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tiny_ckpt, tmp_path):
+    args = ["rl", str(tiny_ckpt), *SMALL, "--max-steps", "3"]
+    for damage in ("truncated trainer state", "missing shard"):
+        out = tmp_path / damage.replace(" ", "-")
+        p = run_cli(*args, "--out", str(out), env={"TSOPSD_FAULT": "KILL@step#3"})
+        assert p.returncode == -signal.SIGKILL
+        ckpts = tmp_path / f".{out.name}.partial" / "checkpoints"
+        assert sorted(x.name for x in ckpts.iterdir()) == ["step-000001", "step-000002"]
+        if damage == "truncated trainer state":
+            st = ckpts / "step-000002" / "trainer_state.pt"
+            st.write_bytes(st.read_bytes()[:100])
+        else:
+            for shard in (ckpts / "step-000002" / "state").glob("*.distcp"):
+                shard.unlink()
+        p = run_cli(*args, "--out", str(out), "--resume")
+        assert p.returncode == 0, p.stderr
+        warnings = [x for x in p.stderr.splitlines() if x.startswith("tsopsd: warning:")]
+        assert len(warnings) == 1 and "step-000002" in warnings[0] and "falling back" in warnings[0], p.stderr
+        assert "Traceback" not in p.stderr
+        assert steps_of(out) == [1, 2, 3]
+
+
+def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, tmp_path, monkeypatch):
+    """A full disk during a step checkpoint: torch.distributed.checkpoint raises CheckpointException, which derives
+    from BaseException (it escaped every handler before)."""
+    import contextlib
+    import io
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from tsopsd_cli import parallel
+    from tsopsd_cli.cli import app
+
+    calls = []
+    real = parallel.save_state
+
+    def save_state(path, model, opt):
+        calls.append(path)
+        if len(calls) == 2:
+            raise CheckpointException("CheckpointException ranks:dict_keys([0])",
+                                      {0: (OSError(28, "No space left on device"), None)})
+        return real(path, model, opt)
+
+    monkeypatch.setattr(parallel, "save_state", save_state)
+    out = tmp_path / "x"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = app.main(["rl", str(tiny_ckpt), *SMALL, "--max-steps", "3", "--out", str(out)])
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    assert code == 1 and len(lines) == 1, err.getvalue()
+    assert "checkpoint of step 2" in lines[0] and "step 1 is kept" in lines[0] and "--resume" in lines[0]
+    ckpts = tmp_path / ".x.partial" / "checkpoints"
+    assert sorted(x.name for x in ckpts.iterdir()) == ["step-000001"]  # no half-written staging folder
+    monkeypatch.setattr(parallel, "save_state", real)
+    p = run_cli("rl", str(tiny_ckpt), *SMALL, "--max-steps", "3", "--out", str(out), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert steps_of(out) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_ranks_sigterm_during_the_rollout_stops_generation_and_agrees_at_once(tiny_ckpt, tmp_path):
+    """#21.4: a signal during generation is acted on at the next decoding step, not after the whole step (with
+    several processes the safe point used to be the start of the next step only)."""
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    done = finish_all(start_ranks(2, [args, args], env={"TSOPSD_FAULT": "TERM@rollout#2"}))
+    assert [done[r][0] for r in (0, 1)] == [130, 130], done
+    line = errors_of(done[0][1])
+    assert len(line) == 1 and "rollout of step 2" in line[0] and "checkpoint of step 1" in line[0], done[0][1]
+    assert sorted(p.name for p in (tmp_path / ".x.partial" / "checkpoints").iterdir()) == ["step-000001"]
+    done = finish_all(start_ranks(2, [args + ["--resume"]] * 2))
+    assert [done[r][0] for r in (0, 1)] == [0, 0], done
+    assert steps_of(out) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_rank_with_a_bad_flag_stops_its_peers_waiting_in_the_rendezvous(tiny_ckpt, tmp_path):
+    """A rank that fails before it joins (here: an unknown recipe field) posts its failure on the job's store: the
+    other one, waiting for it in the rendezvous, exits with the same code instead of waiting 30 minutes."""
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *MP, "--out", str(out)]
+    for bad in (0, 1):
+        per = [args, args]
+        per[bad] = args + ["--set", "train.no_such_field=1"]
+        done = finish_all(start_ranks(2, per), timeout=120)
+        assert [done[r][0] for r in (0, 1)] == [2, 2], (bad, done)
+        good = 1 - bad
+        assert f"rank {bad} failed" in errors_of(done[good][1])[0], done[good][1]
+        assert [x for x in done[bad][1].splitlines() if x.strip()] == errors_of(done[bad][1])  # one line, no noise
+        assert not out.exists() and left_behind(tmp_path) == []

@@ -155,7 +155,7 @@ import transformers
 from safetensors.torch import load_file
 from tsopsd_cli import parallel
 from tsopsd_cli.recipe import build_recipe, parse_set_options
-from tsopsd_cli.runners.trainer import TrainingRun
+from tsopsd_cli.training.trainer import TrainingRun
 
 reads = []
 real = transformers.AutoModelForCausalLM.from_pretrained.__func__
@@ -273,3 +273,56 @@ def test_two_fsdp_processes_equal_one_on_a_real_tokenizer_tied_bf16_checkpoint(t
     assert one.returncode == 0, one.stderr
     two(*args, *FSDP, "--out", str(tmp_path / "two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", ["loss", "grad_norm", "reward", "entropy", "tokens"])
+
+
+def _dcp_contents(state_dir, tmp_path, name):
+    """The full model and optimiser state a checkpoint's DCP folder restores (whatever wrote it), as tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dst = tmp_path / f"{name}.pt"
+    dcp_to_torch_save(str(state_dir), str(dst))
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+        else:
+            flat[prefix] = obj
+
+    walk("", torch.load(dst, weights_only=False))
+    return flat
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_path):
+    """A pre-empted job that comes back on fewer (or more) processes: the checkpoint of step 2 holds the same
+    weights and optimiser state whether 1 or 2 fsdp processes wrote it, and a resume on the other number continues
+    the prompt order from the global step: the finished runs equal the uninterrupted one-process run."""
+    args = ["rl", str(tiny_ckpt), *RL, *FSDP]
+    full = tmp_path / "full"
+    p = run_cli(*args, "--out", str(full))
+    assert p.returncode == 0, p.stderr
+    # 2 -> 1
+    a = tmp_path / "a"
+    procs = launch_ranks(2, *args, "--out", str(a), env={"TSOPSD_FAULT": "TERM@step#2"})
+    assert [x.returncode for x in procs] == [130, 130], [x.stderr[-2000:] for x in procs]
+    # 1 -> 2
+    b = tmp_path / "b"
+    p = run_cli(*args, "--out", str(b), env={"TSOPSD_FAULT": "TERM@step#2"})
+    assert p.returncode == 130, p.stderr
+    sa = _dcp_contents(tmp_path / ".a.partial" / "checkpoints" / "step-000002" / "state", tmp_path, "a")
+    sb = _dcp_contents(tmp_path / ".b.partial" / "checkpoints" / "step-000002" / "state", tmp_path, "b")
+    assert sa.keys() == sb.keys() and any(k.startswith(".optim.state") for k in sa)
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            torch.testing.assert_close(sa[k].float(), sb[k].float(), atol=2e-6, rtol=1e-4, msg=k)
+        else:
+            assert sa[k] == sb[k], k
+    p = run_cli(*args, "--out", str(a), "--resume")
+    assert p.returncode == 0, p.stderr
+    two(*args, "--out", str(b), "--resume")
+    for out in (a, b):
+        assert_same_run(full, out, ["loss", "grad_norm", "reward", "val_accuracy"])

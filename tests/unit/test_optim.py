@@ -3,7 +3,7 @@
 import torch
 
 from tsopsd_cli.recipe import OptimSection
-from tsopsd_cli.runners.optim import build_optimizer
+from tsopsd_cli.training.optim import build_optimizer
 
 
 def test_fused_adamw_on_plain_parameters_matches_the_loop():

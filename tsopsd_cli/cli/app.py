@@ -6,6 +6,7 @@ TSOPSD_DEBUG=1 shows tracebacks.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -36,19 +37,49 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
     pass
 
 
+class _Escaped(Exception):
+    """A KeyboardInterrupt or broken pipe raised inside a command, carried past typer (which would turn them into
+    exit 130 and exit 1 with nothing said) to main()."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+def _guarded(fn):
+    """The command `fn` with KeyboardInterrupt and broken pipes kept away from typer (see _Escaped)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _Escaped(e) from None
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise _Escaped(e) from None
+            raise
+
+    return run
+
+
 def _register() -> None:
     from tsopsd_cli.cli import demo, diagnose, evaluate, plan, recipe_cmd, reheat, rl, toy
 
     app.command("diagnose", epilog="[bold]Example:[/bold] tsopsd diagnose ./ckpt --reference ./base "
-                "--num-prompts 32 --out diag/")(diagnose.diagnose)
-    app.command("eval", epilog=evaluate.EVAL_EPILOG)(evaluate.evaluate)
+                "--num-prompts 32 --out diag/")(_guarded(diagnose.diagnose))
+    app.command("eval", epilog=evaluate.EVAL_EPILOG)(_guarded(evaluate.evaluate))
     # `tsopsd eval grade FILE` is routed here by main(): `eval` itself takes a checkpoint argument.
     app.command("eval-grade", hidden=True, epilog="[bold]Example:[/bold] tsopsd eval grade samples.jsonl "
-                "--json")(evaluate.grade)
-    app.command("rl", epilog=rl.EPILOG)(rl.rl)
-    app.command("reheat", epilog=reheat.EPILOG)(reheat.reheat)
-    app.command("demo", epilog=demo.EPILOG)(demo.demo)
-    app.command("plan", epilog=plan.EPILOG)(plan.plan)
+                "--json")(_guarded(evaluate.grade))
+    app.command("rl", epilog=rl.EPILOG)(_guarded(rl.rl))
+    app.command("reheat", epilog=reheat.EPILOG)(_guarded(reheat.reheat))
+    app.command("demo", epilog=demo.EPILOG)(_guarded(demo.demo))
+    app.command("plan", epilog=plan.EPILOG)(_guarded(plan.plan))
+    for sub in (toy.app, recipe_cmd.app):
+        for info in sub.registered_commands:
+            info.callback = _guarded(info.callback)
     app.add_typer(toy.app, name="toy")
     app.add_typer(recipe_cmd.app, name="recipe")
 
@@ -72,6 +103,68 @@ def _error(lines: list[str]) -> None:
     sys.stderr.flush()
 
 
+def _silence_stdout() -> None:
+    """The reader of stdout went away (`| head`): send what is left to /dev/null, so that the final flush at exit
+    does not fail again (Python's documented remedy for EPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _outcome(exc: BaseException, debug: bool) -> tuple[int, list[str]]:
+    """(exit code, lines for stderr) of an exception that ended a command."""
+    if isinstance(exc, _Escaped):
+        exc = exc.exc
+    if isinstance(exc, TsopsdError):
+        if debug:
+            traceback.print_exception(exc)
+        return exc.exit_code, exc.lines
+    if isinstance(exc, _Exit):  # --help, --version, no arguments: help was printed
+        return getattr(exc, "exit_code", 0), []
+    if isinstance(exc, (_Abort, KeyboardInterrupt)):
+        return EXIT_INTERRUPTED, ["interrupted (a second signal stops at once; outputs are written atomically, "
+                                  "nothing half-written is left visible)"]
+    if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+        _silence_stdout()
+        return EXIT_FAILURE, ["the output pipe was closed before the result was printed"]
+    if isinstance(exc, _ClickException):
+        if debug:
+            traceback.print_exception(exc)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        return EXIT_USAGE, [exc.format_message().strip().replace("\n", " ") + hint]
+    if debug:
+        traceback.print_exception(exc)
+    if type(exc).__name__ == "CheckpointException":  # torch.distributed.checkpoint: a BaseException
+        return EXIT_FAILURE, [f"reading or writing a sharded checkpoint failed: {_first_cause(exc)}"]
+    return EXIT_FAILURE, [f"internal error: {type(exc).__name__}: {exc} (set TSOPSD_DEBUG=1 for the traceback)"]
+
+
+def _first_cause(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
+
+
+def _agreed(code: int, lines: list[str]) -> tuple[int, list[str]]:
+    """Several processes: every rank exits with the code of the job's first failure (posted by the rank that
+    failed first), not with the follow-on error a collective with a departed peer gives it. A process that failed
+    before it joined the others tells them (they wait in the rendezvous)."""
+    if code == 0 or _world_size() <= 1:
+        return code, lines
+    from tsopsd_cli import parallel
+
+    dist = parallel.active()
+    if dist is None and code != EXIT_INTERRUPTED:
+        parallel.announce_early_failure(code, lines[0] if lines else "failed")
+        return code, lines
+    failure = dist.failure if dist is not None else None
+    if failure is None or code == 0 or failure["rank"] == dist.rank or failure["code"] == code:
+        return code, lines
+    return failure["code"], [f"rank {failure['rank']} failed: {failure['message']}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:2] == ["eval", "grade"]:
@@ -83,41 +176,40 @@ def main(argv: list[str] | None = None) -> int:
         with signals.installed():
             result = app(args=args, prog_name="tsopsd", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except TsopsdError as e:
-        if debug:
-            traceback.print_exc()
-        _error(e.lines)
-        return e.exit_code
-    except _Exit as e:  # --help, --version, no arguments: help was printed
-        return getattr(e, "exit_code", 0)
-    except _Abort:
-        _error(["interrupted"])
-        return EXIT_INTERRUPTED
-    except _ClickException as e:
-        if debug:
-            traceback.print_exc()
-        ctx = getattr(e, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        _error([e.format_message().strip().replace("\n", " ") + hint])
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        _error(["interrupted"])
-        return EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - last resort: one line, traceback on request
-        if debug:
-            traceback.print_exc()
-        _error([f"internal error: {type(e).__name__}: {e} (set TSOPSD_DEBUG=1 for the traceback)"])
-        return EXIT_FAILURE
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every error: one line, traceback on request
+        code, lines = _agreed(*_outcome(e, debug))
+        _error(lines)
+        return code
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        if isinstance(e, SystemExit):
+            raise
+        code, lines = _agreed(*_outcome(e, debug))
+        _error(lines)
+        return code
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
 
 
 def entry() -> None:
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _world_size() > 1:
         # One process of a multi-process job: its outputs are written and closed and its process group destroyed.
         # Leave without interpreter finalisation, where the c10d/gloo backend and the device mesh FSDP's modules
         # hold are torn down after Python's own state and may abort ("terminate called without an active
         # exception", SIGABRT) — a finished run would then report a failed exit code to the launcher.
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
         sys.stderr.flush()
         os._exit(code)
+    try:
+        sys.stdout.flush()
+    except OSError:
+        _silence_stdout()
     sys.exit(code)

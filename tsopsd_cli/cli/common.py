@@ -110,17 +110,35 @@ def progress_for(json_out: bool, quiet: bool) -> Progress:
 
 
 def emit(result: Any, json_out: bool, render) -> int:
-    """A command's result on stdout: one JSON object with --json, else `render(result)` (a rich table)."""
-    if json_out:
-        print_json(result)
-    else:
-        render(result)
+    """A command's result on stdout: one JSON object with --json, else `render(result)` (a rich table). The work
+    is done by now: a reader that went away (`| head -c 0`) does not make it a failure."""
+    try:
+        if json_out:
+            print_json(result)
+        else:
+            render(result)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
     return 0
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(json_safe(obj), indent=None) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(json_safe(obj), indent=None) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    """Nobody reads stdout any more: what is still buffered goes to /dev/null (no second error at exit)."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def stdout_console():

@@ -40,7 +40,8 @@ class Demo:
         check_out(self.final, recipe.output.overwrite)
         text = recipe_to_yaml(recipe)
         self.rundir = RunDir(self.final, key=run_key(recipe), log_name="stages.jsonl",
-                          resume=resume, restart=restart, what="demo")
+                          resume=resume, restart=restart, what="demo",
+                             overwrite=recipe.output.overwrite)
         self.out = self.rundir.path  # every stage works in here until the whole demo is done
         (self.out / "recipe.yaml").write_text(text)
 

@@ -78,7 +78,7 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
     sets = plan(recipe)
     fp = fingerprint(checkpoint)
     run = RunDir(out, key=run_key(recipe, fp), log_name=SAMPLES_FILE, resume=None, restart=restart,
-                 what="eval") if out is not None else None
+                 what="eval", overwrite=recipe.output.overwrite) if out is not None else None
     stored = False
     try:
         if run is not None and run.complete:
@@ -195,9 +195,11 @@ def regrade(path: Path, out: Path | None, overwrite: bool, workers: int, timeout
     pairs = [(r["completion"], answer_text(r["answer"])) for r in rows]
     with Grader(workers=workers, timeout=timeout) as grader, progress.task("grading", total=len(pairs)) as adv:
         grades = []
-        for s in range(0, len(pairs), 64):
-            grades += grader.grade_many(pairs[s:s + 64])
-            adv(len(pairs[s:s + 64]))
+        for s in range(0, len(pairs), 16):
+            signals.check("grading")  # nothing to keep: the same command grades again from the start
+            signals.fault_point("grade-chunk")
+            grades += grader.grade_many(pairs[s:s + 16])
+            adv(len(pairs[s:s + 16]))
         timeouts = grader.timeouts
     result = {"file": str(path), "n": len(grades), "correct": sum(g.correct for g in grades),
               "accuracy": sum(g.correct for g in grades) / len(grades), "timeouts": timeouts}

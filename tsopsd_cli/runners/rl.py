@@ -36,7 +36,6 @@ from tsopsd_cli.errors import RecipeError
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import RLRecipe
 from tsopsd_cli.training.distill import distill_step, on_policy_rollout
-from tsopsd_cli.training.optim import check_finite
 from tsopsd_cli.training.thermostat import Thermostat
 from tsopsd_cli.training.trainer import TrainingRun, row_seed
 from tsopsd_cli.tasks.base import Problem
@@ -83,6 +82,7 @@ def to_padded(flat: torch.Tensor, batch, num_seqs: int, width: int) -> torch.Ten
 # ---------------------------------------------------------------------------------------------------- runner
 class RLRunner(TrainingRun):
     command = "rl"
+    needs_answers = True
     plot_keys = [("entropy", "token entropy (nats)"), ("reward", "reward")]
     progress_info = ("reward", "entropy")
     snapshot = None  # the thermostat's teacher: the policy frozen at the start of a reheat phase
@@ -419,7 +419,7 @@ class RLRunner(TrainingRun):
             loss_tok = loss_tok - g.entropy_coef * to_padded(ent_flat, pb, B, W)
         loss = grpo.aggregate(loss_tok, mask, g.loss_aggregation, counts["tokens"], counts["seqs"], counts["rows"],
                               r.rollout.max_new_tokens)
-        check_finite("loss", float(loss.detach()), self.step + 1)
+        loss = self.guard_loss(loss)  # decided on every process together, before the update
         loss.backward()
         with torch.no_grad():
             dev = ((ratio - 1).abs() * mask)

@@ -9,9 +9,10 @@ from tsopsd_cli.errors import DataError
 from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, render_template
 
 
-def load_problems(data, tokenizer=None, limit: int | None = None) -> list[Problem]:
+def load_problems(data, tokenizer=None, limit: int | None = None, require_answers: bool = False) -> list[Problem]:
     """Problems for a recipe's `data` section, the first `limit` of them when given. `tokenizer`: the checkpoint's,
-    needed when the section's `chat_template` is on (each prompt becomes one user turn of its chat template)."""
+    needed when the section's `chat_template` is on (each prompt becomes one user turn of its chat template).
+    `require_answers`: refuse rows whose gold answer is empty (null, [] or "")."""
     chat = getattr(data, "chat_template", False)
     if chat and tokenizer is None:
         raise ValueError("load_problems: chat_template is on; pass the checkpoint's tokenizer")
@@ -38,6 +39,7 @@ def load_problems(data, tokenizer=None, limit: int | None = None) -> list[Proble
             if cap:
                 rows = rows[:cap]
         out = []
+        empty: list[int] = []
         for n, row in enumerate(rows, 1):
             if data.question_field not in row:
                 raise DataError(f"{source}:{n}: no field {data.question_field!r} (set data.question_field)")
@@ -45,12 +47,17 @@ def load_problems(data, tokenizer=None, limit: int | None = None) -> list[Proble
             if data.answer_field is not None:
                 if data.answer_field not in row:
                     raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
-                answer = answer_text(row[data.answer_field])
+                answer = answer_text(row[data.answer_field]) if row[data.answer_field] is not None else ""
+                if not answer and require_answers:  # null, [] or "": no gold to grade against ("None" would grade \boxed{None} correct)
+                    empty.append(n)
             pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
             prompt = render_template(template, row[data.question_field])
             if chat_tok is not None:
                 prompt = apply_chat_template(chat_tok, prompt)
             out.append(Problem(id=pid, prompt=prompt, answer=answer))
+        if empty:
+            raise DataError(f"{source}: {len(empty)} of {len(rows)} rows have an empty {data.answer_field!r} (null, [] "
+                            f"or \"\"; first at line {empty[0]}): remove them or fill in their answers")
         return out
     raise DataError(f"unknown data type {data.type!r}")
 

@@ -17,7 +17,6 @@ from tsopsd_cli import parallel
 from tsopsd_cli.core import stats as S
 from tsopsd_cli.core.chunked import teacher_logits_at, token_divergence, token_logps
 from tsopsd_cli.engines import encode_prompts, sampling_params
-from tsopsd_cli.training.optim import check_finite
 from tsopsd_cli.training.trainer import row_seed
 
 
@@ -70,7 +69,7 @@ def distill_step(run, teacher, reference, seqs, comps, engine_lps, section, t0: 
         div = token_divergence(hidden, weight, teacher_logits, section.divergence, section.beta, section.temp,
                                tr.chunk_size, teacher_top_p=section.teacher_top_p)
         loss = div.sum() / max(n_tok, 1.0) * (0.0 if padding else 1.0)
-        check_finite("loss", float(loss.detach()), run.step + 1)
+        loss = run.guard_loss(loss)  # decided on every process together, before the update
         if not padding:  # before the backward pass: under FSDP it frees the gathered head weight
             with torch.no_grad():
                 st = S.chunked_token_stats(hidden.detach(), lambda h: h @ weight.detach().T, [1.0], [1],

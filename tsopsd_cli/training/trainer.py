@@ -15,16 +15,23 @@ last completed step; an interrupted validation of step N is redone first on resu
 The non-finite guard: a non-finite rollout log-prob, loss or gradient norm stops the run before the update; an
 update that makes weights non-finite or changes their global norm by more than `optim.max_weight_norm_change`
 stops it before anything is saved. The exit code is 3 and the last good checkpoint stays in the partial
-directory.
+directory. Every check is decided by all processes together (a loss is noted, then agreed on before the update),
+so no process stops alone while the others wait in a collective.
+
+Several processes also agree at start-up (the setup checks, a fingerprint of recipe, input and --out, the run
+directory, the checkpoint to resume from); any other failure is posted to the others by `Dist.failing` and they
+stop within seconds with the same exit code (tsopsd_cli.parallel).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,12 +40,12 @@ import torch
 
 from tsopsd_cli import lean, parallel, signals
 from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
-                                   load_tokenizer,
-                                   provenance, write_checkpoint)
+                                   load_tokenizer, provenance, warn, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import open_engine
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.errors import CheckpointError, DataError, Interrupted, RecipeError, UsageError, WeightSyncError
+from tsopsd_cli.errors import (CheckpointError, DataError, Interrupted, RecipeError, TsopsdError, UsageError,
+                               WeightSyncError)
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import recipe_to_yaml
@@ -83,6 +90,10 @@ class PromptStream:
         return out
 
 
+class CheckpointWriteError(TsopsdError):
+    """A step checkpoint could not be written (a full disk, an I/O error): exit 1, the previous one is kept."""
+
+
 class Finished(Interrupted):
     """A signal after every output was written: only the rename into place is left for --resume."""
 
@@ -97,6 +108,7 @@ def is_training_row(row: dict) -> bool:
 
 class TrainingRun:
     command = "train"
+    needs_answers = False  # every training prompt must have a gold answer (rl's rewards grade against it)
     plot_keys: list[tuple[str, str]] = []
     progress_info: tuple[str, ...] = ()
 
@@ -149,21 +161,29 @@ class TrainingRun:
         self.dist = parallel.Dist(r.train.dist_timeout_minutes)
         signals.collective(self.dist.world > 1)
         signals.fault_point("setup")
-        if r.output.out is None:
-            raise UsageError("a training run needs an output directory (--out)")
-        inspect_checkpoint(self.checkpoint, allow_pickle=r.model.allow_pickle)
-        check_out(r.output.out, r.output.overwrite, tuple(self.input_paths()))
-        require_engine(r.rollout.engine)
-        if r.train.prompts_per_step % self.dist.world:
-            raise RecipeError(f"train.prompts_per_step ({r.train.prompts_per_step}) must be divisible by the number "
-                              f"of processes ({self.dist.world})")
-        chat_tok = load_tokenizer(Path(self.checkpoint), r.model.trust_remote_code) \
-            if getattr(r.data, "chat_template", False) else None  # prompts in the checkpoint's chat template
-        problems = load_problems(r.data, chat_tok)  # data errors before anything is created
-        self.source_fp = fingerprint(self.checkpoint)
+        problems, error = None, None
+        try:  # every check before anything is created; with several processes the verdict is collective
+            if r.output.out is None:
+                raise UsageError("a training run needs an output directory (--out)")
+            inspect_checkpoint(self.checkpoint, allow_pickle=r.model.allow_pickle)
+            check_out(r.output.out, r.output.overwrite, tuple(self.input_paths()))
+            require_engine(r.rollout.engine)
+            if r.train.prompts_per_step % self.dist.world:
+                raise RecipeError(f"train.prompts_per_step ({r.train.prompts_per_step}) must be divisible by the "
+                                  f"number of processes ({self.dist.world})")
+            chat_tok = load_tokenizer(Path(self.checkpoint), r.model.trust_remote_code) \
+                if getattr(r.data, "chat_template", False) else None  # prompts in the checkpoint's chat template
+            problems = load_problems(r.data, chat_tok, require_answers=self.needs_answers)  # before anything is made
+            self.source_fp = fingerprint(self.checkpoint)
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except TsopsdError as e:
+            error = e
+        self.dist.agree(error)
         key = run_key(r, self.source_fp)
+        self.agree_on_inputs(problems)
         self.run = RunDir(r.output.out, key=key, log_name="metrics.jsonl", resume=self.resume, restart=self.restart,
-                          dist=self.dist)
+                          dist=self.dist, overwrite=r.output.overwrite)
         if self.run.complete:
             return  # every output is written: execute() only moves it into place
         try:
@@ -173,12 +193,35 @@ class TrainingRun:
         except BaseException:
             self.run.close(discard=True)  # a refused or failed setup leaves nothing behind
             raise
+        self.run.keep = True  # from here on a failure keeps the partial directory (its checkpoints)
+
+    def agree_on_inputs(self, problems: list[Problem]) -> None:
+        """Several processes: refuse (exit 2, on every rank) unless all run the same recipe on the same input
+        checkpoint, data and output; a rank given another lr would train silently wrong weights, another max_steps
+        would deadlock the job."""
+        if self.dist.world == 1:
+            return
+        digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
+        body = self.r.model_dump(mode="json")
+        parts = {"the recipe": digest({k: v for k, v in body.items() if k != "output"}),
+                 "the output settings": digest(body.get("output")),
+                 "the input checkpoint": self.source_fp,
+                 "the training data": digest([(p.prompt, p.answer) for p in problems]),
+                 "--out": str(Path(self.r.output.out).resolve())}
+        every = self.dist.gather_objects(parts)
+        bad = sorted({name for other in every for name in parts if other[name] != every[0][name]})
+        if bad:
+            ranks = [i for i, other in enumerate(every) if other != every[0]]
+            raise UsageError(f"the processes of this job disagree on {', '.join(bad)} (ranks {ranks} differ from "
+                             "rank 0): every process must run the same command")
 
     def _setup_in_run(self, problems: list[Problem], key: str) -> None:
         r = self.r
+        signals.fault_point("setup-run")
         self.stream = PromptStream(problems, r.train.seed)
         self.pl = parallel.placement(r.model, r.train, self.dist)
         self.model, self.tok = self.load(self.checkpoint, trainable=True)
+        self.check_prompt_lengths(problems)
         self.device = self.pl.device
         if r.train.gradient_checkpointing and not (r.model.lean and lean.supports(self.model)):
             self.model.gradient_checkpointing_enable()
@@ -190,10 +233,8 @@ class TrainingRun:
         self.pending_row: dict | None = None
         self.history: list[dict] = []
         self.validator = Validator(r.validation, self.tok, r.data) if r.validation.enabled else None
-        ckpt = self.run.latest() if self.run.resumed else None
+        ckpt, st = self.resume_point()
         if ckpt is not None:
-            parallel.load_state(ckpt / MODEL_STATE, self.model, self.opt)
-            st = torch.load(ckpt / TRAINER_STATE, weights_only=True, map_location="cpu")
             self.sched.load_state_dict(st["scheduler"])
             self.gen.set_state(st["generator"])
             random.setstate(_tupled(st["python_rng"]))
@@ -218,6 +259,50 @@ class TrainingRun:
         if ckpt is not None:
             self.load_method_state(self._method_state, ckpt)
         self.wnorm = parallel.weight_norm(self.model, self.pl, self.dist)
+
+    def resume_point(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to continue from, chosen once (rank 0) for every process: the newest intact one. A
+        damaged newest checkpoint (a truncated trainer state, a missing or corrupt shard: a full disk or a kill
+        during a copy) is passed over with one line saying so, and the previous intact one is used."""
+        if not self.run.resumed:
+            return None, None
+        candidates = [str(p) for p in self.run.checkpoints()] if self.dist.main else None
+        candidates = self.dist.broadcast_object(candidates)
+        for path in reversed([Path(c) for c in candidates]):
+            error = None
+            st = None
+            try:
+                st = torch.load(path / TRAINER_STATE, weights_only=True, map_location="cpu")
+                parallel.load_state(path / MODEL_STATE, self.model, self.opt)
+            except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                error = e
+            failed = self.dist.gather_objects(None if error is None else f"{type(error).__name__}: "
+                                              f"{str(error).splitlines()[0] if str(error) else ''}")
+            bad = [f for f in failed if f is not None]
+            if not bad:
+                return path, st
+            if self.dist.main:
+                warn(f"checkpoint {path.name} in {self.run.path} is damaged ({bad[0][:200]}); falling back to the "
+                     "previous one")
+        if candidates:
+            raise CheckpointError(f"{self.run.path}: no intact checkpoint to resume from (all {len(candidates)} "
+                                  "are damaged); pass --restart to start again")
+        return None, None
+
+    def check_prompt_lengths(self, problems: list[Problem]) -> None:
+        """Refuse (exit 2) training prompts that leave no room for a completion in the model's context."""
+        from tsopsd_cli.engines import encode_prompts
+
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if not context:
+            return
+        lengths = [len(ids) for ids in encode_prompts(self.tok, [p.prompt for p in problems])]
+        over = [n for n in lengths if n >= context]
+        if over:
+            raise DataError(f"{len(over)} of {len(lengths)} training prompts are as long as or longer than the "
+                            f"model's context ({context} tokens; the longest has {max(over)}): shorten or drop them")
 
     def load(self, path, trainable: bool):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
@@ -261,9 +346,24 @@ class TrainingRun:
         """A plain transformers engine on `model` (no gather: the caller arranges the parameters)."""
         return open_engine("hf", self.tok, model=model, model_section=self.r.model, batch_size=batch_size)
 
-    def generate(self, engine, prompts, params):
-        """Sample with `engine` (it gathers, casts or wakes what it needs)."""
-        return engine.generate(prompts, params)
+    def generate(self, engine, prompts, params, agree: bool = True):
+        """Sample with `engine` (it gathers, casts or wakes what it needs). With `agree` (every process calls it the same number of times: rollouts) a
+        signal stops the generation at its next decoding step on each process and all of them agree on it right
+        after (raising Interrupted together); the step's state is then that of the last completed step."""
+        aborted = False
+        try:
+            with signals.abortable() if agree else contextlib.nullcontext():
+                comps = engine.generate(prompts, params)  # it gathers, casts or wakes what it needs
+        except Interrupted:
+            if not agree:
+                raise
+            aborted, comps = True, None
+        if agree and self.dist.world > 1 and self.dist.any(aborted):
+            raise Interrupted(f"{signals.requested() or 'a signal'} received during the rollout of step "
+                              f"{self.step + 1}")
+        if aborted:
+            raise Interrupted(f"{signals.requested() or 'a signal'} received during generation")
+        return comps
 
     def rollouts_done(self) -> None:
         """Between sampling and training: the engine gives its memory to the trainer."""
@@ -336,10 +436,28 @@ class TrainingRun:
         if self.dist.any(bad):
             O.check_finite("rollout log-prob (the policy's logits)", float("nan"), self.step + 1)
 
+    def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Note (not raise: the other processes would wait in the next collective) a non-finite loss of this
+        process; `optimizer_step` decides on every process together. Testing aid: TSOPSD_FAULT=NAN@step#N makes
+        the loss of step N non-finite (in the process whose RANK is TSOPSD_FAULT_RANK, or every one)."""
+        if signals.poisoned("step", self.step + 1):
+            loss = loss * float("nan")
+        value = float(loss.detach())
+        if not math.isfinite(value) and getattr(self, "bad_loss", None) is None:
+            self.bad_loss = value
+        return loss
+
     def optimizer_step(self) -> float:
-        """Sum gradients (ddp), clip, check, step, check the weights; returns the gradient norm. A parameter
-        without a gradient (nothing was back-propagated, e.g. every row of the mini-batch had advantage 0) gets
-        an explicit zero one, so the optimiser's momentum moves it exactly as after a zero-valued backward."""
+        """Check the losses (every process together), sum gradients (ddp), clip, check, step, check the weights;
+        returns the gradient norm. A parameter without a gradient (nothing was back-propagated, e.g. every row of
+        the mini-batch had advantage 0) gets an explicit zero one, so the optimiser's momentum moves it exactly as
+        after a zero-valued backward."""
+        bad, self.bad_loss = getattr(self, "bad_loss", None), None
+        if bad is None and signals.poisoned("step", self.step + 1):
+            bad = float("nan")  # (the testing aid, on a process that had no row to train in this step)
+        if self.dist.any(bad is not None):
+            where = "" if bad is not None else f" on another process (rank {self.dist.rank} had a finite one)"
+            O.check_finite(f"loss{where}", bad if bad is not None else float("nan"), self.step + 1)
         for p in self.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -363,7 +481,8 @@ class TrainingRun:
         engine = self.engine.with_batch_size(self.r.validation.batch_size)
         was = self.model.training
         self.model.eval()
-        res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params), self.dist)
+        res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params, agree=False),
+                                 self.dist)
         self.model.train(was)
         return {"val_accuracy": res["accuracy"], "val_entropy": res["entropy"], "val_pass@k": res["pass@k"],
                 "val_length": res["mean_length"]}
@@ -384,16 +503,35 @@ class TrainingRun:
         if self.saved_step == self.step and pending_row is None:
             return
         signals.fault_point("save")
+        t0 = time.perf_counter()
         tmp = self.run.prepare_staging(self.step)
-        parallel.save_state(tmp / MODEL_STATE, self.model, self.opt)
-        for name, model in self.extra_models().items():
-            parallel.save_model(tmp / name, model)
-        if self.dist.main:
-            state = {"scheduler": self.sched.state_dict(), **(cursor or self.cursor()), "step": self.step,
-                     "pending_row": pending_row, "stop_reason": self.stop_reason, "method": self.method_state()}
-            torch.save(state, tmp / TRAINER_STATE)
+        try:
+            parallel.save_state(tmp / MODEL_STATE, self.model, self.opt)
+            for name, model in self.extra_models().items():
+                parallel.save_model(tmp / name, model)
+            if self.dist.main:
+                state = {"scheduler": self.sched.state_dict(), **(cursor or self.cursor()), "step": self.step,
+                         "pending_row": pending_row, "stop_reason": self.stop_reason, "method": self.method_state()}
+                torch.save(state, tmp / TRAINER_STATE)
+        except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit, Interrupted)):
+                raise
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the half-written staging folder (and the space it took)
+            raise CheckpointWriteError(self._write_failure(e)) from None
         self.run.publish(self.step, self.r.train.keep_last)
         self.saved_step = self.step
+        # (the save's duration is one term of the SIGTERM lead time a cluster job needs: docs/cluster.md)
+        self.progress.log(f"checkpoint of step {self.step} saved in {time.perf_counter() - t0:.1f} s")
+
+    def _write_failure(self, e: BaseException) -> str:
+        cause = " ".join(str(e).split())[:200] or type(e).__name__
+        if "No space left" in cause or getattr(e, "errno", None) == errno.ENOSPC:
+            cause = "no space left on the device"
+        kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step >= 0
+                else "no earlier checkpoint: a resume starts from step 0")
+        return (f"writing the checkpoint of step {self.step} in {self.run.path} failed ({cause}); {kept}: free "
+                "space if needed, then run the same command with --resume")
 
     def safe_point(self, where: str) -> None:
         """Stop here if any process received a signal (all processes agree)."""
@@ -525,6 +663,14 @@ class TrainingRun:
         try:
             self.setup()
             return self.finish_complete() if self.run.complete else self.run_loop()
+        except BaseException as e:
+            if not hasattr(self, "dist"):
+                raise
+            why = self.dist.explain(e)  # a collective that lost its peer: what happened to the peer
+            self.dist.failing(why)  # the other processes stop within seconds, with the same exit code
+            if why is e:
+                raise
+            raise why from None
         finally:
             try:
                 self.close()
