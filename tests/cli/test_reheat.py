@@ -243,6 +243,7 @@ run.dist.close()
 '''
 
 
+@pytest.mark.slow
 def test_the_reports_rollouts_are_spread_over_the_processes(tiny_ckpt, tmp_path):
     """Issue 21.3: rank 0 generated the report's rollouts alone (64 x up to 8,192 tokens at 8B) while the other
     ranks waited under the collective timeout. With 2 gloo ranks each samples its share (every other prompt) and
