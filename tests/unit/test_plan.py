@@ -89,11 +89,12 @@ def test_single_gpu_items_by_hand():
     # (4 + 4) x 96 = 768 and rotary 4 x 96 = 384; v 2 x 32 = 64; attention out + o input 4 x 64 = 256; MLP 8 x 128
     # = 1024: 3520 B
     per_token, tokens = 3520, 2 * 8 + 2 * 16
-    rows = 2 * 16 * 64 * 2 + 2 * 2 * (8 + 16) * 32 * 2 + 2 * 16 * (8 + 16) * 2  # q rows, keys/values, SDPA bias
+    # attention rows [prompt, completion] (no mask tensor): queries + output, keys/values, float32 logsumexp
+    rows = 2 * 2 * (8 + 16) * 64 * 2 + 2 * 2 * (8 + 16) * 32 * 2 + 2 * 4 * (8 + 16) * 4
     layer = tokens * per_token + rows
     assert got["activations_saved"] == 2 * tokens * 64 * 2  # checkpointed: each layer's input
     assert got["activations_layer"] == 2 * layer
-    assert got["attention_mask"] == 2 * 16 * (8 + 16)
+    assert "attention_mask" not in got  # causal kernels: no [B, 1, C, P + C] mask
     assert got["activations_head"] == 32 * 64 * (4 + 3 * 2)
     assert got["lm_head_chunk"] == 8 * 1000 * 24
     # rollout: min(64, 4 prompts x 2) = 8 sequences of 8 + 16 tokens, 256 B per token, 1.75 peak
@@ -113,7 +114,7 @@ def test_single_gpu_items_by_hand():
 
 def test_no_checkpointing_keeps_every_layer():
     p = plan(recipe(**{"train.gradient_checkpointing": False}), TINY, assumptions=A)
-    layer = (2 * 8 + 2 * 16) * 3520 + 2 * 16 * 64 * 2 + 2 * 2 * 24 * 32 * 2 + 2 * 16 * 24 * 2
+    layer = (2 * 8 + 2 * 16) * 3520 + 2 * 2 * 24 * 64 * 2 + 2 * 2 * 24 * 32 * 2 + 2 * 4 * 24 * 4  # rows, no mask
     assert items(p)["activations_saved"] == 2 * layer
     assert items(p)["activations_layer"] == layer
 
@@ -352,7 +353,7 @@ def test_activations_are_sized_from_the_rows_a_micro_batch_really_holds():
     big = items(plan(recipe(**{"train.micro_batch_size": 64}), TINY, assumptions=A))
     eight = items(plan(recipe(**{"train.micro_batch_size": 8}), TINY, assumptions=A))
     assert big["activations_layer"] == eight["activations_layer"]
-    assert big["attention_mask"] == 8 * 16 * (8 + 16)
+    assert big["activations_saved"] == eight["activations_saved"]
     # rl: mini-batches split a step; reheat: consecutive rows of groups of num_generations share a prompt
     from tsopsd_cli.core.memory import micro_batch_rows
 

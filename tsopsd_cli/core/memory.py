@@ -270,11 +270,12 @@ def _training_activations(r, s: ModelShape, cb: int, a: Assumptions, rows: tuple
     if lean:  # distinct prompts once [U, P], completions minus their last token [1, Nc]; attention in [B, C] rows
         tokens = U * P + B * C
         where = f"({U} x {P} + {B} x {C}) tokens"
-        # completion rows: q in the [B, C] layout, keys/values with the prompt's repeated per row
-        # [B, KV, P + C, d] x 2, the additive mask SDPA makes of the bool mask [B, 1, C, P + C] (kept per layer)
-        extra = B * C * s.heads * s.head_dim * cb + 2 * B * (P + C) * kv * cb + B * C * (P + C) * cb
-        mask = B * C * (P + C)  # the bool mask [B, 1, C, P + C], built once per forward
-        mask_formula = f"bool [B, 1, C, P+C] = {B} x {C} x {P + C} B, once per forward"
+        # attention rows [prompt, completion g] per completion (lean.causal_attention, no mask tensor): queries and
+        # the attention output [B, H, P + C, d], keys/values [B, KV, P + C, d] x 2, SDPA's float32 logsumexp
+        # [B, H, P + C] (kept for the backward). On CUDA in float32 the key/value heads are expanded to H.
+        extra = 2 * B * (P + C) * s.heads * s.head_dim * cb + 2 * B * (P + C) * kv * cb + B * s.heads * (P + C) * 4
+        mask = 0  # causal kernels: no [B, 1, C, P + C] mask, no [B, H, C, P + C] scores
+        mask_formula = ""
     else:  # the transformers forward: every sequence carries its prompt, a padding mask [B, 1, T, T]
         T = P + C
         tokens = B * T
@@ -297,7 +298,8 @@ def _training_activations(r, s: ModelShape, cb: int, a: Assumptions, rows: tuple
                           f"{L} layers x ({where} x {per_tok} B/token + completion attention rows {_n(extra)} B)"))
         items.append(Item("activations_layer", "activations: backward working set (one layer)", layer, ph,
                           f"{where} x {per_tok} B/token + {_n(extra)} B"))
-    items.append(Item("attention_mask", "activations: explicit attention mask", mask, ph, mask_formula))
+    if mask:
+        items.append(Item("attention_mask", "activations: explicit attention mask", mask, ph, mask_formula))
     # final norm (float32 input, cast, output) and the hidden states' gradient at the B x C completion positions;
     # reheat also keeps the teacher's hidden states for the student's backward
     N = B * C
