@@ -393,9 +393,10 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
     # --- trained model: master weights, gradients, AdamW moments
     items.append(Item("weights", f"weights (master, {mname})", _ceil_div(P * mb, shards), everywhere,
                       f"{_n(P)} params x {mb} B{sh}"))
-    # the gradients stay allocated from the first backward on (until the next zero_grad); AdamW's moments are
-    # created by the first step: neither exists at setup (load, report rollouts)
-    items.append(Item("gradients", f"gradients ({mname})", _ceil_div(P * mb, shards), stepping,
+    # the gradients exist from a step's first backward to its optimiser step (the trainer frees them right after
+    # it: zero_grad(set_to_none=True)); AdamW's moments are created by the first step and stay
+    grads = tuple(ph for ph in active if ph in ("training", "optimizer_step"))
+    items.append(Item("gradients", f"gradients ({mname})", _ceil_div(P * mb, shards), grads,
                       f"{_n(P)} params x {mb} B{sh}"))
     items.append(Item("optimizer_state", f"optimiser state (AdamW, 2 x {mname})", _ceil_div(2 * P * mb, shards),
                       stepping, f"2 moments x {_n(P)} params x {mb} B{sh}"))
