@@ -141,6 +141,19 @@ def fingerprint(path: str | os.PathLike, full_hash_limit: int = 1 << 30) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- loading
+def check_checkpoint(path: str | os.PathLike, model_section) -> dict:
+    """What can be checked of a checkpoint without reading its weights (files, safetensors headers, a causal-LM
+    architecture that transformers knows unless remote code is allowed); returns its config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config, _ = inspect_checkpoint(path, allow_pickle=model_section.allow_pickle)
+    model_type = config.get("model_type")
+    if not model_section.trust_remote_code and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CheckpointError(f"{path}: unsupported architecture (model_type={model_type!r} is not a causal LM "
+                              "that transformers knows; --trust-remote-code runs the checkpoint's own code)")
+    return config
+
+
 def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str | None = None,
                     device: str | None = None, weights: bool = True) -> Loaded:
     """The one way a checkpoint is loaded: `model_section` is a recipe's `model` section (trust_remote_code,
@@ -153,20 +166,16 @@ def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str |
 
         model_section = ModelSection()
     m = model_section
-    config, _ = inspect_checkpoint(path, allow_pickle=m.allow_pickle)
+    config = check_checkpoint(path, m)
     path = Path(path)
     import transformers
     from transformers import AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from tsopsd_cli.devices import resolve_device, resolve_dtype
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     model_type = config.get("model_type")
-    if not m.trust_remote_code and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise CheckpointError(f"{path}: unsupported architecture (model_type={model_type!r} is not a causal LM "
-                              "that transformers knows; --trust-remote-code runs the checkpoint's own code)")
     if not m.trust_remote_code and config.get("auto_map"):
         warn(f"{path}: config.json names code shipped with the checkpoint (auto_map); it is not run "
              f"(trust_remote_code is off) and transformers' own {model_type} class is used instead")

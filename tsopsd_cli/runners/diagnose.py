@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tsopsd_cli.analysis import clip_to_rows, mean_or_nan, shared_rows, summarize, token_pass
-from tsopsd_cli.checkpoint import Loaded, atomic_dir, check_out, load_checkpoint
+from tsopsd_cli.checkpoint import Loaded, atomic_dir, check_checkpoint, check_out, load_checkpoint
 from tsopsd_cli.core import stats as S
 from tsopsd_cli.errors import CheckpointError, DataError
 from tsopsd_cli.modeling import check_head_matches
@@ -44,20 +44,28 @@ def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
     return seqs
 
 
-def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
-    """Rollouts from the checkpoint; returns sequences, the rollout summary (diversity, accuracy), the toy world's
-    decision points (None on other checkpoints or prompt sources) and the first prompt as tokenized."""
+def diagnose_prompts(recipe: DiagnoseRecipe, checkpoint: str) -> list:
+    """The prompts to sample, read before any model (a data error is one line, before any progress line); the
+    checkpoint's tokenizer is read only for its chat template."""
+    from tsopsd_cli.checkpoint import load_tokenizer
+    from tsopsd_cli.tasks import load_problems
+
+    tok = load_tokenizer(Path(checkpoint), recipe.model.trust_remote_code) \
+        if getattr(recipe.data, "chat_template", False) else None
+    problems = load_problems(recipe.data, tok, limit=recipe.diagnose.num_prompts)
+    if not problems:
+        raise DataError("the prompt source gave no problems")
+    return problems
+
+
+def sample_sequences(recipe: DiagnoseRecipe, loaded: Loaded, problems: list, progress: Progress):
+    """Rollouts from the checkpoint on `problems`; returns sequences, the rollout summary (diversity, accuracy), the
+    toy world's decision points (None on other checkpoints or prompt sources) and the first prompt as tokenized."""
     from tsopsd_cli.engines import encode_prompts, open_engine, sampling_params
-    from tsopsd_cli.tasks import decision_positions, load_problems
+    from tsopsd_cli.tasks import decision_positions
     from tsopsd_cli.tasks.grading import Grader, extract_answer
     from tsopsd_cli.tasks.toy import is_toy_tokenizer
 
-    from tsopsd_cli.tasks import source_name
-
-    progress.log(f"loading prompts: {source_name(recipe.data)} ({recipe.data.type})")
-    problems = load_problems(recipe.data, loaded.tokenizer, limit=recipe.diagnose.num_prompts)
-    if not problems:
-        raise DataError("the prompt source gave no problems")
     params = sampling_params(recipe.rollout)
     engine = open_engine(recipe.rollout.engine, loaded.tokenizer, model=loaded.model, checkpoint=loaded.path,
                          model_section=recipe.model, rollout=recipe.rollout)
@@ -133,6 +141,21 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
         from tsopsd_cli.engines import require
 
         require(recipe.rollout.engine)
+    # bad input is one line on stderr: what can be checked without loading a model comes before any progress line
+    from tsopsd_cli.tasks import require_file
+
+    for path in (checkpoint, d.reference):
+        if path is not None:
+            check_checkpoint(path, recipe.model)
+    problems = None
+    if d.texts is not None:
+        require_file(d.texts)
+    else:
+        problems = diagnose_prompts(recipe, checkpoint)
+    if problems is not None:
+        from tsopsd_cli.tasks import source_name
+
+        progress.log(f"prompts: {len(problems)} from {source_name(recipe.data)} ({recipe.data.type})")
     progress.log(f"loading {checkpoint}")
     loaded = load_checkpoint(checkpoint, recipe.model)
     ref = rows = None
@@ -152,7 +175,7 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
     if d.texts is not None:
         seqs = texts_sequences(loaded.tokenizer, d.texts)
     else:
-        seqs, rollout_summary, marks, first_prompt = sample_sequences(recipe, loaded, progress)
+        seqs, rollout_summary, marks, first_prompt = sample_sequences(recipe, loaded, problems, progress)
         if not seqs:
             raise DataError("every sampled completion was empty; nothing to measure")
     dropped = 0

@@ -113,11 +113,17 @@ def hub_rows(data) -> list[dict]:
         raise DataError(f"cannot load {data.name} from the hub ({str(e).splitlines()[0][:200]})") from None
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file; one clear DataError for a missing file or a bad line."""
+def require_file(path: str | Path) -> Path:
+    """`path` as a Path; one clear DataError when it is not a file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file; one clear DataError for a missing file or a bad line."""
+    path = require_file(path)
     rows = []
     try:
         raw = path.read_bytes()
