@@ -131,7 +131,8 @@ class Split:
         import torch
 
         from tsopsd_cli.core import chunked, stats
-        from tsopsd_cli.runners import distill, rl, trainer
+        from tsopsd_cli.runners import rl
+        from tsopsd_cli.training import distill, trainer
 
         run.rollout = self.wrap(run.rollout, "rollout")
         hidden = run.hidden

@@ -75,18 +75,6 @@ def prompts_for(shape: str, tok, n: int) -> list[list[int]]:
     return torch.randint(3, len(tok), (n, 32), generator=g).tolist()
 
 
-class NoEos:
-    """The tokenizer with an eos id no token has: the hf engine then samples every completion to full length."""
-
-    eos_token_id = -1
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-
 def run_arm(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,9 +91,9 @@ def run_arm(args) -> dict:
         from tsopsd_cli.engines.hf import HFEngine
 
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
-        engine = HFEngine(model, NoEos(tok), batch_size=len(prompts) * args.generations, lean=True)
+        engine = HFEngine(model, tok, batch_size=len(prompts) * args.generations, lean=True)
         out["lean"] = engine.lean
-        gen = lambda p, sp: engine.generate(p, sp)  # noqa: E731
+        gen = lambda p, sp: engine.generate(p, sp, ignore_eos=True)  # noqa: E731
         close = lambda: None  # noqa: E731
     else:
         from tsopsd_cli.engines.vllm import VLLMEngine

@@ -773,7 +773,12 @@ def load_state(path, model, optimizer) -> None:
         dcp.load(state, checkpoint_id=str(path))
     finally:
         ctx.__exit__(None, None, None)
+    # the kernel choice (fused or foreach AdamW) belongs to this run's parameters, not to the checkpoint: a job
+    # resumed on another number of processes has plain tensors where the writer had DTensors, or the reverse
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
 
 
 def save_model(path, model) -> None:

@@ -319,6 +319,10 @@ def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_
     for k in sa:
         if isinstance(sa[k], torch.Tensor):
             torch.testing.assert_close(sa[k].float(), sb[k].float(), atol=2e-6, rtol=1e-4, msg=k)
+        elif k.startswith(".optim.param_groups"):  # the same hyper-parameters; the kernel is each run's own choice
+            drop = ("fused", "foreach")  # (fused AdamW on one process's plain tensors, not on fsdp's DTensors)
+            assert [{n: v for n, v in g.items() if n not in drop} for g in sa[k]] == \
+                [{n: v for n, v in g.items() if n not in drop} for g in sb[k]], k
         else:
             assert sa[k] == sb[k], k
     p = run_cli(*args, "--out", str(a), "--resume")

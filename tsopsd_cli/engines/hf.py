@@ -117,14 +117,18 @@ class HFEngine:
     def close(self) -> None:
         pass
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
+                 ignore_eos: bool = False) -> list[Completion]:
+        """As `Engine.generate`; `ignore_eos` (benchmarks, as the vLLM engine's): sample on past every end token up
+        to max_new_tokens."""
         if self.sample_context is None:
-            return self._generate(prompts, params, progress)
+            return self._generate(prompts, params, progress, ignore_eos)
         with self.sample_context():
-            return self._generate(prompts, params, progress)
+            return self._generate(prompts, params, progress, ignore_eos)
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
+                  ignore_eos: bool = False) -> list[Completion]:
         prompt_ids = prompts
         jobs = [(i, j) for i in range(len(prompts)) for j in range(params.num_generations)]
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -140,19 +144,20 @@ class HFEngine:
                     seeds = torch.tensor([_i64((params.row_seeds[i] * 1_000_003 + j) % _M64) for i, j in batch],
                                          dtype=torch.int64, device=self.device)
                 out.extend(self._generate_batch([prompt_ids[i] for i, _ in batch], batch, params,
-                                                gen if seeds is None else seeds))
+                                                gen if seeds is None else seeds, () if ignore_eos else self.end_ids))
                 if progress is not None:
                     progress(len(batch))
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_batch(self, ids: list[list[int]], jobs, params: SamplingParams, gen) -> list[Completion]:
+    def _generate_batch(self, ids: list[list[int]], jobs, params: SamplingParams, gen,
+                        end_ids: tuple[int, ...]) -> list[Completion]:
         from transformers import DynamicCache
 
         tok, dev = self.tokenizer, self.device
         pad = tok.pad_token_id
-        ends = torch.tensor(self.end_ids, dtype=torch.long, device=dev)
+        ends = torch.tensor(end_ids, dtype=torch.long, device=dev)
         bsz, width = len(ids), max(len(x) for x in ids)
         input_ids = torch.full((bsz, width), pad, dtype=torch.long)
         mask = torch.zeros((bsz, width), dtype=torch.long)
