@@ -62,13 +62,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_ranks(n: int, *args: str, env: dict | None = None, timeout: int = 900) -> list:
-    """Start `n` processes of the real entry point as one job (as srun or torchrun would: RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT on loopback; gloo on CPU); returns their CompletedProcess objects, rank order."""
+def launch_ranks(n: int, *args: str, env: dict | None = None, timeout: int = 900,
+                 command: list[str] | None = None) -> list:
+    """Start `n` processes of the real entry point (or of `command`, e.g. [python, script]) as one job (as srun or
+    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on loopback; gloo on CPU); returns their
+    CompletedProcess objects, rank order."""
     root = str(Path(__file__).resolve().parents[1])
     port = _free_port()
     exe = Path(sys.executable).parent / "tsopsd"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]
+    cmd = command or ([str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"])
     procs = []
     for rank in range(n):
         full = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {}),

@@ -195,27 +195,15 @@ def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
     sharding. Now only the main process reads it; the other builds on the meta device and receives its shards.
     The sharded weights (float32 policy, bf16 teacher) equal the bf16 checkpoint's exactly, the embeddings stay
     tied, and the rotary buffers (not in the state dict) are right on the meta-built process."""
-    import os
-    import subprocess
     import sys
-    from pathlib import Path
 
-    from tests.conftest import _free_port
     from tests.qwen_ckpt import make_qwen_checkpoint
 
     ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
     script = tmp_path / "ranks.py"
     script.write_text(LOAD_RANK_SCRIPT)
-    root = str(Path(__file__).resolve().parents[2])
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path)], text=True,
-                              stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": root, "WORLD_SIZE": "2", "RANK": str(k),
-                                   "LOCAL_RANK": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}) for k in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    for p in launch_ranks(2, str(ckpt), str(tmp_path), command=[sys.executable, str(script)], timeout=300):
+        assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2))
     assert r0["reads"] == 2 and r1["reads"] == 0  # policy and teacher read by the main process alone
     for r in (r0, r1):
@@ -230,25 +218,15 @@ def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
 def test_a_failed_read_on_the_main_process_stops_every_process_at_once(tmp_path):
     """The process that receives its shards must not wait (up to the collective timeout) for a main process whose
     read failed: the failure is agreed on and every process exits with the checkpoint error."""
-    import os
-    import subprocess
     import sys
-    from pathlib import Path
 
-    from tests.conftest import _free_port
     from tests.qwen_ckpt import make_qwen_checkpoint
 
     ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
     script = tmp_path / "ranks.py"
     script.write_text(LOAD_RANK_SCRIPT)
-    root = str(Path(__file__).resolve().parents[2])
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path), "fail"], text=True,
-                              stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": root, "WORLD_SIZE": "2", "RANK": str(k),
-                                   "LOCAL_RANK": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}) for k in range(2)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    procs = launch_ranks(2, str(ckpt), str(tmp_path), "fail", command=[sys.executable, str(script)], timeout=300)
+    errs = [p.stderr for p in procs]
     assert all(p.returncode != 0 for p in procs)
     # (without the agreement the second process fails only at the 1-minute collective timeout, with gloo's error)
     assert "disk gone" in errs[0] and "could not load the checkpoint" in errs[1]

@@ -248,25 +248,14 @@ def test_the_reports_rollouts_are_spread_over_the_processes(tiny_ckpt, tmp_path)
     """Issue 21.3: rank 0 generated the report's rollouts alone (64 x up to 8,192 tokens at 8B) while the other
     ranks waited under the collective timeout. With 2 gloo ranks each samples its share (every other prompt) and
     both receive all of them, in prompt order."""
-    import os
-    import subprocess
     import sys
-    from pathlib import Path
 
-    from tests.conftest import _free_port
+    from tests.conftest import launch_ranks
 
     script = tmp_path / "ranks.py"
     script.write_text(REPORT_RANK_SCRIPT)
-    root = str(Path(__file__).resolve().parents[2])
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(tiny_ckpt), str(tmp_path)], text=True,
-                              stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": root, "WORLD_SIZE": "2", "RANK": str(k),
-                                   "LOCAL_RANK": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                   "OMP_NUM_THREADS": "1"}) for k in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
+    for p in launch_ranks(2, str(tiny_ckpt), str(tmp_path), command=[sys.executable, str(script)], timeout=120):
+        assert p.returncode == 0, p.stderr[-2000:]
     r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2))
     assert r0["seen"] == ["0+0=?", "2+2=?", "4+4=?"] and r1["seen"] == ["1+1=?", "3+3=?"]
     assert r0["seqs"] == r1["seqs"]
