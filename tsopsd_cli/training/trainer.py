@@ -342,10 +342,6 @@ class TrainingRun:
         with parallel.gathered(self.model), self.pl.autocast():
             yield
 
-    def hf_engine(self, model, batch_size: int):
-        """A plain transformers engine on `model` (no gather: the caller arranges the parameters)."""
-        return open_engine("hf", self.tok, model=model, model_section=self.r.model, batch_size=batch_size)
-
     def generate(self, engine, prompts, params, agree: bool = True):
         """Sample with `engine` (it gathers, casts or wakes what it needs). With `agree` (every process calls it the same number of times: rollouts) a
         signal stops the generation at its next decoding step on each process and all of them agree on it right
