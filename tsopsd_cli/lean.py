@@ -81,9 +81,15 @@ class LeanModel:
         self.scaling = self.layers[0].self_attn.scaling
         self.qk_eps = self.layers[0].self_attn.q_norm.variance_epsilon if self.qk_norm else None
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, head_in_loss: bool = False) -> torch.Tensor:
+        """ids [...] -> embeddings [..., D]. With `head_in_loss` (the caller's loss also goes through the LM head)
+        and an LM head that shares the embedding's weight, the lookup's gradient is sparse (the rows looked up):
+        autograd adds it in place to the head's dense [V, D] gradient, where a dense lookup gradient would be a
+        second [V, D] buffer in the backward pass (0.6 GB in float32 at Qwen3-0.6B's 151,936 x 1,024). Otherwise
+        the gradient is dense, as the optimiser and FSDP's reduce-scatter need it."""
         emb = self.model.model.embed_tokens  # its padding_idx row gets no gradient, as in nn.Embedding
-        return F.embedding(ids, emb.weight, padding_idx=emb.padding_idx)
+        sparse = head_in_loss and emb.weight is self.head.weight and emb.weight.requires_grad
+        return F.embedding(ids, emb.weight, padding_idx=emb.padding_idx, sparse=sparse and torch.is_grad_enabled())
 
     def weights(self, i: int) -> tuple:
         layer = self.layers[i]
@@ -239,7 +245,7 @@ def causal_attention(q, k, v, scale: float, gqa: bool):
 
 
 def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpoint_layers: bool = False,
-                         layer_hook=None):
+                         layer_hook=None, head_in_loss: bool = False):
     """seqs: [(prompt ids, completion ids)] -> final-normed hidden states [N, D] at the positions that predict
     the completion tokens, in `modeling.pack` order (sequence by sequence, token by token).
 
@@ -255,7 +261,8 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     The first completion token is predicted from the prompt's last position, the others from the completion part.
     With `checkpoint_layers`, each layer's activations are recomputed in the backward pass. `layer_hook(i, fn,
     xp, xc)`, when given, runs layer i's computation `fn(i, xp, xc)` (tsopsd_cli.parallel.layer_hook routes it
-    through an FSDP layer module)."""
+    through an FSDP layer module). `head_in_loss`: the caller's loss also goes through the model's LM head (see
+    `LeanModel.embed`: a tied embedding's lookup gradient is then sparse)."""
     from torch.utils.checkpoint import checkpoint
 
     lm = LeanModel(model)
@@ -286,7 +293,7 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         c_u = max((len(seqs[b][1]) - 1 for b in rows), default=0)
         groups.append((len(p), torch.tensor(rows, dtype=torch.long, device=dev), c_u))
 
-    xp = lm.embed(p_ids.to(dev))  # [U, P, D]
+    xp = lm.embed(p_ids.to(dev), head_in_loss)  # [U, P, D]
     cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
     xc = cos_c = sin_c = slots = None
     if C > 0:
@@ -294,7 +301,7 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
         # slot of each fed token in the [B, C] row layout (row b, column j - 1), in sequence order
         row, col = seq[~first], j[~first] - 1
         slots = row * C + col  # [Nc]
-        xc = lm.embed(torch.tensor(fed, dtype=torch.long, device=dev))[None]  # [1, Nc, D]
+        xc = lm.embed(torch.tensor(fed, dtype=torch.long, device=dev), head_in_loss)[None]  # [1, Nc, D]
         start = p_len[owner]  # [B]
         cos_c, sin_c = lm.rotary(xc, (start[row] + col)[None])
     gqa = lm.n_kv != lm.n_heads

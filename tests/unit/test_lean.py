@@ -257,3 +257,39 @@ def test_shared_prefix_forward_through_fsdp_layer_hook(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_tied_embedding_lookup_gradient_is_sparse_and_adds_into_the_head_gradient(monkeypatch):
+    """With the loss through a tied LM head, the lean lookup's gradient is sparse (no second [V, D] buffer in the
+    backward pass) and the parameter's gradient is the same dense one as with a dense lookup; without
+    `head_in_loss`, or untied, the lookup stays dense."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tsopsd_cli import lean
+    from tsopsd_cli.core.chunked import token_logps
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                         max_position_embeddings=128, pad_token_id=0,
+                                         tie_word_embeddings=True)).double()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    seqs = _seqs(torch.Generator().manual_seed(3))
+    pb = pack(seqs, 0, "cpu")
+    lookups = []
+    real = lean.F.embedding
+    monkeypatch.setattr(lean.F, "embedding", lambda *a, **k: lookups.append(k["sparse"]) or real(*a, **k))
+    grads = {}
+    for head_in_loss in (False, True):
+        model.zero_grad(set_to_none=True)
+        hidden = shared_prefix_hidden(model, seqs, head_in_loss=head_in_loss)
+        weight = model.get_output_embeddings().weight
+        token_logps(hidden, weight, pb.targets, 1.0, 16)[0].sum().backward()
+        assert weight.grad.layout == torch.strided and not weight.grad.is_sparse
+        grads[head_in_loss] = weight.grad.clone()
+    assert lookups == [False, False, True, True]  # prompt and completion lookups, dense then sparse
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-12, rtol=1e-10)
+    untied = _model("qwen3").double()  # untied: dense whatever the caller says
+    lookups.clear()
+    shared_prefix_hidden(untied, seqs, head_in_loss=True)
+    assert lookups == [False, False]
