@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+
 import torch
 
 from tsopsd_cli.errors import CheckpointError
@@ -23,3 +27,26 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[dtype]
+
+
+@functools.cache
+def _libc_malloc_trim():
+    """glibc's malloc_trim, or None (another C library, or not found)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_host_memory(device: torch.device) -> None:
+    """On the CPU, hand the heap's free pages back to the system (glibc `malloc_trim`). Called after a phase
+    frees large tensors (the gathered weights a rollout sampled from, a step's gradients): glibc keeps freed blocks
+    under its dynamic mmap threshold (up to 32 MiB: most layer weights) in the heap, where the next phase's other
+    sizes cannot always reuse them, so the process's peak would carry them. Costs milliseconds; a no-op on CUDA
+    devices and without glibc."""
+    if device.type != "cpu":
+        return
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)

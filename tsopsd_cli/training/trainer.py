@@ -42,6 +42,7 @@ from tsopsd_cli import lean, parallel, signals
 from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
                                    load_tokenizer, provenance, warn, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
+from tsopsd_cli.devices import release_host_memory
 from tsopsd_cli.engines import open_engine
 from tsopsd_cli.engines import require as require_engine
 from tsopsd_cli.errors import (CheckpointError, DataError, Interrupted, RecipeError, TsopsdError, UsageError,
@@ -339,8 +340,11 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def _sampling_context(self):
-        with parallel.gathered(self.model), self.pl.autocast():
-            yield
+        try:
+            with parallel.gathered(self.model), self.pl.autocast():
+                yield
+        finally:
+            release_host_memory(self.device)  # the gathered weights (FSDP) and the decoding caches are gone
 
     def generate(self, engine, prompts, params, agree: bool = True):
         """Sample with `engine` (it gathers, casts or wakes what it needs). With `agree` (every process calls it the same number of times: rollouts) a
@@ -395,14 +399,15 @@ class TrainingRun:
 
     def hidden(self, model, seqs):
         """(final hidden states at completion positions [N, D], LM-head weight [V, D], PackedBatch); under FSDP the
-        head weight is the gathered one, valid until the backward pass (or `parallel.reshard` of a frozen model)."""
+        head weight is the gathered one, valid until the backward pass (or `parallel.reshard` of a frozen model).
+        Every loss of the caller goes through that head weight (a tied embedding's gradient may then be sparse)."""
         pb = pack(seqs, self.tok.pad_token_id, self.device)
 
         def body():
             if self.r.model.lean and lean.supports(model):
                 ckpt = self.r.train.gradient_checkpointing and model is self.model
                 return lean.shared_prefix_hidden(model, seqs, checkpoint_layers=ckpt,
-                                                 layer_hook=parallel.layer_hook(model))
+                                                 layer_hook=parallel.layer_hook(model), head_in_loss=True)
             return completion_hidden(model, pb)[0]
 
         with self.pl.autocast():
@@ -466,6 +471,7 @@ class TrainingRun:
         # for the report (what a step holds).
         self.grad_bytes = parallel.local_bytes(self.model)["gradient_bytes"]
         self.opt.zero_grad(set_to_none=True)
+        release_host_memory(self.device)
         before, self.wnorm = self.wnorm, parallel.weight_norm(self.model, self.pl, self.dist)
         O.check_weights(before, self.wnorm, self.r.optim.max_weight_norm_change, self.step + 1)
         return norm
