@@ -192,3 +192,37 @@ def test_no_gradient_reaches_a_live_teacher():
     token_divergence(h, w, lambda idx: hd[idx] @ wd.T, "forward_kl", temp=1.6, chunk_size=4).sum().backward()
     torch.testing.assert_close(live[0], h.grad)
     torch.testing.assert_close(live[1], w.grad)
+
+
+def test_observer_sees_each_chunk_once_with_the_loss_blocks():
+    """token_divergence's `observe` gets, once per chunk of the forward pass (not again when the backward pass
+    recomputes it), the student logits, the teacher's raw logits and the teacher as distilled; the loss and its
+    gradients are those of a run without an observer."""
+    from tsopsd_cli.core.chunked import teacher_logits_at
+
+    g = torch.Generator().manual_seed(5)
+    n, d, v, temp, top_p = 11, 6, 17, 1.6, 0.9
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
+    th = torch.randn(n, d, generator=g, dtype=torch.float64)
+    tw = torch.randn(v, d, generator=g, dtype=torch.float64)
+    seen = []
+
+    def observe(idx, s_logits, t_raw, t_logits):
+        assert not s_logits.requires_grad and not torch.is_grad_enabled()
+        seen.append(idx.tolist())
+        torch.testing.assert_close(s_logits, h.detach()[idx] @ w.detach().T)
+        torch.testing.assert_close(t_raw, th[idx] @ tw.T)
+        torch.testing.assert_close(t_logits, teacher_logits_at(th[idx] @ tw.T, temp, top_p))
+
+    fn = lambda idx: th[idx] @ tw.T  # noqa: E731
+    got = token_divergence(h, w, fn, "forward_kl", temp=temp, chunk_size=4, teacher_top_p=top_p, observe=observe)
+    got.sum().backward()
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want = token_divergence(h, w, fn, "forward_kl", temp=temp, chunk_size=4, teacher_top_p=top_p)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(gh, h.grad, atol=0, rtol=0)
+    torch.testing.assert_close(gw, w.grad, atol=0, rtol=0)

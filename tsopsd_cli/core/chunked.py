@@ -67,10 +67,14 @@ def teacher_logits_at(logits: torch.Tensor, temp: float, top_p: float = 1.0) -> 
 
 
 def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
-                      kind: str, beta: float, temp: float, top_p: float = 1.0):
+                      kind: str, beta: float, temp: float, top_p: float = 1.0, observe: Callable | None = None,
+                      live: list | None = None):
     s_logits = _upcast(s_hidden @ s_weight.T)  # [c, V]
     with torch.no_grad():  # never differentiated
-        t_logits = teacher_logits_at(_upcast(t_logits_fn(idx)).to(s_logits.dtype), temp, top_p)  # [c, V]
+        t_raw = _upcast(t_logits_fn(idx)).to(s_logits.dtype)  # [c, V]
+        t_logits = teacher_logits_at(t_raw, temp, top_p)  # [c, V]
+        if observe is not None and live[0]:  # the forward pass only, not the backward's recomputation
+            observe(idx, s_logits.detach(), t_raw, t_logits)
     return divergence_from_logits(s_logits, t_logits, kind, beta)
 
 
@@ -99,22 +103,26 @@ def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind:
 def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
                      t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl",
                      beta: float = 0.5, temp: float = 1.0, chunk_size: int = 1024,
-                     teacher_top_p: float = 1.0) -> torch.Tensor:
+                     teacher_top_p: float = 1.0, observe: Callable | None = None) -> torch.Tensor:
     """Per-token divergence between a teacher softmax(t_logits / temp) (restricted to its top-p nucleus when
     teacher_top_p < 1) and the student softmax(s_hidden @ s_weight.T), with gradients to the student only.
     s_hidden: [N, D]; s_weight: [V, D];
     t_logits_fn(idx [c]) -> teacher logits [c, V] for those token indices (computed chunk by chunk, no grad).
-    -> [N] float32 (float64 for float64 inputs)"""
+    -> [N] float32 (float64 for float64 inputs)
+
+    `observe(idx [c], student logits [c, V], teacher logits [c, V], teacher as distilled [c, V])`, when given, is
+    called once per chunk of the forward pass (not again when the backward pass recomputes the chunk), under
+    no_grad, with the blocks the loss computes anyway: statistics of the step then cost no LM-head projection of
+    their own."""
     out = []
     n = s_hidden.shape[0]
     needs_grad = torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad)
+    live = [True]
     for s in range(0, n, chunk_size):
         idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
         h = s_hidden[s:s + chunk_size]
-        if needs_grad:
-            d = checkpoint(_divergence_block, h, s_weight, t_logits_fn, idx, kind, beta, temp, teacher_top_p,
-                           use_reentrant=False)
-        else:
-            d = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, temp, teacher_top_p)
+        args = (h, s_weight, t_logits_fn, idx, kind, beta, temp, teacher_top_p, observe, live)
+        d = checkpoint(_divergence_block, *args, use_reentrant=False) if needs_grad else _divergence_block(*args)
         out.append(d)
+    live[0] = False
     return torch.cat(out)

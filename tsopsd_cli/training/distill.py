@@ -15,7 +15,7 @@ import torch
 
 from tsopsd_cli import parallel
 from tsopsd_cli.core import stats as S
-from tsopsd_cli.core.chunked import teacher_logits_at, token_divergence, token_logps
+from tsopsd_cli.core.chunked import token_divergence
 from tsopsd_cli.engines import encode_prompts, sampling_params
 from tsopsd_cli.training.trainer import row_seed
 
@@ -66,31 +66,35 @@ def distill_step(run, teacher, reference, seqs, comps, engine_lps, section, t0: 
         def teacher_logits(idx, h=t_hidden, w=t_weight):
             return h[idx] @ w.T  # [c, V]
 
+        mine = None if engine_lps is None else engine_lps[k * mbs:(k + 1) * mbs]
+        eng = None if mine is None else torch.tensor([x for e in mine for x in e], device=hidden.device)
+
+        def observe(idx, s_logits, t_raw, t_logits, r_hidden=r_hidden, r_weight=r_weight, pb=pb, eng=eng):
+            """The step's metrics from the loss's own logit blocks (the reference's only when it is not the
+            teacher): student and teacher entropy, top-1 agreement and KL to the reference, the engine's
+            log-prob gap."""
+            ref = t_raw if teacher is reference else r_hidden[idx] @ r_weight.T
+            st = S.logits_token_stats(s_logits, [1.0], [1], ref_logits=ref)
+            acc["s_ent"] += float(st.entropy.sum())
+            acc["agree"] += float(st.top1_agree.sum())
+            acc["kl_in"] += float(st.kl_forward.sum())
+            acc["t_ent"] += float(S.entropy_from_logits(t_logits).sum())
+            if eng is not None:  # the rollout engine's log-probs against the student's own
+                lp = (s_logits / run.r.rollout.temperature).log_softmax(-1)
+                lp = lp.gather(-1, pb.targets[idx].unsqueeze(-1)).squeeze(-1)
+                acc["eng"] += float((lp - eng[idx].to(lp.dtype)).abs().sum())
+
+        # the metrics are taken in the loss's forward pass: before the backward pass, which under FSDP frees the
+        # gathered head weight
         div = token_divergence(hidden, weight, teacher_logits, section.divergence, section.beta, section.temp,
-                               tr.chunk_size, teacher_top_p=section.teacher_top_p)
+                               tr.chunk_size, teacher_top_p=section.teacher_top_p,
+                               observe=None if padding else observe)
         loss = div.sum() / max(n_tok, 1.0) * (0.0 if padding else 1.0)
         loss = run.guard_loss(loss)  # decided on every process together, before the update
-        if not padding:  # before the backward pass: under FSDP it frees the gathered head weight
-            with torch.no_grad():
-                st = S.chunked_token_stats(hidden.detach(), lambda h: h @ weight.detach().T, [1.0], [1],
-                                           tr.chunk_size, ref_hidden=r_hidden, ref_head=lambda h: h @ r_weight.T)
-                tst = S.chunked_token_stats(  # the teacher as distilled: logits / temp, top-p nucleus
-                    t_hidden, lambda h: teacher_logits_at(h @ t_weight.T, section.temp, section.teacher_top_p),
-                    [1.0], [1], tr.chunk_size)
-                if engine_lps is not None:  # the rollout engine's log-probs against the student's own
-                    mine = engine_lps[k * mbs:(k + 1) * mbs]
-                    lp = token_logps(hidden.detach(), weight.detach(), pb.targets, run.r.rollout.temperature,
-                                     tr.chunk_size)[0]
-                    eng = torch.tensor([x for e in mine for x in e], dtype=lp.dtype, device=lp.device)
-                    acc["eng"] += float((lp - eng).abs().sum())
         loss.backward()
         if padding:
             continue
         acc["loss"] += float(div.detach().sum())
-        acc["s_ent"] += float(st.entropy.sum())
-        acc["t_ent"] += float(tst.entropy.sum())
-        acc["agree"] += float(st.top1_agree.sum())
-        acc["kl_in"] += float(st.kl_forward.sum())
     for frozen in {id(m): m for m in (teacher, reference) if m is not None}.values():
         parallel.reshard(frozen)
     grad_norm = run.optimizer_step()
