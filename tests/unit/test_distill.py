@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.qwen_ckpt import model_config
+from tsopsd_cli.core.divergences import DIVERGENCES
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.recipe import ReheatSection
 from tsopsd_cli.training.distill import distill_step
@@ -99,7 +100,7 @@ def step(policy, teacher, seqs, comps, engine_lps=None, **section):
     return distill_step(policy, teacher, teacher, seqs, comps, engine_lps, ReheatSection(**section), 0.0, 0.0)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_a_step_through_the_narrow_policy_moves_the_student_and_reports_finite_metrics(divergence):
     student = tiny_qwen3()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
