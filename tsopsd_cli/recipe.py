@@ -14,7 +14,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tsopsd_cli.core.divergences import Divergence
 from tsopsd_cli.errors import RecipeError
+from tsopsd_cli.tasks.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, PROMPT_TEMPLATES, parse_names
+from tsopsd_cli.tasks.benchmarks import NAMES as BENCHMARK_NAMES
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -59,8 +62,6 @@ class ToyData(Section):
 
 
 def _check_template(v: str) -> str:
-    from tsopsd_cli.tasks.benchmarks import PROMPT_TEMPLATES
-
     if v not in PROMPT_TEMPLATES and "{question}" not in v:
         raise ValueError(f"must be one of {', '.join(PROMPT_TEMPLATES)} or a text containing {{question}}")
     return v
@@ -90,15 +91,13 @@ class BenchmarkData(PromptedData):
     Hugging Face hub through `datasets`."""
 
     type: Literal["benchmark"] = "benchmark"
-    name: str = Field("math500", description="aime24, aime25, amc23, math500, gsm8k, minerva_math, olympiadbench.")
+    name: str = Field(DEFAULT_BENCHMARK, description=f"{', '.join(BENCHMARKS)}.")
     data_dir: Path | None = Field(None, description="Local benchmark copies (<name>.jsonl, <name>/test.jsonl or "
                                   "parquet); None: the Hugging Face hub via `datasets` (network).")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from tsopsd_cli.tasks.benchmarks import BENCHMARKS
-
         if v not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {v!r}; choose from {', '.join(BENCHMARKS)}")
         return v
@@ -269,8 +268,7 @@ class ToyInitRecipe(Section):
 
 # ------------------------------------------------------------------------------------------------------ eval
 class EvalSection(Section):
-    benchmarks: list[str] = Field(["toy"], description="Built-in benchmarks: toy, aime24, aime25, amc23, "
-                                  "math500, gsm8k, minerva_math, olympiadbench.")
+    benchmarks: list[str] = Field(["toy"], description=f"Built-in benchmarks: {', '.join(BENCHMARK_NAMES)}.")
     data: Path | None = Field(None, description="A custom JSONL/parquet set, evaluated as well.")
     question_field: str = Field("problem", description="Question field of the custom set.")
     answer_field: str = Field("answer", description="Gold-answer field of the custom set.")
@@ -289,8 +287,6 @@ class EvalSection(Section):
     @field_validator("benchmarks")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from tsopsd_cli.tasks.benchmarks import parse_names
-
         try:
             return parse_names(v)
         except Exception as e:  # noqa: BLE001 - DataError -> validation message
@@ -486,7 +482,7 @@ class DistillSection(Section):
 
     temp: float = Field(1.6, gt=0, description="Teacher temperature: the teacher is softmax(logits / temp); > 1 "
                         "reheats.")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+    divergence: Divergence = Field(
         "forward_kl", description="forward_kl = KL(teacher || student): mass-covering, so it raises entropy; "
         "reverse_kl = KL(student || teacher); jsd: generalised JSD with beta.")
     beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher.")
@@ -764,7 +760,7 @@ def merge_trees(base: dict, top: dict) -> dict:
 # What a command does with a checkpoint that is not a toy-world one when no recipe or flag names a prompt source
 # (tasks.toy.is_toy_checkpoint decides): diagnose and eval sample MATH-500 with reasoning-length completions; rl and
 # reheat refuse (training on the toy world's arithmetic would be silently wrong, and no data set is a safe default).
-REAL_DIAGNOSE_DATA = {"type": "benchmark", "name": "math500", "limit": 64}
+REAL_DIAGNOSE_DATA = {"type": "benchmark", "name": DEFAULT_BENCHMARK, "limit": 64}
 REAL_MAX_NEW_TOKENS = 4096
 
 
@@ -789,7 +785,7 @@ def build_recipe(command: str, recipe_file: Path | None = None,
     tree = merge_trees(command_defaults(cls), tree)
     if world == "real" and command == "eval":
         if not {"eval.benchmarks", "eval.data"} & user_keys:
-            set_path(tree, "eval.benchmarks", ["math500"])
+            set_path(tree, "eval.benchmarks", [DEFAULT_BENCHMARK])
         if "rollout.max_new_tokens" not in user_keys:
             set_path(tree, "rollout.max_new_tokens", REAL_MAX_NEW_TOKENS)
     if world == "real" and command == "diagnose":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tsopsd_cli.core.chunked import divergence_from_logits, token_divergence, token_logps
+from tsopsd_cli.core.divergences import DIVERGENCES
 
 
 def probs(row):
@@ -48,7 +49,7 @@ def test_token_logps_chunked_gradients_equal_unchunked():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("kind", DIVERGENCES)
 def test_divergences_against_reference(kind):
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(7, 11, generator=g, dtype=torch.float64), torch.randn(7, 11, generator=g, dtype=torch.float64)
@@ -67,7 +68,7 @@ def test_divergences_against_reference(kind):
         divergence_from_logits(s, t, "jsd", beta=0.0)
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("kind", DIVERGENCES)
 def test_token_divergence_chunked_equals_unchunked_values_and_gradients(kind):
     h, w, _ = setup(seed=5)
     wt = w + 0.1
@@ -88,7 +89,7 @@ def test_frozen_teacher_at_tau_one_gives_zero_loss_and_gradient():
     h, w, _ = setup(seed=7)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     teacher = lambda idx: (h[idx] @ w.T)  # noqa: E731 - the same model, frozen
-    for kind in ("forward_kl", "reverse_kl", "jsd"):
+    for kind in DIVERGENCES:
         hh.grad = ww.grad = None
         d = token_divergence(hh, ww, teacher, kind, temp=1.0, chunk_size=4)
         d.mean().backward()

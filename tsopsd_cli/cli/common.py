@@ -13,6 +13,12 @@ from tsopsd_cli.progress import Progress
 from tsopsd_cli.recipe import build_recipe, parse_set_options
 from tsopsd_cli.report import json_safe
 
+def one_of(names, default: str) -> str:
+    """`names` as a help text's choice, the default marked: 'a (default), b or c'."""
+    words = [f"{n} (default)" if n == default else n for n in names]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML file.",
                                                    rich_help_panel="Recipe")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(

@@ -12,6 +12,7 @@ from tsopsd_cli.errors import UsageError
 from tsopsd_cli.cli.common import (emit, ChatOpt, TemplateOpt, prompt_flags, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
                                    RemoteOpt, SetOpt, data_flags, model_flags, progress_for, resolve,
                                    stdout_console)
+from tsopsd_cli.tasks.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 
 
 def diagnose(
@@ -21,8 +22,8 @@ def diagnose(
     data: Annotated[Optional[str], typer.Option(help="Prompt source: 'toy' or a JSONL file (default: toy prompts "
                                                       "for a toy checkpoint, else MATH-500).")] = None,
     benchmark: Annotated[Optional[str], typer.Option("--benchmark", "-b", help="Sample on a named benchmark: "
-                         "math500 (default on non-toy checkpoints), aime24, aime25, amc23, gsm8k, minerva_math, "
-                         "olympiadbench.")] = None,
+                         f"{DEFAULT_BENCHMARK} (default on non-toy checkpoints), "
+                         f"{', '.join(n for n in BENCHMARKS if n != DEFAULT_BENCHMARK)}.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Local benchmark copies (<name>.jsonl); without it the "
                                                           "benchmark comes from the hub (needs `datasets`).")] = None,
     num_prompts: Annotated[Optional[int], typer.Option(help="Sample on at most this many prompts of the source.")]

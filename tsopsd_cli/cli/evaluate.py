@@ -10,6 +10,7 @@ import typer
 from tsopsd_cli.cli.common import (emit, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt,
                                    RecipeOpt, RemoteOpt, SetOpt, model_flags, print_json, progress_for, resolve,
                                    stdout_console)
+from tsopsd_cli.tasks.benchmarks import DEFAULT_BENCHMARK, NAMES
 
 EVAL_EPILOG = ("[bold]Example:[/bold] tsopsd eval ./ckpt --benchmark aime24,math500 -n 16 --temperature 0.6 "
                "--out eval/   (re-grade: tsopsd eval grade samples.jsonl)")
@@ -17,9 +18,9 @@ EVAL_EPILOG = ("[bold]Example:[/bold] tsopsd eval ./ckpt --benchmark aime24,math
 
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory.")],
-    benchmark: Annotated[Optional[list[str]], typer.Option("--benchmark", "-b", help="toy, aime24, aime25, amc23, "
-                         "math500, gsm8k, minerva_math, olympiadbench (repeatable or comma-separated). Default: toy "
-                         "on a toy checkpoint, else math500.")] = None,
+    benchmark: Annotated[Optional[list[str]], typer.Option("--benchmark", "-b", help=f"{', '.join(NAMES)} "
+                         "(repeatable or comma-separated). Default: toy on a toy checkpoint, else "
+                         f"{DEFAULT_BENCHMARK}.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="A custom JSONL/parquet set.")] = None,
     question_field: Annotated[Optional[str], typer.Option(help="Question field of --data.")] = None,
     answer_field: Annotated[Optional[str], typer.Option(help="Answer field of --data.")] = None,

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 
 from tsopsd_cli.cli.common import (ChatOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, LrOpt, MaxStepsOpt,
                                    OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, RestartOpt, ResumeOpt,
                                    SeedOpt, SetOpt, TemplateOpt, TrainOutOpt, data_flags, model_flags, resolve,
-                                   run_training, stdout_console, training_prompt_flags)
+                                   one_of, run_training, stdout_console, training_prompt_flags)
+from tsopsd_cli.recipe import ReheatSection
 
 EPILOG = ("[bold]Example:[/bold] tsopsd reheat ./collapsed --temp 1.6 --out ./hot   "
           "(exact baseline: tsopsd reheat ./collapsed --method fold --temp 1.6 --out ./folded)")
+
+
+def choices(field: str) -> str:
+    """The choices of a `reheat` section field (a Literal), its default marked."""
+    info = ReheatSection.model_fields[field]
+    return one_of(get_args(info.annotation), info.default)
 
 
 def reheat(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to reheat.")],
     out: TrainOutOpt,
     temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature: the teacher is softmax(logits / temp) (default 1.6).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="ts-opsd (default) or fold.")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="frozen (default) or live.")] = None,
-    divergence: Annotated[Optional[str], typer.Option(help="forward_kl (default), reverse_kl or jsd.")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"{choices('method')}.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help=f"{choices('teacher')}.")] = None,
+    divergence: Annotated[Optional[str], typer.Option(help=f"{choices('divergence')}.")] = None,
     data: DataOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     target_entropy: Annotated[Optional[float], typer.Option(help="Stop at this student entropy (nats).")] = None,
     target_entropy_ratio: Annotated[Optional[float], typer.Option(help="Stop at this fraction of the teacher's "

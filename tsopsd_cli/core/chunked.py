@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tsopsd_cli.core.divergences import Divergence
 from tsopsd_cli.core.stats import entropy_from_logp, kl_from_logp
 
 
@@ -78,7 +79,7 @@ def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_f
     return divergence_from_logits(s_logits, t_logits, kind, beta)
 
 
-def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, beta: float = 0.5):
+def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: Divergence, beta: float = 0.5):
     """Per-token divergence between teacher softmax(t_logits) and student softmax(s_logits).  [c, V] -> [c]
 
     forward_kl: KL(teacher || student) (mass-covering); reverse_kl: KL(student || teacher) (mode-seeking);
@@ -101,7 +102,7 @@ def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind:
 
 
 def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
-                     t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl",
+                     t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: Divergence = "forward_kl",
                      beta: float = 0.5, temp: float = 1.0, chunk_size: int = 1024,
                      teacher_top_p: float = 1.0, observe: Callable | None = None) -> torch.Tensor:
     """Per-token divergence between a teacher softmax(t_logits / temp) (restricted to its top-p nucleus when

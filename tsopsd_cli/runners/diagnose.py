@@ -235,31 +235,27 @@ def write_plots(directory: Path, report: dict) -> list[str]:
     plt = pyplot()
     if plt is None:
         return []
+
+    def histogram(ax):
+        h = report["entropy"]["histogram"]
+        ax.stairs(h["counts"], h["edges"], fill=True)
+
+    def by_temperature(ax):
+        te = report["temperature_entropy"]
+        ax.plot([float(t) for t in te], list(te.values()), marker="o")
+
+    plots = [("entropy_histogram.png", histogram, "token entropy (nats)", "tokens"),
+             ("entropy_by_position.png", lambda ax: ax.plot(report["per_position"]["entropy"]),
+              "completion position", "mean entropy (nats)"),
+             ("entropy_vs_temperature.png", by_temperature, "temperature", "mean entropy (nats)")]
     files = []
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    h = report["entropy"]["histogram"]
-    ax.stairs(h["counts"], h["edges"], fill=True)
-    ax.set_xlabel("token entropy (nats)")
-    ax.set_ylabel("tokens")
-    fig.tight_layout()
-    fig.savefig(directory / "entropy_histogram.png", dpi=110)
-    files.append("entropy_histogram.png")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(report["per_position"]["entropy"])
-    ax.set_xlabel("completion position")
-    ax.set_ylabel("mean entropy (nats)")
-    fig.tight_layout()
-    fig.savefig(directory / "entropy_by_position.png", dpi=110)
-    files.append("entropy_by_position.png")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    te = report["temperature_entropy"]
-    ax.plot([float(t) for t in te], list(te.values()), marker="o")
-    ax.set_xlabel("temperature")
-    ax.set_ylabel("mean entropy (nats)")
-    fig.tight_layout()
-    fig.savefig(directory / "entropy_vs_temperature.png", dpi=110)
-    files.append("entropy_vs_temperature.png")
-    plt.close(fig)
+    for name, draw, xlabel, ylabel in plots:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        draw(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=110)
+        files.append(name)
+        plt.close(fig)
     return files

@@ -38,7 +38,7 @@ from tsopsd_cli.errors import CheckpointError
 from tsopsd_cli.modeling import check_head_matches, decoder_and_head
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import ReheatRecipe
-from tsopsd_cli.training.distill import distill_step, on_policy_rollout
+from tsopsd_cli.training.distill import distill_step
 from tsopsd_cli.training.trainer import TrainingRun
 
 
@@ -118,7 +118,7 @@ class ReheatRunner(TrainingRun):
         self.before = self.summary_pass(self.input_model) if self.step == 0 else None
 
     def rollout(self):
-        return on_policy_rollout(self)
+        return self.on_policy_rollout()
 
     def train_step(self) -> dict:
         rh = self.r.reheat
@@ -126,7 +126,7 @@ class ReheatRunner(TrainingRun):
         seqs, comps, engine_lps = self.rollout()
         t1 = time.perf_counter()
         teacher = self.input_model if rh.teacher == "frozen" else None
-        row = distill_step(self, teacher, self.input_model, seqs, comps, engine_lps, rh, t0, t1)
+        row = distill_step(self.policy, teacher, self.input_model, seqs, comps, engine_lps, rh, t0, t1)
         if rh.target_entropy is not None and row["student_entropy"] >= rh.target_entropy:
             self.stop_reason = f"target_entropy {rh.target_entropy} reached"
         if rh.target_entropy_ratio is not None and \

@@ -35,7 +35,7 @@ from tsopsd_cli.engines import encode_prompts, sampling_params
 from tsopsd_cli.errors import RecipeError
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import RLRecipe
-from tsopsd_cli.training.distill import distill_step, on_policy_rollout
+from tsopsd_cli.training.distill import distill_step
 from tsopsd_cli.training.thermostat import Thermostat
 from tsopsd_cli.training.trainer import TrainingRun, row_seed
 from tsopsd_cli.tasks.base import Problem
@@ -123,10 +123,10 @@ class RLRunner(TrainingRun):
     def reheat_step(self) -> dict:
         """One TS-OPSD step of a thermostat phase: the step `tsopsd reheat` takes, towards the snapshot / temp."""
         t0 = time.perf_counter()
-        seqs, comps, engine_lps = on_policy_rollout(self)
+        seqs, comps, engine_lps = self.on_policy_rollout()
         t1 = time.perf_counter()
-        row = {"phase": "reheat", **distill_step(self, self.snapshot, self.snapshot, seqs, comps, engine_lps,
-                                                 self.r.thermostat, t0, t1)}
+        row = {"phase": "reheat", **distill_step(self.policy, self.snapshot, self.snapshot, seqs, comps,
+                                                 engine_lps, self.r.thermostat, t0, t1)}
         row["entropy"] = row["student_entropy"]  # the entropy curve goes on through the phase
         if self.thermostat.after_reheat_step(self.step + 1, row["student_entropy"], row["teacher_entropy"]):
             self.progress.log(f"thermostat: phase over after {self.thermostat.state['phases'][-1]['steps']} steps "

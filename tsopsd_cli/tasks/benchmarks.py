@@ -73,6 +73,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
                   local_names=("olympiadbench", "olympiad_bench")),
 ]}
 NAMES = ["toy", *BENCHMARKS]
+DEFAULT_BENCHMARK = "math500"  # what diagnose and eval sample on a checkpoint that is not a toy-world one
 
 
 def parse_names(values: list[str]) -> list[str]:

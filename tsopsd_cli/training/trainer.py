@@ -43,7 +43,7 @@ from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, ins
                                    load_tokenizer, provenance, warn, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.devices import release_host_memory
-from tsopsd_cli.engines import open_engine
+from tsopsd_cli.engines import encode_prompts, open_engine, sampling_params
 from tsopsd_cli.engines import require as require_engine
 from tsopsd_cli.errors import (CheckpointError, DataError, Interrupted, RecipeError, TsopsdError, UsageError,
                                WeightSyncError)
@@ -53,6 +53,7 @@ from tsopsd_cli.recipe import recipe_to_yaml
 from tsopsd_cli.report import json_safe, plot_curves
 from tsopsd_cli.rundir import RunDir, run_key
 from tsopsd_cli.training import optim as O
+from tsopsd_cli.training.policy import RunPolicy
 from tsopsd_cli.training.sink import MetricsSink
 from tsopsd_cli.training.validation import Validator
 from tsopsd_cli.tasks import load_problems
@@ -365,6 +366,20 @@ class TrainingRun:
             raise Interrupted(f"{signals.requested() or 'a signal'} received during generation")
         return comps
 
+    def on_policy_rollout(self):
+        """TS-OPSD's rollouts (reheat, the thermostat's phases): `train.prompts_per_step` prompts x
+        `num_generations` from the current policy; returns (non-empty sequences, all completions, the engine's
+        log-probs of the sequences or None)."""
+        step_seed = self.next_seed()
+        taken = self.stream.take(self.r.train.prompts_per_step)
+        mine = taken[self.dist.rank::self.dist.world]
+        params = sampling_params(self.r.rollout, row_seeds=tuple(row_seed(step_seed, pos) for pos, _ in mine))
+        comps = self.generate(self.engine, encode_prompts(self.tok, [p.prompt for _, p in mine]), params)
+        self.check_rollout(comps)
+        self.rollouts_done()
+        kept = [c for c in comps if c.token_ids]
+        return [(c.prompt_ids, c.token_ids) for c in kept], comps, self.engine_logps(kept)
+
     def rollouts_done(self) -> None:
         """Between sampling and training: the engine gives its memory to the trainer."""
         self.engine.release()
@@ -393,6 +408,11 @@ class TrainingRun:
             raise WeightSyncError(f"{e}; {kept}") from None
 
     # ------------------------------------------------------------------------------------------ shared pieces
+
+    @property
+    def policy(self) -> RunPolicy:
+        """The trained policy as one optimiser step sees it (training.policy.StepPolicy)."""
+        return RunPolicy(self)
 
     def next_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.gen))
