@@ -5,7 +5,8 @@ The loss is token-mean over every completion token of the step (all processes), 
 chunks (core.chunked.token_divergence: no [batch, length, vocab] tensor), teacher logits chunk by chunk under
 no_grad. The metrics of the step come from the loss's own logit blocks in its forward pass (before the backward
 pass, which under FSDP frees the gathered LM-head weights): no LM-head projection of their own. The step sees the
-trained policy through training.policy.StepPolicy alone (a TrainingRun hands its `policy`); the rollouts it trains on come from the run (TrainingRun.on_policy_rollout).
+trained policy through training.policy.StepPolicy alone (a TrainingRun hands its `policy`); the rollouts it
+trains on come from the run (TrainingRun.on_policy_rollout).
 """
 
 from __future__ import annotations
