@@ -227,3 +227,32 @@ def test_observer_sees_each_chunk_once_with_the_loss_blocks():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch.testing.assert_close(gh, h.grad, atol=0, rtol=0)
     torch.testing.assert_close(gw, w.grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_divergence_gradients_taken_in_the_forward_pass(kind):
+    """With a sum/mean upstream (the same gradient for every token) each chunk's student and teacher logits are
+    formed once (no recomputation in the backward pass); any other upstream gradient recomputes the chunks; both
+    give the gradients of a plain float64 autograd reference."""
+    g = torch.Generator().manual_seed(9)
+    n, d, v = 10, 5, 13
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(n, v, generator=g, dtype=torch.float64)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)
+    calls = []
+
+    def teacher(idx):
+        calls.append(idx.numel())
+        return t[idx]
+
+    for upstream in (torch.full((n,), 0.25, dtype=torch.float64), weights):
+        want_h, want_w = torch.autograd.grad(
+            (divergence_from_logits(h @ w.T, t / 1.6, kind, 0.3) * upstream).sum(), (h, w))
+        calls.clear()
+        out = token_divergence(h, w, teacher, kind, beta=0.3, temp=1.6, chunk_size=4)
+        assert calls == [4, 4, 2]  # the forward pass
+        got_h, got_w = torch.autograd.grad((out * upstream).sum(), (h, w))
+        assert calls == ([4, 4, 2] if upstream is not weights else [4, 4, 2, 4, 4, 2])
+        torch.testing.assert_close(got_h, want_h, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(got_w, want_w, atol=1e-12, rtol=1e-10)

@@ -121,3 +121,19 @@ def test_a_stop_string_end_appends_no_unsampled_eos_when_pad_is_eos(tiny_ckpt):
             assert any(s in tok.decode(c.token_ids) for s in stops)
             assert not any(s in tok.decode(c.token_ids[:-1]) for s in stops)  # ends at the stop's first token
         assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_buffered_gumbel_max_gives_counter_uniforms_tokens():
+    """GumbelMax (buffers reused across steps and across fewer rows) samples exactly the tokens of the plain
+    expression argmax(logits - log(-log counter_uniform(seeds, step, V)))."""
+    from tsopsd_cli.engines.hf import GumbelMax, counter_uniform
+
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.tensor([3, -7, 2**62 + 5, 11], dtype=torch.int64)
+    sampler = GumbelMax()
+    for step, rows in ((0, 4), (1, 4), (2, 2), (7, 3)):
+        logits = torch.randn(rows, 997, generator=g) * 3
+        want = (logits - (-counter_uniform(seeds[:rows], step, 997).log()).log().to(logits.dtype)).argmax(-1)
+        assert torch.equal(sampler(logits, seeds[:rows], step), want)
+        noise = (-counter_uniform(seeds[:rows], step, 997).log()).log().to(logits.dtype)
+        assert torch.equal(sampler.g[:rows], logits - noise)  # the buffer holds logits - noise now

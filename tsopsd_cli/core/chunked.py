@@ -68,13 +68,12 @@ def teacher_logits_at(logits: torch.Tensor, temp: float, top_p: float = 1.0) -> 
 
 
 def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
-                      kind: str, beta: float, temp: float, top_p: float = 1.0, observe: Callable | None = None,
-                      live: list | None = None):
+                      kind: str, beta: float, temp: float, top_p: float = 1.0, observe: Callable | None = None):
     s_logits = _upcast(s_hidden @ s_weight.T)  # [c, V]
     with torch.no_grad():  # never differentiated
         t_raw = _upcast(t_logits_fn(idx)).to(s_logits.dtype)  # [c, V]
         t_logits = teacher_logits_at(t_raw, temp, top_p)  # [c, V]
-        if observe is not None and live[0]:  # the forward pass only, not the backward's recomputation
+        if observe is not None:
             observe(idx, s_logits.detach(), t_raw, t_logits)
     return divergence_from_logits(s_logits, t_logits, kind, beta)
 
@@ -101,8 +100,73 @@ def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind:
     raise ValueError(f"unknown divergence {kind!r}")
 
 
+class _Divergence(torch.autograd.Function):
+    """Per-token divergences over chunks, with the gradients to the student's hidden states and head weight taken
+    in the forward pass, chunk by chunk (each chunk's logits are formed once: no recomputation of the student's
+    or the teacher's projection in the backward pass, as Liger's fused linear JSD does). They are kept for an
+    upstream gradient that is the same for every token (a sum or mean of the divergences: the distillation loss),
+    and scaled by it; any other upstream gradient recomputes the chunks (the teacher's too). Held between the
+    passes: the hidden states' gradient [N, D] and the head weight's [V, D] (the one the backward pass would
+    create anyway)."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_logits_fn, kind, beta, temp, chunk_size, top_p, observe):
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        n = s_hidden.shape[0]
+        out, g_hidden, g_weight = [], [], None
+        for s in range(0, n, chunk_size):
+            idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
+            d, gh, gw = _block_with_grads(s_hidden[s:s + chunk_size], s_weight, want, t_logits_fn, idx, kind, beta,
+                                          temp, top_p, observe)
+            out.append(d)
+            g_hidden.append(gh)
+            if gw is not None:
+                g_weight = gw if g_weight is None else g_weight.add_(gw)
+        ctx.args = (t_logits_fn, kind, beta, temp, chunk_size, top_p)
+        ctx.save_for_backward(s_hidden, s_weight)
+        ctx.g_hidden = torch.cat(g_hidden) if want[0] else None  # [N, D]
+        ctx.g_weight = g_weight  # [V, D]
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [N]
+        g_hidden, g_weight = ctx.g_hidden, ctx.g_weight
+        ctx.g_hidden = ctx.g_weight = None
+        if grad.numel() and bool((grad == grad[0]).all()):
+            scale = grad[0]
+            gh = None if g_hidden is None else g_hidden.mul_(scale.to(g_hidden.dtype))
+            gw = None if g_weight is None else g_weight.mul_(scale.to(g_weight.dtype))
+            return gh, gw, None, None, None, None, None, None, None
+        del g_hidden, g_weight  # another upstream gradient: recompute each chunk with it
+        s_hidden, s_weight = ctx.saved_tensors
+        t_logits_fn, kind, beta, temp, chunk_size, top_p = ctx.args
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        n = s_hidden.shape[0]
+        g_hidden, g_weight = [], None
+        for s in range(0, n, chunk_size):
+            idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
+            _, gh, gw = _block_with_grads(s_hidden[s:s + chunk_size], s_weight, want, t_logits_fn, idx, kind, beta,
+                                          temp, top_p, None, grad[s:s + chunk_size])
+            g_hidden.append(gh)
+            if gw is not None:
+                g_weight = gw if g_weight is None else g_weight.add_(gw)
+        return (torch.cat(g_hidden) if want[0] else None), g_weight, None, None, None, None, None, None, None
+
+
+def _block_with_grads(h, w, want, t_logits_fn, idx, kind, beta, temp, top_p, observe, grad=None):
+    """One chunk's divergences [c] and their gradients to h [c, D] and w [V, D] (each None unless wanted), for
+    the upstream gradient `grad` [c] (None: ones)."""
+    with torch.enable_grad():
+        hl = h.detach().requires_grad_(want[0])
+        wl = w.detach().requires_grad_(want[1])
+        d = _divergence_block(hl, wl, t_logits_fn, idx, kind, beta, temp, top_p, observe)
+        leaves = [x for x in (hl, wl) if x.requires_grad]
+        grads = iter(torch.autograd.grad(d, leaves, grad_outputs=torch.ones_like(d) if grad is None else grad))
+    return d.detach(), (next(grads) if want[0] else None), (next(grads) if want[1] else None)
+
+
 def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
-                     t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: Divergence = "forward_kl",
+                     t_logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str = "forward_kl",
                      beta: float = 0.5, temp: float = 1.0, chunk_size: int = 1024,
                      teacher_top_p: float = 1.0, observe: Callable | None = None) -> torch.Tensor:
     """Per-token divergence between a teacher softmax(t_logits / temp) (restricted to its top-p nucleus when
@@ -111,19 +175,19 @@ def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
     t_logits_fn(idx [c]) -> teacher logits [c, V] for those token indices (computed chunk by chunk, no grad).
     -> [N] float32 (float64 for float64 inputs)
 
+    With gradients, every chunk's logits are formed once, in the forward pass, which also takes the gradients
+    (`_Divergence`): the backward pass of a loss that sums or averages the result only scales them.
+
     `observe(idx [c], student logits [c, V], teacher logits [c, V], teacher as distilled [c, V])`, when given, is
-    called once per chunk of the forward pass (not again when the backward pass recomputes the chunk), under
-    no_grad, with the blocks the loss computes anyway: statistics of the step then cost no LM-head projection of
-    their own."""
+    called once per chunk of the forward pass, under no_grad, with the blocks the loss computes anyway:
+    statistics of the step then cost no LM-head projection of their own."""
+    if torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad):
+        return _Divergence.apply(s_hidden, s_weight, t_logits_fn, kind, beta, temp, chunk_size, teacher_top_p,
+                                 observe)
     out = []
     n = s_hidden.shape[0]
-    needs_grad = torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad)
-    live = [True]
     for s in range(0, n, chunk_size):
         idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
-        h = s_hidden[s:s + chunk_size]
-        args = (h, s_weight, t_logits_fn, idx, kind, beta, temp, teacher_top_p, observe, live)
-        d = checkpoint(_divergence_block, *args, use_reentrant=False) if needs_grad else _divergence_block(*args)
-        out.append(d)
-    live[0] = False
+        out.append(_divergence_block(s_hidden[s:s + chunk_size], s_weight, t_logits_fn, idx, kind, beta, temp,
+                                     teacher_top_p, observe))
     return torch.cat(out)
