@@ -209,12 +209,13 @@ def test_observer_sees_each_chunk_once_with_the_loss_blocks():
     tw = torch.randn(v, d, generator=g, dtype=torch.float64)
     seen = []
 
-    def observe(idx, s_logits, t_raw, t_logits):
-        assert not s_logits.requires_grad and not torch.is_grad_enabled()
+    def observe(idx, s_logits, s_logp, t_raw, t_logp):
+        assert not s_logits.requires_grad and not s_logp.requires_grad and not torch.is_grad_enabled()
         seen.append(idx.tolist())
         torch.testing.assert_close(s_logits, h.detach()[idx] @ w.detach().T)
+        torch.testing.assert_close(s_logp, (h.detach()[idx] @ w.detach().T).log_softmax(-1))
         torch.testing.assert_close(t_raw, th[idx] @ tw.T)
-        torch.testing.assert_close(t_logits, teacher_logits_at(th[idx] @ tw.T, temp, top_p))
+        torch.testing.assert_close(t_logp, teacher_logits_at(th[idx] @ tw.T, temp, top_p).log_softmax(-1))
 
     fn = lambda idx: th[idx] @ tw.T  # noqa: E731
     got = token_divergence(h, w, fn, "forward_kl", temp=temp, chunk_size=4, teacher_top_p=top_p, observe=observe)

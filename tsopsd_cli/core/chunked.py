@@ -70,22 +70,28 @@ def teacher_logits_at(logits: torch.Tensor, temp: float, top_p: float = 1.0) -> 
 def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
                       kind: str, beta: float, temp: float, top_p: float = 1.0, observe: Callable | None = None):
     s_logits = _upcast(s_hidden @ s_weight.T)  # [c, V]
+    ls = F.log_softmax(s_logits, dim=-1)
     with torch.no_grad():  # never differentiated
         t_raw = _upcast(t_logits_fn(idx)).to(s_logits.dtype)  # [c, V]
-        t_logits = teacher_logits_at(t_raw, temp, top_p)  # [c, V]
+        lt = F.log_softmax(teacher_logits_at(t_raw, temp, top_p), dim=-1)  # [c, V]
         if observe is not None:
-            observe(idx, s_logits.detach(), t_raw, t_logits)
-    return divergence_from_logits(s_logits, t_logits, kind, beta)
+            observe(idx, s_logits.detach(), ls.detach(), t_raw, lt)
+    return divergence_from_logp(ls, lt, kind, beta)
 
 
 def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: Divergence, beta: float = 0.5):
     """Per-token divergence between teacher softmax(t_logits) and student softmax(s_logits).  [c, V] -> [c]
+    (see divergence_from_logp)"""
+    return divergence_from_logp(F.log_softmax(s_logits, dim=-1), F.log_softmax(t_logits, dim=-1), kind, beta)
+
+
+def divergence_from_logp(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence, beta: float = 0.5):
+    """Per-token divergence between a teacher and a student given as log-probabilities (the teacher's may be -inf
+    outside a nucleus: those terms are 0 * log 0 = 0).  [c, V] -> [c]
 
     forward_kl: KL(teacher || student) (mass-covering); reverse_kl: KL(student || teacher) (mode-seeking);
     jsd: beta*KL(teacher || M) + (1-beta)*KL(student || M), M = beta*teacher + (1-beta)*student
     (generalised JSD as in GKD; beta=0.5 is the symmetric JSD)."""
-    ls = F.log_softmax(s_logits, dim=-1)
-    lt = F.log_softmax(t_logits, dim=-1)  # may be -inf outside a nucleus: those terms are 0 * log 0 = 0
     if kind == "forward_kl":
         return kl_from_logp(lt, ls)
     if kind == "reverse_kl":
@@ -178,8 +184,9 @@ def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
     With gradients, every chunk's logits are formed once, in the forward pass, which also takes the gradients
     (`_Divergence`): the backward pass of a loss that sums or averages the result only scales them.
 
-    `observe(idx [c], student logits [c, V], teacher logits [c, V], teacher as distilled [c, V])`, when given, is
-    called once per chunk of the forward pass, under no_grad, with the blocks the loss computes anyway:
+    `observe(idx [c], student logits [c, V], student log-probs [c, V], teacher logits [c, V], log-probs of the
+    teacher as distilled [c, V])`, when given, is called once per chunk of the forward pass, under no_grad, with
+    the blocks the loss computes anyway:
     statistics of the step then cost no LM-head projection of their own."""
     if torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad):
         return _Divergence.apply(s_hidden, s_weight, t_logits_fn, kind, beta, temp, chunk_size, teacher_top_p,

@@ -57,18 +57,19 @@ def distill_step(policy: StepPolicy, teacher, reference, seqs, comps, engine_lps
         mine = None if engine_lps is None else engine_lps[k * mbs:(k + 1) * mbs]
         eng = None if mine is None else torch.tensor([x for e in mine for x in e], device=hidden.device)
 
-        def observe(idx, s_logits, t_raw, t_logits, r_hidden=r_hidden, r_weight=r_weight, pb=pb, eng=eng):
-            """The step's metrics from the loss's own logit blocks (the reference's only when it is not the
-            teacher): student and teacher entropy, top-1 agreement and KL to the reference, the engine's
+        def observe(idx, s_logits, s_logp, t_raw, t_logp, r_hidden=r_hidden, r_weight=r_weight, pb=pb, eng=eng):
+            """The step's metrics from the loss's own blocks (the reference's logits only when it is not the
+            teacher): student and teacher entropy, top-1 agreement and KL(reference || student), the engine's
             log-prob gap."""
-            ref = t_raw if teacher is reference else r_hidden[idx] @ r_weight.T
-            st = S.logits_token_stats(s_logits, [1.0], [1], ref_logits=ref)
-            acc["s_ent"] += float(st.entropy.sum())
-            acc["agree"] += float(st.top1_agree.sum())
-            acc["kl_in"] += float(st.kl_forward.sum())
-            acc["t_ent"] += float(S.entropy_from_logits(t_logits).sum())
+            ref = t_raw if teacher is reference else (r_hidden[idx] @ r_weight.T).to(s_logits.dtype)
+            r_logp = ref.log_softmax(-1)
+            acc["s_ent"] += float(S.entropy_from_logp(s_logp).sum())
+            acc["t_ent"] += float(S.entropy_from_logp(t_logp).sum())
+            acc["agree"] += float((s_logp.argmax(-1) == r_logp.argmax(-1)).sum())
+            acc["kl_in"] += float(S.kl_from_logp(r_logp, s_logp).sum())
             if eng is not None:  # the rollout engine's log-probs against the student's own
-                lp = (s_logits / policy.rollout_temperature).log_softmax(-1)
+                temp = policy.rollout_temperature
+                lp = s_logp if temp == 1.0 else (s_logits / temp).log_softmax(-1)
                 lp = lp.gather(-1, pb.targets[idx].unsqueeze(-1)).squeeze(-1)
                 acc["eng"] += float((lp - eng[idx].to(lp.dtype)).abs().sum())
 
