@@ -117,22 +117,11 @@ class _Divergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, t_logits_fn, kind, beta, temp, chunk_size, top_p, observe):
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        n = s_hidden.shape[0]
-        out, g_hidden, g_weight = [], [], None
-        for s in range(0, n, chunk_size):
-            idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
-            d, gh, gw = _block_with_grads(s_hidden[s:s + chunk_size], s_weight, want, t_logits_fn, idx, kind, beta,
-                                          temp, top_p, observe)
-            out.append(d)
-            g_hidden.append(gh)
-            if gw is not None:
-                g_weight = gw if g_weight is None else g_weight.add_(gw)
         ctx.args = (t_logits_fn, kind, beta, temp, chunk_size, top_p)
         ctx.save_for_backward(s_hidden, s_weight)
-        ctx.g_hidden = torch.cat(g_hidden) if want[0] else None  # [N, D]
-        ctx.g_weight = g_weight  # [V, D]
-        return torch.cat(out)
+        out, ctx.g_hidden, ctx.g_weight = _over_chunks(s_hidden, s_weight, ctx.needs_input_grad[:2], *ctx.args,
+                                                       observe=observe)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # grad: [N]
@@ -140,35 +129,35 @@ class _Divergence(torch.autograd.Function):
         ctx.g_hidden = ctx.g_weight = None
         if grad.numel() and bool((grad == grad[0]).all()):
             scale = grad[0]
-            gh = None if g_hidden is None else g_hidden.mul_(scale.to(g_hidden.dtype))
-            gw = None if g_weight is None else g_weight.mul_(scale.to(g_weight.dtype))
-            return gh, gw, None, None, None, None, None, None, None
-        del g_hidden, g_weight  # another upstream gradient: recompute each chunk with it
-        s_hidden, s_weight = ctx.saved_tensors
-        t_logits_fn, kind, beta, temp, chunk_size, top_p = ctx.args
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        n = s_hidden.shape[0]
-        g_hidden, g_weight = [], None
-        for s in range(0, n, chunk_size):
-            idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
-            _, gh, gw = _block_with_grads(s_hidden[s:s + chunk_size], s_weight, want, t_logits_fn, idx, kind, beta,
-                                          temp, top_p, None, grad[s:s + chunk_size])
-            g_hidden.append(gh)
-            if gw is not None:
-                g_weight = gw if g_weight is None else g_weight.add_(gw)
-        return (torch.cat(g_hidden) if want[0] else None), g_weight, None, None, None, None, None, None, None
+            g_hidden = None if g_hidden is None else g_hidden.mul_(scale.to(g_hidden.dtype))
+            g_weight = None if g_weight is None else g_weight.mul_(scale.to(g_weight.dtype))
+        else:  # another upstream gradient: recompute each chunk with it
+            del g_hidden, g_weight
+            _, g_hidden, g_weight = _over_chunks(*ctx.saved_tensors, ctx.needs_input_grad[:2], *ctx.args, grad=grad)
+        return g_hidden, g_weight, None, None, None, None, None, None, None
 
 
-def _block_with_grads(h, w, want, t_logits_fn, idx, kind, beta, temp, top_p, observe, grad=None):
-    """One chunk's divergences [c] and their gradients to h [c, D] and w [V, D] (each None unless wanted), for
-    the upstream gradient `grad` [c] (None: ones)."""
-    with torch.enable_grad():
-        hl = h.detach().requires_grad_(want[0])
-        wl = w.detach().requires_grad_(want[1])
-        d = _divergence_block(hl, wl, t_logits_fn, idx, kind, beta, temp, top_p, observe)
-        leaves = [x for x in (hl, wl) if x.requires_grad]
-        grads = iter(torch.autograd.grad(d, leaves, grad_outputs=torch.ones_like(d) if grad is None else grad))
-    return d.detach(), (next(grads) if want[0] else None), (next(grads) if want[1] else None)
+def _over_chunks(s_hidden, s_weight, want, t_logits_fn, kind, beta, temp, chunk_size, top_p, observe=None,
+                 grad=None):
+    """The divergences [N] and their gradients to s_hidden [N, D] and s_weight [V, D] (each None unless `want`
+    says so) for the upstream gradient `grad` [N] (None: ones), one chunk at a time."""
+    n = s_hidden.shape[0]
+    out, g_hidden, g_weight = [], [], None
+    for s in range(0, n, chunk_size):
+        idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
+        with torch.enable_grad():
+            hl = s_hidden[s:s + chunk_size].detach().requires_grad_(want[0])
+            wl = s_weight.detach().requires_grad_(want[1])
+            d = _divergence_block(hl, wl, t_logits_fn, idx, kind, beta, temp, top_p, observe)
+            up = torch.ones_like(d) if grad is None else grad[s:s + chunk_size]
+            grads = iter(torch.autograd.grad(d, [x for x in (hl, wl) if x.requires_grad], grad_outputs=up))
+        out.append(d.detach())
+        if want[0]:
+            g_hidden.append(next(grads))
+        if want[1]:
+            gw = next(grads)
+            g_weight = gw if g_weight is None else g_weight.add_(gw)
+    return torch.cat(out), (torch.cat(g_hidden) if want[0] else None), g_weight
 
 
 def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
@@ -186,8 +175,7 @@ def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
 
     `observe(idx [c], student logits [c, V], student log-probs [c, V], teacher logits [c, V], log-probs of the
     teacher as distilled [c, V])`, when given, is called once per chunk of the forward pass, under no_grad, with
-    the blocks the loss computes anyway:
-    statistics of the step then cost no LM-head projection of their own."""
+    the blocks the loss computes anyway: statistics of the step then cost no LM-head projection of their own."""
     if torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad):
         return _Divergence.apply(s_hidden, s_weight, t_logits_fn, kind, beta, temp, chunk_size, teacher_top_p,
                                  observe)
