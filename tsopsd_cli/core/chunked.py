@@ -67,8 +67,10 @@ def teacher_logits_at(logits: torch.Tensor, temp: float, top_p: float = 1.0) -> 
     return nucleus(logits / temp, top_p)
 
 
-def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
-                      kind: str, beta: float, temp: float, top_p: float = 1.0, observe: Callable | None = None):
+def _chunk_logp(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
+                temp: float, top_p: float, observe: Callable | None):
+    """A chunk's student log-probs (differentiable when the inputs are) and the log-probs of the teacher as
+    distilled, [c, V] each; `observe` sees them with the raw logits."""
     s_logits = _upcast(s_hidden @ s_weight.T)  # [c, V]
     ls = F.log_softmax(s_logits, dim=-1)
     with torch.no_grad():  # never differentiated
@@ -76,7 +78,24 @@ def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_f
         lt = F.log_softmax(teacher_logits_at(t_raw, temp, top_p), dim=-1)  # [c, V]
         if observe is not None:
             observe(idx, s_logits.detach(), ls.detach(), t_raw, lt)
+    return ls, lt
+
+
+def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
+                      kind: str, beta: float, temp: float, top_p: float = 1.0, observe: Callable | None = None):
+    ls, lt = _chunk_logp(s_hidden, s_weight, t_logits_fn, idx, temp, top_p, observe)
     return divergence_from_logp(ls, lt, kind, beta)
+
+
+def _forward_kl_block(h, w, want, t_logits_fn, idx, temp, top_p, observe, up):
+    """forward_kl on one chunk with its gradients in closed form: d KL(t || s) / d s_logits = softmax(s) - t per
+    token (the log-softmax backward written out: three passes over [c, V] where autograd takes about eight).
+    -> (divergences [c], gradient to h [c, D] or None, gradient to w [V, D] or None)"""
+    with torch.no_grad():
+        ls, lt = _chunk_logp(h, w, t_logits_fn, idx, temp, top_p, observe)
+        d = kl_from_logp(lt, ls)
+        g = ls.exp_().sub_(lt.exp_()).mul_(up[:, None]).to(h.dtype)  # [c, V]; ls and lt are spent
+        return d, (g @ w if want[0] else None), (g.T @ h if want[1] else None)
 
 
 def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: Divergence, beta: float = 0.5):
@@ -145,17 +164,21 @@ def _over_chunks(s_hidden, s_weight, want, t_logits_fn, kind, beta, temp, chunk_
     out, g_hidden, g_weight = [], [], None
     for s in range(0, n, chunk_size):
         idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
-        with torch.enable_grad():
-            hl = s_hidden[s:s + chunk_size].detach().requires_grad_(want[0])
-            wl = s_weight.detach().requires_grad_(want[1])
-            d = _divergence_block(hl, wl, t_logits_fn, idx, kind, beta, temp, top_p, observe)
-            up = torch.ones_like(d) if grad is None else grad[s:s + chunk_size]
-            grads = iter(torch.autograd.grad(d, [x for x in (hl, wl) if x.requires_grad], grad_outputs=up))
-        out.append(d.detach())
-        if want[0]:
-            g_hidden.append(next(grads))
-        if want[1]:
-            gw = next(grads)
+        h = s_hidden[s:s + chunk_size].detach()
+        up = (torch.ones(h.shape[0], dtype=torch.float64 if h.dtype == torch.float64 else torch.float32,
+                         device=h.device) if grad is None else grad[s:s + chunk_size])
+        if kind == "forward_kl":
+            d, gh, gw = _forward_kl_block(h, s_weight.detach(), want, t_logits_fn, idx, temp, top_p, observe, up)
+        else:
+            with torch.enable_grad():
+                hl, wl = h.requires_grad_(want[0]), s_weight.detach().requires_grad_(want[1])
+                d = _divergence_block(hl, wl, t_logits_fn, idx, kind, beta, temp, top_p, observe)
+                grads = iter(torch.autograd.grad(d, [x for x in (hl, wl) if x.requires_grad], grad_outputs=up))
+            d, gh, gw = d.detach(), (next(grads) if want[0] else None), (next(grads) if want[1] else None)
+        out.append(d)
+        if gh is not None:
+            g_hidden.append(gh)
+        if gw is not None:
             g_weight = gw if g_weight is None else g_weight.add_(gw)
     return torch.cat(out), (torch.cat(g_hidden) if want[0] else None), g_weight
 
