@@ -89,12 +89,16 @@ def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_f
 
 def _forward_kl_block(h, w, want, t_logits_fn, idx, temp, top_p, observe, up):
     """forward_kl on one chunk with its gradients in closed form: d KL(t || s) / d s_logits = softmax(s) - t per
-    token (the log-softmax backward written out: three passes over [c, V] where autograd takes about eight).
+    token (the log-softmax backward written out: three passes over [c, V] where autograd takes about eight), times
+    the upstream gradient `up` [c] (None: ones).
     -> (divergences [c], gradient to h [c, D] or None, gradient to w [V, D] or None)"""
     with torch.no_grad():
         ls, lt = _chunk_logp(h, w, t_logits_fn, idx, temp, top_p, observe)
         d = kl_from_logp(lt, ls)
-        g = ls.exp_().sub_(lt.exp_()).mul_(up[:, None]).to(h.dtype)  # [c, V]; ls and lt are spent
+        g = ls.exp_().sub_(lt.exp_())  # [c, V]; ls and lt are spent
+        if up is not None:
+            g.mul_(up[:, None])
+        g = g.to(h.dtype)
         return d, (g @ w if want[0] else None), (g.T @ h if want[1] else None)
 
 
@@ -158,22 +162,24 @@ class _Divergence(torch.autograd.Function):
 
 def _over_chunks(s_hidden, s_weight, want, t_logits_fn, kind, beta, temp, chunk_size, top_p, observe=None,
                  grad=None):
-    """The divergences [N] and their gradients to s_hidden [N, D] and s_weight [V, D] (each None unless `want`
-    says so) for the upstream gradient `grad` [N] (None: ones), one chunk at a time."""
+    """The divergences [N] and, as `want` says, their gradients to s_hidden [N, D] and s_weight [V, D] (None
+    otherwise) for the upstream gradient `grad` [N] (None: ones), one chunk at a time."""
     n = s_hidden.shape[0]
     out, g_hidden, g_weight = [], [], None
     for s in range(0, n, chunk_size):
         idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
         h = s_hidden[s:s + chunk_size].detach()
-        up = (torch.ones(h.shape[0], dtype=torch.float64 if h.dtype == torch.float64 else torch.float32,
-                         device=h.device) if grad is None else grad[s:s + chunk_size])
-        if kind == "forward_kl":
+        up = None if grad is None else grad[s:s + chunk_size]
+        if not any(want):
+            d, gh, gw = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, temp, top_p, observe), None, None
+        elif kind == "forward_kl":
             d, gh, gw = _forward_kl_block(h, s_weight.detach(), want, t_logits_fn, idx, temp, top_p, observe, up)
         else:
             with torch.enable_grad():
                 hl, wl = h.requires_grad_(want[0]), s_weight.detach().requires_grad_(want[1])
                 d = _divergence_block(hl, wl, t_logits_fn, idx, kind, beta, temp, top_p, observe)
-                grads = iter(torch.autograd.grad(d, [x for x in (hl, wl) if x.requires_grad], grad_outputs=up))
+                grads = iter(torch.autograd.grad(d, [x for x in (hl, wl) if x.requires_grad],
+                                                 grad_outputs=torch.ones_like(d) if up is None else up))
             d, gh, gw = d.detach(), (next(grads) if want[0] else None), (next(grads) if want[1] else None)
         out.append(d)
         if gh is not None:
@@ -202,10 +208,6 @@ def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
     if torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad):
         return _Divergence.apply(s_hidden, s_weight, t_logits_fn, kind, beta, temp, chunk_size, teacher_top_p,
                                  observe)
-    out = []
-    n = s_hidden.shape[0]
-    for s in range(0, n, chunk_size):
-        idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
-        out.append(_divergence_block(s_hidden[s:s + chunk_size], s_weight, t_logits_fn, idx, kind, beta, temp,
-                                     teacher_top_p, observe))
-    return torch.cat(out)
+    with torch.no_grad():
+        return _over_chunks(s_hidden, s_weight, (False, False), t_logits_fn, kind, beta, temp, chunk_size,
+                            teacher_top_p, observe)[0]
