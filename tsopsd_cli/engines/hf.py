@@ -51,20 +51,18 @@ class GumbelMax:
     9.7 MB apiece)."""
 
     def __init__(self):
-        self.shape = None
+        self.g = None  # [rows, V] in the logits' dtype; z, t (int64) and u (float64) beside it
 
     def __call__(self, logits: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
         """logits: [R, V] (after temperature and filtering), seeds: [R] int64 -> sampled columns [R]"""
         rows, n = logits.shape
-        if self.shape is None or self.shape[0] < rows or self.shape[1] != n or self.z.device != logits.device:
+        g = self.g
+        if g is None or g.shape[0] < rows or g.shape[1] != n or g.dtype != logits.dtype or g.device != logits.device:
             dev = logits.device
-            self.shape = (rows, n)
             self.col = torch.arange(1, n + 1, dtype=torch.int64, device=dev)  # column + 1
-            self.z = torch.empty(rows, n, dtype=torch.int64, device=dev)
-            self.t = torch.empty(rows, n, dtype=torch.int64, device=dev)
+            self.z, self.t = (torch.empty(rows, n, dtype=torch.int64, device=dev) for _ in range(2))
             self.u = torch.empty(rows, n, dtype=torch.float64, device=dev)
-        if getattr(self, "g", None) is None or self.g.shape[0] < rows or self.g.dtype != logits.dtype:
-            self.g = torch.empty(self.shape[0], n, dtype=logits.dtype, device=logits.device)
+            self.g = torch.empty(rows, n, dtype=logits.dtype, device=dev)
         z, t, u, g = self.z[:rows], self.t[:rows], self.u[:rows], self.g[:rows]
         torch.add(seeds[:, None], ((self.col + step * n) * _GOLDEN)[None, :], out=z)  # wraps modulo 2**64
         for k, mix in ((30, _MIX1), (27, _MIX2), (31, None)):
