@@ -295,8 +295,6 @@ class TrainingRun:
 
     def check_prompt_lengths(self, problems: list[Problem]) -> None:
         """Refuse (exit 2) training prompts that leave no room for a completion in the model's context."""
-        from tsopsd_cli.engines import encode_prompts
-
         context = getattr(self.model.config, "max_position_embeddings", None)
         if not context:
             return
@@ -348,9 +346,10 @@ class TrainingRun:
             release_host_memory(self.device)  # the gathered weights (FSDP) and the decoding caches are gone
 
     def generate(self, engine, prompts, params, agree: bool = True):
-        """Sample with `engine` (it gathers, casts or wakes what it needs). With `agree` (every process calls it the same number of times: rollouts) a
-        signal stops the generation at its next decoding step on each process and all of them agree on it right
-        after (raising Interrupted together); the step's state is then that of the last completed step."""
+        """Sample with `engine` (it gathers, casts or wakes what it needs). With `agree` (every process calls it the
+        same number of times: rollouts) a signal stops the generation at its next decoding step on each process and
+        all of them agree on it right after (raising Interrupted together); the step's state is then that of the
+        last completed step."""
         aborted = False
         try:
             with signals.abortable() if agree else contextlib.nullcontext():
