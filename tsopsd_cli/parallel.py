@@ -85,6 +85,11 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+def _failure_record(store) -> dict | None:
+    """The job's failure record {rank, code, message} on its store, or None while there is none."""
+    return json.loads(store.get(_KEY + "abort")) if store.check([_KEY + "abort"]) else None
+
+
 def announce_early_failure(code: int, message: str, wait: float = 15.0) -> None:
     """A process of a multi-process job that failed before it joined the others (a bad flag or recipe): post the
     failure on the job's store so that the others, waiting in the rendezvous, stop with the same code instead of
@@ -178,8 +183,7 @@ class Dist:
                                   f"to start (rendezvous at {host}:{port})")
             if "store" in box and probe is None:
                 probe = torch.distributed.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
-            if probe is not None and probe.check([_KEY + "abort"]):
-                f = json.loads(probe.get(_KEY + "abort"))
+            if probe is not None and (f := _failure_record(probe)) is not None:
                 probe.set(f"{_KEY}left/{self.rank}", "1")
                 self.failure = f
                 raise with_code(f"rank {f['rank']} failed: {f['message']}", f["code"])
@@ -335,8 +339,9 @@ class _Watchdog:
     def failure(self) -> dict | None:
         try:
             with self.lock:
-                if self.store.check([_KEY + "abort"]):
-                    return json.loads(self.store.get(_KEY + "abort"))
+                record = _failure_record(self.store)
+            if record is not None:
+                return record
         except Exception:  # noqa: BLE001
             pass
         return self.dist.failure
@@ -349,8 +354,7 @@ class _Watchdog:
 
         def read():
             with self.lock:
-                rec = json.loads(self.store.get(_KEY + "abort")) if self.store.check([_KEY + "abort"]) else None
-                return rec, {r: self.store.add(f"{_KEY}hb/{r}", 0) for r in peers}
+                return _failure_record(self.store), {r: self.store.add(f"{_KEY}hb/{r}", 0) for r in peers}
 
         try:
             record, first = read()
@@ -439,8 +443,7 @@ class _Watchdog:
             try:
                 with self.lock:
                     self.store.add(f"{_KEY}hb/{me}", 1)
-                    failed = self.store.check([_KEY + "abort"])
-                    record = json.loads(self.store.get(_KEY + "abort")) if failed else None
+                    record = _failure_record(self.store)
                     gone = {r for r in peers if self.store.check([f"{_KEY}left/{r}"])}
                     counts = {r: self.store.add(f"{_KEY}hb/{r}", 0) for r in peers}
             except Exception:  # noqa: BLE001 - the store is served by rank 0: it is gone
