@@ -697,8 +697,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+_SQ_SLICE = 1 << 20  # elements per float64 slice of a sum of squares (8 MiB)
+
+
+def _sq_sum(t: torch.Tensor) -> float:
+    """The sum of squares of a tensor, accumulated in float64 a slice at a time: no float64 copy of the whole
+    tensor and of its square (2.5 GB for a 151,936 x 1,024 embedding or its gradient: the peak of a reheat step
+    at Qwen3-0.6B's width, and 5x slower; docs/benchmarks.md). NaN or inf when any element is."""
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for i in range(0, flat.numel(), _SQ_SLICE):
+        x = flat[i:i + _SQ_SLICE].double()
+        total += torch.dot(x, x)
+    return float(total)
+
+
 def _global_sq_sum(tensors, pl: Placement, dist: Dist) -> float:
-    local = sum(float(_local(t).detach().double().pow(2).sum()) for t in tensors)
+    local = sum(_sq_sum(_local(t)) for t in tensors)
     return dist.sum(local) if pl.fsdp else local
 
 

@@ -7,8 +7,28 @@ import math
 import pytest
 import torch
 
+from tsopsd_cli.core import chunked
 from tsopsd_cli.core.chunked import divergence_from_logits, token_divergence, token_logps
 from tsopsd_cli.core.divergences import DIVERGENCES
+
+ROWS_PER_BLOCK = chunked.rows_per_block  # the real one, before any test replaces it
+
+@pytest.fixture(autouse=True, params=["whole", 3])
+def rows_per_block(request, monkeypatch):
+    """Every test twice: with the row blocks the CPU takes at these toy vocabularies (the whole chunk at once) and
+    with blocks of 3 rows, which split chunks of 4 into 3 + 1 (the path of a 151,936-token vocabulary, where a
+    block is 4 rows)."""
+    if request.param != "whole":
+        monkeypatch.setattr(chunked, "rows_per_block", lambda logits: request.param)
+    return request.param
+
+
+def testrows_per_block_fits_a_cache_on_the_cpu_and_takes_the_chunk_elsewhere():
+    rows = ROWS_PER_BLOCK(torch.empty(1024, 151_936, dtype=torch.bfloat16))
+    assert rows == 4 and rows * 151_936 * 4 <= chunked._CPU_BLOCK_BYTES  # float32 work of a block within the budget
+    assert ROWS_PER_BLOCK(torch.empty(1024, 99)) >= 1024  # the toy vocabulary: the chunk in one block
+    assert ROWS_PER_BLOCK(torch.empty(1, 10**7)) == 1  # never less than a row
+    assert ROWS_PER_BLOCK(torch.empty(7, 10**7, device="meta")) == 7  # not the CPU: the whole chunk
 
 
 def probs(row):
@@ -195,10 +215,10 @@ def test_no_gradient_reaches_a_live_teacher():
     torch.testing.assert_close(live[1], w.grad)
 
 
-def test_observer_sees_each_chunk_once_with_the_loss_blocks():
-    """token_divergence's `observe` gets, once per chunk of the forward pass (not again when the backward pass
-    recomputes it), the student logits, the teacher's raw logits and the teacher as distilled; the loss and its
-    gradients are those of a run without an observer."""
+def test_observer_sees_each_chunk_once_with_the_loss_blocks(rows_per_block):
+    """token_divergence's `observe` gets, once per block of rows of each chunk's forward pass (not again when the
+    backward pass recomputes it), the student logits, the teacher's raw logits and the teacher as distilled; the
+    loss and its gradients are those of a run without an observer."""
     from tsopsd_cli.core.chunked import teacher_logits_at
 
     g = torch.Generator().manual_seed(5)
@@ -220,7 +240,9 @@ def test_observer_sees_each_chunk_once_with_the_loss_blocks():
     fn = lambda idx: th[idx] @ tw.T  # noqa: E731
     got = token_divergence(h, w, fn, "forward_kl", temp=temp, chunk_size=4, teacher_top_p=top_p, observe=observe)
     got.sum().backward()
-    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    rows = 4 if rows_per_block == "whole" else rows_per_block
+    chunks = [list(range(s, min(s + 4, n))) for s in range(0, n, 4)]
+    assert seen == [c[r:r + rows] for c in chunks for r in range(0, len(c), rows)]  # each row once, in order
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
     want = token_divergence(h, w, fn, "forward_kl", temp=temp, chunk_size=4, teacher_top_p=top_p)

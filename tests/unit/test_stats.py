@@ -56,6 +56,39 @@ def test_kl_agreement_jaccard_against_reference():
         assert st.jaccard[5][i].item() == pytest.approx(len(sa & sb) / len(sa | sb))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entropy_and_kl_from_logp_with_zero_probabilities(dtype):
+    """-inf log-probabilities (a truncated distribution) contribute nothing; a -inf under a positive probability
+    makes the KL infinite; a NaN stays NaN. Against a plain float64 sum over the positive probabilities."""
+    g = torch.Generator().manual_seed(2)
+    lp = torch.randn(5, 40, generator=g, dtype=torch.float64).log_softmax(-1)
+    lq = torch.randn(5, 40, generator=g, dtype=torch.float64).log_softmax(-1)
+    lp[:, :7] = float("-inf")  # p = 0 there
+    lp = lp - lp.logsumexp(-1, keepdim=True)
+    lq[1, :3] = float("-inf")  # q = 0 only where p = 0 too: finite
+    lq = lq - lq.logsumexp(-1, keepdim=True)
+    lq[2, 20] = float("-inf")  # q = 0 where p > 0: infinite (unnormalised row; what counts is the -inf)
+
+    def ref_entropy(row):
+        return -sum(math.exp(a) * a for a in row if a > float("-inf"))
+
+    def ref_kl(rp, rq):
+        return sum(math.exp(a) * (a - b) for a, b in zip(rp, rq) if a > float("-inf"))
+
+    ent = S.entropy_from_logp(lp.to(dtype))
+    kl = S.kl_from_logp(lp.to(dtype), lq.to(dtype))
+    assert ent.dtype == kl.dtype == dtype
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ent, torch.tensor([ref_entropy(r) for r in lp.tolist()], dtype=dtype), **tol)
+    want = [ref_kl(a, b) for a, b in zip(lp.tolist(), lq.tolist())]
+    assert want[2] == float("inf") and kl[2] == float("inf")
+    torch.testing.assert_close(kl, torch.tensor(want, dtype=dtype), **tol)
+    nan = lp.clone()
+    nan[0, 10] = float("nan")
+    assert S.entropy_from_logp(nan)[0].isnan() and S.kl_from_logp(nan, lq)[0].isnan()
+    assert not S.entropy_from_logp(nan)[1:].isnan().any()
+
+
 def test_token_logprob_is_log_softmax_of_target():
     logits = rand_logits()
     target = torch.randint(0, logits.shape[1], (logits.shape[0],))

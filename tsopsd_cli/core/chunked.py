@@ -67,39 +67,65 @@ def teacher_logits_at(logits: torch.Tensor, temp: float, top_p: float = 1.0) -> 
     return nucleus(logits / temp, top_p)
 
 
-def _chunk_logp(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
-                temp: float, top_p: float, observe: Callable | None):
-    """A chunk's student log-probs (differentiable when the inputs are) and the log-probs of the teacher as
-    distilled, [c, V] each; `observe` sees them with the raw logits."""
-    s_logits = _upcast(s_hidden @ s_weight.T)  # [c, V]
-    ls = F.log_softmax(s_logits, dim=-1)
-    with torch.no_grad():  # never differentiated
-        t_raw = _upcast(t_logits_fn(idx)).to(s_logits.dtype)  # [c, V]
-        lt = F.log_softmax(teacher_logits_at(t_raw, temp, top_p), dim=-1)  # [c, V]
-        if observe is not None:
-            observe(idx, s_logits.detach(), ls.detach(), t_raw, lt)
-    return ls, lt
+# Bytes of float32 per row block of the elementwise work on the CPU: a core's L2 cache is 1-4 MiB on current x86
+# servers. The dozen passes over a block (upcast, two log-softmaxes, divergence, metrics, gradient) then run from
+# cache instead of memory: at 151,936 tokens a [1024, V] float32 block is 622 MB and every pass over it went to
+# DRAM, with its fresh allocation's page faults on top (docs/benchmarks.md, "Row blocks").
+_CPU_BLOCK_BYTES = 5 << 19  # 2.5 MiB: 4 rows at 151,936 tokens
 
 
-def _divergence_block(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logits_fn: Callable, idx: torch.Tensor,
-                      kind: str, beta: float, temp: float, top_p: float = 1.0, observe: Callable | None = None):
-    ls, lt = _chunk_logp(s_hidden, s_weight, t_logits_fn, idx, temp, top_p, observe)
-    return divergence_from_logp(ls, lt, kind, beta)
+def rows_per_block(logits: torch.Tensor) -> int:
+    """Rows of a [c, V] logit block that elementwise work over the vocabulary takes at a time (this module's
+    losses, the hf engine's sampling): on the CPU, those whose float32 copy fits in _CPU_BLOCK_BYTES; on an
+    accelerator, all of them (one kernel per pass, no cache to fit)."""
+    if logits.device.type != "cpu":
+        return max(1, logits.shape[0])
+    return max(1, _CPU_BLOCK_BYTES // (4 * logits.shape[-1]))
 
 
-def _forward_kl_block(h, w, want, t_logits_fn, idx, temp, top_p, observe, up):
-    """forward_kl on one chunk with its gradients in closed form: d KL(t || s) / d s_logits = softmax(s) - t per
-    token (the log-softmax backward written out: three passes over [c, V] where autograd takes about eight), times
-    the upstream gradient `up` [c] (None: ones).
-    -> (divergences [c], gradient to h [c, D] or None, gradient to w [V, D] or None)"""
+def _chunk(h, w, want, t_logits_fn, idx, kind, beta, temp, top_p, observe, up):
+    """One chunk of token_divergence: the divergences [c] and, as `want` says, their gradients to h [c, D] and to
+    w [V, D] (None otherwise) for the upstream gradient `up` [c] (None: ones). No autograd graph outlives it.
+
+    The student's and the teacher's logits are formed once, [c, V] each in the compute dtype. The elementwise
+    work then runs over blocks of rows (rows_per_block): upcast, log-softmaxes, `observe`, the divergence and its
+    gradient to the student's logits, which overwrites that block of the student's logits in place. Two matmuls
+    take that gradient to h and w. forward_kl's gradient is written out, softmax(s) - t per token; the others take
+    it from autograd on the row block."""
     with torch.no_grad():
-        ls, lt = _chunk_logp(h, w, t_logits_fn, idx, temp, top_p, observe)
-        d = kl_from_logp(lt, ls)
-        g = ls.exp_().sub_(lt.exp_())  # [c, V]; ls and lt are spent
-        if up is not None:
-            g.mul_(up[:, None])
-        g = g.to(h.dtype)
-        return d, (g @ w if want[0] else None), (g.T @ h if want[1] else None)
+        s_all = h @ w.T  # [c, V]
+        t_all = t_logits_fn(idx)  # [c, V]
+        grads = any(want)
+        out = []
+        n = rows_per_block(s_all)
+        for r in range(0, s_all.shape[0], n):
+            z = _upcast(s_all[r:r + n])  # [n, V]
+            y = _upcast(t_all[r:r + n]).to(z.dtype)  # [n, V]
+            lt = F.log_softmax(teacher_logits_at(y, temp, top_p), dim=-1)  # the teacher as distilled
+            u = None if up is None else up[r:r + n]  # [n]
+            if grads and kind != "forward_kl":
+                with torch.enable_grad():
+                    zg = z.detach().requires_grad_()
+                    ls = F.log_softmax(zg, dim=-1)
+                    d = divergence_from_logp(ls, lt, kind, beta)
+                    g, = torch.autograd.grad(d, zg, torch.ones_like(d) if u is None else u.to(d.dtype))
+                ls, d = ls.detach(), d.detach()
+            else:
+                ls = F.log_softmax(z, dim=-1)
+                d = divergence_from_logp(ls, lt, kind, beta)
+            if observe is not None:
+                observe(idx[r:r + n], z, ls, y, lt)
+            if grads:
+                if kind == "forward_kl":  # d KL(t || s) / d s_logits = softmax(s) - t; ls and lt are spent
+                    g = ls.exp_().sub_(lt.exp_())
+                    if u is not None:
+                        g.mul_(u[:, None].to(g.dtype))
+                s_all[r:r + n] = g  # [n, V], cast to the compute dtype
+            out.append(d)
+        d = torch.cat(out)
+        if not grads:
+            return d, None, None
+        return d, (s_all @ w if want[0] else None), (s_all.T @ h if want[1] else None)
 
 
 def divergence_from_logits(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: Divergence, beta: float = 0.5):
@@ -163,24 +189,14 @@ class _Divergence(torch.autograd.Function):
 def _over_chunks(s_hidden, s_weight, want, t_logits_fn, kind, beta, temp, chunk_size, top_p, observe=None,
                  grad=None):
     """The divergences [N] and, as `want` says, their gradients to s_hidden [N, D] and s_weight [V, D] (None
-    otherwise) for the upstream gradient `grad` [N] (None: ones), one chunk at a time."""
+    otherwise) for the upstream gradient `grad` [N] (None: ones), one chunk at a time (_chunk)."""
     n = s_hidden.shape[0]
     out, g_hidden, g_weight = [], [], None
     for s in range(0, n, chunk_size):
         idx = torch.arange(s, min(n, s + chunk_size), device=s_hidden.device)
-        h = s_hidden[s:s + chunk_size].detach()
         up = None if grad is None else grad[s:s + chunk_size]
-        if not any(want):
-            d, gh, gw = _divergence_block(h, s_weight, t_logits_fn, idx, kind, beta, temp, top_p, observe), None, None
-        elif kind == "forward_kl":
-            d, gh, gw = _forward_kl_block(h, s_weight.detach(), want, t_logits_fn, idx, temp, top_p, observe, up)
-        else:
-            with torch.enable_grad():
-                hl, wl = h.requires_grad_(want[0]), s_weight.detach().requires_grad_(want[1])
-                d = _divergence_block(hl, wl, t_logits_fn, idx, kind, beta, temp, top_p, observe)
-                grads = iter(torch.autograd.grad(d, [x for x in (hl, wl) if x.requires_grad],
-                                                 grad_outputs=torch.ones_like(d) if up is None else up))
-            d, gh, gw = d.detach(), (next(grads) if want[0] else None), (next(grads) if want[1] else None)
+        d, gh, gw = _chunk(s_hidden[s:s + chunk_size].detach(), s_weight.detach(), want, t_logits_fn, idx, kind,
+                           beta, temp, top_p, observe, up)
         out.append(d)
         if gh is not None:
             g_hidden.append(gh)
@@ -200,11 +216,15 @@ def token_divergence(s_hidden: torch.Tensor, s_weight: torch.Tensor,
     -> [N] float32 (float64 for float64 inputs)
 
     With gradients, every chunk's logits are formed once, in the forward pass, which also takes the gradients
-    (`_Divergence`): the backward pass of a loss that sums or averages the result only scales them.
+    (`_Divergence`): the backward pass of a loss that sums or averages the result only scales them. Memory beyond
+    the inputs and gradients: the student's and the teacher's [chunk, V] logits in the compute dtype, and a few
+    rows of float32 work on the CPU (rows_per_block).
 
-    `observe(idx [c], student logits [c, V], student log-probs [c, V], teacher logits [c, V], log-probs of the
-    teacher as distilled [c, V])`, when given, is called once per chunk of the forward pass, under no_grad, with
-    the blocks the loss computes anyway: statistics of the step then cost no LM-head projection of their own."""
+    `observe(idx [n], student logits [n, V], student log-probs [n, V], teacher logits [n, V], log-probs of the
+    teacher as distilled [n, V])`, when given, is called once per block of rows of the forward pass (n rows: the
+    whole chunk on an accelerator, a few rows on the CPU, see rows_per_block), under no_grad, with the blocks the
+    loss computes anyway (float32 or wider): statistics of the step then cost no LM-head projection of their own.
+    Blocks are overwritten afterwards: observe reduces them, it does not keep them."""
     if torch.is_grad_enabled() and (s_hidden.requires_grad or s_weight.requires_grad):
         return _Divergence.apply(s_hidden, s_weight, t_logits_fn, kind, beta, temp, chunk_size, teacher_top_p,
                                  observe)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tsopsd_cli import signals
-from tsopsd_cli.core.chunked import nucleus
+from tsopsd_cli.core.chunked import nucleus, rows_per_block
 from tsopsd_cli.core.stats import entropy_from_logp
 from tsopsd_cli.engines.base import Completion, SamplingParams, end_token_ids
 
@@ -73,7 +73,8 @@ class GumbelMax:
         torch.bitwise_right_shift(z, 11, out=t).bitwise_and_((1 << 53) - 1)
         u.copy_(t).add_(0.5).mul_(2.0**-53)  # counter_uniform's numbers, float64
         g.copy_(u.log_().neg_().log_())  # log(-log u), rounded to the logits' dtype
-        return torch.sub(logits, g, out=g).argmax(-1)
+        # max's indices are argmax's (the first maximum) from a kernel about 3x faster on the CPU
+        return torch.sub(logits, g, out=g).max(-1).indices
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -82,6 +83,35 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return nucleus(logits, top_p)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, gen, gumbel: GumbelMax, step: int):
+    """One decoding step's draw from softmax(logits / temperature), truncated by params.top_k / top_p: the tokens,
+    their untruncated log-probs and the entropies.  logits: [R, V]; gen: a torch.Generator (one stream for the
+    batch) or per-row seeds [R] int64 (Gumbel-max) -> ([R] int64, [R] float32, [R] float32).
+
+    With per-row seeds the rows are taken a few at a time on the CPU (core.chunked.rows_per_block): the float32
+    passes over a block (upcast, temperature, log-softmax, entropy, the Gumbel noise) then stay in a core's cache,
+    and no [R, V] float32 temporary is allocated per step. Each row's draw depends on its own seed alone, so the
+    blocks give the tokens of the whole batch at once."""
+    rows = logits.shape[0]
+    n = rows if isinstance(gen, torch.Generator) else rows_per_block(logits)  # one stream: one call
+    nxt = torch.empty(rows, dtype=torch.long, device=logits.device)
+    logp_next = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    ent = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    for r in range(0, rows, n):
+        scaled = logits[r:r + n].float()  # [n, V]; a copy unless the logits are float32 already
+        scaled = scaled / params.temperature if params.temperature != 1.0 else scaled
+        logp = scaled.log_softmax(-1)
+        filtered = filter_logits(scaled, params.top_k, params.top_p)
+        if isinstance(gen, torch.Generator):
+            pick = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)
+        else:  # Gumbel-max with per-row seeds: argmax(logits + Gumbel) ~ softmax(logits)
+            pick = gumbel(filtered, gen[r:r + n], step)
+        nxt[r:r + n] = pick
+        logp_next[r:r + n] = logp.gather(-1, pick[:, None]).squeeze(-1)
+        ent[r:r + n] = entropy_from_logp(logp)
+    return nxt, logp_next, ent
 
 
 def cut_at_stop(text: str, stops) -> str:
@@ -223,17 +253,12 @@ class HFEngine:
         rows = torch.arange(bsz, device=dev)  # rows still decoded: the lean path drops finished ones
         gumbel = GumbelMax()
         for t in range(steps):
-            scaled = logits.float() / params.temperature  # [R, V]
-            logp = scaled.log_softmax(-1)
-            filtered = filter_logits(scaled, params.top_k, params.top_p)
-            if isinstance(gen, torch.Tensor):  # per-row seeds, Gumbel-max: argmax(logits + Gumbel) ~ softmax
-                nxt = gumbel(filtered, gen[rows], t)  # [R]
-            else:
-                nxt = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)  # [R]
+            nxt, logp_next, ent = sample_next(logits, params, gen if isinstance(gen, torch.Generator) else gen[rows],
+                                              gumbel, t)  # [R] each
             nxt = torch.where(done[rows], torch.full_like(nxt, pad), nxt)
             tokens[rows, t] = nxt
-            logps[rows, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)
-            ents[rows, t] = entropy_from_logp(logp)
+            logps[rows, t] = logp_next
+            ents[rows, t] = ent
             n = t + 1
             live = ~done[rows]
             is_end = torch.isin(nxt, ends)

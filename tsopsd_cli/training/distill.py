@@ -65,7 +65,8 @@ def distill_step(policy: StepPolicy, teacher, reference, seqs, comps, engine_lps
             r_logp = ref.log_softmax(-1)
             acc["s_ent"] += float(S.entropy_from_logp(s_logp).sum())
             acc["t_ent"] += float(S.entropy_from_logp(t_logp).sum())
-            acc["agree"] += float((s_logp.argmax(-1) == r_logp.argmax(-1)).sum())
+            # max's indices: the first maximum, as argmax's, from a kernel about 3x faster on the CPU
+            acc["agree"] += float((s_logits.max(-1).indices == ref.max(-1).indices).sum())
             acc["kl_in"] += float(S.kl_from_logp(r_logp, s_logp).sum())
             if eng is not None:  # the rollout engine's log-probs against the student's own
                 temp = policy.rollout_temperature
