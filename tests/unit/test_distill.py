@@ -141,3 +141,58 @@ def test_a_live_teacher_at_temp_1_gives_zero_loss():
     seqs, comps = rollouts()
     m = distill_step(LonePolicy(student), None, reference, seqs, comps, None, ReheatSection(temp=1.0), 0.0, 0.0)
     assert m["loss"] == pytest.approx(0.0, abs=1e-6) and m["engine_logprob_diff"] is None
+
+
+def test_metrics_against_a_reference_that_is_not_the_teacher_in_row_blocks(monkeypatch):
+    """With a reference that is not the teacher (a live teacher, the thermostat's snapshot) the reference's logits
+    are projected once per chunk of the loss and read a few rows at a time: kl_input and top1_agreement equal a
+    float64 computation from full forwards, whether the loss takes its chunks whole or in blocks of 3 rows."""
+    from tsopsd_cli.core import chunked
+
+    seqs, comps = rollouts()
+    student0, reference = tiny_qwen3(), tiny_qwen3(seed=7).requires_grad_(False)
+    kls, agree = [], []
+    with torch.no_grad():
+        for p, c in seqs:
+            ids = torch.tensor([p + c])
+            ls = student0(input_ids=ids).logits[0, len(p) - 1:-1].double().log_softmax(-1)
+            lr = reference(input_ids=ids).logits[0, len(p) - 1:-1].double().log_softmax(-1)
+            kls += (lr.exp() * (lr - ls)).sum(-1).tolist()
+            agree += (ls.argmax(-1) == lr.argmax(-1)).double().tolist()
+    got = {}
+    for rows in ("whole", 3):
+        if rows != "whole":
+            monkeypatch.setattr(chunked, "rows_per_block", lambda logits: 3)
+        student = copy.deepcopy(student0)
+        projections = []
+        real_hidden = LonePolicy.hidden
+
+        class Counting(LonePolicy):
+            def hidden(self, model, seqs):
+                h, w, pb = real_hidden(self, model, seqs)
+                return h, (_Counted(w, projections) if model is reference else w), pb
+
+        got[rows] = distill_step(Counting(student), None, reference, seqs, comps, None, ReheatSection(temp=1.6),
+                                 0.0, 0.0)
+        chunks = sum(-(-sum(len(c) for _, c in seqs[k:k + 2]) // LonePolicy.chunk_size) for k in range(0, 5, 2))
+        assert len(projections) == chunks  # one reference projection per chunk, however the rows are blocked
+    for m in got.values():
+        assert m["kl_input"] == pytest.approx(sum(kls) / len(kls), rel=1e-5)
+        assert m["top1_agreement"] == pytest.approx(sum(agree) / len(agree))
+    for key in ("loss", "student_entropy", "teacher_entropy", "kl_input", "grad_norm"):
+        assert got[3][key] == pytest.approx(got["whole"][key], rel=1e-6), key
+
+
+class _Counted(torch.Tensor):
+    """A weight that records each use of its transpose (one vocabulary projection each)."""
+
+    @staticmethod
+    def __new__(cls, w, log):
+        t = w.as_subclass(cls)
+        t._log = log
+        return t
+
+    @property
+    def T(self):  # noqa: N802 - torch's name
+        self._log.append(1)
+        return self.as_subclass(torch.Tensor).T

@@ -83,8 +83,8 @@ def test_single_gpu_items_by_hand():
     assert got["optimizer_state"] == 2 * TINY_PARAMS * 4
     assert "frozen" not in got  # grpo.beta 0: no reference
     assert got["gathered"] == TINY_PARAMS * 2  # autocast's bf16 copy of the float32 weights
-    # step: max(foreach temporary 138112 x 4, float64 norm of the [1000, 64] embedding 64000 x 16)
-    assert got["step_transient"] == max(TINY_PARAMS * 4, 64000 * 16)
+    # step: max(foreach temporary 138112 x 4, the norms' float64 copy of the [1000, 64] embedding 64000 x 8)
+    assert got["step_transient"] == max(TINY_PARAMS * 4, 64000 * 8)
     # activations, B 2, P 8, C 16, bf16. Per token and layer: norms 2 x (4 + 2 + 2) x 64 = 1024; q/k norms
     # (4 + 4) x 96 = 768 and rotary 4 x 96 = 384; v 2 x 32 = 64; attention out + o input 4 x 64 = 256; MLP 8 x 128
     # = 1024: 3520 B
@@ -130,7 +130,7 @@ def test_ddp_bucket_is_part_of_the_step():
     got = items(plan(recipe(**{"train.strategy": "ddp"}), SHAPES["qwen3-4b"], gpus=2))
     s = SHAPES["qwen3-4b"]
     bucket = ((1 << 25) + s.vocab * s.hidden) * 4
-    assert got["step_transient"] == max(s.params * 4, s.vocab * s.hidden * 16, bucket)
+    assert got["step_transient"] == max(s.params * 4, (1 << 20) * 8, bucket)  # norms: a 2**20-element float64 slice
 
 
 # ---------------------------------------------------------------------------------------------- semantics
@@ -333,8 +333,9 @@ def test_a_cpu_run_is_host_memory_without_a_cuda_allowance_and_without_the_phase
     training = sum(i.bytes for i in p.items if "training" in i.phases)
     assert p.phases["training"] == int(training * 1.05 + int(0.6 * GiB))  # the runtime, not a CUDA context
     assert p.phase_fits("training") == (2 * p.phases["training"] <= 16 * GiB)  # the processes share the host
-    # off CUDA torch's AdamW updates tensor by tensor: no foreach temporary the size of all moments
-    assert got["step_transient"] == max(2 * 64000 * 4, 64000 * 16)
+    # off CUDA torch's AdamW updates tensor by tensor: no foreach temporary the size of all moments; the largest
+    # part is ddp's all-reduce bucket (min(P, 2**25 + the embedding) elements: the whole tiny model)
+    assert got["step_transient"] == max(2 * 64000 * 4, 64000 * 8, TINY_PARAMS * 4)
     d = to_dict(p)
     assert d["device"] == "cpu" and "cpu" in d["assumptions"] and "overhead" not in d["assumptions"]
     # fsdp: the main process holds the checkpoint it read until every shard is sent
@@ -361,3 +362,26 @@ def test_activations_are_sized_from_the_rows_a_micro_batch_really_holds():
     assert micro_batch_rows(recipe("reheat", **{"train.micro_batch_size": 4}), 1) == (4, 2)
     assert micro_batch_rows(recipe("reheat", **{"train.micro_batch_size": 3, "rollout.num_generations": 4}),
                             1) == (3, 2)  # rows 3-5 straddle two groups of 4
+
+
+def test_reheat_loss_chunk_gpu_and_cpu_and_the_constants_the_code_uses():
+    """reheat's chunked loss: the chunk's student and teacher logits in model.dtype, plus 33 B of float32 work per
+    logit of a row block, the whole chunk on a GPU and 4 rows at a 151,936-token vocabulary on the CPU. The plan's
+    restated sizes are the training code's."""
+    import torch
+
+    from tsopsd_cli import parallel
+    from tsopsd_cli.core import chunked, memory
+
+    s = SHAPES["qwen3-0.6b"]
+    rec = recipe("reheat", **{"train.chunk_size": 1024, "model.dtype": "bfloat16", "rollout.max_new_tokens": 2048})
+    gpu = items(plan(rec, s, assumptions=A))["lm_head_chunk"]
+    cpu = items(plan(rec, s, gpu_memory_gib=64, assumptions=A, device="cpu"))["lm_head_chunk"]
+    assert gpu == 1024 * 151_936 * (2 * 2 + 33)
+    assert cpu == 1024 * 151_936 * 2 * 2 + 4 * 151_936 * 33
+    assert memory.CPU_BLOCK_BYTES == chunked._CPU_BLOCK_BYTES
+    assert memory.NORM_SLICE == parallel._SQ_SLICE
+    rows = chunked.rows_per_block(torch.empty(1024, 151_936, dtype=torch.bfloat16))
+    got = memory.lm_head_chunk_bytes("reheat", 1024, 151_936, 2, cpu=True)[0]
+    assert got == 1024 * 151_936 * 4 + rows * 151_936 * 33
+    assert memory.lm_head_chunk_bytes("rl", 1024, 151_936, 2, cpu=True)[0] == 1024 * 151_936 * 24  # unchanged

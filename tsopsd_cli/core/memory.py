@@ -46,6 +46,9 @@ TRAINER_PHASES = ("training", "optimizer_step")  # the phases whose allocations 
 # vLLM's defaults for the LLM class on a GPU of >= 70 GiB other than an A100 (vllm/engine/arg_utils.py)
 VLLM_DEFAULT_BATCHED_TOKENS = 16384
 VLLM_DEFAULT_MAX_SEQS = 1024
+# The training code's own sizes, restated so that planning needs no torch (tests/unit/test_plan.py checks them):
+CPU_BLOCK_BYTES = 5 << 19  # core.chunked._CPU_BLOCK_BYTES: float32 bytes of a row block of the loss on the CPU
+NORM_SLICE = 1 << 20  # parallel._SQ_SLICE: elements per float64 slice of the gradient and weight norms
 
 
 # ---------------------------------------------------------------------------------------------- model shapes
@@ -260,7 +263,26 @@ def micro_batch_rows(r, processes: int) -> tuple[int, int]:
     return B, min(B, ppp, _ceil_div(offset + B, G))
 
 
-def _training_activations(r, s: ModelShape, cb: int, a: Assumptions, rows: tuple[int, int]) -> list[Item]:
+def lm_head_chunk_bytes(command: str, chunk: int, vocab: int, cb: int, cpu: bool) -> tuple[int, str]:
+    """The chunked loss's working set (core/chunked.py) and its formula.
+
+    rl (token_logps): one chunk's float32 logits, log-softmax, entropy and their gradients, recomputed in the
+    backward pass: ~24 B per logit.
+    reheat (token_divergence): the chunk's student and teacher logits in model.dtype (2 x cb per logit), and the
+    float32 work over a block of rows at a time: the upcast student and teacher logits, both log-softmaxes, the
+    metrics' reference log-softmax, and the largest transient (a KL's log-ratio, mask, exponential and product:
+    13 B): 33 B per logit of the block. The block is the whole chunk on a GPU and CPU_BLOCK_BYTES of float32
+    rows on the CPU (core.chunked.rows_per_block)."""
+    if command != "reheat":
+        return chunk * vocab * 24, f"chunk {chunk} x vocab {vocab} x 24 B (float32 logits, softmax, gradients)"
+    rows = max(1, min(chunk, CPU_BLOCK_BYTES // (4 * vocab))) if cpu else chunk
+    return (chunk * vocab * 2 * cb + rows * vocab * 33,
+            f"chunk {chunk} x vocab {vocab} x 2 x {cb} B (student and teacher logits) + {rows} rows x {vocab} x 33 B "
+            f"(float32 work of a row block{', CPU' if cpu else ''})")
+
+
+def _training_activations(r, s: ModelShape, cb: int, a: Assumptions, rows: tuple[int, int],
+                          cpu: bool = False) -> list[Item]:
     """The micro-batch's activations: what the forward keeps for the backward and the backward's working set."""
     (B, U), P, C = rows, a.prompt_tokens, r.rollout.max_new_tokens
     L, V, D, kv = s.layers, s.vocab, s.hidden, s.kv_heads * s.head_dim
@@ -308,12 +330,8 @@ def _training_activations(r, s: ModelShape, cb: int, a: Assumptions, rows: tuple
     items.append(Item("activations_head", "activations: final norm, hidden states" +
                       (" (student + teacher)" if teacher else ""), head, ph,
                       f"{N} completion tokens x {D} x (4 + 3 x {cb}{f' + {cb}' if teacher else ''}) B"))
-    # one chunk's [chunk, V] logits in float32, recomputed in the backward: rl's log-softmax/entropy and their
-    # gradients ~ 24 B per logit; reheat's student and teacher distributions and the divergence ~ 40 B per logit
-    per_logit = 40 if r.command == "reheat" else 24
-    chunk = min(r.train.chunk_size, N)
-    items.append(Item("lm_head_chunk", "activations: LM-head chunk (chunked loss)", chunk * V * per_logit, ph,
-                      f"chunk {chunk} x vocab {V} x {per_logit} B (float32 logits, softmax, gradients)"))
+    chunk_bytes, formula = lm_head_chunk_bytes(r.command, min(r.train.chunk_size, N), V, cb, cpu)
+    items.append(Item("lm_head_chunk", "activations: LM-head chunk (chunked loss)", chunk_bytes, ph, formula))
     return items
 
 
@@ -441,12 +459,12 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
 
     # --- optimiser step: after the activations are freed
     local_params = _ceil_div(P, shards)
-    norms = _ceil_div(big, shards) * 16  # weight/grad norms: .double().pow(2) of the largest tensor
+    norms = min(_ceil_div(big, shards), NORM_SLICE) * 8  # weight/grad norms: one float64 slice at a time
     if cpu:  # torch's AdamW takes its per-tensor path off CUDA: the denominator and one more temporary per tensor
         step_parts = {"AdamW per-tensor temporaries (CPU)": 2 * _ceil_div(big, shards) * mb}
     else:  # AdamW's foreach update on CUDA: one temporary the size of the local moments
         step_parts = {"AdamW foreach temporary": local_params * mb}
-    step_parts["norm of the largest tensor in float64"] = norms
+    step_parts["float64 slice of the norms"] = norms
     if strategy == "ddp":
         bucket = min(P, a.ddp_bucket_elems + big) * mb
         step_parts["all-reduce bucket"] = bucket
@@ -457,7 +475,7 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
 
     # --- activations of one micro-batch (the rows it really holds)
     rows = micro_batch_rows(r, N)
-    items += _training_activations(r, s, cb, a, rows)
+    items += _training_activations(r, s, cb, a, rows, cpu)
 
     # --- rollout
     lean = bool(r.model.lean)

@@ -57,11 +57,23 @@ def distill_step(policy: StepPolicy, teacher, reference, seqs, comps, engine_lps
         mine = None if engine_lps is None else engine_lps[k * mbs:(k + 1) * mbs]
         eng = None if mine is None else torch.tensor([x for e in mine for x in e], device=hidden.device)
 
-        def observe(idx, s_logits, s_logp, t_raw, t_logp, r_hidden=r_hidden, r_weight=r_weight, pb=pb, eng=eng):
+        ref_chunk: dict = {}  # the reference's logits of the loss's current chunk, when it is not the teacher
+
+        def reference_logits(idx, r_hidden=r_hidden, r_weight=r_weight, ref_chunk=ref_chunk):
+            """The reference's logits at token indices idx [n] of one chunk, projected once per chunk of the loss
+            (observe may see a chunk a few rows at a time: a projection per row block would read the whole head
+            weight for each)."""
+            start = int(idx[0]) // chunk * chunk
+            if ref_chunk.get("start") != start:
+                ref_chunk.clear()  # the previous chunk's block goes first
+                ref_chunk.update(start=start, logits=r_hidden[start:start + chunk] @ r_weight.T)  # [c, V]
+            return ref_chunk["logits"][idx - start]
+
+        def observe(idx, s_logits, s_logp, t_raw, t_logp, pb=pb, eng=eng, reference_logits=reference_logits):
             """The step's metrics from the loss's own blocks (the reference's logits only when it is not the
             teacher): student and teacher entropy, top-1 agreement and KL(reference || student), the engine's
             log-prob gap."""
-            ref = t_raw if teacher is reference else (r_hidden[idx] @ r_weight.T).to(s_logits.dtype)
+            ref = t_raw if teacher is reference else reference_logits(idx).to(s_logits.dtype)
             r_logp = ref.log_softmax(-1)
             acc["s_ent"] += float(S.entropy_from_logp(s_logp).sum())
             acc["t_ent"] += float(S.entropy_from_logp(t_logp).sum())
@@ -78,6 +90,7 @@ def distill_step(policy: StepPolicy, teacher, reference, seqs, comps, engine_lps
         # gathered head weight
         div = token_divergence(hidden, weight, teacher_logits, section.divergence, section.beta, section.temp,
                                chunk, teacher_top_p=section.teacher_top_p, observe=None if padding else observe)
+        ref_chunk.clear()
         loss = div.sum() / max(n_tok, 1.0) * (0.0 if padding else 1.0)
         loss = policy.guard_loss(loss)  # decided on every process together, before the update
         loss.backward()
