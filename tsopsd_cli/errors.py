@@ -11,7 +11,7 @@ EXIT_FAILURE = 1  # unexpected error (a bug) or a failed run
 EXIT_USAGE = 2  # bad input: flags, recipe, checkpoint, data, existing --out
 EXIT_NONFINITE = 3  # training stopped on a non-finite loss or gradient; last good checkpoint kept
 EXIT_MISSING_DEPENDENCY = 4  # an optional extra (vllm, matplotlib, trl, ...) was asked for and is not installed
-EXIT_WEIGHT_SYNC = 5  # the rollout engine's log-probs left the trainer's (weight sync failed); last good checkpoint kept
+EXIT_WEIGHT_SYNC = 5  # the rollout engine's log-probs left the trainer's (weight sync failed); last good one kept
 EXIT_PEER = 6  # several processes: another process of the job died or stopped answering; the last checkpoint is kept
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: a resumable checkpoint was saved first
 

@@ -596,8 +596,9 @@ class DemoSection(Section):
     thermostat: dict[str, Any] = Field(
         {"thermostat.enabled": True, "thermostat.threshold": 0.008, "thermostat.window": 5, "thermostat.min_gap": 10,
          "thermostat.max_phase_steps": 40, "thermostat.temp": 1.6, "thermostat.teacher_top_p": 0.95,
-         "thermostat.target_entropy_ratio": 1.0}, description="The thermostat arm's `thermostat.*` settings, on top of the "
-        "continued stage's recipe (docs/demo.md says how they were chosen).")
+         "thermostat.target_entropy_ratio": 1.0},
+        description="The thermostat arm's `thermostat.*` settings, on top of the continued stage's recipe "
+        "(docs/demo.md says how they were chosen).")
     seeds: list[int] = Field([0], min_length=1, description="Seeds of the continued-RL arms; with several, the "
                              "summary gives mean and spread.")
     topk: PositiveInt = Field(5, description="k of the top-k overlap (Jaccard) with the collapsed checkpoint.")

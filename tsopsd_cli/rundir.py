@@ -297,8 +297,8 @@ class RunDir:
 
     def finish(self, before_rename: Callable[[], None] | None = None) -> Path:
         """Mark complete (every output is in place), then rename to --out, replacing an existing --out only with
-        `overwrite` (otherwise refused: the complete run stays in the partial directory). `before_rename` runs between the two: a signal checked there leaves a complete,
-        resumable directory."""
+        `overwrite` (otherwise refused: the complete run stays in the partial directory). `before_rename` runs
+        between the two: a signal checked there leaves a complete, resumable directory."""
         self.mark_complete()
         if before_rename is not None:
             before_rename()

@@ -532,7 +532,8 @@ def test_a_checkpoint_with_nan_weights_is_bad_input_everywhere(tiny_ckpt, tmp_pa
     ck = _nan_checkpoint(tiny_ckpt, tmp_path)
     for args in (["rl", str(ck), *SMALL, "--out", str(tmp_path / "x")],
                  ["eval", str(ck), "--limit", "1", "-n", "1", "--max-new-tokens", "4", "--quiet"],
-                 ["diagnose", str(ck), "--num-prompts", "1", "--num-generations", "1", "--max-new-tokens", "4", "--quiet"]):
+                 ["diagnose", str(ck), "--num-prompts", "1", "--num-generations", "1", "--max-new-tokens", "4",
+                  "--quiet"]):
         line = one_error_line(run_cli(*args), code=2)
         assert "NaN or infinite" in line, (args[0], line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan-ckpt"]

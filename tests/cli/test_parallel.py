@@ -107,7 +107,8 @@ def test_fsdp_sigterm_after_step_2_then_resume_equals_the_uninterrupted_run(tiny
 @pytest.mark.slow
 def test_bf16_compute_keeps_float32_master_weights_so_small_updates_land(tiny_ckpt, tmp_path):
     args = ["rl", str(tiny_ckpt), "--set", "data.num_prompts=32", "--prompts-per-step", "4", "--num-generations", "4",
-            "--max-new-tokens", "12", "--set", "validation.enabled=false", "--set", "grpo.reward=tests.rewards:even_length",
+            "--max-new-tokens", "12", "--set", "validation.enabled=false",
+            "--set", "grpo.reward=tests.rewards:even_length",
             "--max-steps", "3", "--lr", "1e-6", "--set", "model.dtype=bfloat16", "--set", "output.dtype=float32",
             "--set", "train.save_every=0"]
     before = weights(tiny_ckpt)

@@ -168,7 +168,8 @@ def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterru
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
-            assert x[k] == (pytest.approx(y[k], rel=1e-5, abs=1e-7) if isinstance(x[k], float) else y[k]), (x["step"], k)
+            want = pytest.approx(y[k], rel=1e-5, abs=1e-7) if isinstance(x[k], float) else y[k]
+            assert x[k] == want, (x["step"], k)
 
 
 def test_a_log_gets_plain_progress_lines_and_quiet_silences_them(tiny_ckpt, tmp_path):

@@ -9,9 +9,9 @@ import typer
 
 from tsopsd_cli.errors import UsageError
 
-from tsopsd_cli.cli.common import (emit, ChatOpt, TemplateOpt, prompt_flags, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt,
-                                   RemoteOpt, SetOpt, data_flags, model_flags, progress_for, resolve,
-                                   stdout_console)
+from tsopsd_cli.cli.common import (emit, ChatOpt, TemplateOpt, prompt_flags, DeviceOpt, DtypeOpt, JsonOpt, OutOpt,
+                                   OverwriteOpt, PickleOpt, QuietOpt, RecipeOpt, RemoteOpt, SetOpt, data_flags,
+                                   model_flags, progress_for, resolve, stdout_console)
 from tsopsd_cli.tasks.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK
 
 

@@ -25,7 +25,8 @@ def choices(field: str) -> str:
 def reheat(
     checkpoint: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory to reheat.")],
     out: TrainOutOpt,
-    temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature: the teacher is softmax(logits / temp) (default 1.6).")] = None,
+    temp: Annotated[Optional[float], typer.Option(
+        "--temp", help="Teacher temperature: the teacher is softmax(logits / temp) (default 1.6).")] = None,
     method: Annotated[Optional[str], typer.Option(help=f"{choices('method')}.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help=f"{choices('teacher')}.")] = None,
     divergence: Annotated[Optional[str], typer.Option(help=f"{choices('divergence')}.")] = None,

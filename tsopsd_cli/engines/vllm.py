@@ -695,4 +695,5 @@ class VLLMEngine:
         self.close()
 
 
-__all__ = ["VLLM_FLOOR", "VLLMEngine", "check_vllm", "missing_vllm_features", "empty_device_cache", "launched_ranks", "request_seed", "vllm_available"]
+__all__ = ["VLLM_FLOOR", "VLLMEngine", "check_vllm", "missing_vllm_features", "empty_device_cache", "launched_ranks",
+           "request_seed", "vllm_available"]

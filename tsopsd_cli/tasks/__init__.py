@@ -48,7 +48,8 @@ def load_problems(data, tokenizer=None, limit: int | None = None, require_answer
                 if data.answer_field not in row:
                     raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
                 answer = answer_text(row[data.answer_field]) if row[data.answer_field] is not None else ""
-                if not answer and require_answers:  # null, [] or "": no gold to grade against ("None" would grade \boxed{None} correct)
+                # null, [] or "": no gold to grade against ("None" would grade \boxed{None} correct)
+                if not answer and require_answers:
                     empty.append(n)
             pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
             prompt = render_template(template, row[data.question_field])
@@ -77,9 +78,10 @@ def source_name(data) -> str:
 
 def validation_sets(section, data, tokenizer, limit: int | None = None) -> dict[str, list[Problem]]:
     """The problem sets a training run validates on (and reheat's before/after report samples from, with
-    `limit=reheat.report_prompts`, which replaces `section.limit`): `section.benchmarks` when the recipe names them; otherwise the run's own prompt
-    source `data` (toy data: the toy test problems, so that validation is on problems the run does not train on;
-    any other source: its first `section.limit` problems, with the same template and chat setting as training)."""
+    `limit=reheat.report_prompts`, which replaces `section.limit`): `section.benchmarks` when the recipe names
+    them; otherwise the run's own prompt source `data` (toy data: the toy test problems, so that validation is on
+    problems the run does not train on; any other source: its first `section.limit` problems, with the same
+    template and chat setting as training)."""
     from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
 
     n = limit or section.limit

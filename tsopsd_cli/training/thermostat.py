@@ -55,7 +55,8 @@ class Thermostat:
         stop = None
         if self.s.target_entropy is not None and student_entropy >= self.s.target_entropy:
             stop = f"target_entropy {self.s.target_entropy}"
-        elif self.s.target_entropy_ratio is not None and student_entropy >= self.s.target_entropy_ratio * teacher_entropy:
+        elif (self.s.target_entropy_ratio is not None
+              and student_entropy >= self.s.target_entropy_ratio * teacher_entropy):
             stop = f"target_entropy_ratio {self.s.target_entropy_ratio}"
         elif st["phase_steps"] >= self.s.max_phase_steps:
             stop = f"max_phase_steps {self.s.max_phase_steps}"

@@ -250,7 +250,8 @@ class TrainingRun:
         if self.run.resumed and self.dist.main:  # cut the log back to what the checkpoint contains
             s = self.step
             self.history = self.run.log.keep(
-                lambda row: ckpt is not None and (row.get("step", 0) < s or (row["step"] == s and is_training_row(row))))
+                lambda row: ckpt is not None and (row.get("step", 0) < s
+                                                  or (row["step"] == s and is_training_row(row))))
         self.history = self.dist.broadcast_object(self.history)
         self.sink = MetricsSink(r.logging, self.run.path, f"{self.command}-{key}", r.model_dump(mode="json"),
                                 self.dist.main)
