@@ -1,7 +1,8 @@
 """Differentiable per-token quantities over the full vocabulary, computed `chunk_size` tokens at a time from
-hidden states. Each chunk's logits are recomputed in the backward pass (activation checkpointing), so neither the
-forward nor the backward ever holds more than one [chunk, V] block of logits: memory does not grow with the number
-of tokens x vocabulary. Pure torch, no I/O.
+hidden states, so that memory does not grow with the number of tokens x vocabulary. token_logps recomputes each
+chunk's logits in the backward pass (activation checkpointing): one [chunk, V] block at a time. token_divergence
+forms a chunk's student and teacher logits once ([chunk, V] each, in the compute dtype) and takes the gradients in
+the forward pass; its float32 work runs a block of rows at a time (rows_per_block). Pure torch, no I/O.
 """
 
 from __future__ import annotations
