@@ -37,8 +37,8 @@ def run(args: list[str], tmp: Path, env: dict | None = None) -> dict:
     full["PYTHONPATH"] = os.pathsep.join(x for x in (full.get("PYTHONPATH"), str(ROOT)) if x)
     p = subprocess.run([sys.executable, "-m", "tsopsd_cli", *args], capture_output=True, text=True, cwd=tmp,
                        env=full, timeout=900)
-    return {"rc": p.returncode, "stdout": p.stdout.replace(str(tmp), "TMP"),
-            "stderr": p.stderr.replace(str(tmp), "TMP")}
+    clean = lambda text: text.replace(str(tmp), "TMP").replace(str(ROOT), "ROOT")  # noqa: E731
+    return {"rc": p.returncode, "stdout": clean(p.stdout), "stderr": clean(p.stderr)}
 
 
 def scrub(obj):
