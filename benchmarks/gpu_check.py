@@ -15,7 +15,7 @@ Random-initialised weights (nothing is downloaded), vocabulary 151,936, one CUDA
   teacher/1.6 over the full vocabulary, AdamW step) — chunked (tsopsd) vs naive [B, L, V] logits;
 - `rl`: one GRPO update (clipped surrogate from log-probs at the sampling temperature, AdamW step) — chunked vs
   naive;
-- `fsdp`: the training step as `tsopsd reheat` runs it under `train.strategy: fsdp` (tsopsd_cli.parallel: FSDP2
+- `fsdp`: the training step as `tsopsd reheat` runs it under `train.strategy: fsdp` (tsopsd_cli.parallel.sharding: FSDP2
   on every layer and the root, float32 master weights and AdamW state, bf16 compute through MixedPrecisionPolicy,
   the lean forward through the FSDP modules, chunked forward-KL loss) on a one-process group, next to the same
   step on plain bf16 weights (`plain`): tokens/s, peak memory, and the model-state bytes each holds;
@@ -324,12 +324,13 @@ def long_arm(student, args) -> dict:
 
 
 def fsdp_arm(shape: str, args) -> dict:
-    """One reheat-like training step through tsopsd_cli.parallel under FSDP2 (one process) vs plain bf16."""
+    """One reheat-like training step through tsopsd_cli.parallel.sharding under FSDP2 (one process) vs plain bf16."""
     import os
 
-    from tsopsd_cli import lean, parallel
+    from tsopsd_cli import lean
     from tsopsd_cli.core.chunked import token_divergence
     from tsopsd_cli.modeling import decoder_and_head
+    from tsopsd_cli.parallel import sharding
 
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -345,32 +346,32 @@ def fsdp_arm(shape: str, args) -> dict:
         model = build(shape)  # in the compute dtype
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         if name == "fsdp":
-            pl = parallel.Placement(strategy="fsdp", device=torch.device(DEV), master_dtype=torch.float32,
+            pl = sharding.Placement(strategy="fsdp", device=torch.device(DEV), master_dtype=torch.float32,
                                     compute_dtype=compute, frozen_sharded=True, world=1)
-            model = parallel.prepare(model.float(), pl, trainable=True)
-            teacher = parallel.prepare(teacher, pl, trainable=False)
+            model = sharding.prepare(model.float(), pl, trainable=True)
+            teacher = sharding.prepare(teacher, pl, trainable=False)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
 
         def step():
             def body(m):
-                return lean.shared_prefix_hidden(m, seqs, checkpoint_layers=True, layer_hook=parallel.layer_hook(m))
+                return lean.shared_prefix_hidden(m, seqs, checkpoint_layers=True, layer_hook=sharding.layer_hook(m))
 
-            h = parallel.call(model, body, model)
+            h = sharding.call(model, body, model)
             w = decoder_and_head(model)[1].weight
             with torch.no_grad():
-                th = parallel.call(teacher, body, teacher)
+                th = sharding.call(teacher, body, teacher)
                 tw = decoder_and_head(teacher)[1].weight
             loss = token_divergence(h, w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TEMP,
                                     chunk_size=args.chunk_size).mean()
             loss.backward()
-            parallel.reshard(teacher)
+            sharding.reshard(teacher)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         try:
             sec, mem = timed(step, max(1, args.repeat - 1))
-            held = parallel.local_bytes(model, opt)
+            held = sharding.local_bytes(model, opt)
             out[name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem), "seconds": round(sec, 3),
                          "parameter_MiB": round(held["parameter_bytes"] / 2**20),
                          "optimizer_state_MiB": round(held["optimizer_state_bytes"] / 2**20)}
@@ -394,8 +395,8 @@ def plan_arm(shape: str, command: str, work: Path, args) -> dict:
     import os
 
     from tests.qwen_ckpt import make_qwen_checkpoint
-    from tsopsd_cli import parallel
     from tsopsd_cli.core.memory import GiB, SHAPES as PLAN_SHAPE_TABLE, Assumptions, plan, shape_from_config
+    from tsopsd_cli.parallel import sharding
     from tsopsd_cli.recipe import build_recipe, parse_set_options
     from tsopsd_cli.runners.reheat import ReheatRunner
     from tsopsd_cli.runners.rl import RLRunner
@@ -432,17 +433,17 @@ def plan_arm(shape: str, command: str, work: Path, args) -> dict:
     runner_cls = RLRunner if command == "rl" else ReheatRunner
     saved = {}
     patches = training_patches(command)
-    real_placement = parallel.placement
+    real_placement = sharding.placement
 
     def fsdp_placement(m, t, dist):  # one process, but sharded as fsdp would be (a one-process group)
         pl = real_placement(m, t, dist)
-        return parallel.Placement(strategy="fsdp", device=pl.device, master_dtype=pl.master_dtype,
+        return sharding.Placement(strategy="fsdp", device=pl.device, master_dtype=pl.master_dtype,
                                   compute_dtype=pl.compute_dtype, frozen_sharded=pl.frozen_sharded, world=1)
 
     for owner, attr, _ in patches:
         saved[(owner, attr)] = owner.__dict__.get(attr)
     try:
-        parallel.placement = fsdp_placement
+        sharding.placement = fsdp_placement
         for owner, attr, name in patches:
             meter.wrap(owner, attr, name)
         if DEV == "cuda":
@@ -452,7 +453,7 @@ def plan_arm(shape: str, command: str, work: Path, args) -> dict:
         with contextlib.redirect_stdout(sys.stderr):
             runner_cls(recipe, str(ckpt)).execute()
     finally:
-        parallel.placement = real_placement
+        sharding.placement = real_placement
         for (owner, attr), fn in saved.items():
             if fn is None:
                 delattr(owner, attr)

@@ -160,7 +160,7 @@ def load_checkpoint(path: str | os.PathLike, model_section=None, *, dtype: str |
     allow_pickle, attn_implementation, dtype, device); `dtype`/`device` override its dtype and device.
     `weights=False`: the same model class built from config.json on the meta device (no weights read, no memory),
     with the checkpoint's generation config, for a process that receives its shards from another
-    (parallel.prepare)."""
+    (sharding.prepare)."""
     if model_section is None:
         from tsopsd_cli.recipe import ModelSection
 
@@ -366,7 +366,7 @@ def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: st
     (sharded with an index above `max_shard_bytes`), tokenizer, generation config, tsopsd.json provenance.
 
     The weights are streamed one tensor at a time from `tensors` (default: the model's own parameters and
-    persistent buffers; tsopsd_cli.parallel.full_tensors for a sharded model, whose every process must call this,
+    persistent buffers; sharding.full_tensors for a sharded model, whose every process must call this,
     with `write` True on one), cast to `dtype` (default: the model's), so no second full copy is ever held.
     The generation config is the `source` checkpoint's, byte for byte, when it has one; else one that samples
     without hidden top-k/top-p."""

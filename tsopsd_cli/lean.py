@@ -260,7 +260,7 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     [B, 1, T, T] mask, no [B, H, T, T] scores (the fused kernels skip the blocks above the diagonal).
     The first completion token is predicted from the prompt's last position, the others from the completion part.
     With `checkpoint_layers`, each layer's activations are recomputed in the backward pass. `layer_hook(i, fn,
-    xp, xc)`, when given, runs layer i's computation `fn(i, xp, xc)` (tsopsd_cli.parallel.layer_hook routes it
+    xp, xc)`, when given, runs layer i's computation `fn(i, xp, xc)` (sharding.layer_hook routes it
     through an FSDP layer module). `head_in_loss`: the caller's loss also goes through the model's LM head (see
     `LeanModel.embed`: a tied embedding's lookup gradient is then sparse)."""
     from torch.utils.checkpoint import checkpoint

@@ -26,6 +26,7 @@ import os
 import signal
 from typing import Iterator
 
+from tsopsd_cli import launch
 from tsopsd_cli.errors import Interrupted
 
 _requested: str | None = None
@@ -95,7 +96,7 @@ def _fault(name: str) -> tuple[str, int] | None:
     if not spec:
         return None
     rank = os.environ.get("TSOPSD_FAULT_RANK")
-    if rank not in (None, "") and rank != os.environ.get("RANK", "0"):
+    if rank not in (None, "") and rank != launch.rank_text():
         return None
     sig, _, rest = spec.partition("@")
     point, _, nth = rest.partition("#")

@@ -621,11 +621,11 @@ def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, t
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from tsopsd_cli import parallel
+    from tsopsd_cli.parallel import dcp
     from tsopsd_cli.cli import app
 
     calls = []
-    real = parallel.save_state
+    real = dcp.save_state
 
     def save_state(path, model, opt):
         calls.append(path)
@@ -634,7 +634,7 @@ def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, t
                                       {0: (OSError(28, "No space left on device"), None)})
         return real(path, model, opt)
 
-    monkeypatch.setattr(parallel, "save_state", save_state)
+    monkeypatch.setattr(dcp, "save_state", save_state)
     out = tmp_path / "x"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -644,7 +644,7 @@ def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, t
     assert "checkpoint of step 2" in lines[0] and "step 1 is kept" in lines[0] and "--resume" in lines[0]
     ckpts = tmp_path / ".x.partial" / "checkpoints"
     assert sorted(x.name for x in ckpts.iterdir()) == ["step-000001"]  # no half-written staging folder
-    monkeypatch.setattr(parallel, "save_state", real)
+    monkeypatch.setattr(dcp, "save_state", real)
     p = run_cli("rl", str(tiny_ckpt), *SMALL, "--max-steps", "3", "--out", str(out), "--resume")
     assert p.returncode == 0, p.stderr
     assert steps_of(out) == [1, 2, 3]

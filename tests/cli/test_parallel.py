@@ -154,7 +154,7 @@ import json, sys, types
 import torch
 import transformers
 from safetensors.torch import load_file
-from tsopsd_cli import parallel
+from tsopsd_cli.parallel import group, sharding
 from tsopsd_cli.recipe import build_recipe, parse_set_options
 from tsopsd_cli.training.trainer import TrainingRun
 
@@ -170,14 +170,14 @@ transformers.AutoModelForCausalLM.from_pretrained = classmethod(spy)
 path = sys.argv[1]
 run = object.__new__(TrainingRun)
 run.r = build_recipe("rl", None, parse_set_options(["train.strategy=fsdp", "model.dtype=bfloat16"]))
-run.dist = parallel.Dist(1.0)
-run.pl = parallel.placement(run.r.model, run.r.train, run.dist)
+run.dist = group.Dist(1.0)
+run.pl = sharding.placement(run.r.model, run.r.train, run.dist)
 policy, tok = run.load(path, trainable=True)
 teacher = run.frozen(path)
 file = load_file(f"{path}/model.safetensors")
 out = {"reads": len(reads), "tied": policy.lm_head.weight is policy.get_input_embeddings().weight, "bad": []}
 for model, dtype in ((policy, torch.float32), (teacher, torch.bfloat16)):
-    for name, t in parallel.full_tensors(model):
+    for name, t in sharding.full_tensors(model):
         want = file[name if name in file else "model.embed_tokens.weight"].to(dtype)
         if t.dtype != dtype or not torch.equal(t, want):
             out["bad"].append(name)

@@ -164,19 +164,19 @@ class SleepyEngine:
 
 
 def _reheat_with_sleepy_engine(tiny_ckpt, tmp_path, monkeypatch, *sets):
-    from tsopsd_cli import parallel
+    from tsopsd_cli.parallel import sharding
     from tsopsd_cli.recipe import build_recipe, parse_set_options
     from tsopsd_cli.runners.reheat import ReheatRunner
 
     events, box = [], {}
     monkeypatch.setattr(ReheatRunner, "rollout_engine", lambda self: box.setdefault("e", SleepyEngine(self, events)))
-    real = parallel.gathered
+    real = sharding.gathered
 
     def gathered(model):
         events.append(("gather", box["e"].asleep))
         return real(model)
 
-    monkeypatch.setattr(parallel, "gathered", gathered)
+    monkeypatch.setattr(sharding, "gathered", gathered)
     r = build_recipe("reheat", None, parse_set_options([
         "data.num_prompts=64", "train.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
         "validation.limit=2", "validation.num_generations=1", "validation.max_new_tokens=8",
@@ -214,8 +214,8 @@ def test_the_report_samples_the_runs_own_prompts(tiny_ckpt, tmp_path, monkeypatc
 
 REPORT_RANK_SCRIPT = r'''
 import json, os, sys, types
-from tsopsd_cli import parallel
 from tsopsd_cli.engines import Completion
+from tsopsd_cli.parallel import group
 from tsopsd_cli.runners.reheat import ReheatRunner
 from tsopsd_cli.tasks.base import Problem
 from transformers import AutoTokenizer
@@ -231,7 +231,7 @@ class Counting:
 
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 run = object.__new__(ReheatRunner)
-run.dist = parallel.Dist(1.0)
+run.dist = group.Dist(1.0)
 run.r = types.SimpleNamespace(reheat=types.SimpleNamespace(report_prompts=5),
                               validation=types.SimpleNamespace(max_new_tokens=4, stop=[]))
 run.stream = types.SimpleNamespace(problems=[Problem(id=str(i), prompt=f"{i}+{i}=?", answer=None) for i in range(7)])

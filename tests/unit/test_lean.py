@@ -232,7 +232,7 @@ def test_shared_prefix_forward_through_fsdp_layer_hook(tmp_path):
     through its module): the same values and gradients as the plain model."""
     import copy
 
-    from tsopsd_cli import parallel
+    from tsopsd_cli.parallel import sharding
 
     model = _gqa_model(2)
     plain = copy.deepcopy(model)
@@ -241,12 +241,12 @@ def test_shared_prefix_forward_through_fsdp_layer_hook(tmp_path):
     want_grads = _grads(plain, want)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        pl = parallel.Placement(strategy="fsdp", device=torch.device("cpu"), master_dtype=torch.float64,
+        pl = sharding.Placement(strategy="fsdp", device=torch.device("cpu"), master_dtype=torch.float64,
                                 compute_dtype=torch.float64, frozen_sharded=True, world=1)
-        sharded = parallel.prepare(model, pl, trainable=True)
-        assert parallel.layer_hook(sharded) is not None
-        got = parallel.call(sharded, lambda m: shared_prefix_hidden(m, seqs, checkpoint_layers=True,
-                                                                    layer_hook=parallel.layer_hook(m)), sharded)
+        sharded = sharding.prepare(model, pl, trainable=True)
+        assert sharding.layer_hook(sharded) is not None
+        got = sharding.call(sharded, lambda m: shared_prefix_hidden(m, seqs, checkpoint_layers=True,
+                                                                    layer_hook=sharding.layer_hook(m)), sharded)
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
         weights = torch.linspace(-1, 1, got.numel(), dtype=got.dtype).view_as(got)
         (got * weights).sum().backward()

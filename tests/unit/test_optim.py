@@ -30,9 +30,9 @@ def test_gradient_and_weight_norms_in_float64_slices(monkeypatch):
     float32; NaN and inf come through; clipping scales every gradient to the limit."""
     import math
 
-    from tsopsd_cli import parallel
+    from tsopsd_cli.parallel import group, reductions, sharding
 
-    monkeypatch.setattr(parallel, "_SQ_SLICE", 7)
+    monkeypatch.setattr(reductions, "_SQ_SLICE", 7)
     g = torch.Generator().manual_seed(3)
     model = torch.nn.Module()
     model.a = torch.nn.Parameter(torch.randn(5, 9, generator=g).bfloat16())  # 45 elements: 6 slices and 3 left
@@ -40,21 +40,21 @@ def test_gradient_and_weight_norms_in_float64_slices(monkeypatch):
     model.frozen = torch.nn.Parameter(torch.randn(3, generator=g), requires_grad=False)
     for p in (model.a, model.b):
         p.grad = torch.randn(p.shape, generator=g).to(p.dtype) * 10
-    pl = parallel.Placement(strategy="single", device=torch.device("cpu"), master_dtype=torch.float32,
+    pl = sharding.Placement(strategy="single", device=torch.device("cpu"), master_dtype=torch.float32,
                             compute_dtype=torch.float32, frozen_sharded=False, world=1)
-    dist = parallel.Dist.__new__(parallel.Dist)  # one process: the sums are never reduced
+    dist = group.Dist.__new__(group.Dist)  # one process: the sums are never reduced
 
     def ref(ts):
         return math.sqrt(sum(float(x) ** 2 for t in ts for x in t.detach().double().reshape(-1).tolist()))
 
-    assert math.isclose(parallel.weight_norm(model, pl, dist), ref([model.a, model.b]), rel_tol=1e-12)
+    assert math.isclose(reductions.weight_norm(model, pl, dist), ref([model.a, model.b]), rel_tol=1e-12)
     want = ref([model.a.grad, model.b.grad])
     grads = [model.a.grad.double().clone(), model.b.grad.double().clone()]
-    assert math.isclose(parallel.clip_grad_norm(model, 1.0, pl, dist), want, rel_tol=1e-12)
+    assert math.isclose(reductions.clip_grad_norm(model, 1.0, pl, dist), want, rel_tol=1e-12)
     assert math.isclose(ref([model.a.grad, model.b.grad]), 1.0, rel_tol=1e-2)  # bf16 rounding of the scaled grads
     torch.testing.assert_close(model.b.grad.double(), grads[1] / (want + 1e-6))
     model.a.grad.view(-1)[40] = float("nan")
-    assert math.isnan(parallel.clip_grad_norm(model, None, pl, dist))
+    assert math.isnan(reductions.clip_grad_norm(model, None, pl, dist))
     with torch.no_grad():
         model.b[2] = float("inf")
-    assert parallel.weight_norm(model, pl, dist) == float("inf")
+    assert reductions.weight_norm(model, pl, dist) == float("inf")

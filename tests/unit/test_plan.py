@@ -370,8 +370,8 @@ def test_reheat_loss_chunk_gpu_and_cpu_and_the_constants_the_code_uses():
     restated sizes are the training code's."""
     import torch
 
-    from tsopsd_cli import parallel
     from tsopsd_cli.core import chunked, memory
+    from tsopsd_cli.parallel import reductions
 
     s = SHAPES["qwen3-0.6b"]
     rec = recipe("reheat", **{"train.chunk_size": 1024, "model.dtype": "bfloat16", "rollout.max_new_tokens": 2048})
@@ -380,7 +380,7 @@ def test_reheat_loss_chunk_gpu_and_cpu_and_the_constants_the_code_uses():
     assert gpu == 1024 * 151_936 * (2 * 2 + 33)
     assert cpu == 1024 * 151_936 * 2 * 2 + 4 * 151_936 * 33
     assert memory.CPU_BLOCK_BYTES == chunked._CPU_BLOCK_BYTES
-    assert memory.NORM_SLICE == parallel._SQ_SLICE
+    assert memory.NORM_SLICE == reductions._SQ_SLICE
     rows = chunked.rows_per_block(torch.empty(1024, 151_936, dtype=torch.bfloat16))
     got = memory.lm_head_chunk_bytes("reheat", 1024, 151_936, 2, cpu=True)[0]
     assert got == 1024 * 151_936 * 4 + rows * 151_936 * 33

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tsopsd_cli import __version__
+from tsopsd_cli import __version__, launch
 from tsopsd_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, TsopsdError
 
 app = typer.Typer(
@@ -151,13 +151,13 @@ def _agreed(code: int, lines: list[str]) -> tuple[int, list[str]]:
     """Several processes: every rank exits with the code of the job's first failure (posted by the rank that
     failed first), not with the follow-on error a collective with a departed peer gives it. A process that failed
     before it joined the others tells them (they wait in the rendezvous)."""
-    if code == 0 or _world_size() <= 1:
+    if code == 0 or launch.world_or_one() <= 1:
         return code, lines
-    from tsopsd_cli import parallel
+    from tsopsd_cli.parallel import group
 
-    dist = parallel.active()
+    dist = group.active()
     if dist is None and code != EXIT_INTERRUPTED:
-        parallel.announce_early_failure(code, lines[0] if lines else "failed")
+        group.announce_early_failure(code, lines[0] if lines else "failed")
         return code, lines
     failure = dist.failure if dist is not None else None
     if failure is None or code == 0 or failure["rank"] == dist.rank or failure["code"] == code:
@@ -188,16 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def _world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return 1
-
-
 def entry() -> None:
     code = main()
-    if _world_size() > 1:
+    if launch.world_or_one() > 1:
         # One process of a multi-process job: its outputs are written and closed and its process group destroyed.
         # Leave without interpreter finalisation, where the c10d/gloo backend and the device mesh FSDP's modules
         # hold are torn down after Python's own state and may abort ("terminate called without an active

@@ -96,9 +96,9 @@ def data_flags(data: str | None, split: str | None = None) -> dict[str, Any]:
 
 def is_main_process() -> bool:
     """False in the non-main processes of a multi-process launch (only the main one reports)."""
-    import os
+    from tsopsd_cli import launch
 
-    return os.environ.get("RANK", "0") == "0"
+    return launch.rank_text() == "0"
 
 
 def progress_for(json_out: bool, quiet: bool) -> Progress:

@@ -48,7 +48,7 @@ VLLM_DEFAULT_BATCHED_TOKENS = 16384
 VLLM_DEFAULT_MAX_SEQS = 1024
 # The training code's own sizes, restated so that planning needs no torch (tests/unit/test_plan.py checks them):
 CPU_BLOCK_BYTES = 5 << 19  # core.chunked._CPU_BLOCK_BYTES: float32 bytes of a row block of the loss on the CPU
-NORM_SLICE = 1 << 20  # parallel._SQ_SLICE: elements per float64 slice of the gradient and weight norms
+NORM_SLICE = 1 << 20  # reductions._SQ_SLICE: elements per float64 slice of the gradient and weight norms
 
 
 # ---------------------------------------------------------------------------------------------- model shapes
@@ -137,7 +137,7 @@ class Assumptions:
     overhead_gib: float = 3.0  # CUDA context, NCCL buffers, kernels: per process, every phase
     fragmentation: float = 0.05  # share of the trainer's allocations lost to the caching allocator
     fsdp_layers_in_flight: int = 2  # decoder layers gathered at once (the current one and the prefetched one)
-    ddp_bucket_elems: int = 1 << 25  # parallel.sync_gradients' all-reduce bucket
+    ddp_bucket_elems: int = 1 << 25  # reductions.sync_gradients' all-reduce bucket
     hf_cache_peak: float = 1.75  # lean decode: compacting the KV cache copies the kept rows (<= 3/4) beside it
     vllm_graphs_gib: float = 1.0  # inside vLLM's share: CUDA graphs (0 with enforce_eager)
     vllm_sampler_buffers: int = 6  # [max_num_seqs, V] float32-sized buffers of vLLM's profiled sampler run
@@ -428,7 +428,7 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
         items.append(Item("frozen", f"{what} (frozen, {dtype})", _ceil_div(P * cb, N if frozen_sharded else 1),
                           everywhere, f"{_n(P)} params x {cb} B{how}"))
 
-    # --- loading: parallel.prepare places one tensor at a time; sharded, the main process broadcasts each whole
+    # --- loading: sharding.prepare places one tensor at a time; sharded, the main process broadcasts each whole
     # tensor (read in the checkpoint's dtype, taken as model.dtype) and it is cast to the master dtype before each
     # process keeps its slice. On a CPU run the main process also holds the checkpoint it read.
     big = s.largest_tensor
@@ -442,7 +442,7 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
     if fsdp:
         root, layer = s.root_params, s.layer_params
         k = a.fsdp_layers_in_flight
-        # reheat's sharded teacher runs inside each micro-batch and its root stays gathered until parallel.reshard
+        # reheat's sharded teacher runs inside each micro-batch and its root stays gathered until sharding.reshard
         # after them (rl's reference runs in the no-grad pass before training and is resharded there)
         roots = 2 if reheat and frozen_sharded else 1
         gathered = (roots * root + k * layer) * cb

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
+from tsopsd_cli import launch
 from tsopsd_cli.engines.base import Completion, SamplingParams, checkpoint_end_token_ids
 from tsopsd_cli.errors import MissingDependencyError, TsopsdError, WeightSyncError
 
@@ -158,15 +159,6 @@ def request_seed(base: int, sample: int, prompt: int | None = None) -> int:
     if prompt is not None:
         x = _mix64(x ^ _mix64(prompt + 0x5DEECE66D))
     return _mix64(x ^ _mix64(sample + 1)) >> 1
-
-
-def launched_ranks() -> tuple[int, int, int] | None:
-    """(rank, local_rank, world_size) when this process is one of several that a launcher started (torchrun sets
-    RANK, LOCAL_RANK and WORLD_SIZE); None for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
 def empty_device_cache() -> None:
@@ -384,7 +376,7 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(getattr(options, "cpu_kvcache_gb", 1) * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = getattr(options, "gpu_memory_utilization", 0.85)
-        launched = None if on_cpu else launched_ranks()
+        launched = None if on_cpu else launch.launched_ranks()
         if launched is not None:
             # One engine per process of a torchrun job: without this, vLLM's uni-process executor takes its
             # device from the device index (0 for plain "cuda") and every rank's engine binds cuda:0
@@ -553,7 +545,7 @@ class VLLMEngine:
         model gives them, into the running engine in place, one tensor at a time (any dtype and device: cast and
         copied by vLLM's weight loaders); then reset the prefix cache, whose KV came from the old weights. Every
         parameter must come (a tied lm_head may be left out or sent), and each tensor must stay unchanged until
-        this returns: vLLM keeps a layer's tensors until all of them arrived (tsopsd_cli.parallel.full_tensors
+        this returns: vLLM keeps a layer's tensors until all of them arrived (sharding.full_tensors
         gives fresh gathered tensors, or the live unsharded parameters). Returns the seconds it took (also
         `last_sync_seconds`). Asleep at level 1 or 2, the weights are woken first; the KV cache stays asleep
         until `wake()` or the next `generate`."""
@@ -695,5 +687,5 @@ class VLLMEngine:
         self.close()
 
 
-__all__ = ["VLLM_FLOOR", "VLLMEngine", "check_vllm", "missing_vllm_features", "empty_device_cache", "launched_ranks",
+__all__ = ["VLLM_FLOOR", "VLLMEngine", "check_vllm", "missing_vllm_features", "empty_device_cache",
            "request_seed", "vllm_available"]

@@ -329,9 +329,9 @@ def plot(s: dict, out: Path) -> list[str]:
 
 
 def run_demo(recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False, restart: bool = False) -> dict:
-    import os
+    from tsopsd_cli import launch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launch.several_processes():
         from tsopsd_cli.errors import UsageError
 
         raise UsageError("tsopsd demo runs in one process (it is the CPU miniature of the study); launch rl and "

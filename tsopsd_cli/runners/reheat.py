@@ -29,13 +29,13 @@ import time
 
 import torch
 
-from tsopsd_cli import parallel
 from tsopsd_cli.analysis import compare_models
 from tsopsd_cli.checkpoint import (atomic_dir, check_out, checkpoint_dtype, load_checkpoint, provenance,
                                    write_checkpoint)
 from tsopsd_cli.engines import SamplingParams, encode_prompts
 from tsopsd_cli.errors import CheckpointError
 from tsopsd_cli.modeling import check_head_matches, decoder_and_head
+from tsopsd_cli.parallel import sharding
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import ReheatRecipe
 from tsopsd_cli.training.distill import distill_step
@@ -149,7 +149,7 @@ class ReheatRunner(TrainingRun):
         seqs = self.report_sequences()  # (with the engine awake, before anything is gathered)
         self.rollouts_done()
         out = None
-        with parallel.gathered(model), parallel.gathered(self.input_model):
+        with sharding.gathered(model), sharding.gathered(self.input_model):
             if self.dist.main:
                 was = model.training
                 model.eval()

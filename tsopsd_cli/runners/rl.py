@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tsopsd_cli import parallel
 from tsopsd_cli.core import grpo
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import encode_prompts, sampling_params
 from tsopsd_cli.errors import RecipeError
+from tsopsd_cli.parallel import dcp, sharding
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import RLRecipe
 from tsopsd_cli.training.distill import distill_step
@@ -118,7 +118,7 @@ class RLRunner(TrainingRun):
         """The reheat phase's teacher: the current policy, frozen (created once, refilled at every phase)."""
         if self.snapshot is None:
             self.snapshot = self.frozen(self.checkpoint)
-        parallel.copy_weights(self.snapshot, self.model)
+        sharding.copy_weights(self.snapshot, self.model)
 
     def reheat_step(self) -> dict:
         """One TS-OPSD step of a thermostat phase: the step `tsopsd reheat` takes, towards the snapshot / temp."""
@@ -141,7 +141,7 @@ class RLRunner(TrainingRun):
             self.thermostat = Thermostat(self.r.thermostat, state["thermostat"])
         if self.thermostat.reheating:  # stopped inside a phase: its teacher comes back from the checkpoint
             self.snapshot = self.frozen(self.checkpoint)
-            parallel.load_model(checkpoint_dir / "snapshot", self.snapshot)
+            dcp.load_model(checkpoint_dir / "snapshot", self.snapshot)
 
     def extra_models(self) -> dict:
         return {"snapshot": self.snapshot} if self.thermostat.reheating else {}
@@ -323,7 +323,7 @@ class RLRunner(TrainingRun):
                     for i, piece in zip(ids, rf.split(bounds) if rf is not None else [None] * len(ids)):
                         ref[i] = piece
             if self.ref is not None:
-                parallel.reshard(self.ref)
+                sharding.reshard(self.ref)
         acc = {k: 0.0 for k in ("loss", "tokens", "clip_low", "clip_high", "ratio_dev", "kl_ref", "kl_old",
                                 "cov_selected", "engine_diff", "engine_tokens", "tis_capped")}
         first_ratio_dev = None

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from tsopsd_cli import parallel
 from tsopsd_cli.core import stats as S
 from tsopsd_cli.core.chunked import token_divergence
+from tsopsd_cli.parallel import sharding
 from tsopsd_cli.training.policy import StepPolicy
 
 
@@ -98,7 +98,7 @@ def distill_step(policy: StepPolicy, teacher, reference, seqs, comps, engine_lps
             continue
         acc["loss"] += float(div.detach().sum())
     for frozen in {id(m): m for m in (teacher, reference) if m is not None}.values():
-        parallel.reshard(frozen)
+        sharding.reshard(frozen)
     grad_norm = policy.optimizer_step()
     t2 = time.perf_counter()
     tot = {k: policy.global_sum(v) / max(n_tok, 1.0) for k, v in acc.items()}

@@ -20,7 +20,7 @@ so no process stops alone while the others wait in a collective.
 
 Several processes also agree at start-up (the setup checks, a fingerprint of recipe, input and --out, the run
 directory, the checkpoint to resume from); any other failure is posted to the others by `Dist.failing` and they
-stop within seconds with the same exit code (tsopsd_cli.parallel).
+stop within seconds with the same exit code (tsopsd_cli.parallel.group).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from tsopsd_cli import lean, parallel, signals
+from tsopsd_cli import lean, signals
 from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
                                    load_tokenizer, provenance, warn, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
@@ -48,6 +48,7 @@ from tsopsd_cli.engines import require as require_engine
 from tsopsd_cli.errors import (CheckpointError, DataError, Interrupted, RecipeError, TsopsdError, UsageError,
                                WeightSyncError)
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+from tsopsd_cli.parallel import dcp, group, reductions, sharding
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import recipe_to_yaml
 from tsopsd_cli.report import json_safe, plot_curves
@@ -160,7 +161,7 @@ class TrainingRun:
     def setup(self) -> None:
         r = self.r
         self.started = time.time()
-        self.dist = parallel.Dist(r.train.dist_timeout_minutes)
+        self.dist = group.Dist(r.train.dist_timeout_minutes)
         signals.collective(self.dist.world > 1)
         signals.fault_point("setup")
         problems, error = None, None
@@ -221,7 +222,7 @@ class TrainingRun:
         r = self.r
         signals.fault_point("setup-run")
         self.stream = PromptStream(problems, r.train.seed)
-        self.pl = parallel.placement(r.model, r.train, self.dist)
+        self.pl = sharding.placement(r.model, r.train, self.dist)
         self.model, self.tok = self.load(self.checkpoint, trainable=True)
         self.check_prompt_lengths(problems)
         self.device = self.pl.device
@@ -261,7 +262,7 @@ class TrainingRun:
         self.setup_method()
         if ckpt is not None:
             self.load_method_state(self._method_state, ckpt)
-        self.wnorm = parallel.weight_norm(self.model, self.pl, self.dist)
+        self.wnorm = reductions.weight_norm(self.model, self.pl, self.dist)
 
     def resume_point(self) -> tuple[Path | None, dict | None]:
         """The checkpoint to continue from, chosen once (rank 0) for every process: the newest intact one. A
@@ -276,7 +277,7 @@ class TrainingRun:
             st = None
             try:
                 st = torch.load(path / TRAINER_STATE, weights_only=True, map_location="cpu")
-                parallel.load_state(path / MODEL_STATE, self.model, self.opt)
+                dcp.load_state(path / MODEL_STATE, self.model, self.opt)
             except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -308,8 +309,8 @@ class TrainingRun:
     def load(self, path, trainable: bool):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
         shards for the trained model, model.dtype for frozen ones). A model sharded over several processes is read
-        by the main process alone; the others build it empty and receive their shards (parallel.prepare)."""
-        from_rank0 = parallel.shards_from_rank0(self.pl, trainable)
+        by the main process alone; the others build it empty and receive their shards (sharding.prepare)."""
+        from_rank0 = sharding.shards_from_rank0(self.pl, trainable)
         failed: BaseException | None = None
         try:
             ld = load_checkpoint(path, self.r.model, dtype=checkpoint_dtype(path), device="cpu",
@@ -320,7 +321,7 @@ class TrainingRun:
             raise failed or CheckpointError(f"{path}: the main process could not load the checkpoint")
         if failed is not None:
             raise failed
-        return parallel.prepare(ld.model, self.pl, trainable), ld.tokenizer
+        return sharding.prepare(ld.model, self.pl, trainable), ld.tokenizer
 
     def frozen(self, path):
         return self.load(path, trainable=False)[0]
@@ -335,13 +336,13 @@ class TrainingRun:
                              model_section=self.r.model, rollout=ro, sample_context=self._sampling_context,
                              log=self.progress.log)
         if self.step > 0:  # resumed: the engine loaded the input checkpoint, the trainer holds step N's weights
-            engine.sync_weights(parallel.full_tensors(self.model))
+            engine.sync_weights(sharding.full_tensors(self.model))
         return engine
 
     @contextlib.contextmanager
     def _sampling_context(self):
         try:
-            with parallel.gathered(self.model), self.pl.autocast():
+            with sharding.gathered(self.model), self.pl.autocast():
                 yield
         finally:
             release_host_memory(self.device)  # the gathered weights (FSDP) and the decoding caches are gone
@@ -388,7 +389,7 @@ class TrainingRun:
         """After the step's updates: stream the new weights into the engine (one gathered tensor at a time); the
         seconds it took, or None for an engine that samples from the trained weights themselves."""
         t0 = time.perf_counter()
-        if self.engine.sync_weights(parallel.full_tensors(self.model)) is None:
+        if self.engine.sync_weights(sharding.full_tensors(self.model)) is None:
             return None
         return time.perf_counter() - t0
 
@@ -419,7 +420,7 @@ class TrainingRun:
 
     def hidden(self, model, seqs):
         """(final hidden states at completion positions [N, D], LM-head weight [V, D], PackedBatch); under FSDP the
-        head weight is the gathered one, valid until the backward pass (or `parallel.reshard` of a frozen model).
+        head weight is the gathered one, valid until the backward pass (or `sharding.reshard` of a frozen model).
         Every loss of the caller goes through that head weight (a tied embedding's gradient may then be sparse)."""
         pb = pack(seqs, self.tok.pad_token_id, self.device)
 
@@ -427,11 +428,11 @@ class TrainingRun:
             if self.r.model.lean and lean.supports(model):
                 ckpt = self.r.train.gradient_checkpointing and model is self.model
                 return lean.shared_prefix_hidden(model, seqs, checkpoint_layers=ckpt,
-                                                 layer_hook=parallel.layer_hook(model), head_in_loss=True)
+                                                 layer_hook=sharding.layer_hook(model), head_in_loss=True)
             return completion_hidden(model, pb)[0]
 
         with self.pl.autocast():
-            hidden = parallel.call(model, body)
+            hidden = sharding.call(model, body)
         return hidden, decoder_and_head(model)[1].weight, pb
 
     def forward_logps(self, model, seqs, temperature: float, with_entropy: bool):
@@ -482,17 +483,17 @@ class TrainingRun:
         for p in self.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        parallel.sync_gradients(self.model, self.pl)
-        norm = parallel.clip_grad_norm(self.model, self.r.optim.max_grad_norm, self.pl, self.dist)
+        reductions.sync_gradients(self.model, self.pl)
+        norm = reductions.clip_grad_norm(self.model, self.r.optim.max_grad_norm, self.pl, self.dist)
         O.check_finite("gradient norm", norm, self.step + 1)
         self.opt.step()
         # Free the gradients now rather than at the next zero_grad: otherwise they stay allocated through the
         # weight sync and the next rollout, where a waking vLLM engine needs the memory back. Their size is kept
         # for the report (what a step holds).
-        self.grad_bytes = parallel.local_bytes(self.model)["gradient_bytes"]
+        self.grad_bytes = sharding.local_bytes(self.model)["gradient_bytes"]
         self.opt.zero_grad(set_to_none=True)
         release_host_memory(self.device)
-        before, self.wnorm = self.wnorm, parallel.weight_norm(self.model, self.pl, self.dist)
+        before, self.wnorm = self.wnorm, reductions.weight_norm(self.model, self.pl, self.dist)
         O.check_weights(before, self.wnorm, self.r.optim.max_weight_norm_change, self.step + 1)
         return norm
 
@@ -528,9 +529,9 @@ class TrainingRun:
         t0 = time.perf_counter()
         tmp = self.run.prepare_staging(self.step)
         try:
-            parallel.save_state(tmp / MODEL_STATE, self.model, self.opt)
+            dcp.save_state(tmp / MODEL_STATE, self.model, self.opt)
             for name, model in self.extra_models().items():
-                parallel.save_model(tmp / name, model)
+                dcp.save_model(tmp / name, model)
             if self.dist.main:
                 state = {"scheduler": self.sched.state_dict(), **(cursor or self.cursor()), "step": self.step,
                          "pending_row": pending_row, "stop_reason": self.stop_reason, "method": self.method_state()}
@@ -635,7 +636,7 @@ class TrainingRun:
             "val_curves": {"step": [h["step"] for h in vals], "val_accuracy": [h["val_accuracy"] for h in vals],
                            "val_entropy": [h["val_entropy"] for h in vals]},
             "parallel": {**self.pl.describe(), "per_rank": self.dist.gather_objects(
-                {**parallel.local_bytes(self.model, self.opt), "gradient_bytes": getattr(self, "grad_bytes", 0)})},
+                {**sharding.local_bytes(self.model, self.opt), "gradient_bytes": getattr(self, "grad_bytes", 0)})},
         }
         report.update(self.report_extra())
         report["seconds"] = round(time.time() - self.started, 3)
@@ -656,7 +657,7 @@ class TrainingRun:
         dtype = self.r.output.dtype if self.r.output.dtype != "auto" else checkpoint_dtype(self.checkpoint)
         if self.dist.main or self.pl.fsdp:  # under FSDP every process takes part in gathering the weights
             write_checkpoint(self.model, self.tok, self.run.path, prov, dtype=dtype, source=self.checkpoint,
-                             tensors=parallel.full_tensors(self.model) if self.pl.fsdp else None,
+                             tensors=sharding.full_tensors(self.model) if self.pl.fsdp else None,
                              write=self.dist.main)
         if self.dist.main:
             if self.r.output.plots:
