@@ -418,6 +418,11 @@ class _Run:
         return tuple(ph for ph in PHASES if self.on[ph])
 
     @property
+    def sampling(self) -> tuple[str, ...]:
+        """The phases in which the run's engine samples."""
+        return tuple(ph for ph in ("rollout", "validation", "report_rollout") if self.on[ph])
+
+    @property
     def mname(self) -> str:
         return "float32" if self.mb == 4 else self.dtype
 
@@ -594,8 +599,7 @@ def _vllm_items(x: _Run, vs: _VLLMShare | None) -> list[Item]:
     if vs is None:
         return []
     P, big, cb, mb, active = x.s.params, x.s.largest_tensor, x.cb, x.mb, x.active
-    sampling = tuple(ph for ph in ("rollout", "validation", "report_rollout") if x.on[ph])
-    awake = ("load",) + sampling + (() if vs.sleep else ("training", "optimizer_step", "weight_sync", "report"))
+    awake = ("load",) + x.sampling + (() if vs.sleep else ("training", "optimizer_step", "weight_sync", "report"))
     items = [Item("vllm_reserved", "vLLM share (weights, activations, KV cache)", vs.reserve,
                   tuple(ph for ph in active if ph in awake),
                   f"{vs.share_formula}, {vs.kv_tokens} KV tokens ({vs.kvt} B each)", trainer=False)]
@@ -656,8 +660,7 @@ def _sampling_weights(x: _Run) -> list[Item]:
     P, cb = x.s.params, x.cb
     if x.vllm or not (x.fsdp or x.mb != cb):
         return []
-    sampling = tuple(ph for ph in ("rollout", "validation", "report_rollout") if x.on[ph])
-    return [Item("sampling_weights", f"sampling weights ({x.dtype}, hf engine)", P * cb, sampling,
+    return [Item("sampling_weights", f"sampling weights ({x.dtype}, hf engine)", P * cb, x.sampling,
                  f"{_n(P)} params x {cb} B" + (" (every FSDP unit gathered)" if x.fsdp else " (autocast copy)"))]
 
 
