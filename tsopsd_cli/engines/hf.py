@@ -7,6 +7,8 @@ explicit top_k/top_p of the recipe, and returns the untruncated temperature-scal
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from tsopsd_cli import signals
@@ -216,87 +218,152 @@ class HFEngine:
 
     def _generate_batch(self, ids: list[list[int]], jobs, params: SamplingParams, gen,
                         end_ids: tuple[int, ...]) -> list[Completion]:
-        from transformers import DynamicCache
-
-        tok, dev = self.tokenizer, self.device
-        pad = tok.pad_token_id
-        ends = torch.tensor(end_ids, dtype=torch.long, device=dev)
-        bsz, width = len(ids), max(len(x) for x in ids)
-        input_ids = torch.full((bsz, width), pad, dtype=torch.long)
-        mask = torch.zeros((bsz, width), dtype=torch.long)
-        for r, x in enumerate(ids):
-            input_ids[r, width - len(x):] = torch.tensor(x)
-            mask[r, width - len(x):] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        """One batch of prompts `ids` (completion `jobs[r]` = (prompt index, sample index) per row): prefill, the
+        decode loop, and each row's Completion."""
         steps = params.max_new_tokens
-        tokens = torch.full((bsz, steps), pad, dtype=torch.long, device=dev)
-        logps = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
-        ents = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
-        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        # where each row ended: its last token's index, and how. Recorded, not searched for afterwards: the pad
-        # filler after the end may be the eos token itself (pad == eos is common).
-        length = [steps] * bsz
-        reason = ["length"] * bsz
-        by_string = [False] * bsz  # ended by a stop string (its text is cut after it)
-        if self.lean:
-            from tsopsd_cli.lean import LeanDecoder
-
-            decoder = LeanDecoder(self.model)
-            logits = decoder.prefill(input_ids, mask, steps)
-        else:
-            cache = DynamicCache(config=self.model.config)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            step_pos = positions
-        n = 0
-        rows = torch.arange(bsz, device=dev)  # rows still decoded: the lean path drops finished ones
+        input_ids, mask = _left_pad(ids, self.tokenizer.pad_token_id, self.device)
+        decode = self._decode_strategy()
+        logits = decode.prefill(input_ids, mask, steps)
+        rows = _BatchRows(len(ids), steps, self.tokenizer.pad_token_id, self.device)
+        ends = torch.tensor(end_ids, dtype=torch.long, device=self.device)
+        live = torch.arange(len(ids), device=self.device)  # rows still decoded: a strategy may drop finished ones
         gumbel = GumbelMax()
         for t in range(steps):
-            nxt, logp_next, ent = sample_next(logits, params, gen if isinstance(gen, torch.Generator) else gen[rows],
+            nxt, logp_next, ent = sample_next(logits, params, gen if isinstance(gen, torch.Generator) else gen[live],
                                               gumbel, t)  # [R] each
-            nxt = torch.where(done[rows], torch.full_like(nxt, pad), nxt)
-            tokens[rows, t] = nxt
-            logps[rows, t] = logp_next
-            ents[rows, t] = ent
-            n = t + 1
-            live = ~done[rows]
-            is_end = torch.isin(nxt, ends)
-            ended = rows[live & is_end].tolist()
-            if params.stop:  # decoded text of the last tokens: a stop string may straddle token boundaries
-                for r in rows[live & ~is_end].tolist():
-                    tail = tok.decode(tokens[r, max(0, n - 16):n].tolist(), skip_special_tokens=True)
-                    if any(s in tail for s in params.stop):
-                        ended.append(r)
-                        by_string[r] = True
-            for r in ended:
-                done[r] = True
-                length[r], reason[r] = n, "stop"
-            if t == steps - 1 or bool(done.all()):
+            nxt = rows.record(t, live, nxt, logp_next, ent)
+            rows.end(live, nxt, ends, params.stop, self.tokenizer)
+            if t == steps - 1 or bool(rows.done.all()):
                 break
             signals.check("generation")
-            if self.lean:
-                live = ~done[rows]
-                if int(live.sum()) <= 0.75 * len(rows):  # a quarter finished: compact the batch
-                    keep = live.nonzero().squeeze(-1)
-                    decoder.keep(keep)
-                    rows, nxt = rows[keep], nxt[keep]
-                logits = decoder.step(nxt)
-            else:
-                mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=dev)], 1)
-                step_pos = step_pos[:, -1:] + 1
-                logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=step_pos,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        tokens, logps, ents = tokens[:, :n], logps[:, :n], ents[:, :n]
+            live, logits = decode.step(nxt, live, rows.done)
+        return rows.completions(ids, jobs, self.tokenizer, params.stop)
+
+    def _decode_strategy(self) -> _Decode:
+        """How this batch runs the model: the lean decoder (tsopsd_cli.lean) or transformers' own forward. A
+        per-device strategy (say CUDA graphs over a static KV cache) is one more `_Decode`, chosen here."""
+        return _LeanDecode(self.model) if self.lean else _TransformersDecode(self.model)
+
+
+def _left_pad(ids: list[list[int]], pad: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> input_ids and attention mask [B, width], left-padded with `pad`, on `dev`."""
+    bsz, width = len(ids), max(len(x) for x in ids)
+    input_ids = torch.full((bsz, width), pad, dtype=torch.long)
+    mask = torch.zeros((bsz, width), dtype=torch.long)
+    for r, x in enumerate(ids):
+        input_ids[r, width - len(x):] = torch.tensor(x)
+        mask[r, width - len(x):] = 1
+    return input_ids.to(dev), mask.to(dev)
+
+
+class _Decode(Protocol):
+    """One batch's forward passes while decoding: the prompts once, then one token per live row at a time."""
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+        """input_ids, mask: [B, P] left-padded; room for `steps` new tokens -> logits [B, V] of the first one"""
+
+    def step(self, nxt: torch.Tensor, live: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """nxt [R]: the tokens just sampled for the batch rows `live` [R]; done [B] -> (the rows decoded next [R'],
+        their logits [R', V]); a strategy may drop finished rows, or keep decoding them (their tokens are pads)"""
+
+
+class _LeanDecode:
+    """The plain-torch decoder with a preallocated KV cache; once a quarter of the rows finished, it drops them."""
+
+    def __init__(self, model):
+        from tsopsd_cli.lean import LeanDecoder
+
+        self.decoder = LeanDecoder(model)
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+        return self.decoder.prefill(input_ids, mask, steps)
+
+    def step(self, nxt: torch.Tensor, live: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        still = ~done[live]
+        if int(still.sum()) <= 0.75 * len(live):  # a quarter finished: compact the batch
+            keep = still.nonzero().squeeze(-1)
+            self.decoder.keep(keep)
+            live, nxt = live[keep], nxt[keep]
+        return live, self.decoder.step(nxt)
+
+
+class _TransformersDecode:
+    """The model's own forward with a DynamicCache grown by concatenation; every row stays to the end."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.mask = mask
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=self.positions,
+                          past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def step(self, nxt: torch.Tensor, live: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz = self.mask.shape[0]
+        self.mask = torch.cat([self.mask, torch.ones((bsz, 1), dtype=self.mask.dtype, device=self.mask.device)], 1)
+        self.positions = self.positions[:, -1:] + 1
+        return live, self.model(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.positions,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+class _BatchRows:
+    """What each row of a batch has sampled: tokens, log-probs and entropies [B, steps], and where and how it
+    ended. Recorded, not searched for afterwards: the pad filler after the end may be the eos token itself
+    (pad == eos is common)."""
+
+    def __init__(self, bsz: int, steps: int, pad: int, dev):
+        self.pad = pad
+        self.tokens = torch.full((bsz, steps), pad, dtype=torch.long, device=dev)
+        self.logps = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
+        self.ents = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
+        self.done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        self.n = 0  # steps sampled
+        self.length = [steps] * bsz  # each row's number of tokens
+        self.reason = ["length"] * bsz
+        self.by_string = [False] * bsz  # ended by a stop string (its text is cut after it)
+
+    def record(self, t: int, live: torch.Tensor, nxt: torch.Tensor, logp: torch.Tensor,
+               ent: torch.Tensor) -> torch.Tensor:
+        """Step t's draw for the rows `live` [R] -> its tokens, pads in rows that had already ended [R]"""
+        nxt = torch.where(self.done[live], torch.full_like(nxt, self.pad), nxt)
+        self.tokens[live, t] = nxt
+        self.logps[live, t] = logp
+        self.ents[live, t] = ent
+        self.n = t + 1
+        return nxt
+
+    def end(self, live: torch.Tensor, nxt: torch.Tensor, ends: torch.Tensor, stop, tok) -> None:
+        """Mark the rows that the last step ended: an end token, or a stop string in the decoded text of their last
+        tokens (one may straddle token boundaries)."""
+        n = self.n
+        still = ~self.done[live]
+        is_end = torch.isin(nxt, ends)
+        ended = live[still & is_end].tolist()
+        if stop:
+            for r in live[still & ~is_end].tolist():
+                tail = tok.decode(self.tokens[r, max(0, n - 16):n].tolist(), skip_special_tokens=True)
+                if any(s in tail for s in stop):
+                    ended.append(r)
+                    self.by_string[r] = True
+        for r in ended:
+            self.done[r] = True
+            self.length[r], self.reason[r] = n, "stop"
+
+    def completions(self, ids: list[list[int]], jobs, tok, stop) -> list[Completion]:
+        n = self.n
+        tokens, logps, ents = self.tokens[:, :n].cpu(), self.logps[:, :n].cpu(), self.ents[:, :n].cpu()
         result = []
-        tokens, logps, ents = tokens.cpu(), logps.cpu(), ents.cpu()
         for r, (pi, si) in enumerate(jobs):
-            n = min(length[r], tokens.shape[1])
+            n = min(self.length[r], tokens.shape[1])
             row = tokens[r, :n].tolist()
             text = tok.decode(row, skip_special_tokens=True)
-            if by_string[r]:
-                text = cut_at_stop(text, params.stop)
+            if self.by_string[r]:
+                text = cut_at_stop(text, stop)
             result.append(Completion(prompt_index=pi, sample_index=si, prompt_ids=ids[r], token_ids=row,
-                                     text=text, logprobs=logps[r, :n].tolist(), finish_reason=reason[r],
+                                     text=text, logprobs=logps[r, :n].tolist(), finish_reason=self.reason[r],
                                      entropies=ents[r, :n].tolist()))
         return result

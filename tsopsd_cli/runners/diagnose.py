@@ -137,39 +137,10 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
     check_out(out, recipe.output.overwrite, (checkpoint, d.reference, d.texts, getattr(recipe.data, "path", None),
                                              getattr(recipe.data, "data_dir", None)))
     started = time.time()
-    if d.texts is None:
-        from tsopsd_cli.engines import require
-
-        require(recipe.rollout.engine)
-    # bad input is one line on stderr: what can be checked without loading a model comes before any progress line
-    from tsopsd_cli.tasks import require_file
-
-    for path in (checkpoint, d.reference):
-        if path is not None:
-            check_checkpoint(path, recipe.model)
-    problems = None
-    if d.texts is not None:
-        require_file(d.texts)
-    else:
-        problems = diagnose_prompts(recipe, checkpoint)
-    if problems is not None:
-        from tsopsd_cli.tasks import source_name
-
-        progress.log(f"prompts: {len(problems)} from {source_name(recipe.data)} ({recipe.data.type})")
+    problems = check_inputs(recipe, checkpoint, progress)
     progress.log(f"loading {checkpoint}")
     loaded = load_checkpoint(checkpoint, recipe.model)
-    ref = rows = None
-    if d.reference is not None:
-        progress.log(f"loading the reference {d.reference}")
-        ref = load_checkpoint(d.reference, recipe.model)
-        if not same_tokenizer(loaded.tokenizer, ref.tokenizer):
-            raise CheckpointError(f"{d.reference}: the reference has a different tokenizer; "
-                                  "token-level comparisons need the same vocabulary")
-        vocab_rows = shared_rows(loaded.model, ref.model)
-        if vocab_rows[0] != vocab_rows[1]:
-            rows = vocab_rows[2]
-            progress.log(f"the LM heads have {vocab_rows[0]} and {vocab_rows[1]} rows (the same tokenizer, padded "
-                         f"differently): every statistic is over the {rows} rows both have")
+    ref, vocab_rows, rows = load_reference(recipe, loaded, progress)
     check_head_matches(loaded.model, loaded.tokenizer)
     rollout_summary = marks = first_prompt = None
     if d.texts is not None:
@@ -212,6 +183,49 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
             write_outputs(tmp, report, st, positions, recipe)
         report["out"] = str(out)
     return report
+
+
+def check_inputs(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress) -> list | None:
+    """What can be checked without loading a model, before any progress line (bad input is one line on stderr):
+    the engine, the checkpoints, the texts file; in sampled mode, the prompts (returned; None in texts mode)."""
+    d = recipe.diagnose
+    if d.texts is None:
+        from tsopsd_cli.engines import require
+
+        require(recipe.rollout.engine)
+    from tsopsd_cli.tasks import require_file
+
+    for path in (checkpoint, d.reference):
+        if path is not None:
+            check_checkpoint(path, recipe.model)
+    if d.texts is not None:
+        require_file(d.texts)
+        return None
+    from tsopsd_cli.tasks import source_name
+
+    problems = diagnose_prompts(recipe, checkpoint)
+    progress.log(f"prompts: {len(problems)} from {source_name(recipe.data)} ({recipe.data.type})")
+    return problems
+
+
+def load_reference(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):
+    """The reference checkpoint (None without one), checked against the checkpoint: (reference, (the checkpoint's
+    LM-head rows, the reference's, the rows both have) or None, the rows compared when the heads differ or None)."""
+    d = recipe.diagnose
+    if d.reference is None:
+        return None, None, None
+    progress.log(f"loading the reference {d.reference}")
+    ref = load_checkpoint(d.reference, recipe.model)
+    if not same_tokenizer(loaded.tokenizer, ref.tokenizer):
+        raise CheckpointError(f"{d.reference}: the reference has a different tokenizer; "
+                              "token-level comparisons need the same vocabulary")
+    vocab_rows = shared_rows(loaded.model, ref.model)
+    rows = None
+    if vocab_rows[0] != vocab_rows[1]:
+        rows = vocab_rows[2]
+        progress.log(f"the LM heads have {vocab_rows[0]} and {vocab_rows[1]} rows (the same tokenizer, padded "
+                     f"differently): every statistic is over the {rows} rows both have")
+    return ref, vocab_rows, rows
 
 
 def write_outputs(directory: Path, report: dict, st: S.TokenStats, positions: torch.Tensor, recipe) -> None:
