@@ -22,7 +22,8 @@ from tsopsd_cli import signals
 from tsopsd_cli.checkpoint import check_out
 from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
-from tsopsd_cli.recipe import DemoRecipe, recipe_to_yaml
+from tsopsd_cli.recipe import DemoRecipe
+from tsopsd_cli.recipe_loading import demo_stage, recipe_to_yaml
 from tsopsd_cli.report import json_safe, pyplot
 from tsopsd_cli.rundir import RunDir, run_key
 
@@ -64,7 +65,7 @@ class Demo:
         return (target.parent / f".{target.name}.partial").exists()
 
     def sub(self, stage: str, command: str, out: Path, **extra):
-        return self.r.stage(stage, command, **{"output.out": str(out), **extra})
+        return demo_stage(self.r, stage, command, **{"output.out": str(out), **extra})
 
     def run(self) -> dict:
         from tsopsd_cli.runners.reheat import run_fold, run_reheat
