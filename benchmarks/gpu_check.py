@@ -397,7 +397,7 @@ def plan_arm(shape: str, command: str, work: Path, args) -> dict:
     from tests.qwen_ckpt import make_qwen_checkpoint
     from tsopsd_cli.core.memory import GiB, SHAPES as PLAN_SHAPE_TABLE, Assumptions, plan, shape_from_config
     from tsopsd_cli.parallel import sharding
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.reheat import ReheatRunner
     from tsopsd_cli.runners.rl import RLRunner
 

@@ -184,7 +184,7 @@ def problems(args) -> list:
 
 
 def tsopsd_recipe(command: str, args, out: Path, extra: list[str]):
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
 
     n = args.prompts * args.generations
     return build_recipe(command, None, parse_set_options([
@@ -250,7 +250,7 @@ def arm_reheat_trl(args, ckpt: str, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.reheat import run_fold
 
     teacher_dir = out / "teacher"

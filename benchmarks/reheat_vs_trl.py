@@ -26,7 +26,7 @@ PROMPTS, GENERATIONS, MAX_NEW, LR, TEMP = 16, 4, 48, 1e-5, 1.6
 
 
 def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.reheat import ReheatRunner
 
     recipe = build_recipe("reheat", None, parse_set_options([
@@ -43,7 +43,7 @@ def run_trl(ckpt: str, steps: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.reheat import run_fold
     from tsopsd_cli.tasks import toy
 

@@ -30,7 +30,7 @@ def toy_rows(n: int):
 
 
 def run_tsopsd(ckpt: str, steps: int, out: Path) -> dict:
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.rl import RLRunner
 
     recipe = build_recipe("rl", None, parse_set_options([

@@ -111,7 +111,7 @@ def launch(name: str, argv: list[str], command: str, world: int, work: Path, tim
 def plan_for(command: str, sets: list[str], ckpt: Path, world: int, prompt_tokens: int) -> dict:
     """`tsopsd plan --device cpu` for the same recipe: each phase's per-process peak, bytes."""
     from tsopsd_cli.core.memory import Assumptions, plan, shape_from_config
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
 
     recipe = build_recipe(command, None, parse_set_options(sets))
     shape = shape_from_config(json.loads((ckpt / "config.json").read_text()), str(ckpt))

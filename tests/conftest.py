@@ -105,7 +105,7 @@ def benchmark_dir() -> Path:
 @pytest.fixture(scope="session")
 def toy_base(tmp_path_factory) -> Path:
     """A small toy checkpoint trained by SFT (~20 s): accurate enough that accuracy comparisons mean something."""
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.toy_init import run_toy_init
 
     out = tmp_path_factory.mktemp("toy") / "base"

@@ -1,8 +1,8 @@
-"""Recipes: one pydantic model per command, built from shared sections.
+"""Recipes: what each command's recipe may say, one pydantic model per command, built from shared sections.
 
-A recipe is resolved in three layers, later ones winning: the model's defaults, `--recipe FILE.yaml`, then the
-command line (typed flags and `--set section.field=value`). Every problem is reported as `field.path: message`
-and exits 2 before anything is written. The effective recipe is saved beside every output.
+Every field has its default, its type and a description (`tsopsd recipe show`); cross-field checks live in one
+validator each. How a recipe is built from these defaults, a file and the command line, and how its problems are
+reported, is tsopsd_cli/recipe_loading.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tsopsd_cli.core.divergences import Divergence
 from tsopsd_cli.errors import RecipeError
@@ -619,18 +618,27 @@ class DemoRecipe(Section):
     eval: DemoStage = DemoStage(recipe="eval/toy.yaml", set={"eval.toy_num_problems": 128})
     output: OutputSection = OutputSection()
 
-    def stage(self, name: str, command: str, **extra: Any) -> Section:
-        """The stage's full recipe: its file, its overrides, then `extra` (dots as '.' in keys)."""
+    def stage_source(self, name: str, **extra: Any) -> tuple[Path, list[tuple[str, Any]]]:
+        """Where a stage's recipe comes from: its file, and its overrides followed by `extra` (dots as '.' in keys);
+        recipe_loading.demo_stage builds it."""
         st: DemoStage = getattr(self, name)
-        overrides = [*st.set.items(), *extra.items()]
-        return build_recipe(command, st.path(), overrides)
+        return st.path(), [*st.set.items(), *extra.items()]
 
     @model_validator(mode="after")
-    def _stages_valid(self):
+    def _stages_valid(self, info: ValidationInfo):
+        """Every stage builds, the continued stage with the thermostat arm's settings too.
+
+        Building a stage reads its file and resolves it as a command would, which is the loader's work
+        (recipe_loading), and the schema imports nothing of the loader: the loader hands its `build_recipe` in
+        through the validation context whenever it validates a recipe (build_recipe, validate_file, defaults_yaml).
+        A DemoRecipe validated without it (made in code) gets only the check that reads no file."""
         if any(not k.startswith("thermostat.") for k in self.demo.thermostat):
             raise ValueError("demo.thermostat: only thermostat.* fields")
+        build = (info.context or {}).get("build_recipe")
+        if build is None:
+            return self
         try:
-            self.stage("continued", "rl", **self.demo.thermostat)
+            build("rl", *self.stage_source("continued", **self.demo.thermostat))
         except RecipeError as e:
             raise ValueError("demo.thermostat: " + "; ".join(e.lines)) from None
         for name, command in DEMO_STAGES.items():
@@ -639,7 +647,7 @@ class DemoRecipe(Section):
                 raise ValueError(f"{name}.recipe: no such file {st.path()} (the demo reads the recipes/ folder "
                                  "of a source checkout)")
             try:
-                self.stage(name, command)
+                build(command, *self.stage_source(name))
             except RecipeError as e:
                 raise ValueError(f"{name}: " + "; ".join(e.lines)) from None
         return self
@@ -657,198 +665,3 @@ RECIPES: dict[str, type[Section]] = {
     "reheat": ReheatRecipe,
     "demo": DemoRecipe,
 }
-
-
-# ---------------------------------------------------------------------------------------- loading/overriding
-def _format_errors(err: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("toy", "jsonl", "hub",
-                                                                                      "benchmark")
-                                                         and e["loc"][0] == "data"))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        lines.append(f"{prefix}{loc or '(recipe)'}: {msg}")
-    return lines
-
-
-def parse_value(text: str) -> Any:
-    """A `--set` value: YAML scalars and flow collections (1.6, true, null, [1, 2]); anything else is a string."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    if not all(parts):
-        raise RecipeError(f"--set {dotted}: empty field name")
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"{dotted}: {p} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_set_options(items: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {item}: expected section.field=value")
-        out.append((key.strip(), parse_value(raw)))
-    return out
-
-
-def read_recipe_file(path: Path) -> dict:
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not UTF-8 text") from None
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections")
-    return data
-
-
-def command_defaults(cls: type[BaseModel]) -> dict:
-    """The sections a command's recipe sets apart from their own class defaults, as a tree: rl's `data` is
-    ToyData(split="train", num_prompts=4096) and its `rollout` samples 8 completions of up to 1024 tokens, where
-    the bare sections would give the test split and 4 of 64. A recipe file or `--set` that names some fields of such
-    a section changes those fields and keeps the rest."""
-    out = {}
-    for name, field in cls.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            tree = default.model_dump(mode="json", exclude_unset=True)
-            if tree and "type" in type(default).model_fields:  # a tagged union (data): keep the tag
-                tree["type"] = default.type
-            if tree:
-                out[name] = tree
-    return out
-
-
-def merge_trees(base: dict, top: dict) -> dict:
-    """`top` over `base`, section by section; a section whose `type` differs replaces the base's whole."""
-    out = dict(base)
-    for key, value in top.items():
-        under = out.get(key)
-        if isinstance(under, dict) and isinstance(value, dict) and value.get("type", under.get("type")) == \
-                under.get("type"):
-            out[key] = merge_trees(under, value)
-        else:
-            out[key] = value
-    return out
-
-
-# What a command does with a checkpoint that is not a toy-world one when no recipe or flag names a prompt source
-# (tasks.toy.is_toy_checkpoint decides): diagnose and eval sample MATH-500 with reasoning-length completions; rl and
-# reheat refuse (training on the toy world's arithmetic would be silently wrong, and no data set is a safe default).
-REAL_DIAGNOSE_DATA = {"type": "benchmark", "name": DEFAULT_BENCHMARK, "limit": 64}
-REAL_MAX_NEW_TOKENS = 4096
-
-
-def _names_data(keys) -> bool:
-    """True when recipe keys or --set keys choose a prompt source (not only how to ask)."""
-    return any(k == "data" or (k.startswith("data.") and k[5:] not in PROMPT_FIELDS) for k in keys)
-
-
-def build_recipe(command: str, recipe_file: Path | None = None,
-                 overrides: list[tuple[str, Any]] = (), world: str | None = None) -> Section:
-    """Defaults < recipe file < overrides; raises RecipeError with one line per problem.
-
-    `world`: "toy" or "real" (the checkpoint's, tasks.toy.is_toy_checkpoint), or None (unknown: toy defaults). On a
-    real checkpoint the toy world's defaults are not applied silently: see REAL_DIAGNOSE_DATA."""
-    cls = RECIPES[command]
-    tree: dict = read_recipe_file(recipe_file) if recipe_file else {}
-    if tree.get("command", command) != command:
-        raise RecipeError(f"{recipe_file}: this recipe is for '{tree['command']}', not '{command}'")
-    user_data = "data" in tree or _names_data(k for k, _ in overrides)
-    user_keys = {k for k, _ in overrides} | {f"{sec}.{f}" for sec, body in tree.items() if isinstance(body, dict)
-                                             for f in body}
-    tree = merge_trees(command_defaults(cls), tree)
-    if world == "real" and command == "eval":
-        if not {"eval.benchmarks", "eval.data"} & user_keys:
-            set_path(tree, "eval.benchmarks", [DEFAULT_BENCHMARK])
-        if "rollout.max_new_tokens" not in user_keys:
-            set_path(tree, "rollout.max_new_tokens", REAL_MAX_NEW_TOKENS)
-    if world == "real" and command == "diagnose":
-        if not user_data:
-            tree["data"] = dict(REAL_DIAGNOSE_DATA)
-        if "rollout.max_new_tokens" not in user_keys:
-            set_path(tree, "rollout.max_new_tokens", REAL_MAX_NEW_TOKENS)
-    data_override = any(k.startswith("data.") for k, _ in overrides)
-    for key, value in overrides:
-        if key == "data.type" and isinstance(tree.get("data"), dict) and tree["data"].get("type") != value:
-            # switching prompt source: the old source's fields do not apply, except how a question is asked
-            kept = {f: tree["data"][f] for f in PROMPT_FIELDS if f in tree["data"]}
-            tree["data"] = kept if value != "toy" else {}
-        set_path(tree, key, value)
-    if data_override and isinstance(tree.get("data"), dict) and "type" not in tree["data"]:
-        tree["data"]["type"] = "toy"
-    if world == "real" and command in ("rl", "reheat"):  # validation samples as the run's rollouts do
-        for f in ("max_new_tokens", "stop"):
-            if f"validation.{f}" not in user_keys and f in tree.get("rollout", {}):
-                set_path(tree, f"validation.{f}", tree["rollout"][f])
-    try:
-        recipe = cls.model_validate(tree)
-    except ValidationError as e:
-        prefix = f"{recipe_file}: " if recipe_file else ""
-        raise RecipeError("invalid recipe", lines=_format_errors(e, prefix)) from None
-    if world == "real" and command in ("rl", "reheat") and not user_data and \
-            not (command == "reheat" and recipe.reheat.method == "fold"):
-        raise RecipeError(f"this checkpoint is not a toy-world one and no prompts were given: pass --data "
-                          f"FILE.jsonl (fields problem, answer) or a recipe with a data section (docs/{command}.md); "
-                          "the built-in toy prompts are for toy checkpoints")
-    return recipe
-
-
-def command_of_file(path: Path, tree: dict) -> str:
-    """The command a recipe file is for: its `command:` key, else its folder (recipes/<command>/x.yaml)."""
-    if "command" in tree:
-        return str(tree["command"])
-    parent = Path(path).resolve().parent.name
-    return {"toy": "toy-init"}.get(parent, parent)
-
-
-def validate_file(path: Path) -> list[str]:
-    """Problems of one recipe file, `file: field.path: message` each; empty when it is valid."""
-    try:
-        tree = read_recipe_file(path)
-        command = command_of_file(path, tree)
-        if command not in RECIPES:
-            return [f"{path}: cannot tell which command this recipe is for (add 'command: "
-                    f"{'|'.join(RECIPES)}')"]
-        RECIPES[command].model_validate(merge_trees(command_defaults(RECIPES[command]), tree))
-    except RecipeError as e:
-        return e.lines
-    except ValidationError as e:
-        return _format_errors(e, f"{path}: ")
-    return []
-
-
-def recipe_to_yaml(recipe: Section) -> str:
-    tree = recipe.model_dump(mode="json")
-    ordered = {"command": tree.pop("command")} if "command" in tree else {}
-    return yaml.safe_dump({**ordered, **tree}, sort_keys=False)
-
-
-def defaults_yaml(command: str) -> str:
-    return recipe_to_yaml(RECIPES[command]())

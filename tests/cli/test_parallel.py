@@ -155,7 +155,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from tsopsd_cli.parallel import group, sharding
-from tsopsd_cli.recipe import build_recipe, parse_set_options
+from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
 from tsopsd_cli.training.trainer import TrainingRun
 
 reads = []

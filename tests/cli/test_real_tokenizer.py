@@ -44,7 +44,7 @@ def test_diagnose_samples_math500_by_default_on_a_real_checkpoint(qwen3_base, be
 
 
 def test_diagnose_default_recipe_on_a_real_checkpoint():
-    from tsopsd_cli.recipe import REAL_MAX_NEW_TOKENS, build_recipe
+    from tsopsd_cli.recipe_loading import REAL_MAX_NEW_TOKENS, build_recipe
 
     real = build_recipe("diagnose", None, [], world="real")
     assert real.data.type == "benchmark" and real.data.name == "math500" and real.data.prompt_template == "boxed"
@@ -177,7 +177,7 @@ def test_reheat_on_a_real_checkpoint_without_data_refuses(qwen3_base, tmp_path):
 
 
 def test_recipe_template_survives_data(tmp_path):
-    from tsopsd_cli.recipe import build_recipe
+    from tsopsd_cli.recipe_loading import build_recipe
 
     rec = tmp_path / "r.yaml"
     rec.write_text("command: rl\ndata:\n  type: hub\n  name: some/set\n  prompt_template: qa-boxed\n"
@@ -188,7 +188,7 @@ def test_recipe_template_survives_data(tmp_path):
 
 
 def test_shipped_recipe_keeps_boxed_with_data(tmp_path):
-    from tsopsd_cli.recipe import build_recipe
+    from tsopsd_cli.recipe_loading import build_recipe
 
     r = build_recipe("rl", ROOT / "recipes/rl/qwen3-4b-base.yaml", [("data.type", "jsonl"), ("data.path", "x.jsonl"),
                                                                      ("data.prompt_template", "qa-boxed")])
@@ -207,7 +207,7 @@ def test_every_source_defaults_to_evals_template():
 
 
 def test_validation_follows_the_run_data(math_jsonl):
-    from tsopsd_cli.recipe import build_recipe
+    from tsopsd_cli.recipe_loading import build_recipe
     from tsopsd_cli.tasks import validation_sets
     from tests.qwen_ckpt import qwen_tokenizer
 
@@ -300,7 +300,7 @@ def test_eval_defaults_to_math500_on_a_real_checkpoint(qwen3_base, benchmark_dir
     r = ok(run_cli("eval", str(qwen3_base), "--data-dir", str(benchmark_dir), "--limit", "1", "-n", "1",
                    "--max-new-tokens", "3", "--json", "-q"))
     assert list(r["benchmarks"]) == ["math500"]
-    from tsopsd_cli.recipe import REAL_MAX_NEW_TOKENS, build_recipe
+    from tsopsd_cli.recipe_loading import REAL_MAX_NEW_TOKENS, build_recipe
 
     assert build_recipe("eval", None, [], world="real").rollout.max_new_tokens == REAL_MAX_NEW_TOKENS
     assert build_recipe("eval", None, [], world="toy").eval.benchmarks == ["toy"]

@@ -165,7 +165,7 @@ class SleepyEngine:
 
 def _reheat_with_sleepy_engine(tiny_ckpt, tmp_path, monkeypatch, *sets):
     from tsopsd_cli.parallel import sharding
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.reheat import ReheatRunner
 
     events, box = [], {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tsopsd_cli.recipe import build_recipe
+from tsopsd_cli.recipe_loading import build_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 # recipes/demo/toy.yaml runs, its stages shrunk, in tests/cli/test_demo.py (a whole pipeline per run)
@@ -77,6 +77,7 @@ def test_recipe_runs_for_a_couple_of_steps(recipe, cli, tiny_ckpt, tmp_path):
 
 
 def test_the_demo_recipe_is_the_demo_command_default():
-    from tsopsd_cli.recipe import DemoRecipe, build_recipe
+    from tsopsd_cli.recipe import DemoRecipe
+    from tsopsd_cli.recipe_loading import build_recipe
 
     assert build_recipe("demo", ROOT / "recipes" / "demo" / "toy.yaml") == DemoRecipe()

@@ -53,7 +53,7 @@ def writers(tmp_path_factory):
 def hf_engine(path):
     from tsopsd_cli.checkpoint import load_checkpoint
     from tsopsd_cli.engines.hf import HFEngine
-    from tsopsd_cli.recipe import build_recipe
+    from tsopsd_cli.recipe_loading import build_recipe
 
     ld = load_checkpoint(path, build_recipe("eval", None, {}).model)
     return HFEngine(ld.model, ld.tokenizer, batch_size=4), ld.tokenizer

@@ -184,7 +184,7 @@ def test_every_engine_implements_the_interface():
 
 def test_the_hf_engine_samples_from_the_trainer_s_weights_and_syncs_nothing(tiny_ckpt):
     from tsopsd_cli.checkpoint import load_checkpoint
-    from tsopsd_cli.recipe import build_recipe
+    from tsopsd_cli.recipe_loading import build_recipe
 
     r = build_recipe("rl", None, {})
     ld = load_checkpoint(tiny_ckpt, r.model)

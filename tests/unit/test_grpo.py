@@ -106,7 +106,7 @@ def test_each_kl_penalty_has_the_gradient_its_docs_name():
 
 def test_recipe_refuses_k1_with_the_reason():
     from tsopsd_cli.errors import RecipeError
-    from tsopsd_cli.recipe import build_recipe
+    from tsopsd_cli.recipe_loading import build_recipe
 
     with pytest.raises(RecipeError) as e:
         build_recipe("rl", None, [("grpo.kl_estimator", "k1")])

@@ -137,7 +137,7 @@ def test_shared_prefix_forward_with_single_token_completions_and_float32():
 
 def test_training_forward_follows_model_lean(tiny_ckpt, tmp_path):
     """rl with model.lean on and off: the same losses and weights after a step, up to float rounding."""
-    from tsopsd_cli.recipe import build_recipe, parse_set_options
+    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
     from tsopsd_cli.runners.rl import RLRunner
 
     params, batch, calls = [], None, []  # calls: (loss, gradient norm)

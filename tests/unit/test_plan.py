@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tsopsd_cli.core.memory import GiB, SHAPES, Assumptions, ModelShape, plan, shape_from_config, to_dict
-from tsopsd_cli.recipe import build_recipe
+from tsopsd_cli.recipe_loading import build_recipe
 
 # hidden 64, 2 layers, 4 heads of 16 (q: 64), 2 kv heads (kv: 32), MLP 128, vocab 1000, tied
 TINY = ModelShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1000,

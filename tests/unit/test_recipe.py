@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from tsopsd_cli.errors import RecipeError
-from tsopsd_cli.recipe import (RECIPES, build_recipe, defaults_yaml, parse_set_options, validate_file)
+from tsopsd_cli.recipe import RECIPES
+from tsopsd_cli.recipe_loading import build_recipe, defaults_yaml, parse_set_options, validate_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,7 @@
 """Lists that must agree are derived from their registry: every help text and recipe description that names the
-benchmarks names exactly tasks.benchmarks' registry, and the divergence choices are core.divergences' list, which
-core.chunked dispatches on."""
+benchmarks names exactly tasks.benchmarks' registry, the divergence choices are core.divergences' list, which
+core.chunked dispatches on, the recipe's prompt-source tags are the tasks' source registry and its engine help names
+exactly the engines registry."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from tsopsd_cli.cli.evaluate import evaluate
 from tsopsd_cli.cli.reheat import reheat
 from tsopsd_cli.core.chunked import divergence_from_logits
 from tsopsd_cli.core.divergences import DIVERGENCES
-from tsopsd_cli.recipe import BenchmarkData, DistillSection, EvalSection, ReheatSection
+from tsopsd_cli import engines, tasks
+from tsopsd_cli.recipe import BenchmarkData, DataSection, DistillSection, EvalSection, ReheatSection, RolloutSection
 from tsopsd_cli.tasks.benchmarks import BENCHMARKS, NAMES
 
 
@@ -61,3 +63,14 @@ def test_core_dispatches_every_divergence(kind):
     s, t = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
     d = divergence_from_logits(s, t, kind)
     assert d.shape == (3,) and bool(torch.isfinite(d).all()) and bool((d > 0).all())
+
+
+def test_prompt_sources_are_the_recipe_data_tags():
+    union = get_args(DataSection)[0]  # Annotated[Union[ToyData, ...], Field(discriminator="type")]
+    tags = [tag for member in get_args(union) for tag in get_args(member.model_fields["type"].annotation)]
+    assert tags == tasks.source_types()
+
+
+def test_engine_help_names_exactly_the_registry():
+    # the description stays written out (the schema's bytes are pinned); this holds it to engines.register
+    assert named(RolloutSection.model_fields["engine"].description, engines.names()) == sorted(engines.names())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsopsd_cli.recipe import build_recipe, parse_set_options
+from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
 from tsopsd_cli.runners.rl import RLRunner
 from tsopsd_cli.tasks.grading import Grader
 

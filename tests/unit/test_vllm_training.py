@@ -13,7 +13,7 @@ pytest.importorskip("vllm")
 
 from tests.conftest import run_cli  # noqa: E402
 from tests.unit.test_vllm_engine import build_checkpoint  # noqa: E402
-from tsopsd_cli.recipe import build_recipe, parse_set_options  # noqa: E402
+from tsopsd_cli.recipe_loading import build_recipe, parse_set_options  # noqa: E402
 from tsopsd_cli.runners.rl import RLRunner  # noqa: E402
 from tsopsd_cli.tasks.grading import Grader  # noqa: E402
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from tsopsd_cli.progress import Progress
-from tsopsd_cli.recipe import build_recipe, parse_set_options
+from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
 from tsopsd_cli.report import json_safe
 
 def one_of(names, default: str) -> str:
@@ -56,7 +56,7 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of data order and sam
 def resolve(command: str, recipe_file: Path | None, sets: list[str] | None, flags: dict[str, Any],
             checkpoint: str | None = None):
     """Recipe from defaults < file < typed flags < --set. Flags left at None/False are not applied. With
-    `checkpoint`, the defaults are those of its world (recipe.build_recipe: toy or real)."""
+    `checkpoint`, the defaults are those of its world (recipe_loading.build_recipe: toy or real)."""
     overrides = [(k, v) for k, v in flags.items() if v is not None and v is not False]
     overrides += parse_set_options(sets or [])
     world = None

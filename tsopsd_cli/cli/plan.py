@@ -51,7 +51,7 @@ def resolve_shape(model: str | None, recipe_file: Path):
 
 
 def read_training_recipe(recipe_file: Path, sets: list[str] | None):
-    from tsopsd_cli.recipe import build_recipe, command_of_file, parse_set_options, read_recipe_file
+    from tsopsd_cli.recipe_loading import build_recipe, command_of_file, parse_set_options, read_recipe_file
 
     command = command_of_file(recipe_file, read_recipe_file(recipe_file))
     if command not in TRAINING:

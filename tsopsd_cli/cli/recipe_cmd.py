@@ -10,7 +10,8 @@ import typer
 
 from tsopsd_cli.cli.common import JsonOpt, print_json
 from tsopsd_cli.errors import EXIT_USAGE, RecipeError
-from tsopsd_cli.recipe import RECIPES, defaults_yaml, validate_file
+from tsopsd_cli.recipe import RECIPES
+from tsopsd_cli.recipe_loading import defaults_yaml, validate_file
 
 app = typer.Typer(help="Check recipe files and print defaults.", no_args_is_help=True,
                   epilog="[bold]Example:[/bold] tsopsd recipe show rl > my-rl.yaml && "

@@ -22,7 +22,8 @@ from tsopsd_cli import signals
 from tsopsd_cli.checkpoint import check_out
 from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
-from tsopsd_cli.recipe import DemoRecipe, recipe_to_yaml
+from tsopsd_cli.recipe import DemoRecipe
+from tsopsd_cli.recipe_loading import demo_stage, recipe_to_yaml
 from tsopsd_cli.report import json_safe, pyplot
 from tsopsd_cli.rundir import RunDir, run_key
 
@@ -64,7 +65,7 @@ class Demo:
         return (target.parent / f".{target.name}.partial").exists()
 
     def sub(self, stage: str, command: str, out: Path, **extra):
-        return self.r.stage(stage, command, **{"output.out": str(out), **extra})
+        return demo_stage(self.r, stage, command, **{"output.out": str(out), **extra})
 
     def run(self) -> dict:
         from tsopsd_cli.runners.reheat import run_fold, run_reheat
@@ -148,92 +149,49 @@ class Demo:
 
     # ------------------------------------------------------------------ summary
     def summarize(self, diag: dict, evals: dict, runs: dict) -> dict:
-        k = str(self.r.demo.topk)
-        temp_key = f"{self.temp:g}"
-
-        def acc(ev: dict) -> dict:
-            m = ev["macro"]
-            kmax = max(m["pass@k"], key=int)  # pass@n: solved by at least one of the n samples
-            return {"avg": m["accuracy"], "pass@k": m["pass@k"][kmax], "k": int(kmax)}
-
-        def start_row(point: str, sampled_at_temp: bool = False) -> dict:
-            rep = diag[point]
-            ref = rep.get("reference") or {}
-            cka = ref.get("cka") or []
-            return {
-                "start": point,
-                "entropy": rep["temperature_entropy"][temp_key] if sampled_at_temp else rep["entropy"]["mean"],
-                "topk_jaccard": ref.get("topk_jaccard", {}).get(k, 1.0),
-                "top1_agreement": ref.get("top1_agreement", 1.0),
-                "cka_last_layer": cka[-1] if cka else 1.0,
-                "cka_mean": sum(cka) / len(cka) if cka else 1.0,
-            }
-
-        def spread(xs: list) -> tuple[float | None, float | None]:
-            xs = [x for x in xs if x is not None]
-            return (statistics.fmean(xs) if xs else None, statistics.stdev(xs) if len(xs) > 1 else None)
-
-        def decision(rep: dict) -> tuple[float | None, float | None]:
-            dp = rep.get("decision_points") or {}
-            return dp.get("entropy"), dp.get("other_entropy")
-
-        arms = {}
-        for arm, seed_runs in runs.items():
-            point = "collapsed" if arm in ("continued-rl", "rollout-temperature", "thermostat") else arm
-            row = start_row(point, sampled_at_temp=arm == "rollout-temperature")
-            before = acc(evals[point])
-            per_seed = []
-            for r in seed_runs:
-                a = acc(r["eval"])
-                m = r["metrics"]
-                train_rows = [x for x in m if "step_seconds" in x]
-                zv = [(x["step"], x["zero_variance_groups"]) for x in train_rows if "zero_variance_groups" in x]
-                tail = [v for _, v in zv[len(zv) * 3 // 4:]]
-                at, other = decision(r["diagnose"])
-                val_rows = [x for x in m if x.get("val_accuracy") is not None]
-                kmax = lambda d: d[max(d, key=int)] if d else None  # noqa: E731
-                per_seed.append({
-                    "seed": r["seed"], "accuracy": a["avg"], "pass@k": a["pass@k"],
-                    "zero_variance_groups_last_quarter": statistics.fmean(tail) if tail else None,
-                    "decision_entropy": at, "other_entropy": other,
-                    "thermostat_phases": (r["thermostat"] or {}).get("count"),
-                    "val_accuracy": [(x["step"], x["val_accuracy"]) for x in val_rows],
-                    "val_pass@k": [(x["step"], kmax(x.get("val_pass@k") or {})) for x in val_rows],
-                    "zero_variance_groups": zv,
-                    "entropy": [(x["step"], x["entropy"]) for x in train_rows if "entropy" in x],
-                    "reward": [(x["step"], x["reward"]) for x in train_rows if "reward" in x],
-                })
-            start_at, start_other = decision(diag[point])
-            acc_mean, acc_std = spread([p["accuracy"] for p in per_seed])
-            pk_mean, pk_std = spread([p["pass@k"] for p in per_seed])
-            arms[arm] = {
-                "title": ARM_TITLES[arm], **row,
-                "accuracy_before": before["avg"], "pass@k_before": before["pass@k"], "k": before["k"],
-                "accuracy_after": acc_mean, "accuracy_after_std": acc_std,
-                "accuracy_after_per_seed": [p["accuracy"] for p in per_seed],
-                "pass@k_after": pk_mean, "pass@k_after_std": pk_std,
-                "zero_variance_groups_last_quarter": spread([p["zero_variance_groups_last_quarter"]
-                                                             for p in per_seed])[0],
-                "decision_entropy_start": start_at, "other_entropy_start": start_other,
-                "decision_entropy_end": spread([p["decision_entropy"] for p in per_seed])[0],
-                "other_entropy_end": spread([p["other_entropy"] for p in per_seed])[0],
-                "per_seed": per_seed,
-                # (the curves of the earlier summary format, kept for scripts that read them)
-                "curves": [{"seed": p["seed"], "entropy": p["entropy"], "reward": p["reward"],
-                            "val_accuracy": p["val_accuracy"]} for p in per_seed],
-            }
+        """The demo's summary: the collapse, every starting point, and each arm before and after continued RL."""
+        arms = {arm: self.arm_summary(arm, seed_runs, diag, evals) for arm, seed_runs in runs.items()}
         base, coll = diag["base"], diag["collapsed"]
         return {
             "command": "demo", "temp": self.temp, "seeds": self.r.demo.seeds, "topk": self.r.demo.topk,
             "collapse": {"entropy_base": base["entropy"]["mean"], "entropy_collapsed": coll["entropy"]["mean"],
                          "entropy_ratio": base["entropy"]["mean"] / max(coll["entropy"]["mean"], 1e-12),
-                         "accuracy_base": acc(evals["base"])["avg"],
-                         "accuracy_collapsed": acc(evals["collapsed"])["avg"]},
-            "points": {name: {"entropy": diag[name]["entropy"]["mean"], "accuracy": acc(evals[name])["avg"],
-                              "pass@k": acc(evals[name])["pass@k"],
-                              "decision_entropy": decision(diag[name])[0], "other_entropy": decision(diag[name])[1]}
+                         "accuracy_base": _accuracy(evals["base"])["avg"],
+                         "accuracy_collapsed": _accuracy(evals["collapsed"])["avg"]},
+            "points": {name: {"entropy": diag[name]["entropy"]["mean"], "accuracy": _accuracy(evals[name])["avg"],
+                              "pass@k": _accuracy(evals[name])["pass@k"],
+                              "decision_entropy": _decision(diag[name])[0],
+                              "other_entropy": _decision(diag[name])[1]}
                        for name in diag},
             "arms": arms,
+        }
+
+    def arm_summary(self, arm: str, seed_runs: list[dict], diag: dict, evals: dict) -> dict:
+        """One arm: its starting point against the collapsed checkpoint, its accuracy before continued RL, and
+        after it over the seeds (mean, spread and each seed's)."""
+        point = "collapsed" if arm in ("continued-rl", "rollout-temperature", "thermostat") else arm
+        row = _start_row(point, diag[point], str(self.r.demo.topk), f"{self.temp:g}",
+                         sampled_at_temp=arm == "rollout-temperature")
+        before = _accuracy(evals[point])
+        per_seed = [_seed_row(r) for r in seed_runs]
+        start_at, start_other = _decision(diag[point])
+        acc_mean, acc_std = _spread([p["accuracy"] for p in per_seed])
+        pk_mean, pk_std = _spread([p["pass@k"] for p in per_seed])
+        return {
+            "title": ARM_TITLES[arm], **row,
+            "accuracy_before": before["avg"], "pass@k_before": before["pass@k"], "k": before["k"],
+            "accuracy_after": acc_mean, "accuracy_after_std": acc_std,
+            "accuracy_after_per_seed": [p["accuracy"] for p in per_seed],
+            "pass@k_after": pk_mean, "pass@k_after_std": pk_std,
+            "zero_variance_groups_last_quarter": _spread([p["zero_variance_groups_last_quarter"]
+                                                          for p in per_seed])[0],
+            "decision_entropy_start": start_at, "other_entropy_start": start_other,
+            "decision_entropy_end": _spread([p["decision_entropy"] for p in per_seed])[0],
+            "other_entropy_end": _spread([p["other_entropy"] for p in per_seed])[0],
+            "per_seed": per_seed,
+            # (the curves of the earlier summary format, kept for scripts that read them)
+            "curves": [{"seed": p["seed"], "entropy": p["entropy"], "reward": p["reward"],
+                        "val_accuracy": p["val_accuracy"]} for p in per_seed],
         }
 
     def write(self, summary: dict) -> None:
@@ -244,6 +202,59 @@ class Demo:
             tmp = self.out / f".{name}.tmp"
             tmp.write_text(text)
             tmp.replace(self.out / name)
+
+
+def _accuracy(ev: dict) -> dict:
+    m = ev["macro"]
+    kmax = max(m["pass@k"], key=int)  # pass@n: solved by at least one of the n samples
+    return {"avg": m["accuracy"], "pass@k": m["pass@k"][kmax], "k": int(kmax)}
+
+
+def _start_row(point: str, rep: dict, k: str, temp_key: str, sampled_at_temp: bool = False) -> dict:
+    """A starting point's diagnose report (`rep`) against the collapsed checkpoint: entropy, top-k overlap, CKA."""
+    ref = rep.get("reference") or {}
+    cka = ref.get("cka") or []
+    return {
+        "start": point,
+        "entropy": rep["temperature_entropy"][temp_key] if sampled_at_temp else rep["entropy"]["mean"],
+        "topk_jaccard": ref.get("topk_jaccard", {}).get(k, 1.0),
+        "top1_agreement": ref.get("top1_agreement", 1.0),
+        "cka_last_layer": cka[-1] if cka else 1.0,
+        "cka_mean": sum(cka) / len(cka) if cka else 1.0,
+    }
+
+
+def _spread(xs: list) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    return (statistics.fmean(xs) if xs else None, statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _decision(rep: dict) -> tuple[float | None, float | None]:
+    dp = rep.get("decision_points") or {}
+    return dp.get("entropy"), dp.get("other_entropy")
+
+
+def _seed_row(r: dict) -> dict:
+    """One continued-RL run: its final accuracy and entropies, and its curves from the run's metrics."""
+    a = _accuracy(r["eval"])
+    m = r["metrics"]
+    train_rows = [x for x in m if "step_seconds" in x]
+    zv = [(x["step"], x["zero_variance_groups"]) for x in train_rows if "zero_variance_groups" in x]
+    tail = [v for _, v in zv[len(zv) * 3 // 4:]]
+    at, other = _decision(r["diagnose"])
+    val_rows = [x for x in m if x.get("val_accuracy") is not None]
+    kmax = lambda d: d[max(d, key=int)] if d else None  # noqa: E731
+    return {
+        "seed": r["seed"], "accuracy": a["avg"], "pass@k": a["pass@k"],
+        "zero_variance_groups_last_quarter": statistics.fmean(tail) if tail else None,
+        "decision_entropy": at, "other_entropy": other,
+        "thermostat_phases": (r["thermostat"] or {}).get("count"),
+        "val_accuracy": [(x["step"], x["val_accuracy"]) for x in val_rows],
+        "val_pass@k": [(x["step"], kmax(x.get("val_pass@k") or {})) for x in val_rows],
+        "zero_variance_groups": zv,
+        "entropy": [(x["step"], x["entropy"]) for x in train_rows if "entropy" in x],
+        "reward": [(x["step"], x["reward"]) for x in train_rows if "reward" in x],
+    }
 
 
 def markdown(s: dict) -> str:

@@ -22,7 +22,8 @@ from tsopsd_cli.errors import CheckpointError, DataError
 from tsopsd_cli.modeling import check_head_matches
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.report import json_safe, pyplot
-from tsopsd_cli.recipe import DiagnoseRecipe, recipe_to_yaml
+from tsopsd_cli.recipe import DiagnoseRecipe
+from tsopsd_cli.recipe_loading import recipe_to_yaml
 
 
 def same_tokenizer(a, b) -> bool:

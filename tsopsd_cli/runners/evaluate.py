@@ -23,7 +23,8 @@ from tsopsd_cli.engines import encode_prompts, sampling_params
 from tsopsd_cli.engines import require as require_engine
 from tsopsd_cli.errors import Interrupted
 from tsopsd_cli.progress import NULL, Progress
-from tsopsd_cli.recipe import EvalRecipe, recipe_to_yaml
+from tsopsd_cli.recipe import EvalRecipe
+from tsopsd_cli.recipe_loading import recipe_to_yaml
 from tsopsd_cli.report import json_safe
 from tsopsd_cli.rundir import RunDir, run_key
 from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template

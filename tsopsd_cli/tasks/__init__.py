@@ -1,12 +1,137 @@
-"""Prompt sources (toy world, named math benchmarks, JSONL files, hub data sets) and graders."""
+"""Prompt sources (toy world, named math benchmarks, JSONL files, hub data sets) behind one registry keyed by a
+recipe's `data.type`, and graders."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Protocol
 
 from tsopsd_cli.errors import DataError
 from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, render_template
+
+
+class PromptSource(Protocol):
+    """One kind of prompt source: a recipe's `data` section of one `type` (recipe.DataSection's tags)."""
+
+    def load(self, data, tokenizer, limit: int | None, require_answers: bool) -> list[Problem]:
+        """The section's problems, the first `limit` when given. `tokenizer`: None, or the checkpoint's when the
+        section's `chat_template` is on. `require_answers`: refuse rows whose gold answer is empty."""
+
+    def name(self, data) -> str:
+        """A short name of the source (the key of its validation metrics)."""
+
+
+# data.type -> its source. Adding a source: a class with `load` and `name`, one `register(...)` line below, and the
+# recipe's DataSection member with the same `type` tag (tests/unit/test_registry_lists.py holds them together).
+_SOURCES: dict[str, PromptSource] = {}
+
+
+def register(type_: str, source: PromptSource) -> None:
+    _SOURCES[type_] = source
+
+
+def source_types() -> list[str]:
+    return list(_SOURCES)
+
+
+def prompt_source(type_: str) -> PromptSource:
+    if type_ not in _SOURCES:
+        raise DataError(f"unknown data type {type_!r}")
+    return _SOURCES[type_]
+
+
+class ToySource:
+    """The built-in toy world's problems (always its own prompt format)."""
+
+    def load(self, data, tokenizer, limit, require_answers):
+        from tsopsd_cli.tasks import toy
+
+        levels = tuple(sorted(set(data.levels)))
+        num = min(data.num_prompts, limit) if limit else data.num_prompts  # a draw of `limit` problems
+        return [p.to_problem(i) for i, p in enumerate(toy.make_problems(data.split, num, data.seed, levels))]
+
+    def name(self, data):
+        return "toy"
+
+
+class BenchmarkSource:
+    """A named math benchmark, loaded as `tsopsd eval` loads it."""
+
+    def load(self, data, tokenizer, limit, require_answers):
+        from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
+
+        n = min(x for x in (data.limit, limit) if x) if (data.limit or limit) else None
+        return load_benchmark(data.name, data.data_dir, template_text(data.prompt_template), n,
+                              chat_tokenizer=tokenizer)
+
+    def name(self, data):
+        return data.name
+
+
+def row_problems(data, rows: list[dict], source, tokenizer, limit: int | None,
+                 require_answers: bool) -> list[Problem]:
+    """Problems from records (a JSONL file's lines, a hub data set's rows), each a question, a gold answer and an id
+    by the section's field names; `source` names where they come from in error messages."""
+    from tsopsd_cli.tasks.benchmarks import template_text
+
+    template = template_text(data.prompt_template)
+    for cap in (data.limit, limit):
+        if cap:
+            rows = rows[:cap]
+    out = []
+    empty: list[int] = []
+    for n, row in enumerate(rows, 1):
+        if data.question_field not in row:
+            raise DataError(f"{source}:{n}: no field {data.question_field!r} (set data.question_field)")
+        answer = None
+        if data.answer_field is not None:
+            if data.answer_field not in row:
+                raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
+            answer = answer_text(row[data.answer_field]) if row[data.answer_field] is not None else ""
+            # null, [] or "": no gold to grade against ("None" would grade \boxed{None} correct)
+            if not answer and require_answers:
+                empty.append(n)
+        pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
+        prompt = render_template(template, row[data.question_field])
+        if tokenizer is not None:
+            prompt = apply_chat_template(tokenizer, prompt)
+        out.append(Problem(id=pid, prompt=prompt, answer=answer))
+    if empty:
+        raise DataError(f"{source}: {len(empty)} of {len(rows)} rows have an empty {data.answer_field!r} (null, [] "
+                        f"or \"\"; first at line {empty[0]}): remove them or fill in their answers")
+    return out
+
+
+def _file_name(raw: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw) or "data"
+
+
+class JsonlSource:
+    """A local JSON-lines file."""
+
+    def load(self, data, tokenizer, limit, require_answers):
+        return row_problems(data, read_jsonl(data.path), data.path, tokenizer, limit, require_answers)
+
+    def name(self, data):
+        return _file_name(Path(data.path).stem)
+
+
+class HubSource:
+    """A Hugging Face hub data set (needs `datasets` and network)."""
+
+    def load(self, data, tokenizer, limit, require_answers):
+        return row_problems(data, hub_rows(data), data.name, tokenizer, limit, require_answers)
+
+    def name(self, data):
+        return _file_name(data.name.rsplit("/", 1)[-1])
+
+
+register("toy", ToySource())
+register("benchmark", BenchmarkSource())
+register("jsonl", JsonlSource())
+register("hub", HubSource())
 
 
 def load_problems(data, tokenizer=None, limit: int | None = None, require_answers: bool = False) -> list[Problem]:
@@ -16,64 +141,13 @@ def load_problems(data, tokenizer=None, limit: int | None = None, require_answer
     chat = getattr(data, "chat_template", False)
     if chat and tokenizer is None:
         raise ValueError("load_problems: chat_template is on; pass the checkpoint's tokenizer")
-    chat_tok = tokenizer if chat else None
-    if data.type == "toy":
-        from tsopsd_cli.tasks import toy
-
-        levels = tuple(sorted(set(data.levels)))
-        num = min(data.num_prompts, limit) if limit else data.num_prompts  # a draw of `limit` problems
-        return [p.to_problem(i) for i, p in enumerate(toy.make_problems(data.split, num, data.seed, levels))]
-    if data.type == "benchmark":
-        from tsopsd_cli.tasks.benchmarks import load_benchmark, template_text
-
-        n = min(x for x in (data.limit, limit) if x) if (data.limit or limit) else None
-        return load_benchmark(data.name, data.data_dir, template_text(data.prompt_template), n,
-                              chat_tokenizer=chat_tok)
-    if data.type in ("jsonl", "hub"):
-        from tsopsd_cli.tasks.benchmarks import template_text
-
-        template = template_text(data.prompt_template)
-        rows = read_jsonl(data.path) if data.type == "jsonl" else hub_rows(data)
-        source = data.path if data.type == "jsonl" else data.name
-        for cap in (data.limit, limit):
-            if cap:
-                rows = rows[:cap]
-        out = []
-        empty: list[int] = []
-        for n, row in enumerate(rows, 1):
-            if data.question_field not in row:
-                raise DataError(f"{source}:{n}: no field {data.question_field!r} (set data.question_field)")
-            answer = None
-            if data.answer_field is not None:
-                if data.answer_field not in row:
-                    raise DataError(f"{source}:{n}: no field {data.answer_field!r} (set data.answer_field)")
-                answer = answer_text(row[data.answer_field]) if row[data.answer_field] is not None else ""
-                # null, [] or "": no gold to grade against ("None" would grade \boxed{None} correct)
-                if not answer and require_answers:
-                    empty.append(n)
-            pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
-            prompt = render_template(template, row[data.question_field])
-            if chat_tok is not None:
-                prompt = apply_chat_template(chat_tok, prompt)
-            out.append(Problem(id=pid, prompt=prompt, answer=answer))
-        if empty:
-            raise DataError(f"{source}: {len(empty)} of {len(rows)} rows have an empty {data.answer_field!r} (null, [] "
-                            f"or \"\"; first at line {empty[0]}): remove them or fill in their answers")
-        return out
-    raise DataError(f"unknown data type {data.type!r}")
+    return prompt_source(data.type).load(data, tokenizer if chat else None, limit, require_answers)
 
 
 def source_name(data) -> str:
     """A short name of a prompt source (the key of its validation metrics): toy, the benchmark's name, or the
     file's or data set's stem."""
-    import re
-
-    if data.type == "toy":
-        return "toy"
-    if data.type == "benchmark":
-        return data.name
-    raw = Path(data.path).stem if data.type == "jsonl" else data.name.rsplit("/", 1)[-1]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw) or "data"
+    return prompt_source(data.type).name(data)
 
 
 def validation_sets(section, data, tokenizer, limit: int | None = None) -> dict[str, list[Problem]]:

@@ -50,7 +50,7 @@ from tsopsd_cli.errors import (CheckpointError, DataError, Interrupted, RecipeEr
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.parallel import dcp, group, reductions, sharding
 from tsopsd_cli.progress import NULL, Progress
-from tsopsd_cli.recipe import recipe_to_yaml
+from tsopsd_cli.recipe_loading import recipe_to_yaml
 from tsopsd_cli.report import json_safe, plot_curves
 from tsopsd_cli.rundir import RunDir, run_key
 from tsopsd_cli.training import optim as O
