@@ -103,7 +103,7 @@ def timed_steps(run, steps: int) -> dict:
             t0 = time.perf_counter()
             run.train_step()
             run.sched.step()
-            run.step += 1
+            run.state.step += 1
             times.append(time.perf_counter() - t0)
     finally:
         run.close()

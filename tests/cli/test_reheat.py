@@ -214,9 +214,9 @@ def test_the_report_samples_the_runs_own_prompts(tiny_ckpt, tmp_path, monkeypatc
 
 REPORT_RANK_SCRIPT = r'''
 import json, os, sys, types
-from tsopsd_cli.engines import Completion
 from tsopsd_cli.parallel import group
-from tsopsd_cli.runners.reheat import ReheatRunner
+from tsopsd_cli.engines import Completion
+from tsopsd_cli.runners.reheat import ReheatRunner, report_rollouts
 from tsopsd_cli.tasks.base import Problem
 from transformers import AutoTokenizer
 
@@ -237,7 +237,7 @@ run.r = types.SimpleNamespace(reheat=types.SimpleNamespace(report_prompts=5),
 run.stream = types.SimpleNamespace(problems=[Problem(id=str(i), prompt=f"{i}+{i}=?", answer=None) for i in range(7)])
 run.tok, run.engine = tok, Counting()
 run.pl = types.SimpleNamespace(fsdp=True, autocast=lambda: __import__("contextlib").nullcontext())
-seqs = run.report_sequences()
+seqs = report_rollouts(run)
 json.dump({"seen": run.engine.seen, "seqs": seqs}, open(sys.argv[2] + f"/rank{run.dist.rank}.json", "w"))
 run.dist.close()
 '''

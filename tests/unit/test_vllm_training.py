@@ -48,7 +48,7 @@ def test_after_three_real_steps_the_engine_scores_like_the_trainer(ckpt, tmp_pat
             diffs = []
             for _ in range(3):
                 m = run.train_step()
-                run.step += 1
+                run.state.step += 1
                 diffs.append(m["engine_logprob_diff"])
                 if sync:
                     run.sync_engine()

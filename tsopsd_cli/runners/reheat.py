@@ -113,9 +113,18 @@ class ReheatRunner(TrainingRun):
                  ("loss", "divergence")]
     progress_info = ("loss", "student_entropy", "teacher_entropy")
 
+    def __init__(self, recipe: ReheatRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,
+                 restart: bool = False):
+        super().__init__(recipe, checkpoint, progress, resume, restart)
+        # made by setup_method (None before)
+        self.input_model: torch.nn.Module | None = None  # the frozen teacher, and the "input" of the metrics
+        # the before/after report's pieces, saved with every checkpoint (method_state)
+        self.before: dict | None = None  # the input model's summary, taken at step 0 (None: taken at the end)
+        self._report_seqs: list | None = None  # its fixed rollouts (report_sequences), sampled once
+
     def setup_method(self) -> None:
-        self.input_model = self.frozen(self.checkpoint)  # the frozen teacher, and the "input" of the metrics
-        self.before = self.summary_pass(self.input_model) if self.step == 0 else None
+        self.input_model = self.frozen(self.checkpoint)
+        self.before = self.summary_pass(self.input_model) if self.state.step == 0 else None
 
     def rollout(self):
         return self.on_policy_rollout()
@@ -128,16 +137,16 @@ class ReheatRunner(TrainingRun):
         teacher = self.input_model if rh.teacher == "frozen" else None
         row = distill_step(self.policy, teacher, self.input_model, seqs, comps, engine_lps, rh, t0, t1)
         if rh.target_entropy is not None and row["student_entropy"] >= rh.target_entropy:
-            self.stop_reason = f"target_entropy {rh.target_entropy} reached"
+            self.state.stop_reason = f"target_entropy {rh.target_entropy} reached"
         if rh.target_entropy_ratio is not None and \
                 row["student_entropy"] >= rh.target_entropy_ratio * row["teacher_entropy"]:
-            self.stop_reason = f"target_entropy_ratio {rh.target_entropy_ratio} reached"
+            self.state.stop_reason = f"target_entropy_ratio {rh.target_entropy_ratio} reached"
         return row
 
     # ---------------------------------------------------------------- before/after report
     def report_sequences(self) -> list:
         """Fixed rollouts of the input model on the run's own prompts: the same tokens before and after."""
-        if getattr(self, "_report_seqs", None) is None:
+        if self._report_seqs is None:
             self._report_seqs = report_rollouts(self)
         return self._report_seqs
 
@@ -162,7 +171,7 @@ class ReheatRunner(TrainingRun):
 
     def method_state(self) -> dict:
         # the report's rollouts travel with the checkpoint: after a resume the engine holds trained weights
-        return {"before": self.before, "report_seqs": getattr(self, "_report_seqs", None)}
+        return {"before": self.before, "report_seqs": self._report_seqs}
 
     def load_method_state(self, state: dict, checkpoint_dir) -> None:
         self.before = state.get("before")

@@ -17,7 +17,14 @@ rollout entropy falls below its threshold, the run switches to TS-OPSD steps (tr
 reheat` takes) towards a frozen snapshot of the current policy / temp, until the entropy recovers, then resumes
 GRPO. Every row of metrics.jsonl says which kind of step it was (`phase`: grpo | reheat).
 
-Setup, checkpoints, resume, signals, the non-finite guard and several processes come from training.trainer.
+A GRPO step in this file: `rollout` (groups, rewards, advantages) -> `train_on`: `old_logprobs_pass` (the no-grad
+pass: old and reference log-probs, the engine gap, the entropy at temperature 1) -> `epoch_loop` (one
+`minibatch_update` per mini-batch: its token selection, then `_micro_step` per micro-batch, whose loss terms each
+have a name: the clipped surrogate, `tis_weighted`, `covariance_applied`, `kl_to_reference`, the entropy bonus) ->
+`step_metrics`.
+
+Setup, signals, the non-finite guard and several processes come from training.trainer; checkpoints and resume
+from training.checkpointing.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -32,6 +40,7 @@ from tsopsd_cli.core import grpo
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import encode_prompts, sampling_params
 from tsopsd_cli.errors import RecipeError
+from tsopsd_cli.modeling import PackedBatch
 from tsopsd_cli.parallel import dcp, sharding
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import RLRecipe
@@ -79,13 +88,94 @@ def to_padded(flat: torch.Tensor, batch, num_seqs: int, width: int) -> torch.Ten
     return out
 
 
+# ------------------------------------------------------------------------------------------------- the updates
+@dataclass
+class OldPass:
+    """What the no-grad pass before a step's updates gives, for this process's rows (RLRunner.old_logprobs_pass)."""
+
+    old: list  # per row: the old log-probs [len] at the rollout temperature; None: from the training forward
+    ref: list  # per row: the reference model's log-probs [len]; None without a reference
+    trained: set[int]  # the rows that take part in the updates (the others only count in the normalisers)
+    entropy_sum: float = 0.0  # token entropy at temperature 1 over every rollout token (rollout temperature != 1)
+    entropy_tokens: int = 0
+    engine_diff: float = 0.0  # sum of |log p_engine - log p_trainer| over the trained tokens
+    engine_tokens: int = 0
+
+    def note_engine_gap(self, old: torch.Tensor, engine: list[float] | None) -> None:
+        """Add one row's gap between the trainer's old log-probs [len] and the engine's (None: the engine samples
+        from the trainer's weights)."""
+        if engine is not None:
+            eng = torch.tensor(engine, dtype=torch.float64)
+            self.engine_diff += float((old.detach().double().cpu() - eng).abs().sum())
+            self.engine_tokens += len(eng)
+
+
+MICRO_SUMS = ("loss", "tokens", "clip_low", "clip_high", "ratio_dev", "kl_ref", "kl_old", "cov_selected",
+              "engine_diff", "engine_tokens", "tis_capped")  # what each micro-batch adds up (RLRunner._micro_step)
+
+
+@dataclass
+class UpdateSums:
+    """Sums over the micro-batches of a step's updates (this process), for the step's metrics."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MICRO_SUMS, 0.0))
+    first_max_ratio_dev: float | None = None  # the largest |ratio - 1| of the first mini-batch (exactly 0 expected)
+    grad_norms: list[float] = field(default_factory=list)  # one per optimiser step
+
+    def add(self, micro: dict, first: bool) -> None:
+        """One micro-batch's sums (a padding pass has none); `first`: it belongs to the first mini-batch."""
+        for key in self.sums:
+            self.sums[key] += micro.get(key, 0.0)
+        if first:
+            self.first_max_ratio_dev = max(self.first_max_ratio_dev or 0.0, micro["max_ratio_dev"])
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of trained rows, its per-token values padded to [B, W] (zeros past each completion)."""
+
+    ids: list[int]  # its rows in the Batch
+    lengths: list[int]  # their completion lengths
+    pb: PackedBatch  # the forward's packing (where each completion token sits)
+    logp: torch.Tensor  # [B, W] the policy's log-probs at the rollout temperature (differentiable)
+    old: torch.Tensor  # [B, W] the old log-probs
+    mask: torch.Tensor  # [B, W] 1 on the completion tokens of rows with a loss, else 0
+    adv: torch.Tensor  # [B] advantages (float32)
+
+    @classmethod
+    def padded(cls, batch: Batch, ids: list[int], pb, logp_flat: torch.Tensor,
+               old_flat: torch.Tensor) -> MicroBatch:
+        """From the forward's flat values [N] of rows `ids` of `batch`."""
+        lengths = [len(batch.seqs[i][1]) for i in ids]
+        B, W = len(ids), max(lengths)
+        logp = to_padded(logp_flat, pb, B, W)
+        rows_with_loss = torch.tensor([float(batch.loss_mask[i]) for i in ids], device=logp.device)
+        mask = to_padded(torch.ones_like(logp_flat), pb, B, W) * rows_with_loss.unsqueeze(-1)
+        adv = torch.tensor([batch.advantages[i] for i in ids], dtype=torch.float32, device=logp.device)
+        return cls(ids, lengths, pb, logp, to_padded(old_flat, pb, B, W), mask, adv)
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per-token values [N] -> [B, W]."""
+        return to_padded(flat, self.pb, len(self.ids), max(self.lengths))
+
+
 # ---------------------------------------------------------------------------------------------------- runner
 class RLRunner(TrainingRun):
     command = "rl"
     needs_answers = True
     plot_keys = [("entropy", "token entropy (nats)"), ("reward", "reward")]
     progress_info = ("reward", "entropy")
-    snapshot = None  # the thermostat's teacher: the policy frozen at the start of a reheat phase
+
+    def __init__(self, recipe: RLRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,
+                 restart: bool = False):
+        super().__init__(recipe, checkpoint, progress, resume, restart)
+        # made by setup_method (None before)
+        self.reward_fn: Callable[[list[str], list], list[float]] | None = None  # None: the math grader
+        self.ref: torch.nn.Module | None = None  # the frozen reference of the KL term (None: grpo.beta = 0)
+        self.thermostat: Thermostat | None = None  # its state is saved with every checkpoint (method_state)
+        self.grader: Grader | None = None
+        # the thermostat's teacher: the policy frozen at the start of a reheat phase (made at the first phase)
+        self.snapshot: torch.nn.Module | None = None
 
     def setup_method(self) -> None:
         self.reward_fn = load_reward(self.r.grpo.reward)
@@ -94,7 +184,7 @@ class RLRunner(TrainingRun):
         self.grader = Grader(workers=self.r.grpo.grader_workers, timeout=self.r.grpo.grader_timeout)
 
     def close(self) -> None:
-        if hasattr(self, "grader"):
+        if self.grader is not None:
             self.grader.close()
 
     def train_step(self) -> dict:
@@ -107,10 +197,10 @@ class RLRunner(TrainingRun):
         t2 = time.perf_counter()
         row = {"phase": "grpo", **batch.stats, **metrics, "rollout_seconds": t1 - t0, "train_seconds": t2 - t1,
                "tokens_per_s": batch.stats["tokens"] / max(t2 - t0, 1e-9)}
-        if self.thermostat.after_grpo_step(self.step + 1, row.get("entropy")):
+        if self.thermostat.after_grpo_step(self.state.step + 1, row.get("entropy")):
             self.take_snapshot()
             self.progress.log(f"thermostat: rollout entropy {self.thermostat.state['phases'][-1]['entropy_before']:.4f}"
-                              f" below {self.thermostat.threshold():.4f}: reheating from step {self.step + 2}")
+                              f" below {self.thermostat.threshold():.4f}: reheating from step {self.state.step + 2}")
         return row
 
     # ---------------------------------------------------------------- the entropy thermostat
@@ -128,7 +218,7 @@ class RLRunner(TrainingRun):
         row = {"phase": "reheat", **distill_step(self.policy, self.snapshot, self.snapshot, seqs, comps,
                                                  engine_lps, self.r.thermostat, t0, t1)}
         row["entropy"] = row["student_entropy"]  # the entropy curve goes on through the phase
-        if self.thermostat.after_reheat_step(self.step + 1, row["student_entropy"], row["teacher_entropy"]):
+        if self.thermostat.after_reheat_step(self.state.step + 1, row["student_entropy"], row["teacher_entropy"]):
             self.progress.log(f"thermostat: phase over after {self.thermostat.state['phases'][-1]['steps']} steps "
                               f"(student entropy {row['student_entropy']:.4f}); GRPO again")
         return row
@@ -277,29 +367,38 @@ class RLRunner(TrainingRun):
         mine = sel[start:start + len(adv)]
         return dict(zip(rows, mine.split([len(batch.seqs[i][1]) for i in rows]))) if rows else {}
 
+    def old_logprobs_from_training_forward(self) -> bool:
+        """One update per rollout batch and nothing else to look at: the old log-probs are the current ones, so the
+        training forward provides them (detached) and the separate no-grad pass (old_logprobs_pass) is skipped."""
+        g = self.r.grpo
+        return (g.ppo_epochs == 1 and g.mini_batches == 1 and self.ref is None and self.r.rollout.temperature == 1.0
+                and not (g.clip_cov.enabled or g.kl_cov.enabled))
+
     def train_on(self, batch: Batch) -> dict:
-        r, g = self.r, self.r.grpo
-        temp = r.rollout.temperature
-        cov_on = g.clip_cov.enabled or g.kl_cov.enabled
+        """The step's updates on one rollout batch: the old log-prob pass, then `ppo_epochs` x `mini_batches`
+        optimiser steps; returns the step's metrics."""
         self.model.train()
         order_gen = torch.Generator().manual_seed(self.next_seed())
-        plans = [self.plan(batch, 0, order_gen)]
+        first_plan = self.plan(batch, 0, order_gen)
+        old = self.old_logprobs_pass(batch, first_plan)
+        totals = self.epoch_loop(batch, first_plan, order_gen, old)
+        return self.step_metrics(batch, old, totals)
+
+    def old_logprobs_pass(self, batch: Batch, plan: list) -> OldPass:
+        """The no-grad pass before the updates, over the first epoch's micro-batches (the same as training, so that
+        the first mini-batch's importance ratio is exactly 1): old log-probs at the rollout temperature, the
+        reference's log-probs, the engine's gap on the trained rows; at a rollout temperature other than 1 also the
+        token entropy at temperature 1 over every rollout token (the rows left out of training get passes of their
+        own). At rollout temperature 1 that entropy is the engine's (exact, computed while sampling)."""
+        temp, mbs, chunk = self.r.rollout.temperature, self.r.train.micro_batch_size, self.r.train.chunk_size
         n_rows = len(batch.seqs)
-        old: list = [None] * n_rows  # per-row old log-probs [len]; None: taken from the training forward
-        ref: list = [None] * n_rows
-        # One update per rollout batch and nothing else to look at: the old log-probs are the current ones, so the
-        # training forward provides them (detached) and the separate no-grad pass is skipped.
-        single = g.ppo_epochs == 1 and g.mini_batches == 1 and self.ref is None and temp == 1.0 and not cov_on
-        # Token entropy at temperature 1 over every rollout token: at rollout temperature 1 it is the engine's
-        # (exact, computed while sampling); otherwise the no-grad pass below provides it.
-        ent_sum, ent_n = 0.0, 0
-        diff_sum, diff_n = 0.0, 0  # |log p_engine - log p_trainer| over the trained tokens
-        trained = {i for _, micro in plans[0] for ids in micro for i in ids}
+        trained = {i for _, micro in plan for ids in micro for i in ids}
+        out = OldPass(old=[None] * n_rows, ref=[None] * n_rows, trained=trained)
         with torch.no_grad():
-            passes = [] if single else [ids for _, micro in plans[0] for ids in micro]
+            passes = [] if self.old_logprobs_from_training_forward() else [ids for _, micro in plan for ids in micro]
             if temp != 1.0:
-                rest = [i for i in range(n_rows) if i not in trained]
-                passes += [rest[k:k + r.train.micro_batch_size] for k in range(0, len(rest), r.train.micro_batch_size)]
+                rest = [i for i in range(n_rows) if i not in out.trained]
+                passes += [rest[k:k + mbs] for k in range(0, len(rest), mbs)]
             for k in range(self.passes(len(passes))):
                 ids = passes[k] if k < len(passes) else []
                 seqs = [batch.seqs[i] for i in ids] or [self.dummy_seq()]
@@ -307,128 +406,152 @@ class RLRunner(TrainingRun):
                 rf = self.forward_logps(self.ref, seqs, temp, False)[0] if self.ref is not None else None
                 if not ids:
                     continue
-                chunk = r.train.chunk_size
                 if temp != 1.0:
                     e = token_logps(hidden, weight, pb.targets, 1.0, chunk, True)[1]
-                    ent_sum, ent_n = ent_sum + float(e.double().sum()), ent_n + e.numel()
-                if ids[0] in trained:
+                    out.entropy_sum += float(e.double().sum())
+                    out.entropy_tokens += e.numel()
+                if ids[0] in out.trained:
                     bounds = [len(batch.seqs[i][1]) for i in ids]
                     lp = token_logps(hidden, weight, pb.targets, temp, chunk)[0]
                     for i, piece in zip(ids, lp.split(bounds)):
-                        old[i] = piece
-                        if batch.engine_logps[i] is not None:
-                            eng = torch.tensor(batch.engine_logps[i], dtype=torch.float64)
-                            diff_sum += float((piece.detach().double().cpu() - eng).abs().sum())
-                            diff_n += len(eng)
+                        out.old[i] = piece
+                        out.note_engine_gap(piece, batch.engine_logps[i])
                     for i, piece in zip(ids, rf.split(bounds) if rf is not None else [None] * len(ids)):
-                        ref[i] = piece
+                        out.ref[i] = piece
             if self.ref is not None:
                 sharding.reshard(self.ref)
-        acc = {k: 0.0 for k in ("loss", "tokens", "clip_low", "clip_high", "ratio_dev", "kl_ref", "kl_old",
-                                "cov_selected", "engine_diff", "engine_tokens", "tis_capped")}
-        first_ratio_dev = None
-        grad_norms = []
-        for epoch in range(g.ppo_epochs):
-            plan = plans[0] if epoch == 0 else self.plan(batch, epoch, order_gen)
+        return out
+
+    def epoch_loop(self, batch: Batch, first_plan: list, order_gen: torch.Generator, old: OldPass) -> UpdateSums:
+        """`ppo_epochs` passes over the batch, one optimiser step per mini-batch (the first epoch in `first_plan`,
+        the later ones reshuffled by `order_gen`)."""
+        totals = UpdateSums()
+        for epoch in range(self.r.grpo.ppo_epochs):
+            plan = first_plan if epoch == 0 else self.plan(batch, epoch, order_gen)
             for pi, (part, micro) in enumerate(plan):
-                counts = {"tokens": self.dist.sum(sum(len(batch.seqs[i][1]) for i in part if batch.loss_mask[i])),
-                          "seqs": self.dist.sum(sum(1 for i in part if batch.loss_mask[i])),
-                          "rows": self.dist.sum(len(part))}
-                selection = self.covariance_selection(batch, part, old) if cov_on else {}
-                self.opt.zero_grad(set_to_none=True)
-                for k in range(self.passes(len(micro))):
-                    ids = micro[k] if k < len(micro) else []
-                    olds = None if single or not ids else torch.cat([old[i] for i in ids])
-                    refs = torch.cat([ref[i] for i in ids]) if self.ref is not None and ids else None
-                    stats = self._micro_step(batch, ids, olds, refs, counts, selection)
-                    for key in acc:
-                        acc[key] += stats.get(key, 0.0)
-                    if epoch == 0 and pi == 0:
-                        first_ratio_dev = max(first_ratio_dev or 0.0, stats["max_ratio_dev"])
-                grad_norms.append(self.optimizer_step())
+                self.minibatch_update(batch, part, micro, old, totals, first=epoch == 0 and pi == 0)
+        return totals
+
+    def minibatch_update(self, batch: Batch, part: list[int], micro: list[list[int]], old: OldPass,
+                         totals: UpdateSums, first: bool) -> None:
+        """One optimiser step on one mini-batch (`part`: all its rows; `micro`: its micro-batches of trained rows),
+        its loss normalised by the whole mini-batch's counts (every process's share)."""
+        g = self.r.grpo
+        counts = {"tokens": self.dist.sum(sum(len(batch.seqs[i][1]) for i in part if batch.loss_mask[i])),
+                  "seqs": self.dist.sum(sum(1 for i in part if batch.loss_mask[i])),
+                  "rows": self.dist.sum(len(part))}
+        selection = self.covariance_selection(batch, part, old.old) if g.clip_cov.enabled or g.kl_cov.enabled \
+            else {}
+        single = self.old_logprobs_from_training_forward()
+        self.opt.zero_grad(set_to_none=True)
+        for k in range(self.passes(len(micro))):
+            ids = micro[k] if k < len(micro) else []
+            olds = None if single or not ids else torch.cat([old.old[i] for i in ids])
+            refs = torch.cat([old.ref[i] for i in ids]) if self.ref is not None and ids else None
+            totals.add(self._micro_step(batch, ids, olds, refs, counts, selection), first)
+        totals.grad_norms.append(self.optimizer_step())
+
+    def step_metrics(self, batch: Batch, old: OldPass, totals: UpdateSums) -> dict:
+        """The step's metrics: every process's sums together, per token of the trained rows where not said."""
+        g, acc, temp = self.r.grpo, totals.sums, self.r.rollout.temperature
         tokens = self.dist.sum(acc["tokens"]) or 1.0
-        diff_sum, diff_n = self.dist.sum(diff_sum + acc["engine_diff"]), self.dist.sum(diff_n + acc["engine_tokens"])
+        diff_sum = self.dist.sum(old.engine_diff + acc["engine_diff"])
+        diff_n = self.dist.sum(old.engine_tokens + acc["engine_tokens"])
         other_engine = not self.engine.samples_from_trainer_weights
         return {
             "engine_logprob_diff": diff_sum / diff_n if other_engine and diff_n else None,
             "tis_capped_fraction": self.dist.sum(acc["tis_capped"]) / tokens if g.tis_cap and other_engine else None,
             "loss": self.dist.sum(acc["loss"]) / g.ppo_epochs / max(1, g.mini_batches),
             "entropy": batch.stats["sampling_entropy"] if temp == 1.0
-            else self.dist.sum(ent_sum) / max(1.0, self.dist.sum(ent_n)),
+            else self.dist.sum(old.entropy_sum) / max(1.0, self.dist.sum(old.entropy_tokens)),
             "clip_frac_low": self.dist.sum(acc["clip_low"]) / tokens,
             "clip_frac_high": self.dist.sum(acc["clip_high"]) / tokens,
             "ratio_dev": self.dist.sum(acc["ratio_dev"]) / tokens,
-            "first_minibatch_max_ratio_dev": self.dist.max(first_ratio_dev or 0.0),
+            "first_minibatch_max_ratio_dev": self.dist.max(totals.first_max_ratio_dev or 0.0),
             "kl_ref": self.dist.sum(acc["kl_ref"]) / tokens if self.ref is not None else None,
             "kl_old": self.dist.sum(acc["kl_old"]) / tokens,
             "cov_selected_tokens": self.dist.sum(acc["cov_selected"]),
-            "trained_rows": self.dist.sum(len(trained)) / max(1.0, self.dist.sum(n_rows)),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "trained_rows": self.dist.sum(len(old.trained)) / max(1.0, self.dist.sum(len(batch.seqs))),
+            "grad_norm": sum(totals.grad_norms) / len(totals.grad_norms),
             "lr": self.sched.get_last_lr()[0],
         }
 
     def _micro_step(self, batch: Batch, ids: list[int], old_flat, ref_flat, counts: dict, selection: dict) -> dict:
-        """Forward, loss and backward of one micro-batch; `ids` empty: a padding pass (FSDP), loss x 0."""
+        """Forward, loss and backward of one micro-batch; `ids` empty: a padding pass (FSDP), loss x 0. `old_flat`
+        None: the old log-probs are this forward's own (old_logprobs_from_training_forward). Returns its sums."""
         r, g = self.r, self.r.grpo
         seqs = [batch.seqs[i] for i in ids] or [self.dummy_seq()]
-        want_ent = g.entropy_coef != 0
-        logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, want_ent)
+        logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, g.entropy_coef != 0)
         if not ids:
             (logp_flat.sum() * 0.0).backward()
             return {"max_ratio_dev": 0.0}
-        engine_diff = engine_tokens = 0.0
         engine = [batch.engine_logps[i] for i in ids]
         engine_flat = (torch.tensor([x for e in engine for x in e], dtype=logp_flat.dtype, device=logp_flat.device)
                        if engine[0] is not None else None)
-        if old_flat is None:  # see train_on: the old log-probs come from this very forward
+        sums = {"engine_diff": 0.0, "engine_tokens": 0.0}
+        if old_flat is None:
             old_flat = logp_flat.detach()
             if engine_flat is not None:
-                engine_diff = float((old_flat - engine_flat).abs().sum())
-                engine_tokens = float(engine_flat.numel())
-        B, W = len(seqs), max(len(c) for _, c in seqs)
-        logp = to_padded(logp_flat, pb, B, W)
-        old = to_padded(old_flat, pb, B, W)
-        mask = to_padded(torch.ones_like(logp_flat), pb, B, W)
-        mask = mask * torch.tensor([float(batch.loss_mask[i]) for i in ids], device=mask.device).unsqueeze(-1)
-        adv = torch.tensor([batch.advantages[i] for i in ids], dtype=torch.float32, device=logp.device)
-        loss_tok, ratio, low, high = grpo.clipped_policy_loss(logp, old, adv, g.epsilon, g.epsilon_high)
-        tis_capped = 0.0
-        if g.tis_cap is not None and engine_flat is not None:
-            w_flat = (old_flat - engine_flat).exp()  # pi_trainer(old) / pi_engine, per token
-            w = to_padded(w_flat.clamp(max=g.tis_cap), pb, B, W)
-            tis_capped = float((to_padded((w_flat > g.tis_cap).to(w.dtype), pb, B, W) * mask).sum())
-            loss_tok = loss_tok * w
-        selected = 0.0
-        if selection:
-            empty = torch.zeros(0, dtype=torch.bool)
-            sel_flat = torch.cat([selection.get(i, torch.zeros(len(batch.seqs[i][1]), dtype=torch.bool))
-                                  for i in ids]) if ids else empty
-            sel = to_padded(sel_flat.to(logp.device, logp.dtype), pb, B, W) * mask
-            if g.clip_cov.enabled:
-                loss_tok = loss_tok * (1 - sel)
-            else:
-                plain = -(ratio * adv.unsqueeze(-1))  # KL-Cov replaces clipping by the penalty (Cui et al.)
-                loss_tok = plain + sel * g.kl_cov.coef * (logp - old).abs()
-            selected = float(sel.sum())
-        kl_ref = None
-        if ref_flat is not None:
-            ref_lp = to_padded(ref_flat, pb, B, W)
-            loss_tok = loss_tok + g.beta * grpo.kl_penalty(logp, ref_lp, g.kl_estimator)
-            kl_ref = float((grpo.kl_penalty(logp.detach(), ref_lp, "k3") * mask).sum())
-        if want_ent:
-            loss_tok = loss_tok - g.entropy_coef * to_padded(ent_flat, pb, B, W)
-        loss = grpo.aggregate(loss_tok, mask, g.loss_aggregation, counts["tokens"], counts["seqs"], counts["rows"],
+                sums.update(engine_diff=float((old_flat - engine_flat).abs().sum()),
+                            engine_tokens=float(engine_flat.numel()))
+        m = MicroBatch.padded(batch, ids, pb, logp_flat, old_flat)
+        loss_tok, ratio, low, high = grpo.clipped_policy_loss(m.logp, m.old, m.adv, g.epsilon, g.epsilon_high)
+        loss_tok, sums["tis_capped"] = self.tis_weighted(loss_tok, m, old_flat, engine_flat)
+        loss_tok, sums["cov_selected"] = self.covariance_applied(loss_tok, m, ratio, selection)
+        loss_tok, sums["kl_ref"] = self.kl_to_reference(loss_tok, m, ref_flat)
+        if g.entropy_coef != 0:  # the entropy bonus, at the sampling temperature
+            loss_tok = loss_tok - g.entropy_coef * m.pad(ent_flat)
+        loss = grpo.aggregate(loss_tok, m.mask, g.loss_aggregation, counts["tokens"], counts["seqs"], counts["rows"],
                               r.rollout.max_new_tokens)
         loss = self.guard_loss(loss)  # decided on every process together, before the update
         loss.backward()
         with torch.no_grad():
-            dev = ((ratio - 1).abs() * mask)
-            kl_old = grpo.kl_penalty(logp.detach(), old, "k3") * mask
-        return {"loss": float(loss.detach()), "tokens": float(mask.sum()),
-                "clip_low": float((low * mask).sum()), "clip_high": float((high * mask).sum()),
+            dev = ((ratio - 1).abs() * m.mask)
+            kl_old = grpo.kl_penalty(m.logp.detach(), m.old, "k3") * m.mask
+        return {**sums, "loss": float(loss.detach()), "tokens": float(m.mask.sum()),
+                "clip_low": float((low * m.mask).sum()), "clip_high": float((high * m.mask).sum()),
                 "ratio_dev": float(dev.sum()), "max_ratio_dev": float(dev.max()) if dev.numel() else 0.0,
-                "kl_ref": kl_ref or 0.0, "kl_old": float(kl_old.sum()), "cov_selected": selected,
-                "engine_diff": engine_diff, "engine_tokens": engine_tokens, "tis_capped": tis_capped}
+                "kl_old": float(kl_old.sum())}
+
+    def tis_weighted(self, loss_tok: torch.Tensor, m: MicroBatch, old_flat: torch.Tensor,
+                     engine_flat: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """Truncated importance sampling (grpo.tis_cap, another engine only): each token's loss x
+        min(pi_trainer(old) / pi_engine, cap); also the number of capped tokens."""
+        cap = self.r.grpo.tis_cap
+        if cap is None or engine_flat is None:
+            return loss_tok, 0.0
+        w_flat = (old_flat - engine_flat).exp()  # pi_trainer(old) / pi_engine, per token
+        w = m.pad(w_flat.clamp(max=cap))
+        capped = float((m.pad((w_flat > cap).to(w.dtype)) * m.mask).sum())
+        return loss_tok * w, capped
+
+    def covariance_applied(self, loss_tok: torch.Tensor, m: MicroBatch, ratio: torch.Tensor,
+                           selection: dict) -> tuple[torch.Tensor, float]:
+        """Clip-Cov (the selected tokens leave the loss) or KL-Cov (the surrogate without clipping, plus a KL
+        penalty on the selected tokens, Cui et al.) from the mini-batch's token `selection`; also the number of
+        selected tokens."""
+        g = self.r.grpo
+        if not selection:
+            return loss_tok, 0.0
+        sel_flat = torch.cat([selection.get(i, torch.zeros(n, dtype=torch.bool)) for i, n in zip(m.ids, m.lengths)])
+        sel = m.pad(sel_flat.to(m.logp.device, m.logp.dtype)) * m.mask
+        if g.clip_cov.enabled:
+            loss_tok = loss_tok * (1 - sel)
+        else:
+            plain = -(ratio * m.adv.unsqueeze(-1))
+            loss_tok = plain + sel * g.kl_cov.coef * (m.logp - m.old).abs()
+        return loss_tok, float(sel.sum())
+
+    def kl_to_reference(self, loss_tok: torch.Tensor, m: MicroBatch,
+                        ref_flat: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """The KL penalty towards the frozen reference (grpo.beta x grpo.kl_estimator); also the sum of its k3
+        estimate (the logged kl_ref), 0 without a reference."""
+        g = self.r.grpo
+        if ref_flat is None:
+            return loss_tok, 0.0
+        ref_lp = m.pad(ref_flat)
+        loss_tok = loss_tok + g.beta * grpo.kl_penalty(m.logp, ref_lp, g.kl_estimator)
+        return loss_tok, float((grpo.kl_penalty(m.logp.detach(), ref_lp, "k3") * m.mask).sum())
 
 
 def run_rl(recipe: RLRecipe, checkpoint: str, progress: Progress = NULL, resume: bool = False,

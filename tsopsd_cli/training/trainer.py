@@ -3,9 +3,9 @@ finish. A command subclasses `TrainingRun` once and fills in `setup_method` (its
 `train_step` (one step's work and metrics) and `report_extra`; everything else exists here once.
 
 Layout of a run (tsopsd_cli.rundir): `.OUT.partial/` with `metrics.jsonl`, `recipe.yaml` and
-`checkpoints/step-N/` = model and optimiser state sharded per process (torch.distributed.checkpoint) plus
-`trainer_state.pt` (schedule, generator and RNG states, data position, step). The finished run is one ordinary
-Hugging Face directory, streamed from the (sharded) float32 master weights in `output.dtype`.
+`checkpoints/step-N/` (what one holds, how it is written and read back: tsopsd_cli.training.checkpointing). The
+finished run is one ordinary Hugging Face directory, streamed from the (sharded) float32 master weights in
+`output.dtype`.
 
 Resuming reproduces the uninterrupted run: a checkpoint stores the data position and every random state, and the
 log is cut back to the checkpoint's step. A signal (tsopsd_cli.signals) is acted on at the next safe point:
@@ -21,26 +21,27 @@ so no process stops alone while the others wait in a collective.
 Several processes also agree at start-up (the setup checks, a fingerprint of recipe, input and --out, the run
 directory, the checkpoint to resume from); any other failure is posted to the others by `Dist.failing` and they
 stop within seconds with the same exit code (tsopsd_cli.parallel.group).
+
+Everything a run holds is declared once, in `TrainingRun.__init__` (what setup makes starts as None); its counters
+are one `RunState` (training.checkpointing), saved with every checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
-import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tsopsd_cli import lean, signals
 from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
-                                   load_tokenizer, provenance, warn, write_checkpoint)
+                                   load_tokenizer, provenance, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.devices import release_host_memory
 from tsopsd_cli.engines import encode_prompts, open_engine, sampling_params
@@ -48,20 +49,22 @@ from tsopsd_cli.engines import require as require_engine
 from tsopsd_cli.errors import (CheckpointError, DataError, Interrupted, RecipeError, TsopsdError, UsageError,
                                WeightSyncError)
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
-from tsopsd_cli.parallel import dcp, group, reductions, sharding
+from tsopsd_cli.parallel import group, reductions, sharding
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe_loading import recipe_to_yaml
 from tsopsd_cli.report import json_safe, plot_curves
 from tsopsd_cli.rundir import RunDir, run_key
+from tsopsd_cli.training import checkpointing
 from tsopsd_cli.training import optim as O
+from tsopsd_cli.training.checkpointing import RunState
 from tsopsd_cli.training.policy import RunPolicy
 from tsopsd_cli.training.sink import MetricsSink
 from tsopsd_cli.training.validation import Validator
 from tsopsd_cli.tasks import load_problems
 from tsopsd_cli.tasks.base import Problem
 
-TRAINER_STATE = "trainer_state.pt"
-MODEL_STATE = "state"  # the DCP folder inside a checkpoint
+if TYPE_CHECKING:
+    from tsopsd_cli.engines.base import Engine
 
 
 class PromptStream:
@@ -93,10 +96,6 @@ class PromptStream:
         return out
 
 
-class CheckpointWriteError(TsopsdError):
-    """A step checkpoint could not be written (a full disk, an I/O error): exit 1, the previous one is kept."""
-
-
 class Finished(Interrupted):
     """A signal after every output was written: only the rename into place is left for --resume."""
 
@@ -122,9 +121,28 @@ class TrainingRun:
         self.progress = progress
         self.resume = resume
         self.restart = restart
-        self.stop_reason: str | None = None
+        self.state = RunState()  # step, saved_step, pending_row, stop_reason: restored from a checkpoint
+        self.history: list[dict] = []  # the rows of metrics.jsonl (on resume: those up to the checkpoint's step)
+        # made by setup, in this order (None before; setup stops early for a run that is already complete)
+        self.started = 0.0  # time.time() when setup began
+        self.dist: group.Dist | None = None
+        self.source_fp: str | None = None  # the input checkpoint's fingerprint
         self.run: RunDir | None = None
+        self.stream: PromptStream | None = None
+        self.pl: sharding.Placement | None = None
+        self.model: torch.nn.Module | None = None  # the trained policy, placed (master dtype, FSDP shards)
+        self.tok = None  # its tokenizer
+        self.device: torch.device | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.sched: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.gen: torch.Generator | None = None  # the run's seeds (next_seed): part of the checkpoint's cursor
+        self.validator: Validator | None = None  # None: validation is off
         self.sink: MetricsSink | None = None
+        self.engine: Engine | None = None  # the policy's rollout engine
+        # carried from one part of a step to the next
+        self.wnorm = 0.0  # the weights' global norm after the last update (the weight-change guard)
+        self.bad_loss: float | None = None  # a non-finite loss noted by guard_loss, decided on at optimizer_step
+        self.grad_bytes = 0  # gradient memory the last update held (the report's per-process bytes)
 
     # ------------------------------------------------------------------------------------------------ hooks
     def input_paths(self) -> list:
@@ -231,25 +249,14 @@ class TrainingRun:
         self.opt = O.build_optimizer(self.model, r.optim)
         self.sched = O.build_scheduler(self.opt, r.optim, r.train.max_steps)
         self.gen = torch.Generator().manual_seed(r.train.seed)
-        self.step = 0
-        self.saved_step = -1
-        self.pending_row: dict | None = None
-        self.history: list[dict] = []
         self.validator = Validator(r.validation, self.tok, r.data) if r.validation.enabled else None
-        ckpt, st = self.resume_point()
+        ckpt, st = checkpointing.resume_point(self.run, self.dist, self.model, self.opt)
+        method_state: dict = {}
         if ckpt is not None:
-            self.sched.load_state_dict(st["scheduler"])
-            self.gen.set_state(st["generator"])
-            random.setstate(_tupled(st["python_rng"]))
-            torch.set_rng_state(st["torch_rng"])
-            self.stream.position = st["data_position"]
-            self.step = self.saved_step = st["step"]
-            self.pending_row = st.get("pending_row")
-            self.stop_reason = st.get("stop_reason")
-            self._method_state = st.get("method", {})
-            self.progress.log(f"resumed from {ckpt} (step {self.step})")
+            method_state = checkpointing.restore(st, self.state, self.sched, self.gen, self.stream)
+            self.progress.log(f"resumed from {ckpt} (step {self.state.step})")
         if self.run.resumed and self.dist.main:  # cut the log back to what the checkpoint contains
-            s = self.step
+            s = self.state.step
             self.history = self.run.log.keep(
                 lambda row: ckpt is not None and (row.get("step", 0) < s
                                                   or (row["step"] == s and is_training_row(row))))
@@ -261,39 +268,8 @@ class TrainingRun:
         self.engine = self.rollout_engine()
         self.setup_method()
         if ckpt is not None:
-            self.load_method_state(self._method_state, ckpt)
+            self.load_method_state(method_state, ckpt)
         self.wnorm = reductions.weight_norm(self.model, self.pl, self.dist)
-
-    def resume_point(self) -> tuple[Path | None, dict | None]:
-        """The checkpoint to continue from, chosen once (rank 0) for every process: the newest intact one. A
-        damaged newest checkpoint (a truncated trainer state, a missing or corrupt shard: a full disk or a kill
-        during a copy) is passed over with one line saying so, and the previous intact one is used."""
-        if not self.run.resumed:
-            return None, None
-        candidates = [str(p) for p in self.run.checkpoints()] if self.dist.main else None
-        candidates = self.dist.broadcast_object(candidates)
-        for path in reversed([Path(c) for c in candidates]):
-            error = None
-            st = None
-            try:
-                st = torch.load(path / TRAINER_STATE, weights_only=True, map_location="cpu")
-                dcp.load_state(path / MODEL_STATE, self.model, self.opt)
-            except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
-                error = e
-            failed = self.dist.gather_objects(None if error is None else f"{type(error).__name__}: "
-                                              f"{str(error).splitlines()[0] if str(error) else ''}")
-            bad = [f for f in failed if f is not None]
-            if not bad:
-                return path, st
-            if self.dist.main:
-                warn(f"checkpoint {path.name} in {self.run.path} is damaged ({bad[0][:200]}); falling back to the "
-                     "previous one")
-        if candidates:
-            raise CheckpointError(f"{self.run.path}: no intact checkpoint to resume from (all {len(candidates)} "
-                                  "are damaged); pass --restart to start again")
-        return None, None
 
     def check_prompt_lengths(self, problems: list[Problem]) -> None:
         """Refuse (exit 2) training prompts that leave no room for a completion in the model's context."""
@@ -335,7 +311,7 @@ class TrainingRun:
         engine = open_engine(ro.engine, self.tok, model=self.model, checkpoint=self.checkpoint,
                              model_section=self.r.model, rollout=ro, sample_context=self._sampling_context,
                              log=self.progress.log)
-        if self.step > 0:  # resumed: the engine loaded the input checkpoint, the trainer holds step N's weights
+        if self.state.step > 0:  # resumed: the engine loaded the input weights, the trainer holds step N's
             engine.sync_weights(sharding.full_tensors(self.model))
         return engine
 
@@ -362,7 +338,7 @@ class TrainingRun:
             aborted, comps = True, None
         if agree and self.dist.world > 1 and self.dist.any(aborted):
             raise Interrupted(f"{signals.requested() or 'a signal'} received during the rollout of step "
-                              f"{self.step + 1}")
+                              f"{self.state.step + 1}")
         if aborted:
             raise Interrupted(f"{signals.requested() or 'a signal'} received during generation")
         return comps
@@ -402,10 +378,10 @@ class TrainingRun:
         """The weight-sync guard (the engine decides; every process sees the same global mean): stop the run,
         exit 5, keeping the last good checkpoint."""
         try:
-            self.engine.check_sync(logprob_diff, self.step + 1)
+            self.engine.check_sync(logprob_diff, self.state.step + 1)
         except WeightSyncError as e:
-            kept = (f"the last good checkpoint (step {self.saved_step}) stays in {self.run.path}"
-                    if self.saved_step >= 0 else f"no checkpoint was saved yet ({self.run.path})")
+            kept = (f"the last good checkpoint (step {self.state.saved_step}) stays in {self.run.path}"
+                    if self.state.saved_step >= 0 else f"no checkpoint was saved yet ({self.run.path})")
             raise WeightSyncError(f"{e}; {kept}") from None
 
     # ------------------------------------------------------------------------------------------ shared pieces
@@ -456,16 +432,16 @@ class TrainingRun:
     def check_rollout(self, comps) -> None:
         bad = any(not math.isfinite(lp) for c in comps for lp in c.logprobs)
         if self.dist.any(bad):
-            O.check_finite("rollout log-prob (the policy's logits)", float("nan"), self.step + 1)
+            O.check_finite("rollout log-prob (the policy's logits)", float("nan"), self.state.step + 1)
 
     def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Note (not raise: the other processes would wait in the next collective) a non-finite loss of this
         process; `optimizer_step` decides on every process together. Testing aid: TSOPSD_FAULT=NAN@step#N makes
         the loss of step N non-finite (in the process whose RANK is TSOPSD_FAULT_RANK, or every one)."""
-        if signals.poisoned("step", self.step + 1):
+        if signals.poisoned("step", self.state.step + 1):
             loss = loss * float("nan")
         value = float(loss.detach())
-        if not math.isfinite(value) and getattr(self, "bad_loss", None) is None:
+        if not math.isfinite(value) and self.bad_loss is None:
             self.bad_loss = value
         return loss
 
@@ -474,18 +450,18 @@ class TrainingRun:
         returns the gradient norm. A parameter without a gradient (nothing was back-propagated, e.g. every row of
         the mini-batch had advantage 0) gets an explicit zero one, so the optimiser's momentum moves it exactly as
         after a zero-valued backward."""
-        bad, self.bad_loss = getattr(self, "bad_loss", None), None
-        if bad is None and signals.poisoned("step", self.step + 1):
+        bad, self.bad_loss = self.bad_loss, None
+        if bad is None and signals.poisoned("step", self.state.step + 1):
             bad = float("nan")  # (the testing aid, on a process that had no row to train in this step)
         if self.dist.any(bad is not None):
             where = "" if bad is not None else f" on another process (rank {self.dist.rank} had a finite one)"
-            O.check_finite(f"loss{where}", bad if bad is not None else float("nan"), self.step + 1)
+            O.check_finite(f"loss{where}", bad if bad is not None else float("nan"), self.state.step + 1)
         for p in self.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         reductions.sync_gradients(self.model, self.pl)
         norm = reductions.clip_grad_norm(self.model, self.r.optim.max_grad_norm, self.pl, self.dist)
-        O.check_finite("gradient norm", norm, self.step + 1)
+        O.check_finite("gradient norm", norm, self.state.step + 1)
         self.opt.step()
         # Free the gradients now rather than at the next zero_grad: otherwise they stay allocated through the
         # weight sync and the next rollout, where a waking vLLM engine needs the memory back. Their size is kept
@@ -494,7 +470,7 @@ class TrainingRun:
         self.opt.zero_grad(set_to_none=True)
         release_host_memory(self.device)
         before, self.wnorm = self.wnorm, reductions.weight_norm(self.model, self.pl, self.dist)
-        O.check_weights(before, self.wnorm, self.r.optim.max_weight_norm_change, self.step + 1)
+        O.check_weights(before, self.wnorm, self.r.optim.max_weight_norm_change, self.state.step + 1)
         return norm
 
     def validate(self) -> dict | None:
@@ -517,44 +493,24 @@ class TrainingRun:
             self.sink.write(row)
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def cursor(self) -> dict:
-        """The random states and data position: what a resumed run needs besides the weights."""
-        return {"generator": self.gen.get_state(), "python_rng": random.getstate(),
-                "torch_rng": torch.get_rng_state(), "data_position": self.stream.position}
-
     def save(self, cursor: dict | None = None, pending_row: dict | None = None) -> None:
-        if self.saved_step == self.step and pending_row is None:
+        """Checkpoint the current step (training.checkpointing), unless it is saved already; `cursor`: the one
+        taken before an interrupted step, `pending_row`: a row whose validation is to be redone on resume."""
+        st = self.state
+        if st.saved_step == st.step and pending_row is None:
             return
         signals.fault_point("save")
         t0 = time.perf_counter()
-        tmp = self.run.prepare_staging(self.step)
-        try:
-            dcp.save_state(tmp / MODEL_STATE, self.model, self.opt)
-            for name, model in self.extra_models().items():
-                dcp.save_model(tmp / name, model)
-            if self.dist.main:
-                state = {"scheduler": self.sched.state_dict(), **(cursor or self.cursor()), "step": self.step,
-                         "pending_row": pending_row, "stop_reason": self.stop_reason, "method": self.method_state()}
-                torch.save(state, tmp / TRAINER_STATE)
-        except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
-            if isinstance(e, (KeyboardInterrupt, SystemExit, Interrupted)):
-                raise
-            if self.dist.main:
-                shutil.rmtree(tmp, ignore_errors=True)  # the half-written staging folder (and the space it took)
-            raise CheckpointWriteError(self._write_failure(e)) from None
-        self.run.publish(self.step, self.r.train.keep_last)
-        self.saved_step = self.step
+        checkpointing.save(self.run, self.dist, st, self.model, self.opt, self.extra_models(),
+                           lambda: checkpointing.trainer_state(self.sched, cursor or self.cursor(), st, pending_row,
+                                                               self.method_state()),
+                           self.r.train.keep_last)
         # (the save's duration is one term of the SIGTERM lead time a cluster job needs: docs/cluster.md)
-        self.progress.log(f"checkpoint of step {self.step} saved in {time.perf_counter() - t0:.1f} s")
+        self.progress.log(f"checkpoint of step {st.step} saved in {time.perf_counter() - t0:.1f} s")
 
-    def _write_failure(self, e: BaseException) -> str:
-        cause = " ".join(str(e).split())[:200] or type(e).__name__
-        if "No space left" in cause or getattr(e, "errno", None) == errno.ENOSPC:
-            cause = "no space left on the device"
-        kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step >= 0
-                else "no earlier checkpoint: a resume starts from step 0")
-        return (f"writing the checkpoint of step {self.step} in {self.run.path} failed ({cause}); {kept}: free "
-                "space if needed, then run the same command with --resume")
+    def cursor(self) -> dict:
+        """The random states and data position as they are now (training.checkpointing.cursor)."""
+        return checkpointing.cursor(self.gen, self.stream)
 
     def safe_point(self, where: str) -> None:
         """Stop here if any process received a signal (all processes agree)."""
@@ -562,28 +518,28 @@ class TrainingRun:
             raise Interrupted(f"{signals.requested() or 'a signal'} received during {where}")
 
     def interrupted(self, e: Interrupted) -> Interrupted:
-        if self.saved_step < 0:
+        if self.state.saved_step < 0:
             return Interrupted(f"{e}, before the first checkpoint: the same command with --resume starts again "
                                f"from step 0 in {self.run.path}")
-        return Interrupted(f"{e}: checkpoint of step {self.saved_step} in {self.run.path}; continue with the same "
-                           "command and --resume")
+        return Interrupted(f"{e}: checkpoint of step {self.state.saved_step} in {self.run.path}; continue with the "
+                           "same command and --resume")
 
     # -------------------------------------------------------------------------------------------------- loop
     def run_loop(self) -> dict:
-        r = self.r
+        r, st = self.r, self.state
         cursor = None
         try:
-            if self.step == 0 and self.saved_step < 0:
+            if st.step == 0 and st.saved_step < 0:
                 v = self.validate()
                 if v is not None:
                     self.log_row({"step": 0, **v})
-            if self.pending_row is not None:  # a validation interrupted at this step: redo it first
-                row, self.pending_row = self.pending_row, None
+            if st.pending_row is not None:  # a validation interrupted at this step: redo it first
+                row, st.pending_row = st.pending_row, None
                 row.update(self.validate() or {})
                 self.log_row(row)
-            with self.progress.task(self.command, total=r.train.max_steps, start=self.step) as advance:
-                while self.step < r.train.max_steps and self.stop_reason is None:
-                    self.safe_point(f"step {self.step + 1}")
+            with self.progress.task(self.command, total=r.train.max_steps, start=st.step) as advance:
+                while st.step < r.train.max_steps and st.stop_reason is None:
+                    self.safe_point(f"step {st.step + 1}")
                     cursor = self.cursor()
                     signals.fault_point("rollout")
                     t0 = time.perf_counter()
@@ -595,30 +551,30 @@ class TrainingRun:
                     if synced is not None:
                         metrics["weight_sync_seconds"] = synced
                     self.sched.step()
-                    self.step += 1
-                    row = {"step": self.step, **metrics, "step_seconds": time.perf_counter() - t0}
-                    if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step < r.train.max_steps:
-                        self.pending_row = row
+                    st.step += 1
+                    row = {"step": st.step, **metrics, "step_seconds": time.perf_counter() - t0}
+                    if r.train.eval_every and st.step % r.train.eval_every == 0 and st.step < r.train.max_steps:
+                        st.pending_row = row
                         row.update(self.validate() or {})
-                        self.pending_row = None
+                        st.pending_row = None
                     self.log_row(row)
                     advance(1, info=" ".join(f"{k} {row[k]:.3f}" for k in self.progress_info
                                              if isinstance(row.get(k), float)))
-                    if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
+                    if r.train.save_every and st.step % r.train.save_every == 0 and st.step < r.train.max_steps:
                         self.save()
             final = self.validate()
             if final is not None:
-                self.log_row({"step": self.step, **final})
+                self.log_row({"step": st.step, **final})
             return self.finish()
         except Finished:
             raise
         except Interrupted as e:
-            if self.step == 0:
+            if st.step == 0:
                 pass  # nothing to save: a resume from step 0 redoes exactly this
             elif cursor is not None:  # stopped inside a step: the model is still that of the last completed one
                 self.save(cursor=cursor)
             else:
-                pending, self.pending_row = self.pending_row, None
+                pending, st.pending_row = st.pending_row, None
                 if pending is not None:
                     pending = {k: v for k, v in pending.items() if not k.startswith("val_")}
                 self.save(pending_row=pending)
@@ -630,13 +586,14 @@ class TrainingRun:
         report = {
             "command": self.command, "checkpoint": str(self.checkpoint), "source_fingerprint": self.source_fp,
             "first_prompt": self.stream.problems[0].prompt if self.stream.problems else None,
-            "steps": self.step, "processes": self.dist.world, "stop_reason": self.stop_reason or "max_steps",
+            "steps": self.state.step, "processes": self.dist.world,
+            "stop_reason": self.state.stop_reason or "max_steps",
             "validation": {"first": vals[0] if vals else None, "last": vals[-1] if vals else None},
             "curves": {k: [h.get(k) for h in steps] for k in ["step", *[key for key, _ in self.plot_keys]]},
             "val_curves": {"step": [h["step"] for h in vals], "val_accuracy": [h["val_accuracy"] for h in vals],
                            "val_entropy": [h["val_entropy"] for h in vals]},
             "parallel": {**self.pl.describe(), "per_rank": self.dist.gather_objects(
-                {**sharding.local_bytes(self.model, self.opt), "gradient_bytes": getattr(self, "grad_bytes", 0)})},
+                {**sharding.local_bytes(self.model, self.opt), "gradient_bytes": self.grad_bytes})},
         }
         report.update(self.report_extra())
         report["seconds"] = round(time.time() - self.started, 3)
@@ -651,7 +608,8 @@ class TrainingRun:
         signals.fault_point("finish")
         report = self.report()
         self.engine.release()  # the final write gathers the whole model: the engine sleeps first
-        metrics = {"steps": self.step, "val_accuracy_last": (report["validation"]["last"] or {}).get("val_accuracy"),
+        metrics = {"steps": self.state.step,
+                   "val_accuracy_last": (report["validation"]["last"] or {}).get("val_accuracy"),
                    **{k: v for k, v in report.items() if k in ("entropy", "reward")}}
         prov = provenance(self.command, self.r, self.checkpoint, self.source_fp, metrics, self.started)
         dtype = self.r.output.dtype if self.r.output.dtype != "auto" else checkpoint_dtype(self.checkpoint)
@@ -687,7 +645,7 @@ class TrainingRun:
             self.setup()
             return self.finish_complete() if self.run.complete else self.run_loop()
         except BaseException as e:
-            if not hasattr(self, "dist"):
+            if self.dist is None:
                 raise
             why = self.dist.explain(e)  # a collective that lost its peer: what happened to the peer
             self.dist.failing(why)  # the other processes stop within seconds, with the same exit code
@@ -697,7 +655,7 @@ class TrainingRun:
         finally:
             try:
                 self.close()
-                if getattr(self, "engine", None) is not None:
+                if self.engine is not None:
                     self.engine.close()
                 if self.sink is not None:
                     self.sink.close()
@@ -705,10 +663,6 @@ class TrainingRun:
                 if self.run is not None:
                     self.run.close()
                 signals.collective(False)
-                if hasattr(self, "dist"):
+                if self.dist is not None:
                     self.dist.close()
 
-
-def _tupled(x):
-    """random.setstate needs tuples where torch.load returns lists."""
-    return tuple(_tupled(v) for v in x) if isinstance(x, (list, tuple)) else x
