@@ -148,8 +148,9 @@ def _encoded(ckpt: Path, data: Path) -> list[list[int]]:
     return [tok(json.loads(x)["problem"])["input_ids"] for x in data.read_text().splitlines()]
 
 
-def run_plan_arm(shapes: list[str], dev: str, tokens: int) -> list[dict]:
-    """plan_arm for rl and reheat at each shape, printed as a table and the time split."""
+def run_plan_arm(shapes: list[str], dev: str, tokens: int, until: float | None = None) -> list[dict]:
+    """plan_arm for rl and reheat at each shape, printed as a table and the time split; no run is started after
+    time.perf_counter() passes `until`."""
     import tempfile
 
     out = []
@@ -157,6 +158,9 @@ def run_plan_arm(shapes: list[str], dev: str, tokens: int) -> list[dict]:
         for shape in shapes:
             for command in ("rl", "reheat"):
                 t0 = time.perf_counter()
+                if until is not None and t0 > until:
+                    print(f"\n== plan vs {command} at the {shape} shape: skipped (--deadline)", flush=True)
+                    continue
                 r = plan_arm(shape, command, Path(d), dev, tokens)
                 r["wall_seconds"] = round(time.perf_counter() - t0, 1)
                 out.append(r)

@@ -560,7 +560,10 @@ def print_shape(r: dict, args, rate: float) -> None:
 
 
 def run_all(args, results: dict, save) -> None:
-    """Every arm: the shapes' arms, the rollout arm and the plan arm (results filled in place, saved after each)."""
+    """Every arm: the shapes' arms, the rollout arm and the plan arm (results filled in place, saved after each).
+    With --deadline no arm (no plan run) starts after that many seconds: the summary line still comes."""
+    until = None if args.deadline is None else time.perf_counter() + args.deadline
+    late = lambda: until is not None and time.perf_counter() > until  # noqa: E731
     torch.backends.cuda.matmul.allow_tf32 = True
     results["matmul_bf16_TFLOP/s"] = round(matmul_tflops(), 1)
     print(f"matmul bf16 8192^3: {results['matmul_bf16_TFLOP/s']} TFLOP/s", flush=True)
@@ -572,15 +575,18 @@ def run_all(args, results: dict, save) -> None:
         results["shapes"].append(r)
         print_shape(r, args, results["matmul_bf16_TFLOP/s"])
         save()
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        results["rollout"] = runner_arms.rollout_arm(args.rollout_shape, Path(d), DEV, args.rollout_tokens)
-        print(f"\nrollout in the runner ({time.perf_counter() - t0:.0f} s): {json.dumps(results['rollout'])}",
-              flush=True)
-    save()
+    if late():
+        print("\nrollout in the runner: skipped (--deadline)")
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            results["rollout"] = runner_arms.rollout_arm(args.rollout_shape, Path(d), DEV, args.rollout_tokens)
+            print(f"\nrollout in the runner ({time.perf_counter() - t0:.0f} s): {json.dumps(results['rollout'])}",
+                  flush=True)
+        save()
     if DEV == "cuda":
         torch.cuda.empty_cache()
-    results["plan"] = runner_arms.run_plan_arm(args.plan_shapes.split(","), DEV, args.plan_tokens)
+    results["plan"] = runner_arms.run_plan_arm(args.plan_shapes.split(","), DEV, args.plan_tokens, until)
     save()
 
 
@@ -621,6 +627,8 @@ def parse_args():
     ap.add_argument("--plan", action="store_true", help="only the plan arm")
     ap.add_argument("--plan-shapes", default="0.6b,1.7b")
     ap.add_argument("--plan-tokens", type=int, default=256, help="completion tokens of the plan arm's runs")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds after which no further arm starts "
+                    "(the summary line then says na for what did not run)")
     ap.add_argument("--cli", action="store_true", help="only the user's command (torchrun ... reheat)")
     ap.add_argument("--cli-shape", default="0.6b")
     ap.add_argument("--cli-tokens", type=int, default=512)

@@ -440,8 +440,9 @@ def main() -> int:
     if not (Path(args.data_dir) / "math500.jsonl").is_file():
         print(f"no math500.jsonl in {args.data_dir} (--data-dir)", file=sys.stderr)
         return 2
-    have_trl = (subprocess.run([args.trl_python, "-c", "import trl"], capture_output=True).returncode == 0
-                if args.trl_python else importlib.util.find_spec("trl") is not None)
+    # imported, not only found: carried wheels (a GPU machine) may lack one of TRL's own requirements
+    have_trl = subprocess.run([args.trl_python or sys.executable, "-c", "import trl, datasets"],
+                              capture_output=True).returncode == 0
     if not have_trl and not (args.smoke or DEVICE == "cuda"):
         print("TRL is not installed (pip install trl==1.16.0; it is not a tsopsd dependency)", file=sys.stderr)
         return 2
