@@ -244,7 +244,8 @@ def engine_decode_arm(student, args) -> dict:
     return {"rows": rows, "new_tokens": n, "graphs": engine._graphs_here(), "engine_tokens_per_s": round(engine_tps),
             "hf_generate_tokens_per_s": round(hf_tps), "decode_vs_hf": round(engine_tps / hf_tps, 3),
             "step_wall_ms": round(1e3 * step_wall, 3), "step_kernels_ms": round(1e3 * step_kernels, 3),
-            "kernels": what, "decode_overhead": round(step_wall / step_kernels, 3) if step_kernels > 0 else None,
+            "kernels": what if step_kernels > 0 else f"{what}: none traced (decode_overhead na)",
+            "decode_overhead": round(step_wall / step_kernels, 3) if step_kernels > 0 else None,
             "tokens_equal_to_eager_lean": round(same, 4)}
 
 
