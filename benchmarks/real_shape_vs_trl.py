@@ -5,6 +5,7 @@ backward vs the model's own transformers forward, all in one run, the sides alte
                                      # (or in its own environment, named with --trl-python PYTHON)
     python benchmarks/real_shape_vs_trl.py [--layers 2] [--prompts 4] [--generations 2] [--max-new 128]
         [--steps 2] [--rounds 1] [--fwdbwd-tokens 512,2048,8192] [--vllm] [--smoke]
+    python benchmarks/real_shape_vs_trl.py --device cuda [--shape 1.7b] [--layers 28] [--only reheat,rl]
 
 The model: a random-weight Qwen3 at Qwen3-0.6B's width (hidden 1024, 16 query / 8 key-value heads, head_dim 128,
 intermediate 3072, tied embeddings, vocabulary 151,936) with `--layers` decoder layers (default 2: the LM head's
@@ -13,6 +14,12 @@ intermediate 3072, tied embeddings, vocabulary 151,936) with `--layers` decoder 
 state and compute in bfloat16 on both sides (tsopsd: model.dtype bfloat16, train.master_weights model_dtype; TRL:
 the model loaded in bfloat16), on the CPU. Prompts: MATH-500 problems with the "boxed" template, from the local
 copy ../shared/data/benchmarks/math500.jsonl (relative to the repository; `--data-dir`).
+
+`--device cuda` (issue 30): the same rows on one GPU, by default at Qwen3-1.7B's shape with all 28 layers (hidden
+2048, 16 / 8 heads, head_dim 128, intermediate 6144, tied; `--shape`, `--layers`), bfloat16 weights and AdamW on
+both sides (TRL: the model loaded in bfloat16, `bf16=True`; its GKDTrainer and GRPOTrainer generate with
+transformers' `generate`; tsopsd: the hf engine, CUDA graph decoding). Memory is the CUDA allocator's peak instead
+of the resident set. Without TRL installed the TRL rows are skipped with a note and their ratios are "na".
 
 Rows (each arm runs in a fresh subprocess, so that its peak memory is its own):
 - `reheat`: one TS-OPSD step (on-policy, forward KL(teacher || student) over the full vocabulary, frozen teacher =
@@ -65,10 +72,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _arms import rss_mb  # noqa: E402
+from _phases import Split  # noqa: E402
 
 TEMP, LR, CHUNK = 1.6, 1e-5, 1024
 SHAPE = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
              tie_word_embeddings=True)  # Qwen3-0.6B's width (tests/qwen_ckpt.QWEN3_0_6B), fewer layers
+SHAPES = {"0.6b": (SHAPE, 28), "1.7b": ({**SHAPE, "hidden_size": 2048, "intermediate_size": 6144}, 28)}
+DEVICE = "cpu"  # --device: where both sides run (set once by main, passed to each arm's subprocess)
 
 
 def length_reward(completions, answers=None, **_):
@@ -101,54 +111,46 @@ class PeakRSS:
         return self.peak - self.base
 
 
+class CudaPeak:
+    """The CUDA allocator's peak (MiB) above what was allocated at the start (--device cuda)."""
+
+    def __init__(self):
+        import torch
+
+        torch.cuda.synchronize()
+        _note_cuda_peak()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated() / 2**20
+
+    def stop(self) -> float:
+        import torch
+
+        torch.cuda.synchronize()
+        return _note_cuda_peak() - self.base
+
+
+_CUDA_PEAK = [0.0]  # the process's peak across resets of the allocator's peak statistics, MiB
+
+
+def _note_cuda_peak() -> float:
+    import torch
+
+    now = torch.cuda.max_memory_allocated() / 2**20
+    _CUDA_PEAK[0] = max(_CUDA_PEAK[0], now)
+    return now
+
+
+def step_peak():
+    """A meter of the memory a step takes on DEVICE: `.stop()` -> MiB above its start."""
+    return CudaPeak() if DEVICE == "cuda" else PeakRSS()
+
+
 def process_peak_mb() -> float:
     import resource
 
+    if DEVICE == "cuda":
+        return max(_CUDA_PEAK[0], _note_cuda_peak())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Split:
-    """Seconds spent in named calls, outermost call only (a call inside another timed one counts for the outer)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.depth = 0
-
-    def wrap(self, fn, name):
-        def timed(*a, **kw):
-            if self.depth:
-                return fn(*a, **kw)
-            self.depth += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-                self.depth -= 1
-        return timed
-
-    def instrument(self, run) -> None:
-        """Time the runner's rollout, forwards (student vs frozen), chunked loss, metrics, backward, optimiser
-        step and engine sync."""
-        import torch
-
-        from tsopsd_cli.core import chunked, stats
-        from tsopsd_cli.runners import rl
-        from tsopsd_cli.training import distill, trainer
-
-        run.rollout = self.wrap(run.rollout, "rollout")
-        hidden = run.hidden
-        student = self.wrap(hidden, "student forward")
-        frozen = self.wrap(hidden, "teacher forward")
-        run.hidden = lambda model, seqs: (student if model is run.model else frozen)(model, seqs)
-        run.optimizer_step = self.wrap(run.optimizer_step, "optimiser")
-        run.sync_engine = self.wrap(run.sync_engine, "sync")
-        for mod in (distill, rl, trainer):
-            for name in ("token_divergence", "token_logps"):
-                if hasattr(mod, name):
-                    setattr(mod, name, self.wrap(getattr(chunked, name), "loss"))
-        stats.chunked_token_stats = self.wrap(stats.chunked_token_stats, "metrics")
-        torch.Tensor.backward = self.wrap(torch.Tensor.backward, "backward")
 
 
 def timed_run(run, steps: int) -> dict:
@@ -162,7 +164,7 @@ def timed_run(run, steps: int) -> dict:
         for k in range(steps + 1):
             if k == 1:
                 split.seconds.clear()
-                mem = PeakRSS()
+                mem = step_peak()
             t0 = time.perf_counter()
             run.train_step()
             run.sched.step()
@@ -171,6 +173,7 @@ def timed_run(run, steps: int) -> dict:
         peak = mem.stop()
     finally:
         run.close()
+        split.restore()
     return {"step_seconds": times[1:], "split": {k: v / steps for k, v in split.seconds.items()},
             "step_peak_MiB": peak, "process_peak_MiB": process_peak_mb()}
 
@@ -193,7 +196,7 @@ def tsopsd_recipe(command: str, args, out: Path, extra: list[str]):
         f"rollout.num_generations={args.generations}", f"rollout.max_new_tokens={args.max_new}",
         "rollout.temperature=1.0", f"rollout.batch_size={n}", f"optim.lr={LR}", "optim.warmup_steps=0",
         f"train.micro_batch_size={n}", f"train.max_steps={args.steps + 1}",
-        "train.save_every=0", f"train.chunk_size={CHUNK}", "validation.enabled=false", "model.device=cpu",
+        "train.save_every=0", f"train.chunk_size={CHUNK}", "validation.enabled=false", f"model.device={DEVICE}",
         "model.dtype=bfloat16", "train.master_weights=model_dtype", "output.plots=false",
         # reheat's before/after report (untimed set-up) on one prompt: it is no part of a step
         "validation.max_new_tokens=8", *(["reheat.report_prompts=1"] if command == "reheat" else []), *extra]))
@@ -228,14 +231,14 @@ def trl_callback(times: list, mem: dict):
         def on_step_end(self, a, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
             if len(times) == 1:
-                mem["sampler"] = PeakRSS()
+                mem["sampler"] = step_peak()
 
     return Probe()
 
 
 def trl_common(args, out: Path, steps: int) -> dict:
     return dict(output_dir=str(out / "trl"), max_steps=steps + 1, learning_rate=LR, gradient_accumulation_steps=1,
-                use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
+                use_cpu=DEVICE == "cpu", bf16=DEVICE == "cuda", report_to="none", save_strategy="no", logging_steps=1,
                 lr_scheduler_type="constant", warmup_steps=0, seed=0, dataloader_num_workers=0, disable_tqdm=True,
                 gradient_checkpointing=False, max_grad_norm=1.0)
 
@@ -315,7 +318,8 @@ def arm_fwdbwd(args, ckpt: str, side: str, tokens: int) -> dict:
     from tsopsd_cli.core.chunked import token_logps
     from tsopsd_cli.modeling import completion_hidden, pack
 
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="sdpa").train()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to(DEVICE).train()
     tok_ids = model.config.vocab_size
     prompt = encode(ckpt, problems(args)[0].prompt)
     g = torch.Generator().manual_seed(tokens)
@@ -323,7 +327,7 @@ def arm_fwdbwd(args, ckpt: str, side: str, tokens: int) -> dict:
     weight = model.get_output_embeddings().weight
 
     def step(seqs):
-        pb = pack(seqs, 0, "cpu")
+        pb = pack(seqs, 0, DEVICE)
         if side == "tsopsd":
             hidden = lean.shared_prefix_hidden(model, seqs, head_in_loss=True)  # as the trainer calls it
         else:
@@ -332,11 +336,13 @@ def arm_fwdbwd(args, ckpt: str, side: str, tokens: int) -> dict:
         model.zero_grad(set_to_none=True)
 
     step([(prompt, completion[:256])])  # warm-up (one-time initialisation), short to save time at 8k
-    mem = PeakRSS()
+    mem = step_peak()
     times = []
     for _ in range(args.fwdbwd_reps):
         t0 = time.perf_counter()
         step([(prompt, completion)])
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"tokens": tokens, "seconds": min(times), "tokens_per_s": tokens / min(times), "step_peak_MiB": mem.stop(),
             "process_peak_MiB": process_peak_mb()}
@@ -365,7 +371,7 @@ def run_arm(args) -> dict:
 def subprocess_arm(args, name: str, ckpt: Path, work: Path) -> dict | None:
     opts = ["--layers", str(args.layers), "--prompts", str(args.prompts), "--generations", str(args.generations),
             "--max-new", str(args.max_new), "--steps", str(args.steps), "--fwdbwd-reps", str(args.fwdbwd_reps),
-            "--data-dir", str(args.data_dir)]
+            "--data-dir", str(args.data_dir), "--device", args.device, "--shape", args.shape]
     python = args.trl_python if name.endswith("-trl") and args.trl_python else sys.executable
     cmd = [python, __file__, "--arm", name, "--checkpoint", str(ckpt), "--workdir", str(work / name), *opts]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 << 20), "TOKENIZERS_PARALLELISM": "false",
@@ -390,7 +396,11 @@ def fmt(x) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers (Qwen3-0.6B has 28)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides run")
+    ap.add_argument("--shape", choices=list(SHAPES), default=None, help="the Qwen3 width (default: 0.6b on the "
+                    "CPU, 1.7b on CUDA)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 2 on the CPU, all of the "
+                    "shape's (28) on CUDA)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--generations", type=int, default=2, help="completions per prompt")
     ap.add_argument("--max-new", type=int, default=128, help="new tokens per completion")
@@ -411,10 +421,18 @@ def main() -> int:
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    args.shape = args.shape or ("1.7b" if DEVICE == "cuda" else "0.6b")
+    if args.layers is None:
+        args.layers = SHAPES[args.shape][1] if DEVICE == "cuda" else 2
     if args.arm:
         print(json.dumps(run_arm(args)))
         return 0
-    shape = dict(SHAPE)
+    if DEVICE == "cuda" and not __import__("torch").cuda.is_available():
+        print("real_shape_vs_trl: --device cuda, but no CUDA device", file=sys.stderr)
+        return 2
+    shape = dict(SHAPES[args.shape][0])
     if args.smoke:
         args.layers, args.prompts, args.generations, args.max_new, args.steps = 1, 2, 2, 8, 1
         shape.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128)
@@ -422,13 +440,14 @@ def main() -> int:
     if not (Path(args.data_dir) / "math500.jsonl").is_file():
         print(f"no math500.jsonl in {args.data_dir} (--data-dir)", file=sys.stderr)
         return 2
-    have_trl = (subprocess.run([args.trl_python, "-c", "import trl"], capture_output=True).returncode == 0
-                if args.trl_python else importlib.util.find_spec("trl") is not None)
-    if not have_trl and not args.smoke:
+    # imported, not only found: carried wheels (a GPU machine) may lack one of TRL's own requirements
+    have_trl = subprocess.run([args.trl_python or sys.executable, "-c", "import trl, datasets"],
+                              capture_output=True).returncode == 0
+    if not have_trl and not (args.smoke or DEVICE == "cuda"):
         print("TRL is not installed (pip install trl==1.16.0; it is not a tsopsd dependency)", file=sys.stderr)
         return 2
     if not have_trl:
-        print("note: TRL is not installed: its rows are skipped (--smoke)")
+        print(f"note: TRL is not installed: its rows are skipped ({'--smoke' if args.smoke else '--device cuda'})")
     vllm = args.vllm and importlib.util.find_spec("vllm") is not None
     only = args.only.split(",")
     lengths = [int(t) for t in args.fwdbwd_tokens.split(",")]
@@ -446,7 +465,7 @@ def main() -> int:
         n_params = 151_936 * h + args.layers * (2 * h * q + 2 * h * kv + 3 * h * i)
         print(f"model: Qwen3, {args.layers} layers, hidden {h}, heads {shape['num_attention_heads']}/"
               f"{shape['num_key_value_heads']}, head_dim {d}, intermediate {i}, tied, vocab 151936, "
-              f"{n_params / 1e6:.0f} M parameters, bfloat16, random weights; real Qwen3 tokenizer")
+              f"{n_params / 1e6:.0f} M parameters, bfloat16, random weights; real Qwen3 tokenizer; on {DEVICE}")
         print(f"steps: {args.prompts} MATH-500 prompts x {args.generations} completions x {args.max_new} new tokens, "
               f"{args.steps} timed step(s) after a warm-up, {args.rounds} round(s); fwd+bwd at {lengths} tokens")
         pairs = []  # (baseline, tsopsd): run one after the other, in the other order every second round

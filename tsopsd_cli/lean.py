@@ -8,9 +8,16 @@
   the completions attend to its keys and values, so prompt tokens cost one forward (and one backward) per group
   instead of one per completion. The last completion token is not fed either (nothing reads what it predicts).
 
-Both use the model's own parameters (no copies that could go stale). They are exact up to float rounding: tests
-compare values and gradients with the transformers forward. Only architectures whose forward is fully known here
-are accepted (`supports`); everything else, or `model.lean: false`, uses the transformers forward.
+Both use the model's own parameters (no copies that could go stale), except that a rollout whose trained weights
+are float32 masters computing in bfloat16 decodes from one bfloat16 copy made for that rollout (`DecodeWeights`).
+They are exact up to float rounding: tests compare values and gradients with the transformers forward. Only
+architectures whose forward is fully known here are accepted (`supports`); everything else, or `model.lean:
+false`, uses the transformers forward.
+
+The decoder also has a static form for CUDA graphs (`LeanDecoder(..., static=True)`, `forward_static`): a cache
+zero-filled to its full length and a step that attends over all of it with the validity mask, reading only tensors
+whose storage stays put, so that one captured graph replays every step of a batch (gpt-fast's and transformers'
+StaticCache layout: `index_copy_` into the cache, attention over the provisioned length).
 """
 
 from __future__ import annotations
@@ -22,6 +29,14 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+# When the training forward takes the shared-prefix layout on CUDA: when the tokens the transformers forward would
+# run (every sequence padded to the longest, its prompt repeated per completion) are at least this many times the
+# tokens the shared-prefix layout runs (each distinct prompt once, the fed completion tokens). 0: always (as before
+# it was measured). `benchmarks/gpu_check.py` times both forwards at 8 x 512 tokens in groups of 4 and at 4 x 4,096
+# tokens sharing a prompt and prints each one's sharing ratio: the next GPU run sets this from those rows
+# (docs/benchmarks.md). On the CPU the shared-prefix layout is always taken (measured faster at every size tried).
+LEAN_TRAIN_MIN_SHARING_CUDA = 0.0
 
 
 def architecture(model) -> str | None:
@@ -48,6 +63,30 @@ def supports(model) -> bool:
     if architecture(model) == "qwen3" and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
         return False
     return hasattr(model.model, "rotary_emb") and hasattr(a, "scaling")
+
+
+def sharing(seqs: list[tuple[list[int], list[int]]]) -> float:
+    """Tokens the transformers forward runs for `seqs` (B rows padded to the longest sequence) over the tokens the
+    shared-prefix forward runs (each distinct prompt once, padded to the longest prompt, plus every completion but
+    its last token)."""
+    if not seqs:
+        return 1.0
+    prompts = {tuple(p) for p, _ in seqs}
+    padded = len(seqs) * max(len(p) + len(c) for p, c in seqs)
+    shared = len(prompts) * max(len(p) for p in prompts) + sum(max(len(c) - 1, 0) for _, c in seqs)
+    return padded / max(shared, 1)
+
+
+def shared_prefix_pays(seqs: list[tuple[list[int], list[int]]], device: torch.device) -> bool:
+    """Whether the training forward of `seqs` takes the shared-prefix layout (else the transformers forward): on
+    the CPU always; on CUDA when `sharing(seqs)` reaches LEAN_TRAIN_MIN_SHARING_CUDA."""
+    return device.type != "cuda" or sharing(seqs) >= LEAN_TRAIN_MIN_SHARING_CUDA
+
+
+def always_shared_prefix(device: torch.device) -> bool:
+    """True when `shared_prefix_pays` never sends a batch on `device` to the transformers forward (which then needs
+    transformers' own activation checkpointing switched on)."""
+    return device.type != "cuda" or LEAN_TRAIN_MIN_SHARING_CUDA <= 0
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,12 +158,43 @@ class LeanModel:
     def finish(self, w: tuple, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x: [B, T, D], attn: [B, H, T, d] -> the layer's output [B, T, D] (output projection, MLP, residuals)"""
         B, T, _ = x.shape
-        x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), w[9], w[10])
+        return self.finish_flat(w, x, attn.transpose(1, 2).reshape(B, T, -1))
+
+    def finish_flat(self, w: tuple, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D], attn: [B, T, H * d] (heads side by side) -> the layer's output [B, T, D]"""
+        x = x + F.linear(attn, w[9], w[10])
         h = _rms(x, w[11], self.eps)
         return x + F.linear(F.silu(F.linear(h, w[12])) * F.linear(h, w[13]), w[14])
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return _rms(x, self.norm.weight, self.eps)
+
+
+class DecodeWeights:
+    """The tensors the lean decoder reads, all in one dtype: the model's own parameters where they are in it already
+    (a model loaded in its compute dtype, FSDP's gathered units), else one copy made here. A run whose float32
+    master weights compute in bfloat16 (one process, ddp) decodes a rollout from such a copy, made once per
+    rollout and freed with this object, instead of under autocast (which casts inside every step). The rotary
+    tables stay the module's (float32, as the model computes them). `dtype` None: the parameters' own."""
+
+    def __init__(self, model, dtype: torch.dtype | None = None):
+        lm = LeanModel(model)
+        copies: dict[int, torch.Tensor] = {}
+
+        def cast(t):
+            if t is None or dtype is None or t.dtype == dtype:
+                return t
+            if id(t) not in copies:  # a tied embedding and LM head: one copy
+                copies[id(t)] = t.detach().to(dtype)
+            return copies[id(t)]
+
+        with torch.no_grad():
+            self.layers = [tuple(cast(t) for t in lm.weights(i)) for i in range(len(lm.layers))]
+            emb = lm.model.model.embed_tokens
+            self.embed, self.padding_idx = cast(emb.weight), emb.padding_idx
+            self.norm = cast(lm.norm.weight)
+            self.head, self.head_bias = cast(lm.head.weight), cast(lm.head.bias)
+        self.copied_bytes = sum(t.numel() * t.element_size() for t in copies.values())
 
 
 class LeanDecoder(LeanModel):
@@ -134,12 +204,30 @@ class LeanDecoder(LeanModel):
         logits = dec.prefill(input_ids, attention_mask, max_new_tokens)   # [B, V] at the last position
         logits = dec.step(next_ids)                                        # [B, V]
         dec.keep(rows)                                                     # drop finished rows
-    """
 
-    def __init__(self, model):
+    `weights`: the tensors to read (`DecodeWeights`; default the model's own). With `static`, the cache is
+    zero-filled and a step is `feed(rows, ids)` (eager) then `forward_static()` (what a CUDA graph captures)."""
+
+    def __init__(self, model, weights: DecodeWeights | None = None, static: bool = False):
         super().__init__(model)
-        with torch.no_grad():
-            self.w = [self.weights(i) for i in range(len(self.layers))]
+        self.dw = weights if weights is not None else DecodeWeights(model)
+        self.w = self.dw.layers
+        self.static = static
+
+    @property
+    def rows(self) -> int:
+        """Rows of the batch (of the static cache: finished rows may still occupy some)."""
+        return self.valid.shape[0]
+
+    def _attend_one(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One new query per row as grouped matmuls: q [B, H, 1, d] over kc, vc [B, KV, S, d] where valid [B, S]
+        -> [B, H, 1, d] (scores in the cache dtype, softmax in float32, as transformers' eager attention)."""
+        B, S, d = q.shape[0], kc.shape[2], self.head_dim
+        qg = q.view(B, self.n_kv, self.n_heads // self.n_kv, d)  # [B, KV, G, d]
+        scores = torch.matmul(qg, kc.transpose(-1, -2)) * self.scaling  # [B, KV, G, S]
+        scores = scores.float().masked_fill(~valid.view(B, 1, 1, S), float("-inf"))
+        probs = scores.softmax(-1).to(vc.dtype)
+        return torch.matmul(probs, vc).view(B, self.n_heads, 1, d)
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, start: int, attn_mask: torch.Tensor) -> torch.Tensor:
         """x: [B, T, D] at cache positions start..start+T-1 -> [B, T, D]"""
@@ -152,23 +240,23 @@ class LeanDecoder(LeanModel):
         B, _, T, d = q.shape
         if T == 1 and q.device.type == "cpu":  # one new token per row: on CPU grouped matmuls beat the generic
             # kernel's mask handling (on GPU the fused kernel is faster, measured in benchmarks/gpu_check.py)
-            qg = q.view(B, self.n_kv, self.n_heads // self.n_kv, d)  # [B, KV, G, d]
-            scores = torch.matmul(qg, kc[:, :, :end].transpose(-1, -2)) * self.scaling  # [B, KV, G, S]
-            scores = scores.float().masked_fill(~attn_mask.view(B, 1, 1, end), float("-inf"))
-            probs = scores.softmax(-1).to(vc.dtype)
-            out = torch.matmul(probs, vc[:, :, :end]).view(B, self.n_heads, 1, d)
+            out = self._attend_one(q, kc[:, :, :end], vc[:, :, :end], attn_mask.view(B, end))
         else:
             out = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
                                                  scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
         return self.finish(w, x, out)
 
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, D] the last position's hidden states -> logits [B, V]"""
+        return F.linear(_rms(h, self.dw.norm, self.eps), self.dw.head, self.dw.head_bias)
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, attn_mask: torch.Tensor):
         """ids, positions: [B, T] -> logits at the last position [B, V]"""
-        x = self.embed(ids)
+        x = F.embedding(ids, self.dw.embed, padding_idx=self.dw.padding_idx)
         cos, sin = self.rotary(x, positions)
         for i in range(len(self.layers)):
             x = self._layer(i, x, cos, sin, start, attn_mask)
-        return self.head(self.final_norm(x[:, -1]))
+        return self._logits(x[:, -1])
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -185,28 +273,37 @@ class LeanDecoder(LeanModel):
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         B, P = input_ids.shape
-        dev, dtype = input_ids.device, self.model.model.embed_tokens.weight.dtype
+        dev, dtype = input_ids.device, self.dw.embed.dtype
         if torch.is_autocast_enabled(dev.type):
             dtype = torch.get_autocast_dtype(dev.type)
         total = P + max_new_tokens
-        self.cache = [(torch.empty(B, self.n_kv, total, self.head_dim, device=dev, dtype=dtype),
-                       torch.empty(B, self.n_kv, total, self.head_dim, device=dev, dtype=dtype))
+        alloc = torch.zeros if self.static else torch.empty  # a static step reads every column: no NaN may sit there
+        self.cache = [(alloc(B, self.n_kv, total, self.head_dim, device=dev, dtype=dtype),
+                       alloc(B, self.n_kv, total, self.head_dim, device=dev, dtype=dtype))
                       for _ in self.layers]
         self.valid = torch.zeros(B, total, dtype=torch.bool, device=dev)  # keys that may be attended to
         self.valid[:, :P] = attention_mask.bool()
         self.length = P
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
         self.position = positions[:, -1:]  # [B, 1]
+        if self.static:  # a row's rotary position minus its cache column: the same at every step
+            self.shift = self.position - (P - 1)  # [B, 1]
+            self.tokens = torch.zeros(B, dtype=torch.long, device=dev)  # the tokens a static step feeds
+            self.write = torch.zeros(1, dtype=torch.long, device=dev)  # the cache column they go to
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         # Padding query rows attend to themselves only, so that no row is fully masked (NaN-free cache).
         mask = (causal & self.valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
         return self._forward(input_ids, positions, 0, mask.unsqueeze(1))
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop every row of the batch but `rows` [R] (finished sequences stop costing compute)."""
+        """Drop every row of the batch but `rows` [R] (finished sequences stop costing compute). Static: new cache
+        and input tensors (a graph captured before reads the old ones)."""
         self.cache = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cache]
         self.valid = self.valid.index_select(0, rows)
         self.position = self.position.index_select(0, rows)
+        if self.static:
+            self.shift = self.shift.index_select(0, rows)
+            self.tokens = self.tokens.index_select(0, rows)
 
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -217,6 +314,32 @@ class LeanDecoder(LeanModel):
         self.length += 1
         mask = self.valid[:, None, None, :self.length]  # [B, 1, 1, S]
         return self._forward(next_ids[:, None], self.position, start, mask)
+
+    def feed(self, rows: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """The eager half of a static step: next_ids [R] for the cache rows `rows` [R] (the other rows keep their
+        last token: finished rows whose output nobody reads), at the next cache column."""
+        self.tokens.index_copy_(0, rows, next_ids)
+        self.write.fill_(self.length)
+        self.length += 1
+
+    @torch.no_grad()
+    def forward_static(self) -> torch.Tensor:
+        """The decode step a CUDA graph captures: it reads only tensors whose storage stays put (the fed tokens, their
+        column `write`, the cache, the validity mask) and writes the new keys and values in place; attention runs
+        over the whole cache with the mask (`_attend_one`), so every step has the same shapes and nothing is planned
+        per length. Idempotent for the same inputs (a warm-up and a replay of one step compute the same).
+        -> logits [B, V]"""
+        self.valid.index_fill_(1, self.write, True)
+        x = F.embedding(self.tokens[:, None], self.dw.embed, padding_idx=self.dw.padding_idx)  # [B, 1, D]
+        cos, sin = self.rotary(x, self.write + self.shift)  # positions [B, 1]
+        for i in range(len(self.layers)):
+            w = self.w[i]
+            q, k, v = self.qkv(w, x, cos, sin)
+            kc, vc = self.cache[i]
+            kc.index_copy_(2, self.write, k)
+            vc.index_copy_(2, self.write, v)
+            x = self.finish(w, x, self._attend_one(q, kc, vc, self.valid))
+        return self._logits(x[:, -1])
 
 
 def causal_attention(q, k, v, scale: float, gqa: bool):
@@ -252,26 +375,28 @@ def shared_prefix_hidden(model, seqs: list[tuple[list[int], list[int]]], checkpo
     """seqs: [(prompt ids, completion ids)] -> final-normed hidden states [N, D] at the positions that predict
     the completion tokens, in `modeling.pack` order (sequence by sequence, token by token).
 
-    Distinct prompts run as one right-padded batch [U, P] for the per-token work; completions minus their last
-    token run at positions len(prompt) + j, and their per-token work (norms, projections, MLP: most of the
-    arithmetic) runs on the Nc real tokens only, [1, Nc, D]. Attention needs no mask tensor: for each distinct
-    prompt u (length p_u) with G completions (the longest C_u fed tokens), the rows [prompt u, completion g]
-    ([G, heads, p_u + C_u, d]) go through one causal attention call. A completion query then sees exactly its
-    prompt and its own earlier tokens; the zero keys that pad a shorter completion sit after its last real token,
-    where causality hides them; the prompt's own output is read from the first row (the other rows repeat its
-    queries, G * p_u^2 / 2 extra scores, small beside the completions'). Memory is linear in the length: no
-    [B, 1, T, T] mask, no [B, H, T, T] scores (the fused kernels skip the blocks above the diagonal).
+    Distinct prompts run as one right-padded batch [U, P]; completions minus their last token run at positions
+    len(prompt) + j, on the Nc real tokens only. The per-token work (norms, projections, MLP: most of the
+    arithmetic) runs once per layer over both, side by side as [1, U * P + Nc, D]: one matmul per weight, as in
+    the transformers forward (two per weight, prompts apart from completions, launched twice the matmuls on
+    CUDA). Attention needs no mask tensor: for each distinct prompt u (length p_u) with G completions (the longest
+    C_u fed tokens), the rows [prompt u, completion g] ([G, heads, p_u + C_u, d]) go through one causal attention
+    call. A completion query then sees exactly its prompt and its own earlier tokens; the zero keys that pad a
+    shorter completion sit after its last real token, where causality hides them; the prompt's own output is read
+    from the first row (the other rows repeat its queries, G * p_u^2 / 2 extra scores, small beside the
+    completions'). Memory is linear in the length: no [B, 1, T, T] mask, no [B, H, T, T] scores (the fused kernels
+    skip the blocks above the diagonal).
     The first completion token is predicted from the prompt's last position, the others from the completion part.
     With `checkpoint_layers`, each layer's activations are recomputed in the backward pass. `layer_hook(i, fn,
-    xp, xc)`, when given, runs layer i's computation `fn(i, xp, xc)` (sharding.layer_hook routes it
-    through an FSDP layer module). `head_in_loss`: the caller's loss also goes through the model's LM head (see
-    `LeanModel.embed`: a tied embedding's lookup gradient is then sparse)."""
+    x)`, when given, runs layer i's computation `fn(i, x)` (sharding.layer_hook routes it through an FSDP layer
+    module). `head_in_loss`: the caller's loss also goes through the model's LM head (see `LeanModel.embed`: a tied
+    embedding's lookup gradient is then sparse)."""
     lm = LeanModel(model)
     g = _group_by_prompt(seqs, lm.head.weight.device)
-    xp, xc, rope = _embed_shared_prefix(lm, g, head_in_loss)
+    x, rope = _embed_shared_prefix(lm, g, head_in_loss)
     layer = functools.partial(_shared_prefix_layer, lm, g, rope)
-    xp, xc = _run_layers(layer, len(lm.layers), xp, xc, checkpoint_layers, layer_hook)
-    return lm.final_norm(_at_completion_positions(g, xp, xc))
+    x = _run_layers(layer, len(lm.layers), x, checkpoint_layers, layer_hook)
+    return lm.final_norm(_at_completion_positions(g, x))
 
 
 @dataclass(frozen=True)
@@ -332,18 +457,17 @@ def _group_by_prompt(seqs: list[tuple[list[int], list[int]]], dev: torch.device)
 
 
 def _embed_shared_prefix(lm: LeanModel, g: _PromptGroups, head_in_loss: bool):
-    """-> the prompts' embeddings xp [U, P, D], the fed tokens' xc [1, Nc, D] (None when nothing is fed), and the
-    rotary tables (cos_p, sin_p [U, P, d], cos_c, sin_c [1, Nc, d] or None) at their positions."""
+    """-> the embeddings of the prompts' rows [U, P] then the fed tokens [Nc], side by side: x [1, U * P + Nc, D],
+    and the rotary tables (cos, sin [1, U * P + Nc, d]) at their positions."""
     dev = lm.head.weight.device
     U, P = g.p_ids.shape
-    xp = lm.embed(g.p_ids.to(dev), head_in_loss)  # [U, P, D]
-    cos_p, sin_p = lm.rotary(xp, torch.arange(P, device=dev).expand(U, P))
-    xc = cos_c = sin_c = None
+    x = lm.embed(g.p_ids.to(dev), head_in_loss).view(1, U * P, -1)  # [1, U * P, D]
+    positions = torch.arange(P, device=dev).repeat(U)  # [U * P]
     if g.C > 0:
         xc = lm.embed(torch.tensor(g.fed, dtype=torch.long, device=dev), head_in_loss)[None]  # [1, Nc, D]
-        start = g.p_len[g.owner]  # [B]
-        cos_c, sin_c = lm.rotary(xc, (start[g.row] + g.col)[None])
-    return xp, xc, (cos_p, sin_p, cos_c, sin_c)
+        x = torch.cat([x, xc], 1)
+        positions = torch.cat([positions, g.p_len[g.owner][g.row] + g.col])
+    return x, lm.rotary(x, positions[None])
 
 
 def _completion_rows(t: torch.Tensor, g: _PromptGroups) -> torch.Tensor:
@@ -375,44 +499,43 @@ def _attend_by_prompt(lm: LeanModel, g: _PromptGroups, qp, kp, vp, qc, kc, vc):
     return torch.stack(out_p), out_c
 
 
-def _shared_prefix_layer(lm: LeanModel, g: _PromptGroups, rope: tuple, i: int, xp: torch.Tensor,
-                         xc: torch.Tensor | None):
-    """Decoder layer i: xp [U, P, D], xc [1, Nc, D] or None -> the same shapes."""
-    cos_p, sin_p, cos_c, sin_c = rope
+def _shared_prefix_layer(lm: LeanModel, g: _PromptGroups, rope: tuple, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Decoder layer i over the prompts' rows and the fed tokens side by side: x [1, U * P + Nc, D] -> the same."""
     w = lm.weights(i)
-    qp, kp, vp = lm.qkv(w, xp, cos_p, sin_p)
-    if xc is None:
-        return lm.finish(w, xp, causal_attention(qp, kp, vp, lm.scaling, lm.n_kv != lm.n_heads)), None
-    out_p, out_c = _attend_by_prompt(lm, g, qp, kp, vp,
-                                     *(_completion_rows(t, g) for t in lm.qkv(w, xc, cos_c, sin_c)))
-    out_c = out_c.transpose(1, 2).reshape(g.B * g.C, lm.n_heads, -1).index_select(0, g.slots)  # [Nc, H, d]
-    return lm.finish(w, xp, out_p), lm.finish(w, xc, out_c.transpose(0, 1)[None])
+    q, k, v = lm.qkv(w, x, *rope)  # [1, h, U * P + Nc, d]
+    UP = g.U * g.P
+    qp, kp, vp = (t[0, :, :UP].unflatten(1, (g.U, g.P)).transpose(0, 1) for t in (q, k, v))  # [U, h, P, d]
+    if g.C == 0:  # nothing fed past the prompts
+        out = causal_attention(qp, kp, vp, lm.scaling, lm.n_kv != lm.n_heads)  # [U, H, P, d]
+        return lm.finish_flat(w, x, out.transpose(1, 2).reshape(1, UP, -1))
+    out_p, out_c = _attend_by_prompt(lm, g, qp, kp, vp, *(_completion_rows(t[:, :, UP:], g) for t in (q, k, v)))
+    out_c = out_c.transpose(1, 2).reshape(g.B * g.C, -1).index_select(0, g.slots)  # [Nc, H * d]
+    return lm.finish_flat(w, x, torch.cat([out_p.transpose(1, 2).reshape(UP, -1), out_c])[None])
 
 
-def _run_layers(layer, n_layers: int, xp: torch.Tensor, xc: torch.Tensor | None, checkpoint_layers: bool,
-                layer_hook):
-    """layer(i, xp, xc) for every layer, through `layer_hook` when given, recomputed in the backward pass with
+def _run_layers(layer, n_layers: int, x: torch.Tensor, checkpoint_layers: bool, layer_hook) -> torch.Tensor:
+    """layer(i, x) for every layer, through `layer_hook` when given, recomputed in the backward pass with
     `checkpoint_layers` (while gradients are recorded)."""
     from torch.utils.checkpoint import checkpoint
 
-    run = layer if layer_hook is None else (lambda i, xp, xc: layer_hook(i, layer, xp, xc))
+    run = layer if layer_hook is None else (lambda i, x: layer_hook(i, layer, x))
     for i in range(n_layers):
         if checkpoint_layers and torch.is_grad_enabled():
-            xp, xc = checkpoint(run, i, xp, xc, use_reentrant=False)
+            x = checkpoint(run, i, x, use_reentrant=False)
         else:
-            xp, xc = run(i, xp, xc)
-    return xp, xc
+            x = run(i, x)
+    return x
 
 
-def _at_completion_positions(g: _PromptGroups, xp: torch.Tensor, xc: torch.Tensor | None) -> torch.Tensor:
-    """xp [U, P, D], xc [1, Nc, D] -> [N, D]: the outputs that predict each completion token, in pack order. First
-    tokens come from their prompt's last position; the rest are the fed tokens' outputs, already in order."""
+def _at_completion_positions(g: _PromptGroups, x: torch.Tensor) -> torch.Tensor:
+    """x [1, U * P + Nc, D] -> [N, D]: the outputs that predict each completion token, in pack order. First tokens
+    come from their prompt's last position; the rest are the fed tokens' outputs, already in order."""
     U, P = g.p_ids.shape
-    D = xp.shape[-1]
+    flat = x[0]  # [U * P + Nc, D]
     first, seq, owner = g.first, g.seq, g.owner
-    parts = [xp.reshape(U * P, D).index_select(0, (owner[seq] * P + g.p_len[owner[seq]] - 1)[first])]
-    if xc is not None:
-        parts.append(xc[0])
+    parts = [flat.index_select(0, (owner[seq] * P + g.p_len[owner[seq]] - 1)[first])]
+    if g.C > 0:
+        parts.append(flat[U * P:])
     order = torch.cat([first.nonzero().squeeze(-1), (~first).nonzero().squeeze(-1)])
     flat = torch.cat(parts)  # first tokens, then the rest
     inverse = torch.empty_like(order)

@@ -41,6 +41,9 @@ class ModelSection(Section):
                        "(tsopsd_cli/lean.py): rollouts decode with a preallocated KV cache, and training forwards "
                        "run each distinct prompt of a micro-batch once. Exact up to float rounding; false (or any "
                        "other architecture): the transformers forward.")
+    cuda_graphs: bool = Field(True, description="hf engine on a CUDA device with model.lean: a static KV cache per "
+                              "batch and each decode step replayed from a CUDA graph (one per batch-size bucket). "
+                              "false: the eager lean decoder. No effect on the CPU.")
 
     @field_validator("device")
     @classmethod

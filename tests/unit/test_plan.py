@@ -385,3 +385,28 @@ def test_reheat_loss_chunk_gpu_and_cpu_and_the_constants_the_code_uses():
     got = memory.lm_head_chunk_bytes("reheat", 1024, 151_936, 2, cpu=True)[0]
     assert got == 1024 * 151_936 * 4 + rows * 151_936 * 33
     assert memory.lm_head_chunk_bytes("rl", 1024, 151_936, 2, cpu=True)[0] == 1024 * 151_936 * 24  # unchanged
+
+
+def test_cuda_graph_decode_pool_by_hand():
+    """On CUDA the hf engine's lean decode steps replay from CUDA graphs: the graphs' pool holds one decode step's
+    tensors for each sampling phase's batch; none on the CPU, with model.cuda_graphs false or model.lean false."""
+    got = items(plan(recipe(), TINY, assumptions=A))
+    # rollout: 8 sequences of 8 + 16 tokens. Per row: scores over the whole cache in float32 (3 x 4 heads x 24
+    # tokens x 4 B), one layer's activations (2 x 64 + 64 + 2 x 32 + 3 x 128 = 640 values x 2 B), the logits
+    # (1000 x 2 B)
+    per_row = 3 * 4 * 24 * 4 + 640 * 2 + 1000 * 2
+    assert got["rollout_graphs"] == 8 * per_row
+    assert got["validation_graphs"] == 4 * per_row  # min(4, 3 problems x 2) sequences of 8 + 16 tokens
+    for sets, device in (({}, "cpu"), ({"model.cuda_graphs": False}, "cuda"), ({"model.lean": False}, "cuda")):
+        assert "rollout_graphs" not in items(plan(recipe(**sets), TINY, assumptions=A, device=device))
+
+
+def test_the_rollout_copy_of_float32_masters():
+    """One process with float32 masters computing in bfloat16: the rollout samples from one bfloat16 copy (counted
+    in the sampling phases only); with model_dtype masters there is nothing to copy."""
+    p = plan(recipe(), TINY, assumptions=A)
+    (item,) = [i for i in p.items if i.key == "sampling_weights"]
+    assert item.bytes == TINY_PARAMS * 2 and item.phases == ("rollout", "validation")
+    assert "rollout's copy" in item.formula
+    assert "sampling_weights" not in items(plan(recipe(**{"train.master_weights": "model_dtype"}), TINY,
+                                                assumptions=A))

@@ -178,7 +178,10 @@ class Assumptions:
                            "a memory-efficient attention kernel (no [B, H, C, P+C] score matrix), the backward "
                            "working set taken as one more layer",
             "hf_engine": f"hf engine KV cache peaks at {self.hf_cache_peak:g}x its size (the lean decoder copies the "
-                         "kept rows when it compacts finished ones); validation samples with the run's engine",
+                         "kept rows when it compacts finished ones)" + ("" if device == "cpu" else
+                         "; with CUDA graphs (model.cuda_graphs) it is static for the batch (moving the kept rows to a "
+                         "bucket at most half the size peaks at 1.5x, within that bound) and the graphs' pool holds "
+                         "one decode step's tensors") + "; validation samples with the run's engine",
             "vllm": "vLLM holds rollout.vllm.gpu_memory_utilization x the GPU while sampling: its model.dtype "
                     "weights, the activations it profiles (a forward of max_num_batched_tokens tokens, or its "
                     f"sampler's {self.vllm_sampler_buffers} float32 buffers of max_num_seqs x vocab, the larger), "
@@ -339,12 +342,15 @@ def _training_activations(r, s: ModelShape, cb: int, a: Assumptions, rows: tuple
 
 
 def _decode_items(key: str, label: str, phase: str, seqs: int, prompts: int, length: int, s: ModelShape, cb: int,
-                  lean: bool, a: Assumptions) -> list[Item]:
-    """The hf engine's KV cache for `seqs` sequences of `length` tokens, and its per-step working set."""
+                  decode: str, a: Assumptions) -> list[Item]:
+    """The hf engine's KV cache for `seqs` sequences of `length` tokens, and its per-step working set. `decode`: the
+    engine's path, "lean", "graphs" (the lean decoder's static form replayed from CUDA graphs) or "transformers"."""
     kvt = s.kv_bytes_per_token(cb)
-    factor = a.hf_cache_peak if lean else 1 + 1 / s.layers  # transformers' cache grows by concatenation
+    # (the static cache of the graphs' path peaks at 1.5x when its rows move to a smaller bucket: within the bound)
+    factor = a.hf_cache_peak if decode != "transformers" else 1 + 1 / s.layers  # transformers' grows by concatenation
     cache = math.ceil(seqs * length * kvt * factor)
-    items = [Item(f"{key}_kv_cache", f"{label}: KV cache (hf engine)", cache, (phase,),
+    items = [Item(f"{key}_kv_cache", f"{label}: KV cache (hf engine{', static' if decode == 'graphs' else ''})",
+                  cache, (phase,),
                   f"{seqs} seqs x {length} tokens x {s.layers} layers x 2 x {s.kv_heads} kv heads x {s.head_dim} x "
                   f"{cb} B x {factor:.3g} (peak)")]
     # prefill of the distinct prompts (one layer's MLP and projections, a [U, 1, P, P] bool mask and SDPA's copy),
@@ -355,6 +361,14 @@ def _decode_items(key: str, label: str, phase: str, seqs: int, prompts: int, len
     step = seqs * s.vocab * 4 * 8
     items.append(Item(f"{key}_decode", f"{label}: prefill / sampling working set", max(prefill, step), (phase,),
                       f"max(prefill {prompts} prompts x {P} tokens, {seqs} x vocab {s.vocab} x 8 float32)"))
+    if decode == "graphs":
+        # what the captured step allocates stays in the graphs' pool for the batch: the attention over the whole
+        # cache (scores in float32, masked, softmax: 3 x 4 B per head and cached token), one layer's activations,
+        # the logits; the larger buckets' graphs are freed when the batch moves to a smaller one
+        per_row = 3 * s.heads * length * 4 + (2 * s.hidden + q + 2 * kv + 3 * s.intermediate) * cb + s.vocab * cb
+        items.append(Item(f"{key}_graphs", f"{label}: CUDA graph pool (one decode step)", seqs * per_row, (phase,),
+                          f"{seqs} seqs x (3 x {s.heads} heads x {length} tokens x 4 B + one layer's activations "
+                          f"{2 * s.hidden + q + 2 * kv + 3 * s.intermediate} x {cb} B + vocab {s.vocab} x {cb} B)"))
     return items
 
 
@@ -430,6 +444,15 @@ class _Run:
     def ppp(self) -> int:
         """Prompts per process and step."""
         return _ceil_div(self.r.train.prompts_per_step, self.gpus)
+
+    @property
+    def decode(self) -> str:
+        """The hf engine's decode path: "graphs" on CUDA with model.lean and model.cuda_graphs, else "lean" or
+        "transformers"."""
+        m = self.r.model
+        if not m.lean:
+            return "transformers"
+        return "lean" if self.cpu or not getattr(m, "cuda_graphs", True) else "graphs"
 
     @property
     def gen_len(self) -> int:
@@ -651,17 +674,19 @@ def _hf_rollout(x: _Run) -> list[Item]:
         return []
     G = x.r.rollout.num_generations
     seqs = min(x.r.rollout.batch_size, x.ppp * G)
-    return _decode_items("rollout", "rollout", "rollout", seqs, _ceil_div(seqs, G), x.gen_len, x.s, x.cb,
-                         bool(x.r.model.lean), x.a)
+    return _decode_items("rollout", "rollout", "rollout", seqs, _ceil_div(seqs, G), x.gen_len, x.s, x.cb, x.decode,
+                         x.a)
 
 
 def _sampling_weights(x: _Run) -> list[Item]:
-    """The hf engine samples on the model.dtype weights: FSDP gathers all of them, autocast caches a copy."""
+    """The hf engine samples on the model.dtype weights: FSDP gathers all of them; over master weights of another
+    dtype (one process, ddp) the engine makes one model.dtype copy per generate call and frees it after."""
     P, cb = x.s.params, x.cb
     if x.vllm or not (x.fsdp or x.mb != cb):
         return []
     return [Item("sampling_weights", f"sampling weights ({x.dtype}, hf engine)", P * cb, x.sampling,
-                 f"{_n(P)} params x {cb} B" + (" (every FSDP unit gathered)" if x.fsdp else " (autocast copy)"))]
+                 f"{_n(P)} params x {cb} B" + (" (every FSDP unit gathered)" if x.fsdp
+                                               else " (the rollout's copy, freed after it)"))]
 
 
 def _validation(x: _Run) -> list[Item]:
@@ -672,7 +697,7 @@ def _validation(x: _Run) -> list[Item]:
     per = _ceil_div(val.limit, x.gpus) * val.num_generations if val.limit else val.batch_size
     vseqs = min(val.batch_size, per)
     return _decode_items("validation", "validation", "validation", vseqs, _ceil_div(vseqs, val.num_generations),
-                         x.a.prompt_tokens + val.max_new_tokens, x.s, x.cb, bool(x.r.model.lean), x.a)
+                         x.a.prompt_tokens + val.max_new_tokens, x.s, x.cb, x.decode, x.a)
 
 
 def _report_rollouts(x: _Run) -> list[Item]:
@@ -683,7 +708,7 @@ def _report_rollouts(x: _Run) -> list[Item]:
     r = x.r
     rseqs = min(r.rollout.batch_size, 2 * _ceil_div(r.reheat.report_prompts, x.gpus))
     return _decode_items("report_rollout", "report rollouts", "report_rollout", rseqs, _ceil_div(rseqs, 2),
-                         x.a.prompt_tokens + r.validation.max_new_tokens, x.s, x.cb, bool(r.model.lean), x.a)
+                         x.a.prompt_tokens + r.validation.max_new_tokens, x.s, x.cb, x.decode, x.a)
 
 
 def _report(x: _Run) -> list[Item]:

@@ -45,8 +45,8 @@ def require(name: str) -> None:
 def open_engine(name: str, tokenizer, *, model=None, checkpoint=None, model_section=None, rollout=None,
                 batch_size: int | None = None, sample_context=None, log=None) -> Engine:
     """The engine `name` (a recipe's `rollout.engine`) for one checkpoint: engines with `needs_model` sample from
-    `model` (`sample_context()`, when given, is entered around each `generate`, e.g. to gather FSDP parameters
-    and autocast); the others load `checkpoint` themselves with the recipe's `model_section` and `rollout`
+    `model` (`sample_context()`, when given, is entered around each `generate`, e.g. to gather FSDP parameters) in
+    `model_section`'s dtype; the others load `checkpoint` themselves with the recipe's `model_section` and `rollout`
     settings. `batch_size`: sequences per batch (default `rollout.batch_size`). `log` gets one-line messages."""
     return engine_class(name).from_recipe(tokenizer, model=model, checkpoint=checkpoint, model_section=model_section,
                                           rollout=rollout, batch_size=batch_size, sample_context=sample_context,

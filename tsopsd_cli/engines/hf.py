@@ -3,6 +3,11 @@
 Why not `model.generate`: its generation config can silently add top_k=50 or a max_length, and its scores are
 after logit processing. This loop samples exactly softmax(logits / temperature), optionally truncated by the
 explicit top_k/top_p of the recipe, and returns the untruncated temperature-scaled log-probs of sampled tokens.
+
+How a batch runs the model is a `_Decode` strategy: the lean decoder (CPU, or `model.cuda_graphs: false`), the
+lean decoder's static form with each decode step replayed from a CUDA graph (CUDA), or transformers' forward.
+Every strategy reads weights in the engine's dtype (`model.dtype`): a run whose float32 master weights compute in
+bfloat16 decodes from one bfloat16 copy made per `generate` call and freed after it, not under autocast.
 """
 
 from __future__ import annotations
@@ -131,7 +136,8 @@ class HFEngine:
     needs_model = True
     samples_from_trainer_weights = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True, sample_context=None):
+    def __init__(self, model, tokenizer, batch_size: int = 64, lean: bool = True, sample_context=None,
+                 dtype: torch.dtype | None = None, cuda_graphs: bool = True):
         from tsopsd_cli import lean as lean_mod
 
         self.model = model
@@ -140,7 +146,9 @@ class HFEngine:
         self.device = next(model.parameters()).device
         # The plain-torch decode path (tsopsd_cli.lean) for architectures it reproduces exactly; else transformers.
         self.lean = lean and lean_mod.supports(model)
-        self.sample_context = sample_context  # () -> context manager entered around generate (FSDP gather, autocast)
+        self.sample_context = sample_context  # () -> context manager entered around generate (FSDP gather)
+        self.dtype = dtype  # the dtype decoding computes in (model.dtype); None: the parameters' own
+        self.cuda_graphs = cuda_graphs  # on a CUDA device, the lean decode steps replay from CUDA graphs
         # every end token the checkpoint names: tokenizer, config.json, generation_config.json (as loaded)
         self.end_ids = end_token_ids(tokenizer, getattr(model, "config", None),
                                      getattr(model, "generation_config", None))
@@ -154,15 +162,20 @@ class HFEngine:
                     batch_size=None, sample_context=None, log=None) -> "HFEngine":
         if model is None:
             raise ValueError("the hf engine samples from a loaded model")
+        from tsopsd_cli.devices import resolve_dtype
+
         bs = batch_size or (rollout.batch_size if rollout is not None else 64)
-        lean = model_section.lean if model_section is not None else True
-        return cls(model, tokenizer, batch_size=bs, lean=lean, sample_context=sample_context)
+        if model_section is None:
+            return cls(model, tokenizer, batch_size=bs, sample_context=sample_context)
+        device = next(model.parameters()).device
+        return cls(model, tokenizer, batch_size=bs, lean=model_section.lean, sample_context=sample_context,
+                   dtype=resolve_dtype(model_section.dtype, device), cuda_graphs=model_section.cuda_graphs)
 
     def with_batch_size(self, batch_size: int) -> "HFEngine":
         if batch_size == self.batch_size:
             return self
         return HFEngine(self.model, self.tokenizer, batch_size=batch_size, lean=self.lean,
-                        sample_context=self.sample_context)
+                        sample_context=self.sample_context, dtype=self.dtype, cuda_graphs=self.cuda_graphs)
 
     def sync_weights(self, named_tensors) -> None:
         return None  # samples from the trained parameters themselves; the iterator is not consumed (no gather)
@@ -200,6 +213,7 @@ class HFEngine:
         out: list[Completion] = []
         was_training = self.model.training
         self.model.eval()
+        weights = self._decode_weights()  # once per call (a model.dtype copy of float32 masters), freed on return
         try:
             for s in range(0, len(jobs), self.batch_size):
                 signals.check("generation")
@@ -209,7 +223,8 @@ class HFEngine:
                     seeds = torch.tensor([_i64((params.row_seeds[i] * 1_000_003 + j) % _M64) for i, j in batch],
                                          dtype=torch.int64, device=self.device)
                 out.extend(self._generate_batch([prompt_ids[i] for i, _ in batch], batch, params,
-                                                gen if seeds is None else seeds, () if ignore_eos else self.end_ids))
+                                                gen if seeds is None else seeds, () if ignore_eos else self.end_ids,
+                                                weights))
                 if progress is not None:
                     progress(len(batch))
         finally:
@@ -217,12 +232,12 @@ class HFEngine:
         return out
 
     def _generate_batch(self, ids: list[list[int]], jobs, params: SamplingParams, gen,
-                        end_ids: tuple[int, ...]) -> list[Completion]:
+                        end_ids: tuple[int, ...], weights) -> list[Completion]:
         """One batch of prompts `ids` (completion `jobs[r]` = (prompt index, sample index) per row): prefill, the
         decode loop, and each row's Completion."""
         steps = params.max_new_tokens
         input_ids, mask = _left_pad(ids, self.tokenizer.pad_token_id, self.device)
-        decode = self._decode_strategy()
+        decode = self._decode_strategy(weights)
         logits = decode.prefill(input_ids, mask, steps)
         rows = _BatchRows(len(ids), steps, self.tokenizer.pad_token_id, self.device)
         ends = torch.tensor(end_ids, dtype=torch.long, device=self.device)
@@ -239,10 +254,38 @@ class HFEngine:
             live, logits = decode.step(nxt, live, rows.done)
         return rows.completions(ids, jobs, self.tokenizer, params.stop)
 
-    def _decode_strategy(self) -> _Decode:
-        """How this batch runs the model: the lean decoder (tsopsd_cli.lean) or transformers' own forward. A
-        per-device strategy (say CUDA graphs over a static KV cache) is one more `_Decode`, chosen here."""
-        return _LeanDecode(self.model) if self.lean else _TransformersDecode(self.model)
+    def _decode_weights(self):
+        """What every batch of one `generate` call decodes from, in the engine's dtype: the lean decoder's tensors
+        (`lean.DecodeWeights`), or for transformers' forward a {name: tensor} of cast parameters (None: the
+        parameters are in that dtype already)."""
+        from tsopsd_cli import lean as lean_mod
+
+        if self.lean:
+            return lean_mod.DecodeWeights(self.model, self.dtype)
+        return _cast_parameters(self.model, self.dtype)
+
+    def _graphs_here(self) -> bool:
+        """Decode steps replay from CUDA graphs: on a CUDA device, unless turned off (model.cuda_graphs: false)."""
+        return self.cuda_graphs and self.device.type == "cuda"
+
+    def _decode_strategy(self, weights) -> _Decode:
+        """How this batch runs the model: the lean decoder (tsopsd_cli.lean), its static form replayed from CUDA
+        graphs (CUDA), or transformers' own forward."""
+        if not self.lean:
+            return _TransformersDecode(self.model, weights)
+        if self._graphs_here():
+            return _StaticDecode(self.model, weights, _CudaGraphs(self.device))
+        return _LeanDecode(self.model, weights)
+
+
+def _cast_parameters(model, dtype: torch.dtype | None) -> dict | None:
+    """{name: parameter in `dtype`} (one copy of those in another floating dtype), or None when there is nothing to
+    cast."""
+    params = dict(model.named_parameters())
+    if dtype is None or all(p.dtype == dtype or not p.is_floating_point() for p in params.values()):
+        return None
+    with torch.no_grad():
+        return {n: p.detach().to(dtype) if p.is_floating_point() else p for n, p in params.items()}
 
 
 def _left_pad(ids: list[list[int]], pad: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,31 +310,136 @@ class _Decode(Protocol):
         their logits [R', V]); a strategy may drop finished rows, or keep decoding them (their tokens are pads)"""
 
 
+def _compaction(live: torch.Tensor, done: torch.Tensor) -> torch.Tensor | None:
+    """The lean strategies' rule for dropping finished rows: once a quarter of the live rows [R] finished, the
+    positions of those still going, else None."""
+    still = ~done[live]
+    if int(still.sum()) <= 0.75 * len(live):
+        return still.nonzero().squeeze(-1)
+    return None
+
+
 class _LeanDecode:
     """The plain-torch decoder with a preallocated KV cache; once a quarter of the rows finished, it drops them."""
 
-    def __init__(self, model):
+    def __init__(self, model, weights=None):
         from tsopsd_cli.lean import LeanDecoder
 
-        self.decoder = LeanDecoder(model)
+        self.decoder = LeanDecoder(model, weights)
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
         return self.decoder.prefill(input_ids, mask, steps)
 
     def step(self, nxt: torch.Tensor, live: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        still = ~done[live]
-        if int(still.sum()) <= 0.75 * len(live):  # a quarter finished: compact the batch
-            keep = still.nonzero().squeeze(-1)
+        keep = _compaction(live, done)
+        if keep is not None:
             self.decoder.keep(keep)
             live, nxt = live[keep], nxt[keep]
         return live, self.decoder.step(nxt)
 
 
-class _TransformersDecode:
-    """The model's own forward with a DynamicCache grown by concatenation; every row stays to the end."""
+class _StaticDecode:
+    """The lean decoder's static form (`LeanDecoder(static=True)`): the KV cache sized for this batch, every decode
+    step the same shapes. The rows sampled are the lean strategy's (the same compaction rule, so the same tokens
+    for the same seeds); the cache keeps them in a batch-size bucket: the batch's own size, then powers of two.
+    When compaction leaves rows that fit a bucket of at most half the current one, the kept rows move there (one
+    copy of the cache: its peak is 1.5x); until then finished rows keep their slots, their outputs unread. With
+    `graphs` (`_CudaGraphs`) each bucket's step is captured once and replayed; without, it runs eagerly (tests)."""
 
-    def __init__(self, model):
+    def __init__(self, model, weights, graphs=None):
+        from tsopsd_cli.lean import LeanDecoder
+
+        self.decoder = LeanDecoder(model, weights, static=True)
+        self.graphs = graphs
+        self.replays: dict[int, object] = {}  # bucket size -> replay (the current bucket's only)
+        self.buckets: list[int] = []  # the buckets this batch went through
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+        logits = self.decoder.prefill(input_ids, mask, steps)
+        self.slots = torch.arange(self.decoder.rows, device=input_ids.device)  # the cache row of each live row
+        self.full = True  # every cache row is live, in order
+        self.buckets.append(self.decoder.rows)
+        return logits
+
+    def step(self, nxt: torch.Tensor, live: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = _compaction(live, done)
+        if keep is not None:
+            live, nxt, self.slots = live[keep], nxt[keep], self.slots[keep]
+            self.full = False
+            self._shrink()
+        self.decoder.feed(self.slots, nxt)
+        logits = self._forward()  # [bucket, V]
+        return live, logits if self.full else logits.index_select(0, self.slots)
+
+    def _shrink(self) -> None:
+        """Move the live rows to the smallest bucket that holds them, when it is at most half the current one."""
+        n, rows = len(self.slots), self.decoder.rows
+        bucket = 1 << (n - 1).bit_length()  # the smallest power of two >= n
+        if 2 * bucket > rows:
+            return
+        pad = self.slots[:1].expand(bucket - n)  # unused slots of the new bucket: copies of a live row
+        self.decoder.keep(torch.cat([self.slots, pad]))
+        self.slots = torch.arange(n, device=self.slots.device)
+        self.full = n == bucket
+        self.replays.clear()  # the larger bucket's graph is never replayed again: its memory goes back
+        self.buckets.append(bucket)
+
+    def _forward(self) -> torch.Tensor:
+        if self.graphs is None:
+            return self.decoder.forward_static()
+        rows = self.decoder.rows
+        if rows not in self.replays:
+            self.replays[rows] = self.graphs.capture(self.decoder.forward_static)
+        return self.replays[rows]()
+
+
+class _CudaGraphs:
+    """Decode steps captured as CUDA graphs and replayed: the one part of the engine that needs CUDA. All graphs of
+    a batch share one memory pool (one replays at a time, its output read before the next). Captured with
+    `CUDAGraph.capture_begin/capture_end` on a side stream: `torch.cuda.graph` would also synchronise, run the
+    garbage collector and empty the allocator's cache at every capture."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device=device)
+
+    def capture(self, fn):
+        """fn run once on the side stream (the warm-up a capture needs: cuBLAS workspaces, the allocator), then
+        captured -> replay: () -> fn's output tensor, recomputed in place at each call. fn must read and write only
+        tensors whose storage stays put, and give the same result when run twice on the same inputs (the warm-up
+        and the first replay compute the same step)."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self.stream):
+            fn()
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+        current.wait_stream(self.stream)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+
+class _TransformersDecode:
+    """The model's own forward with a DynamicCache grown by concatenation; every row stays to the end. `params`
+    ({name: tensor}, `_cast_parameters`): the parameters to run with instead of the module's own."""
+
+    def __init__(self, model, params: dict | None = None):
         self.model = model
+        self.params = params
+
+    def _call(self, **kwargs):
+        if self.params is None:
+            return self.model(**kwargs)
+        return torch.func.functional_call(self.model, self.params, (), kwargs)
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
         from transformers import DynamicCache
@@ -299,14 +447,14 @@ class _TransformersDecode:
         self.cache = DynamicCache(config=self.model.config)
         self.mask = mask
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=self.positions,
+        return self._call(input_ids=input_ids, attention_mask=mask, position_ids=self.positions,
                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def step(self, nxt: torch.Tensor, live: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bsz = self.mask.shape[0]
         self.mask = torch.cat([self.mask, torch.ones((bsz, 1), dtype=self.mask.dtype, device=self.mask.device)], 1)
         self.positions = self.positions[:, -1:] + 1
-        return live, self.model(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.positions,
+        return live, self._call(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.positions,
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 

@@ -244,7 +244,8 @@ class TrainingRun:
         self.model, self.tok = self.load(self.checkpoint, trainable=True)
         self.check_prompt_lengths(problems)
         self.device = self.pl.device
-        if r.train.gradient_checkpointing and not (r.model.lean and lean.supports(self.model)):
+        if r.train.gradient_checkpointing and not (r.model.lean and lean.supports(self.model)
+                                                   and lean.always_shared_prefix(self.pl.device)):
             self.model.gradient_checkpointing_enable()
         self.opt = O.build_optimizer(self.model, r.optim)
         self.sched = O.build_scheduler(self.opt, r.optim, r.train.max_steps)
@@ -317,8 +318,10 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def _sampling_context(self):
+        """Around each generate: FSDP's units gathered (in model.dtype). No autocast: the hf engine decodes float32
+        masters from a model.dtype copy it makes per generate call (engines/hf.py)."""
         try:
-            with sharding.gathered(self.model), self.pl.autocast():
+            with sharding.gathered(self.model):
                 yield
         finally:
             release_host_memory(self.device)  # the gathered weights (FSDP) and the decoding caches are gone
@@ -401,7 +404,7 @@ class TrainingRun:
         pb = pack(seqs, self.tok.pad_token_id, self.device)
 
         def body():
-            if self.r.model.lean and lean.supports(model):
+            if self.r.model.lean and lean.supports(model) and lean.shared_prefix_pays(seqs, self.device):
                 ckpt = self.r.train.gradient_checkpointing and model is self.model
                 return lean.shared_prefix_hidden(model, seqs, checkpoint_layers=ckpt,
                                                  layer_hook=sharding.layer_hook(model), head_in_loss=True)
