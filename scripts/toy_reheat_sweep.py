@@ -5,7 +5,7 @@
 
 Each quoted setting is one `tsopsd reheat COLLAPSED --recipe recipes/reheat/toy.yaml` run into OUT/<name> with
 `reheat.target_entropy_ratio` off unless given (keys: temp, steps, lr, ratio, target, top_p, seed, method:
-fold for the exact fold at temp), validation
+fold for the exact fold at temp, teacher: frozen, live or ema, decay: the EMA teacher's), validation
 off (it samples test problems), then `scripts/toy_families.py --split train` on the result. Rows are appended to
 OUT/sweep.jsonl (a setting already there is skipped); the collapsed checkpoint itself is measured once as
 "collapsed". Columns: train accuracy (avg@n), entropy at the plan letter and elsewhere, the bracket family's rate
@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 KEYS = {"temp": "reheat.temp", "steps": "train.max_steps", "lr": "optim.lr", "ratio": "reheat.target_entropy_ratio",
         "target": "reheat.target_entropy", "top_p": "reheat.teacher_top_p", "seed": "train.seed",
-        "method": "reheat.method"}
+        "method": "reheat.method", "teacher": "reheat.teacher", "decay": "reheat.teacher_ema_decay"}
 
 
 def tsopsd() -> list[str]:

@@ -14,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
-def make_tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+def make_tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
+                         logit_scale: float = 1.0) -> Path:
     from transformers import Qwen3ForCausalLM
 
     from tsopsd_cli.checkpoint import provenance, save_checkpoint
@@ -24,6 +25,8 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, layers: in
     tok = toy.build_tokenizer()
     cfg = toy.build_model_config(len(tok), hidden, layers, 2, 2 * hidden, 128, tok.pad_token_id, tok.eos_token_id)
     model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(logit_scale)  # every logit x logit_scale (the fold of reheat --method fold)
     save_checkpoint(model, tok, path, provenance("test", {}, None, None))
     return path
 
@@ -36,6 +39,14 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt_other(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-other", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sharp_ckpt(tmp_path_factory) -> Path:
+    """tiny_ckpt with every logit x 30: its token entropies spread over about 0.2-3 nats instead of lying within
+    1e-3 of log(vocab), a few float32 steps apart, so that ranking tokens by entropy (grpo.top_entropy_quantile)
+    is not decided by the rounding of the last bit."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-sharp", seed=0, logit_scale=30.0)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):

@@ -423,7 +423,23 @@ class GRPOSection(Section):
         "k2 = (log pi - log ref)^2 / 2 has expected gradient grad KL(pi || ref). (k1 = log pi - log ref has "
         "expected gradient 0 and is not offered.)")
     entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy of the "
-                                "sampling distribution, softmax(logits / rollout.temperature)).")
+                                "sampling distribution, softmax(logits / rollout.temperature)); with entropy_target, "
+                                "the coefficient adaptive control starts from.")
+    entropy_target: float | None = Field(
+        None, gt=0, description="Adaptive entropy control (Skywork-OR1; TRL's use_adaptive_entropy): after every "
+        "GRPO step the entropy coefficient moves up by entropy_coef_step when the step's mean rollout token "
+        "entropy at the sampling temperature (the logged sampling_entropy) is below this (nats), down when above, "
+        "clamped to [0, entropy_coef_max]. None: off, entropy_coef stays fixed.")
+    entropy_coef_step: float = Field(0.005, ge=0, description="Adaptive entropy control: the coefficient's change "
+                                     "per step (Skywork-OR1 and TRL's entropy_coef_delta: 0.005).")
+    entropy_coef_max: float = Field(1.0, ge=0, description="Adaptive entropy control: the largest coefficient "
+                                    "(TRL's entropy_coef_max: 1.0).")
+    top_entropy_quantile: float = Field(
+        1.0, gt=0, le=1, description="rho of 'Beyond the 80/20 Rule' (Wang et al., 2025; TRL's "
+        "top_entropy_quantile): the policy loss only on the completion tokens whose entropy at the sampling "
+        "temperature is among the top rho of the step's loss tokens (every micro-batch and process; ties at the "
+        "threshold kept). The KL to the reference and the entropy bonus keep every token. The paper recommends "
+        "0.2; 1.0: every token (off).")
     clip_cov: ClipCovSection = ClipCovSection()
     kl_cov: KLCovSection = KLCovSection()
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards do not vary; refill (DAPO).")
@@ -447,6 +463,13 @@ class GRPOSection(Section):
             raise ValueError("k1 (log pi - log ref) has expected gradient 0 (E_pi[grad log pi] = 0), so it "
                              "penalises nothing; use k2 (gradient of KL(pi || ref)) or k3 (gradient of KL(ref || pi))")
         return v
+
+    @model_validator(mode="after")
+    def _adaptive_start(self):
+        if self.entropy_target is not None and not 0 <= self.entropy_coef <= self.entropy_coef_max:
+            raise ValueError(f"with entropy_target, entropy_coef ({self.entropy_coef}) is where the adaptive "
+                             f"coefficient starts: it must lie in [0, entropy_coef_max = {self.entropy_coef_max}]")
+        return self
 
     @model_validator(mode="after")
     def _one_cov_method(self):
@@ -496,6 +519,10 @@ class DistillSection(Section):
                                          "the rollouts reaches this (nats).")
     target_entropy_ratio: float | None = Field(None, gt=0, description="Stop once the student's entropy reaches "
                                                "this fraction of the teacher's entropy on the same rollouts.")
+    teacher_ema_decay: float = Field(
+        0.95, gt=0, lt=1, description="teacher: ema: after every optimiser step the teacher's weights become decay x "
+        "teacher + (1 - decay) x student (float32, placed like the student). 0.95 is TRL SDPO's teacher_update_rate "
+        "0.05; siyan-zhao/OPSD's EMA script uses 0.999 over much longer runs.")
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -521,6 +548,10 @@ class ThermostatSection(DistillSection):
         0.5, gt=0, lt=1, description="Fire when the running mean is below this fraction of the run's first-step "
         "entropy (used when threshold is None).")
     min_gap: PositiveInt = Field(10, description="GRPO steps at least between two phases (and before the first).")
+    teacher: Literal["frozen", "ema"] = Field(
+        "frozen", description="frozen: the snapshot of the policy at the phase's start; ema: starts as that snapshot "
+        "and follows the student after every optimiser step of the phase (teacher_ema_decay), as TRL SDPO's "
+        "teacher_model_kind ema.")
     max_phase_steps: PositiveInt = Field(10, description="TS-OPSD steps at most per phase.")
     temp: float = Field(1.6, gt=1, description="Teacher temperature of the phase: the teacher is softmax(logits of "
                         "the snapshot / temp).")
@@ -559,9 +590,18 @@ class ReheatSection(DistillSection):
                                                "the temperature-scaled teacher (its logits / temp); fold: the "
                                                "exact closed-form baseline (final-norm weight / temp), seconds, no "
                                                "data.")
-    teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: a snapshot of the input checkpoint; "
-                                               "live: the current student, stop-gradient.")
+    teacher: Literal["frozen", "live", "ema"] = Field(
+        "frozen", description="frozen: a snapshot of the input checkpoint; live: the current student, "
+        "stop-gradient; ema: starts as the input checkpoint and follows the student after every optimiser step "
+        "(teacher_ema_decay; TRL SDPO's teacher_model_kind ema, siyan-zhao/OPSD's use_ema_teacher).")
     report_prompts: PositiveInt = Field(32, description="Validation prompts for the before/after diagnose summary.")
+
+    @model_validator(mode="after")
+    def _ema_needs_training(self):
+        if self.method == "fold" and self.teacher == "ema":
+            raise ValueError("teacher: ema follows the student through training steps; method fold takes none "
+                             "(use method ts-opsd, or teacher frozen)")
+        return self
 
 
 class ReheatRecipe(TrainingRecipe):

@@ -169,6 +169,40 @@ def test_sigterm_at_each_phase_exits_130_with_one_line_and_resumes_exactly(name,
     assert_same(uninterrupted[name], out)
 
 
+# the remedies whose state a checkpoint carries: the adaptive entropy coefficient, the EMA teacher's weights
+STEP, CMAX = 0.02, 0.05
+REMEDIES = {
+    "rl-adaptive-entropy": [*RL, "--set", "grpo.entropy_target=100", "--set", f"grpo.entropy_coef_step={STEP}",
+                            "--set", f"grpo.entropy_coef_max={CMAX}"],
+    "reheat-ema-teacher": [*REHEAT, "--set", "reheat.teacher=ema", "--set", "reheat.teacher_ema_decay=0.7"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(REMEDIES))
+def test_sigterm_then_resume_equals_the_uninterrupted_run_with_each_remedys_state(name, tiny_ckpt, tmp_path):
+    args = REMEDIES[name]
+    full = tmp_path / "full"
+    p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(full))
+    assert p.returncode == 0, p.stderr
+    cut = tmp_path / "cut"
+    p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(cut), "--quiet", env={"TSOPSD_FAULT": "TERM@step#3"})
+    one_error_line(p, code=130)
+    saved = tmp_path / ".cut.partial" / "checkpoints" / "step-000003"
+    assert (saved / "ema_teacher").is_dir() == (name == "reheat-ema-teacher")
+    p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(cut), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert_same(full, cut)
+    if name == "rl-adaptive-entropy":  # the coefficient's trajectory, against the rule written out
+        steps = [r for r in rows(full) if "reward" in r]
+        assert steps[0]["entropy_coef"] == 0.0 and len(steps) == 4
+        for before, after in zip(steps, steps[1:]):
+            e, c = before["sampling_entropy"], before["entropy_coef"]
+            moved = c + STEP if e < 100 else c - STEP if e > 100 else c
+            assert after["entropy_coef"] == pytest.approx(min(max(moved, 0.0), CMAX), abs=1e-12)
+        assert [r["entropy_coef"] for r in steps] == pytest.approx([0.0, 0.02, 0.04, 0.05])
+
+
 @pytest.mark.slow
 def test_sigterm_during_eval_exits_130_then_the_same_command_finishes(tiny_ckpt, tmp_path):
     args = ["eval", str(tiny_ckpt), "--set", "eval.toy_num_problems=12", "--set", "eval.chunk_problems=4", "-n", "2",

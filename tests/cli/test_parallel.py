@@ -90,6 +90,38 @@ def test_reheat_on_two_fsdp_processes_equals_one(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.slow
+def test_high_entropy_tokens_on_two_fsdp_processes_equal_one(tiny_sharp_ckpt, tmp_path):
+    """The threshold is taken over every process's tokens: two processes train the tokens one process trains
+    (a checkpoint whose token entropies are far apart compared with float32 rounding: see its fixture)."""
+    args = [*RL, "--set", "grpo.top_entropy_quantile=0.3"]
+    one = run_cli("rl", str(tiny_sharp_ckpt), *args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two("rl", str(tiny_sharp_ckpt), *args, *FSDP, "--out", str(tmp_path / "two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ["loss", "grad_norm", "loss_token_fraction", "reward",
+                                                         "kl_old", "first_minibatch_max_ratio_dev"])
+    fractions = [r["loss_token_fraction"] for r in rows(tmp_path / "one") if "reward" in r]
+    assert len(fractions) == 3 and all(0.3 <= f < 1 for f in fractions)
+
+
+@pytest.mark.slow
+def test_an_ema_teacher_on_two_fsdp_processes_stopped_and_resumed_equals_one_process(tiny_ckpt, tmp_path):
+    """The EMA teacher is sharded like the policy (each process averages its own shards), saved sharded and
+    resumed: two processes stopped after step 2 and resumed end as one uninterrupted process."""
+    args = [*REHEAT, "--set", "reheat.teacher=ema", "--set", "reheat.teacher_ema_decay=0.7"]
+    one = run_cli("reheat", str(tiny_ckpt), *args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    cut = tmp_path / "two"
+    procs = launch_ranks(2, "reheat", str(tiny_ckpt), *args, *FSDP, "--out", str(cut),
+                         env={"TSOPSD_FAULT": "TERM@step#2"})
+    assert [p.returncode for p in procs] == [130, 130], [p.stderr[-2000:] for p in procs]
+    ema = tmp_path / ".two.partial" / "checkpoints" / "step-000002" / "ema_teacher"
+    assert sorted(p.name for p in ema.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+    two("reheat", str(tiny_ckpt), *args, *FSDP, "--out", str(cut), "--resume")
+    assert_same_run(tmp_path / "one", cut, ["loss", "grad_norm", "student_entropy", "teacher_entropy",
+                                            "top1_agreement", "kl_input"])
+
+
+@pytest.mark.slow
 def test_fsdp_sigterm_after_step_2_then_resume_equals_the_uninterrupted_run(tiny_ckpt, tmp_path):
     full = tmp_path / "full"
     two("rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(full))

@@ -139,12 +139,15 @@ def test_a_thermostat_that_never_fires_gives_exactly_the_plain_run(tiny_ckpt, tm
 
 
 @pytest.mark.slow
-def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterrupted_run(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("teacher", ["frozen", "ema"])
+def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterrupted_run(teacher, tiny_ckpt,
+                                                                                         tmp_path):
     # a threshold above any entropy: fires as soon as the window (2) and the gap (2) allow, i.e. after step 2;
     # phases of at most 2 steps, then GRPO again for 2 steps, then the next phase
     fire = ["--set", "thermostat.enabled=true", "--set", "thermostat.threshold=100", "--set", "thermostat.window=2",
             "--set", "thermostat.min_gap=2", "--set", "thermostat.max_phase_steps=2",
-            "--set", "thermostat.target_entropy_ratio=null", "--set", "thermostat.target_entropy=1000"]
+            "--set", "thermostat.target_entropy_ratio=null", "--set", "thermostat.target_entropy=1000",
+            "--set", f"thermostat.teacher={teacher}", "--set", "thermostat.teacher_ema_decay=0.5"]
     full = tmp_path / "full"
     p = run_cli("rl", str(tiny_ckpt), "--out", str(full), *SMALL, *THERMO, *fire, "--json")
     assert p.returncode == 0, p.stderr
@@ -159,7 +162,8 @@ def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterru
     p = run_cli("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--quiet",
                 env={"TSOPSD_FAULT": "TERM@step#3"})
     assert p.returncode == 130, p.stderr
-    assert (tmp_path / ".cut.partial" / "checkpoints" / "step-000003" / "snapshot").is_dir()  # its teacher
+    saved = tmp_path / ".cut.partial" / "checkpoints" / "step-000003"
+    assert (saved / "snapshot").is_dir() and (saved / "ema_teacher").is_dir() == (teacher == "ema")  # its teachers
     p = run_cli("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--resume")
     assert p.returncode == 0, p.stderr
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING | {"weight_sync_seconds"}} for r in rs]  # noqa

@@ -157,3 +157,65 @@ def test_covariance_and_token_selection():
     picked = torch.nonzero(sel).squeeze(-1).tolist()
     assert len(picked) == 1 and 0.5 < want[picked[0]] < 10.0
     assert not grpo.clip_cov_select(cov, 0.5, 100.0, 200.0).any()  # nothing eligible
+
+
+# ---------------------------------------------------------------------------------- high-entropy tokens (rho)
+def brute_force_keep(values: list[float], rho: float) -> list[bool]:
+    """The mask written out in float64 Python: k = ceil(rho * N) in exact decimal arithmetic; a token is kept when
+    fewer than k tokens have a strictly larger entropy (so every token tied with the k-th largest is kept)."""
+    from decimal import ROUND_CEILING, Decimal
+
+    k = int((Decimal(str(rho)) * len(values)).to_integral_value(rounding=ROUND_CEILING))
+    return [sum(1 for y in values if y > x) < k for x in values]
+
+
+@pytest.mark.parametrize("rho", [1e-6, 0.05, 0.2, 0.3, 0.5, 0.7, 0.9, 0.999, 1.0])
+def test_high_entropy_mask_against_a_brute_force_reference_with_ties(rho):
+    g = torch.Generator().manual_seed(3)
+    # entropies on a coarse grid: many exact ties, some of them at the threshold
+    ent = (torch.randint(0, 12, (200,), generator=g).double() / 7.0).float()
+    got = grpo.high_entropy_mask(ent, rho)
+    want = brute_force_keep([float(x) for x in ent.double()], rho)
+    assert got.tolist() == want
+    k = math.ceil(round(rho * 200, 9))
+    assert int(got.sum()) >= k  # at least k, more when the k-th largest is tied
+    if got.sum() < 200:
+        assert ent[~got].max() < ent[got].min()  # every dropped token has less entropy than every kept one
+
+
+def test_high_entropy_count_takes_rho_at_its_decimal_value():
+    assert 0.28 * 25 > 7 and grpo.top_entropy_count(25, 0.28) == 7  # float arithmetic would keep 8
+    assert grpo.top_entropy_count(3, 0.2) == 1 and grpo.top_entropy_count(10, 0.2) == 2
+    assert grpo.top_entropy_count(7, 1.0) == 7 and grpo.top_entropy_count(1, 1e-9) == 1
+    ent = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.2, 0.8, 0.7, 0.6, 0.4, 0.0])
+    assert grpo.high_entropy_mask(ent, 0.7).sum() == 7  # the 7 largest, no ties
+    assert grpo.high_entropy_mask(torch.zeros(0), 0.2).numel() == 0
+
+
+# ------------------------------------------------------------------------------- adaptive entropy coefficient
+def test_the_adaptive_coefficient_follows_the_rule_written_out():
+    """Skywork-OR1's rule: + step below the target, - step above, unchanged at it, clamped to [0, max]."""
+    target, step, cmax = 0.5, 0.1, 0.25
+    entropies = [0.4, 0.4, 0.4, 0.4, 0.6, 0.5, 0.6, 0.6, 0.6, None, 0.1]
+    coef, got = 0.0, [0.0]
+    for e in entropies:
+        coef = grpo.adaptive_entropy_coef(coef, e, target, step, cmax)
+        got.append(coef)
+    #          start  up   up   up->max  max  down  equal  down  down  ->0  no tokens  up
+    want = [0.0, 0.1, 0.2, 0.25, 0.25, 0.15, 0.15, 0.05, 0.0, 0.0, 0.0, 0.1]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert grpo.adaptive_entropy_coef(0.3, 1.0, 2.0, 0.0, 1.0) == 0.3  # a step of 0 holds the coefficient
+
+
+def test_equal_contexts_get_the_entropy_of_their_first_occurrence():
+    """Completions of one prompt share their first tokens: their entropies, equal in exact arithmetic, are made
+    exactly equal, so that a tie at the threshold does not depend on where they were computed."""
+    t = lambda *x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    rows = [([1, 2], [5, 6, 7], t(1.0, 2.0, 3.0)),
+            ([1, 2], [5, 6, 8], t(1.0000001, 2.0000002, 3.5)),  # same context for 3 tokens (the 3rd's is [5, 6])
+            ([1, 2], [5, 9, 7], t(1.0000003, 2.5, 3.7)),  # shares the contexts [] and [5], not [5, 9]
+            ([1, 3], [5, 6, 7], t(1.5, 2.6, 3.8))]  # another prompt: nothing shared
+    got = [x.tolist() for x in grpo.shared_context_entropy(rows)]
+    f = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    assert got == [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, f(3.7)], [1.5, f(2.6), f(3.8)]]
+    assert grpo.shared_context_entropy([]) == []

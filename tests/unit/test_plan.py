@@ -410,3 +410,25 @@ def test_the_rollout_copy_of_float32_masters():
     assert "rollout's copy" in item.formula
     assert "sampling_weights" not in items(plan(recipe(**{"train.master_weights": "model_dtype"}), TINY,
                                                 assumptions=A))
+
+
+def test_an_ema_teacher_is_float32_sharded_like_the_policy_and_its_root_gathered():
+    s = SHAPES["qwen3-4b"]
+    frozen = plan(recipe("reheat", **{"train.strategy": "fsdp", "train.frozen": "replicated"}), s, gpus=4)
+    ema = plan(recipe("reheat", **{"train.strategy": "fsdp", "train.frozen": "replicated",
+                                   "reheat.teacher": "ema"}), s, gpus=4)
+    assert "ema_teacher" not in items(frozen)
+    assert items(ema)["ema_teacher"] == s.params * 4 // 4  # float32, 1/4 of it per process whatever train.frozen
+    assert set(next(i for i in ema.items if i.key == "ema_teacher").phases) == set(ema.phases)
+    assert items(ema)["gathered"] - items(frozen)["gathered"] == s.root_params * 2  # its root, as a frozen one's
+    single = items(plan(recipe("reheat", **{"reheat.teacher": "ema"}), TINY, assumptions=A))
+    assert single["ema_teacher"] == TINY_PARAMS * 4 and single["frozen"] == TINY_PARAMS * 2  # beside the input
+
+
+def test_the_thermostat_holds_its_snapshot_and_with_teacher_ema_an_ema_teacher():
+    off = items(plan(recipe(), TINY, assumptions=A))
+    on = items(plan(recipe(**{"thermostat.enabled": True}), TINY, assumptions=A))
+    ema = items(plan(recipe(**{"thermostat.enabled": True, "thermostat.teacher": "ema"}), TINY, assumptions=A))
+    assert "snapshot" not in off and "ema_teacher" not in off and "ema_teacher" not in on
+    assert on["snapshot"] == ema["snapshot"] == TINY_PARAMS * 2  # frozen, model.dtype
+    assert ema["ema_teacher"] == TINY_PARAMS * 4

@@ -94,3 +94,32 @@ def test_every_shipped_recipe_validates():
     assert files, "recipes/ is empty"
     for f in files:
         assert validate_file(f) == [], f
+
+
+@pytest.mark.parametrize("command,body,field,says", [
+    ("rl", "grpo:\n  top_entropy_quantile: 0\n", "grpo.top_entropy_quantile", "greater than 0"),
+    ("rl", "grpo:\n  top_entropy_quantile: 1.5\n", "grpo.top_entropy_quantile", "less than or equal to 1"),
+    ("rl", "grpo:\n  entropy_coef_step: -0.01\n", "grpo.entropy_coef_step", "greater than or equal to 0"),
+    ("rl", "grpo:\n  entropy_coef_max: -1\n", "grpo.entropy_coef_max", "greater than or equal to 0"),
+    ("rl", "grpo:\n  entropy_target: 0.5\n  entropy_coef: 2.0\n", "grpo", "must lie in [0, entropy_coef_max"),
+    ("reheat", "reheat:\n  teacher_ema_decay: 1.0\n", "reheat.teacher_ema_decay", "less than 1"),
+    ("reheat", "reheat:\n  teacher_ema_decay: 0\n", "reheat.teacher_ema_decay", "greater than 0"),
+    ("rl", "thermostat:\n  teacher_ema_decay: 1.5\n", "thermostat.teacher_ema_decay", "less than 1"),
+    ("reheat", "reheat:\n  method: fold\n  teacher: ema\n", "reheat", "method fold takes none"),
+])
+def test_out_of_range_remedy_settings_are_refused_with_one_line(command, body, field, says, tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text(f"command: {command}\n{body}")
+    lines = validate_file(f)
+    assert len(lines) == 1 and lines[0].startswith(f"{f}: {field}: ") and says in lines[0], lines
+
+
+def test_the_remedies_are_ordinary_recipe_fields():
+    r = build_recipe("rl", None, parse_set_options([
+        "grpo.top_entropy_quantile=0.2", "grpo.entropy_target=0.3", "grpo.entropy_coef_step=0.01",
+        "grpo.entropy_coef_max=0.1", "thermostat.teacher=ema", "thermostat.teacher_ema_decay=0.9"]))
+    assert (r.grpo.top_entropy_quantile, r.grpo.entropy_target, r.thermostat.teacher) == (0.2, 0.3, "ema")
+    h = build_recipe("reheat", None, parse_set_options(["reheat.teacher=ema", "reheat.teacher_ema_decay=0.99"]))
+    assert (h.reheat.teacher, h.reheat.teacher_ema_decay) == ("ema", 0.99)
+    g = build_recipe("rl").grpo  # the defaults are today's behaviour: every token, a fixed coefficient
+    assert g.top_entropy_quantile == 1.0 and g.entropy_target is None

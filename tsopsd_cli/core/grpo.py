@@ -22,9 +22,34 @@ How this departs from, or picks among, the published variants (each a recipe opt
    [2e-4] of tokens by cov and drops the clip. At least one token is selected whenever any qualifies. KL-Cov's
    term is 0 with gradient 0 on-policy (pi = pi_old), so it needs several mini-batches or epochs (the recipe
    refuses it otherwise) and acts from the second update of a rollout batch on.
+6. High-entropy tokens (Wang et al., 2025, "Beyond the 80/20 Rule"; TRL's top_entropy_quantile) [rho 1: off]: the
+   policy loss only on the tokens whose entropy at the sampling temperature is at least the k-th largest of the
+   step's loss tokens, k = ceil(rho * N) (rho at its decimal value; every token tied with the k-th is kept, so at
+   least k). TRL takes torch.quantile(1 - rho) (interpolated) over each micro-batch's tokens, gathered across
+   processes, from the entropies of the training forward; here the threshold is an order statistic over the whole
+   step (every micro-batch, mini-batch and process) of the rollout policy's entropies (the old-log-prob pass),
+   so neither micro_batch_size, mini_batches nor the number of processes changes which tokens learn, and every
+   update of a step trains the same tokens. Tokens with the same context (the same prompt and completion prefix:
+   completions of one prompt share their first tokens, a collapsed policy often whole completions) have the same
+   distribution, but computed in different micro-batches or processes their entropies differ in the last bits,
+   which would split such a tie at the threshold one way or the other; each takes the entropy of its context's
+   first occurrence in the step (`shared_context_entropy`), so mathematical ties are exact ties. As in TRL, the KL
+   to the reference and the entropy bonus keep every token and the loss keeps its normaliser (all loss tokens).
+7. Adaptive entropy control (the Skywork-OR1 report, arXiv 2505.22312; TRL's use_adaptive_entropy) [entropy_target
+   None: off]: after each step the coefficient moves up by one step when the step's mean rollout token entropy is
+   below the target and down by one step when above, clamped to [0, max]. Skywork-OR1 and TRL also apply the bonus
+   only while the last entropy is at or below the target; here the coefficient is applied as it stands (above the
+   target it falls back to 0 one step at a time), so that the logged coefficient is the applied one and the
+   controller's state is that one number. TRL measures the entropy of the training forward over the policy loss's
+   tokens (the high-entropy subset with rho < 1); here it is the rollouts' own entropy at the sampling temperature
+   over every rollout token: the distribution the bonus differentiates and the one that samples, known from the
+   rollout engine before the update.
 """
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import torch
 
@@ -118,3 +143,48 @@ def kl_cov_select(cov: torch.Tensor, ratio: float) -> torch.Tensor:
     if cov.numel():
         sel[cov.topk(max(int(ratio * cov.numel()), 1)).indices] = True
     return sel
+
+
+def top_entropy_count(num_tokens: int, rho: float) -> int:
+    """k = ceil(rho * N), the fewest tokens the high-entropy mask keeps, with rho at its decimal value (0.28 x 25 =
+    7, where float arithmetic gives 7.000000000000001 and would keep 8)."""
+    return math.ceil(Fraction(repr(float(rho))) * num_tokens)
+
+
+def high_entropy_mask(entropy: torch.Tensor, rho: float) -> torch.Tensor:
+    """True for the tokens the policy loss keeps (6. above): entropy >= the k-th largest value, k =
+    top_entropy_count(N, rho); ties at that value are all kept.  entropy: [N] (every loss token of the step)
+    -> bool [N]"""
+    n = entropy.numel()
+    if n == 0 or rho >= 1.0:
+        return torch.ones_like(entropy, dtype=torch.bool)
+    values = entropy.double()
+    threshold = values.kthvalue(n - top_entropy_count(n, rho) + 1).values  # the k-th largest
+    return values >= threshold
+
+
+def shared_context_entropy(rows: list[tuple[list[int], list[int], torch.Tensor]]) -> list[torch.Tensor]:
+    """Each token's entropy replaced by that of the first token in `rows` with the same context: the same prompt and
+    the same completion tokens before it (6. above). rows: [(prompt ids, completion ids [L], entropy [L])] ->
+    [entropy [L] float64] in the same order."""
+    node_of: dict[tuple, int] = {}  # (prompt ids,) or (parent node, token) -> node: a trie of the contexts
+    first: dict[int, float] = {}  # node -> the entropy of its first occurrence
+    out = []
+    for prompt, completion, entropy in rows:
+        node = node_of.setdefault((tuple(prompt),), len(node_of))
+        values = entropy.double().tolist()
+        for j, token in enumerate(completion):
+            values[j] = first.setdefault(node, values[j])
+            node = node_of.setdefault((node, token), len(node_of))
+        out.append(torch.tensor(values, dtype=torch.float64))
+    return out
+
+
+def adaptive_entropy_coef(coef: float, entropy: float | None, target: float, step: float, max_coef: float) -> float:
+    """The entropy bonus's coefficient for the next step (7. above): `coef` + `step` when the step's mean rollout
+    token `entropy` is below `target`, - `step` when above, clamped to [0, max_coef]; unchanged when equal or when
+    the step had no rollout tokens (None)."""
+    if entropy is None or entropy == target:
+        return coef
+    moved = coef + step if entropy < target else coef - step
+    return min(max(moved, 0.0), max_coef)

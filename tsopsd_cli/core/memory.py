@@ -424,6 +424,19 @@ class _Run:
         return self.r.command == "reheat"
 
     @property
+    def thermostat(self) -> bool:
+        """rl with the entropy thermostat on: its snapshot (and EMA teacher) run inside the micro-batches of its
+        reheat phases."""
+        return self.r.command == "rl" and self.r.thermostat.enabled
+
+    @property
+    def ema(self) -> bool:
+        """An EMA teacher: reheat.teacher ema, or the thermostat's teacher ema."""
+        if self.reheat:
+            return self.r.reheat.teacher == "ema"
+        return self.thermostat and self.r.thermostat.teacher == "ema"
+
+    @property
     def vllm(self) -> bool:
         return self.r.rollout.engine == "vllm"
 
@@ -490,14 +503,28 @@ def _trained_model(x: _Run) -> list[Item]:
 
 
 def _frozen_model(x: _Run) -> list[Item]:
-    """rl's reference (grpo.beta > 0) or reheat's teacher (always), in model.dtype."""
-    if not (x.reheat or x.r.grpo.beta > 0):
-        return []
+    """rl's reference (grpo.beta > 0) or reheat's teacher (always), and the thermostat's snapshot of the policy, in
+    model.dtype."""
     P, cb, N = x.s.params, x.cb, x.gpus
-    what = "teacher" if x.reheat else "reference"
     how = f" / {N} shards" if x.frozen_sharded else (" (full replica)" if N > 1 else "")
-    return [Item("frozen", f"{what} (frozen, {x.dtype})", _ceil_div(P * cb, N if x.frozen_sharded else 1),
-                 x.active, f"{_n(P)} params x {cb} B{how}")]
+    size = _ceil_div(P * cb, N if x.frozen_sharded else 1)
+    items = []
+    if x.reheat or x.r.grpo.beta > 0:
+        what = "teacher" if x.reheat else "reference"
+        items.append(Item("frozen", f"{what} (frozen, {x.dtype})", size, x.active, f"{_n(P)} params x {cb} B{how}"))
+    if x.thermostat:  # made at the first reheat phase and kept (a resume inside a phase loads it at setup)
+        items.append(Item("snapshot", f"thermostat snapshot (frozen, {x.dtype})", size, x.active,
+                          f"{_n(P)} params x {cb} B{how}"))
+    return items
+
+
+def _ema_teacher(x: _Run) -> list[Item]:
+    """An EMA teacher (reheat.teacher or thermostat.teacher ema): float32 and sharded like the trained model."""
+    if not x.ema:
+        return []
+    P, shards = x.s.params, x.shards
+    return [Item("ema_teacher", "EMA teacher (float32, placed like the policy)", _ceil_div(P * 4, shards), x.active,
+                 f"{_n(P)} params x 4 B" + (f" / {shards} shards" if x.fsdp else ""))]
 
 
 def _loading(x: _Run) -> list[Item]:
@@ -521,9 +548,10 @@ def _compute_copies(x: _Run) -> list[Item]:
     if x.fsdp:
         root, layer = s.root_params, s.layer_params
         k = x.a.fsdp_layers_in_flight
-        # reheat's sharded teacher runs inside each micro-batch and its root stays gathered until sharding.reshard
-        # after them (rl's reference runs in the no-grad pass before training and is resharded there)
-        roots = 2 if x.reheat and x.frozen_sharded else 1
+        # reheat's sharded teacher (the thermostat's snapshot) runs inside each micro-batch and its root stays
+        # gathered until sharding.reshard after them, as does an EMA teacher's (always sharded under fsdp); rl's
+        # reference runs in the no-grad pass before training and is resharded there
+        roots = 1 + int((x.reheat or x.thermostat) and x.frozen_sharded) + int(x.ema)
         gathered = (roots * root + k * layer) * cb
         red = 4 if cb != 4 else 0  # float32 reduce-scatter input beside the unsharded model.dtype gradient
         buffers = (root + layer) * (cb + red)
@@ -778,9 +806,9 @@ def plan(recipe, shape: ModelShape, gpus: int = 1, gpu_memory_gib: float = 80.0,
     x = _run_facts(recipe, shape, assumptions, gpus, gpu_memory_gib, device, strategy)
     vs = _vllm_share(x) if x.vllm else None
     # each part returns the items it holds in this run ([] where it has none), in the order the table shows them
-    items = [*_trained_model(x), *_frozen_model(x), *_loading(x), *_compute_copies(x), *_optimizer_step(x),
-             *_activations(x), *_vllm_items(x, vs), *_hf_rollout(x), *_sampling_weights(x), *_validation(x),
-             *_report_rollouts(x), *_report(x)]
+    items = [*_trained_model(x), *_frozen_model(x), *_ema_teacher(x), *_loading(x), *_compute_copies(x),
+             *_optimizer_step(x), *_activations(x), *_vllm_items(x, vs), *_hf_rollout(x), *_sampling_weights(x),
+             *_validation(x), *_report_rollouts(x), *_report(x)]
     items += _torch_cache(x, items)  # (sized from the trainer's items above)
     out = MemoryPlan(shape=shape, gpus=gpus, gpu_memory_bytes=x.gpu_memory_bytes, strategy=x.strategy,
                      engine=recipe.rollout.engine, assumptions=assumptions, device=device, items=items,

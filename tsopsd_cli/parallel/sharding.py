@@ -12,7 +12,9 @@ Precision: training keeps float32 master weights and float32 optimiser state and
 with FSDP through `MixedPrecisionPolicy` (parameters gathered in model.dtype, gradients reduced in float32), on
 one process or ddp through autocast. `train.master_weights: model_dtype` keeps the weights themselves in
 model.dtype (pure low precision) — only when a recipe asks for it by name. Frozen models (teacher, reference) are
-stored in model.dtype, sharded under fsdp unless `train.frozen: replicated`.
+stored in model.dtype, sharded under fsdp unless `train.frozen: replicated`. A frozen model whose weights follow the
+trained one's (the EMA teacher, `ema_update`) is kept in float32 and placed exactly like the trained model, so that
+under fsdp each process averages its own shards.
 
 Under FSDP the model's own modules must run (their hooks gather and free parameters): `call()` runs a function
 inside the root's forward, `layer_hook()` routes the lean forward's layers through the layer modules, and
@@ -87,15 +89,16 @@ def _run(self, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def shards_from_rank0(pl: Placement, trainable: bool) -> bool:
+def shards_from_rank0(pl: Placement, like_policy: bool) -> bool:
     """Whether a model is loaded by the main process alone and sharded out to the others (`prepare`): every
-    FSDP-sharded model of a run of several processes."""
-    return pl.fsdp and pl.world > 1 and (trainable or pl.frozen_sharded)
+    FSDP-sharded model of a run of several processes (`like_policy`: the trained model, or one placed like it)."""
+    return pl.fsdp and pl.world > 1 and (like_policy or pl.frozen_sharded)
 
 
-def prepare(model, pl: Placement, trainable: bool):
+def prepare(model, pl: Placement, trainable: bool, average: bool = False):
     """The model on its device in its dtype, FSDP-wrapped where the placement says so; frozen models get
-    requires_grad False and eval mode.
+    requires_grad False and eval mode. `average`: a frozen model whose weights follow the trained one's
+    (`ema_update`): float32, sharded exactly as the trained model whatever `train.frozen` says.
 
     A sharded model of several processes (`shards_from_rank0`) is loaded as verl and torchtune load one: only the
     main process has read the checkpoint (`model` holds its weights there and is a meta-device model, without
@@ -104,14 +107,15 @@ def prepare(model, pl: Placement, trainable: bool):
     (`set_model_state_dict(..., broadcast_from_rank0=True)`). No process upcasts or holds the whole model in the
     master dtype: host memory per process is about one checkpoint-dtype copy on the main process plus 1/world of
     the master weights, instead of world x (checkpoint copy + full master copy)."""
-    dtype = pl.master_dtype if trainable else pl.compute_dtype
-    if shards_from_rank0(pl, trainable):
+    like_policy = trainable or average
+    dtype = torch.float32 if average else pl.master_dtype if trainable else pl.compute_dtype
+    if shards_from_rank0(pl, like_policy):
         return _shard_from_rank0(model, pl, trainable, dtype)
     model.to(device=pl.device, dtype=dtype)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
-    if pl.fsdp and (trainable or pl.frozen_sharded):
+    if pl.fsdp and (like_policy or pl.frozen_sharded):
         _fully_shard(model, pl)
     return model
 
@@ -259,3 +263,16 @@ def copy_weights(dst, src) -> None:
             d.to_local().copy_(s.to_local())
         else:
             d.copy_(s.full_tensor() if hasattr(s, "full_tensor") else s)
+
+
+@torch.no_grad()
+def ema_update(average, model, decay: float) -> None:
+    """average := decay x average + (1 - decay) x model, parameter by parameter (an EMA teacher after an optimiser
+    step). `average` is placed like `model` (prepare(..., average=True)): under FSDP their shards line up and each
+    process updates its own; the model's weights are read as they are (float32 master weights)."""
+    for (name, a), (_, m) in zip(average.named_parameters(), model.named_parameters(), strict=True):
+        mine, theirs = local_tensor(a), local_tensor(m)
+        if mine.shape != theirs.shape:
+            raise RuntimeError(f"{name}: the average and the model are not placed alike ({tuple(mine.shape)} vs "
+                               f"{tuple(theirs.shape)})")
+        mine.mul_(decay).add_(theirs.to(mine.dtype), alpha=1.0 - decay)

@@ -5,7 +5,15 @@ TS-OPSD, as implemented here (the paper's exact loss and schedule are not public
    student (`rollout.temperature`, default 1). Only completion tokens enter the loss.
 2. Self-teacher: the model's own logits divided by `reheat.temp` (default 1.6). `teacher: frozen` (default)
    is a snapshot of the input checkpoint, never updated: the target stays fixed, as OPSD recommends for
-   self-distillation. `teacher: live` uses the current student under stop-gradient (a moving target).
+   self-distillation. `teacher: live` uses the current student under stop-gradient (a moving target). `teacher:
+   ema` starts as the input checkpoint and trails the student: after every optimiser step its weights become
+   decay x teacher + (1 - decay) x student (`teacher_ema_decay`), as TRL SDPO's teacher_model_kind ema
+   (update rate 1 - decay) and siyan-zhao/OPSD's EMA teacher. Where ours departs: the average is kept in float32
+   whatever model.dtype is (TRL averages in the teacher model's own dtype, where bf16 rounds away any change below
+   about 0.2 % of a weight), sharded like the student under fsdp (OPSD keeps a full copy on every rank), written into
+   every checkpoint so that a resume continues it exactly (TRL rebuilds its teacher from the model path, OPSD holds
+   it in memory only), and the average starts from the input checkpoint (OPSD starts it from the student after the
+   first optimiser step, so that the input's weight is dropped).
 3. Divergence over the full vocabulary [forward_kl = KL(teacher || student)]: mass-covering, it pushes the student
    to put probability wherever the smoothed teacher does, which is what raises entropy; reverse_kl is
    mode-seeking and jsd (beta) sits between. Token-mean over all completion tokens of the step.
@@ -35,7 +43,7 @@ from tsopsd_cli.checkpoint import (atomic_dir, check_out, checkpoint_dtype, load
 from tsopsd_cli.engines import SamplingParams, encode_prompts
 from tsopsd_cli.errors import CheckpointError
 from tsopsd_cli.modeling import check_head_matches, decoder_and_head
-from tsopsd_cli.parallel import sharding
+from tsopsd_cli.parallel import dcp, sharding
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import ReheatRecipe
 from tsopsd_cli.training.distill import distill_step
@@ -118,12 +126,14 @@ class ReheatRunner(TrainingRun):
         super().__init__(recipe, checkpoint, progress, resume, restart)
         # made by setup_method (None before)
         self.input_model: torch.nn.Module | None = None  # the frozen teacher, and the "input" of the metrics
+        self.ema: torch.nn.Module | None = None  # teacher: ema, the teacher (saved with every checkpoint)
         # the before/after report's pieces, saved with every checkpoint (method_state)
         self.before: dict | None = None  # the input model's summary, taken at step 0 (None: taken at the end)
         self._report_seqs: list | None = None  # its fixed rollouts (report_sequences), sampled once
 
     def setup_method(self) -> None:
         self.input_model = self.frozen(self.checkpoint)
+        self.ema = self.ema_teacher() if self.r.reheat.teacher == "ema" else None
         self.before = self.summary_pass(self.input_model) if self.state.step == 0 else None
 
     def rollout(self):
@@ -134,8 +144,10 @@ class ReheatRunner(TrainingRun):
         t0 = time.perf_counter()
         seqs, comps, engine_lps = self.rollout()
         t1 = time.perf_counter()
-        teacher = self.input_model if rh.teacher == "frozen" else None
+        teacher = {"frozen": self.input_model, "ema": self.ema, "live": None}[rh.teacher]
         row = distill_step(self.policy, teacher, self.input_model, seqs, comps, engine_lps, rh, t0, t1)
+        if self.ema is not None:
+            sharding.ema_update(self.ema, self.model, rh.teacher_ema_decay)
         if rh.target_entropy is not None and row["student_entropy"] >= rh.target_entropy:
             self.state.stop_reason = f"target_entropy {rh.target_entropy} reached"
         if rh.target_entropy_ratio is not None and \
@@ -176,6 +188,11 @@ class ReheatRunner(TrainingRun):
     def load_method_state(self, state: dict, checkpoint_dir) -> None:
         self.before = state.get("before")
         self._report_seqs = state.get("report_seqs")
+        if self.ema is not None:
+            dcp.load_model(checkpoint_dir / "ema_teacher", self.ema)
+
+    def extra_models(self) -> dict:
+        return {"ema_teacher": self.ema} if self.ema is not None else {}
 
     def report_extra(self) -> dict:
         rh = self.r.reheat
@@ -188,6 +205,7 @@ class ReheatRunner(TrainingRun):
                    "after": after["temperature_entropy"][key] if after else None}
         return {
             "method": "ts-opsd", "temp": rh.temp, "teacher": rh.teacher, "divergence": rh.divergence,
+            **({"teacher_ema_decay": rh.teacher_ema_decay} if rh.teacher == "ema" else {}),
             "entropy": {"first": steps[0]["student_entropy"] if steps else None,
                         "last": steps[-1]["student_entropy"] if steps else None,
                         "teacher": steps[-1]["teacher_entropy"] if steps else None},

@@ -10,18 +10,25 @@ exactly 1 on the first mini-batch. The loss is computed from hidden states in ch
 Choices where the published variants differ (recipe options; core/grpo.py lists them): the entropy bonus is the
 entropy of the sampling distribution softmax(logits / rollout.temperature) (as verl computes it), while the
 logged `entropy` is always at temperature 1 (comparable across rollout temperatures); Clip-Cov/KL-Cov select
-their tokens over the whole optimisation mini-batch, across processes, from the rollout policy's log-probs.
+their tokens over the whole optimisation mini-batch, across processes, from the rollout policy's log-probs; the
+high-entropy tokens of `top_entropy_quantile` are chosen over the whole step, across processes, from the rollout
+policy's entropies at the sampling temperature (the old-log-prob pass, which then runs even when one update per
+rollout batch would let the training forward give the old log-probs); adaptive entropy control
+(`entropy_target`) moves the bonus's coefficient after every GRPO step from the step's rollout entropy at the
+sampling temperature, and the coefficient is part of the run's saved state.
 
 The entropy thermostat (`thermostat`, off by default; training/thermostat.py decides): when the running mean of the
 rollout entropy falls below its threshold, the run switches to TS-OPSD steps (training.distill, the step `tsopsd
-reheat` takes) towards a frozen snapshot of the current policy / temp, until the entropy recovers, then resumes
-GRPO. Every row of metrics.jsonl says which kind of step it was (`phase`: grpo | reheat).
+reheat` takes) towards a frozen snapshot of the current policy / temp (`thermostat.teacher: ema`: a float32 average
+that starts as that snapshot and follows the student after every optimiser step of the phase, as reheat's), until
+the entropy recovers, then resumes GRPO. Every row of metrics.jsonl says which kind of step it was (`phase`: grpo |
+reheat).
 
 A GRPO step in this file: `rollout` (groups, rewards, advantages) -> `train_on`: `old_logprobs_pass` (the no-grad
-pass: old and reference log-probs, the engine gap, the entropy at temperature 1) -> `epoch_loop` (one
-`minibatch_update` per mini-batch: its token selection, then `_micro_step` per micro-batch, whose loss terms each
-have a name: the clipped surrogate, `tis_weighted`, `covariance_applied`, `kl_to_reference`, the entropy bonus) ->
-`step_metrics`.
+pass: old and reference log-probs, the engine gap, the entropy at temperature 1 and at the sampling temperature)
+-> `high_entropy_selection` (top_entropy_quantile < 1) -> `epoch_loop` (one `minibatch_update` per mini-batch: its
+token selection, then `_micro_step` per micro-batch, whose loss terms each have a name: the clipped surrogate,
+`tis_weighted`, `covariance_applied`, `high_entropy_only`, `kl_to_reference`, the entropy bonus) -> `step_metrics`.
 
 Setup, signals, the non-finite guard and several processes come from training.trainer; checkpoints and resume
 from training.checkpointing.
@@ -96,6 +103,8 @@ class OldPass:
     old: list  # per row: the old log-probs [len] at the rollout temperature; None: from the training forward
     ref: list  # per row: the reference model's log-probs [len]; None without a reference
     trained: set[int]  # the rows that take part in the updates (the others only count in the normalisers)
+    # per row with a loss: its tokens' entropy at the rollout temperature [len] (top_entropy_quantile < 1), else None
+    token_entropy: list = field(default_factory=list)
     entropy_sum: float = 0.0  # token entropy at temperature 1 over every rollout token (rollout temperature != 1)
     entropy_tokens: int = 0
     engine_diff: float = 0.0  # sum of |log p_engine - log p_trainer| over the trained tokens
@@ -108,6 +117,14 @@ class OldPass:
             eng = torch.tensor(engine, dtype=torch.float64)
             self.engine_diff += float((old.detach().double().cpu() - eng).abs().sum())
             self.engine_tokens += len(eng)
+
+
+@dataclass
+class HighEntropyTokens:
+    """Which tokens of this process's rows the policy loss keeps (grpo.top_entropy_quantile < 1)."""
+
+    keep: dict[int, torch.Tensor]  # per row with a loss: bool [len]
+    fraction: float | None  # the share of the step's loss tokens kept (every process's); None: no loss tokens
 
 
 MICRO_SUMS = ("loss", "tokens", "clip_low", "clip_high", "ratio_dev", "kl_ref", "kl_old", "cov_selected",
@@ -176,6 +193,11 @@ class RLRunner(TrainingRun):
         self.grader: Grader | None = None
         # the thermostat's teacher: the policy frozen at the start of a reheat phase (made at the first phase)
         self.snapshot: torch.nn.Module | None = None
+        # thermostat.teacher: ema, the phase's teacher: the snapshot, then following the student (made with it)
+        self.ema: torch.nn.Module | None = None
+        # the entropy bonus's coefficient now: grpo.entropy_coef, moved after every GRPO step by adaptive entropy
+        # control (grpo.entropy_target); saved with every checkpoint (method_state)
+        self.entropy_coef: float = recipe.grpo.entropy_coef
 
     def setup_method(self) -> None:
         self.reward_fn = load_reward(self.r.grpo.reward)
@@ -197,26 +219,46 @@ class RLRunner(TrainingRun):
         t2 = time.perf_counter()
         row = {"phase": "grpo", **batch.stats, **metrics, "rollout_seconds": t1 - t0, "train_seconds": t2 - t1,
                "tokens_per_s": batch.stats["tokens"] / max(t2 - t0, 1e-9)}
+        self.adapt_entropy_coef(row)
         if self.thermostat.after_grpo_step(self.state.step + 1, row.get("entropy")):
             self.take_snapshot()
             self.progress.log(f"thermostat: rollout entropy {self.thermostat.state['phases'][-1]['entropy_before']:.4f}"
                               f" below {self.thermostat.threshold():.4f}: reheating from step {self.state.step + 2}")
         return row
 
+    def adapt_entropy_coef(self, row: dict) -> None:
+        """Adaptive entropy control (grpo.entropy_target): log the coefficient this step applied, then move it for
+        the next step by the step's mean rollout token entropy at the sampling temperature (core.grpo)."""
+        g = self.r.grpo
+        if g.entropy_target is None:
+            return
+        row["entropy_coef"] = self.entropy_coef
+        self.entropy_coef = grpo.adaptive_entropy_coef(self.entropy_coef, row.get("sampling_entropy"),
+                                                       g.entropy_target, g.entropy_coef_step, g.entropy_coef_max)
+
     # ---------------------------------------------------------------- the entropy thermostat
     def take_snapshot(self) -> None:
-        """The reheat phase's teacher: the current policy, frozen (created once, refilled at every phase)."""
+        """The reheat phase's teacher: the current policy, frozen (created once, refilled at every phase); with
+        thermostat.teacher ema also the float32 average that starts as it."""
         if self.snapshot is None:
             self.snapshot = self.frozen(self.checkpoint)
         sharding.copy_weights(self.snapshot, self.model)
+        if self.r.thermostat.teacher == "ema":
+            if self.ema is None:
+                self.ema = self.ema_teacher()
+            sharding.copy_weights(self.ema, self.model)
 
     def reheat_step(self) -> dict:
         """One TS-OPSD step of a thermostat phase: the step `tsopsd reheat` takes, towards the snapshot / temp."""
         t0 = time.perf_counter()
         seqs, comps, engine_lps = self.on_policy_rollout()
         t1 = time.perf_counter()
-        row = {"phase": "reheat", **distill_step(self.policy, self.snapshot, self.snapshot, seqs, comps,
-                                                 engine_lps, self.r.thermostat, t0, t1)}
+        th = self.r.thermostat
+        teacher = self.ema if th.teacher == "ema" else self.snapshot
+        row = {"phase": "reheat", **distill_step(self.policy, teacher, self.snapshot, seqs, comps, engine_lps, th,
+                                                 t0, t1)}
+        if th.teacher == "ema":
+            sharding.ema_update(self.ema, self.model, th.teacher_ema_decay)
         row["entropy"] = row["student_entropy"]  # the entropy curve goes on through the phase
         if self.thermostat.after_reheat_step(self.state.step + 1, row["student_entropy"], row["teacher_entropy"]):
             self.progress.log(f"thermostat: phase over after {self.thermostat.state['phases'][-1]['steps']} steps "
@@ -224,17 +266,23 @@ class RLRunner(TrainingRun):
         return row
 
     def method_state(self) -> dict:
-        return {"thermostat": self.thermostat.state}
+        return {"thermostat": self.thermostat.state, "entropy_coef": self.entropy_coef}
 
     def load_method_state(self, state: dict, checkpoint_dir) -> None:
         if "thermostat" in state:
             self.thermostat = Thermostat(self.r.thermostat, state["thermostat"])
+        self.entropy_coef = state.get("entropy_coef", self.entropy_coef)
         if self.thermostat.reheating:  # stopped inside a phase: its teacher comes back from the checkpoint
             self.snapshot = self.frozen(self.checkpoint)
             dcp.load_model(checkpoint_dir / "snapshot", self.snapshot)
+            if self.r.thermostat.teacher == "ema":
+                self.ema = self.ema_teacher()
+                dcp.load_model(checkpoint_dir / "ema_teacher", self.ema)
 
     def extra_models(self) -> dict:
-        return {"snapshot": self.snapshot} if self.thermostat.reheating else {}
+        if not self.thermostat.reheating:
+            return {}
+        return {"snapshot": self.snapshot, **({"ema_teacher": self.ema} if self.r.thermostat.teacher == "ema" else {})}
 
     def phases(self) -> list[tuple[int, int]]:
         return self.thermostat.spans()
@@ -326,7 +374,7 @@ class RLRunner(TrainingRun):
         or not), so they are left out of the forward/backward while still counting in the loss normaliser. Not so
         when a KL term, an entropy bonus or a covariance-based token selection looks at every token."""
         g = self.r.grpo
-        return g.beta == 0 and g.entropy_coef == 0 and not g.clip_cov.enabled and not g.kl_cov.enabled
+        return g.beta == 0 and self.entropy_coef == 0 and not g.clip_cov.enabled and not g.kl_cov.enabled
 
     def plan(self, batch: Batch, epoch: int, gen: torch.Generator) -> list[tuple[list[int], list[list[int]]]]:
         """One epoch: [(all rows of a mini-batch, its micro-batches of trained rows)]. Rows are split into
@@ -369,10 +417,11 @@ class RLRunner(TrainingRun):
 
     def old_logprobs_from_training_forward(self) -> bool:
         """One update per rollout batch and nothing else to look at: the old log-probs are the current ones, so the
-        training forward provides them (detached) and the separate no-grad pass (old_logprobs_pass) is skipped."""
+        training forward provides them (detached) and the separate no-grad pass (old_logprobs_pass) is skipped.
+        Not with top_entropy_quantile < 1: its selection needs every token's entropy before the first update."""
         g = self.r.grpo
         return (g.ppo_epochs == 1 and g.mini_batches == 1 and self.ref is None and self.r.rollout.temperature == 1.0
-                and not (g.clip_cov.enabled or g.kl_cov.enabled))
+                and not (g.clip_cov.enabled or g.kl_cov.enabled) and g.top_entropy_quantile == 1.0)
 
     def train_on(self, batch: Batch) -> dict:
         """The step's updates on one rollout batch: the old log-prob pass, then `ppo_epochs` x `mini_batches`
@@ -381,61 +430,92 @@ class RLRunner(TrainingRun):
         order_gen = torch.Generator().manual_seed(self.next_seed())
         first_plan = self.plan(batch, 0, order_gen)
         old = self.old_logprobs_pass(batch, first_plan)
-        totals = self.epoch_loop(batch, first_plan, order_gen, old)
-        return self.step_metrics(batch, old, totals)
+        high = self.high_entropy_selection(batch, old) if self.r.grpo.top_entropy_quantile < 1.0 else None
+        totals = self.epoch_loop(batch, first_plan, order_gen, old, high)
+        return self.step_metrics(batch, old, totals, high)
 
     def old_logprobs_pass(self, batch: Batch, plan: list) -> OldPass:
         """The no-grad pass before the updates, over the first epoch's micro-batches (the same as training, so that
         the first mini-batch's importance ratio is exactly 1): old log-probs at the rollout temperature, the
         reference's log-probs, the engine's gap on the trained rows; at a rollout temperature other than 1 also the
-        token entropy at temperature 1 over every rollout token (the rows left out of training get passes of their
-        own). At rollout temperature 1 that entropy is the engine's (exact, computed while sampling)."""
-        temp, mbs, chunk = self.r.rollout.temperature, self.r.train.micro_batch_size, self.r.train.chunk_size
+        token entropy at temperature 1 over every rollout token, and with top_entropy_quantile < 1 the entropy at
+        the rollout temperature of every token of the rows with a loss (rows left out of training get passes of
+        their own for these). At rollout temperature 1 the logged entropy is the engine's (exact, computed while
+        sampling)."""
+        temp, mbs = self.r.rollout.temperature, self.r.train.micro_batch_size
+        high = self.r.grpo.top_entropy_quantile < 1.0
         n_rows = len(batch.seqs)
         trained = {i for _, micro in plan for ids in micro for i in ids}
-        out = OldPass(old=[None] * n_rows, ref=[None] * n_rows, trained=trained)
+        out = OldPass(old=[None] * n_rows, ref=[None] * n_rows, trained=trained, token_entropy=[None] * n_rows)
         with torch.no_grad():
             passes = [] if self.old_logprobs_from_training_forward() else [ids for _, micro in plan for ids in micro]
-            if temp != 1.0:
-                rest = [i for i in range(n_rows) if i not in out.trained]
-                passes += [rest[k:k + mbs] for k in range(0, len(rest), mbs)]
+            rest = [i for i in range(n_rows) if i not in trained and (temp != 1.0 or (high and batch.loss_mask[i]))]
+            passes += [rest[k:k + mbs] for k in range(0, len(rest), mbs)]
             for k in range(self.passes(len(passes))):
                 ids = passes[k] if k < len(passes) else []
                 seqs = [batch.seqs[i] for i in ids] or [self.dummy_seq()]
-                hidden, weight, pb = self.hidden(self.model, seqs)  # one forward: old log-probs and entropy
+                hidden, weight, pb = self.hidden(self.model, seqs)  # one forward: old log-probs and entropies
                 rf = self.forward_logps(self.ref, seqs, temp, False)[0] if self.ref is not None else None
-                if not ids:
-                    continue
-                if temp != 1.0:
-                    e = token_logps(hidden, weight, pb.targets, 1.0, chunk, True)[1]
-                    out.entropy_sum += float(e.double().sum())
-                    out.entropy_tokens += e.numel()
-                if ids[0] in out.trained:
-                    bounds = [len(batch.seqs[i][1]) for i in ids]
-                    lp = token_logps(hidden, weight, pb.targets, temp, chunk)[0]
-                    for i, piece in zip(ids, lp.split(bounds)):
-                        out.old[i] = piece
-                        out.note_engine_gap(piece, batch.engine_logps[i])
-                    for i, piece in zip(ids, rf.split(bounds) if rf is not None else [None] * len(ids)):
-                        out.ref[i] = piece
+                if ids:
+                    self._old_pass_rows(batch, ids, hidden, weight, pb, rf, out)
             if self.ref is not None:
                 sharding.reshard(self.ref)
         return out
 
-    def epoch_loop(self, batch: Batch, first_plan: list, order_gen: torch.Generator, old: OldPass) -> UpdateSums:
+    def _old_pass_rows(self, batch: Batch, ids: list[int], hidden, weight, pb, rf, out: OldPass) -> None:
+        """What one micro-batch of the old-log-prob pass (rows `ids`, all trained or none) gives, into `out`."""
+        temp, chunk = self.r.rollout.temperature, self.r.train.chunk_size
+        high = self.r.grpo.top_entropy_quantile < 1.0
+        bounds = [len(batch.seqs[i][1]) for i in ids]
+        if temp != 1.0:
+            e = token_logps(hidden, weight, pb.targets, 1.0, chunk, True)[1]
+            out.entropy_sum += float(e.double().sum())
+            out.entropy_tokens += e.numel()
+        if ids[0] not in out.trained and not high:
+            return
+        lp, ent = token_logps(hidden, weight, pb.targets, temp, chunk, high)
+        if high:
+            for i, piece in zip(ids, ent.split(bounds)):
+                out.token_entropy[i] = piece if batch.loss_mask[i] else None
+        if ids[0] in out.trained:
+            for i, piece in zip(ids, lp.split(bounds)):
+                out.old[i] = piece
+                out.note_engine_gap(piece, batch.engine_logps[i])
+            for i, piece in zip(ids, rf.split(bounds) if rf is not None else [None] * len(ids)):
+                out.ref[i] = piece
+
+    def high_entropy_selection(self, batch: Batch, old: OldPass) -> HighEntropyTokens:
+        """grpo.top_entropy_quantile: which tokens of this process's rows with a loss the policy loss keeps, chosen
+        among every loss token of the step, every process's, by their entropy at the rollout temperature, equal
+        contexts given equal entropies (core.grpo.shared_context_entropy, high_entropy_mask)."""
+        rows = [i for i in range(len(batch.seqs)) if batch.loss_mask[i]]
+        mine = [(list(batch.seqs[i][0]), list(batch.seqs[i][1]), old.token_entropy[i].detach().double().cpu())
+                for i in rows]
+        parts = self.dist.gather_objects(mine)  # every process sees every row, in rank order
+        entropy = grpo.shared_context_entropy([row for part in parts for row in part])
+        keep = grpo.high_entropy_mask(torch.cat(entropy) if entropy else torch.zeros(0, dtype=torch.float64),
+                                      self.r.grpo.top_entropy_quantile)
+        start = sum(len(c) for part in parts[:self.dist.rank] for _, c, _ in part)
+        own = keep[start:start + sum(len(c) for _, c, _ in mine)].split([len(c) for _, c, _ in mine])
+        return HighEntropyTokens(keep=dict(zip(rows, own)),
+                                 fraction=float(keep.sum()) / keep.numel() if keep.numel() else None)
+
+    def epoch_loop(self, batch: Batch, first_plan: list, order_gen: torch.Generator, old: OldPass,
+                   high: HighEntropyTokens | None) -> UpdateSums:
         """`ppo_epochs` passes over the batch, one optimiser step per mini-batch (the first epoch in `first_plan`,
         the later ones reshuffled by `order_gen`)."""
         totals = UpdateSums()
         for epoch in range(self.r.grpo.ppo_epochs):
             plan = first_plan if epoch == 0 else self.plan(batch, epoch, order_gen)
             for pi, (part, micro) in enumerate(plan):
-                self.minibatch_update(batch, part, micro, old, totals, first=epoch == 0 and pi == 0)
+                self.minibatch_update(batch, part, micro, old, high, totals, first=epoch == 0 and pi == 0)
         return totals
 
     def minibatch_update(self, batch: Batch, part: list[int], micro: list[list[int]], old: OldPass,
-                         totals: UpdateSums, first: bool) -> None:
+                         high: HighEntropyTokens | None, totals: UpdateSums, first: bool) -> None:
         """One optimiser step on one mini-batch (`part`: all its rows; `micro`: its micro-batches of trained rows),
-        its loss normalised by the whole mini-batch's counts (every process's share)."""
+        its loss normalised by the whole mini-batch's counts (every process's share); `high`: the step's
+        high-entropy tokens (None: every token)."""
         g = self.r.grpo
         counts = {"tokens": self.dist.sum(sum(len(batch.seqs[i][1]) for i in part if batch.loss_mask[i])),
                   "seqs": self.dist.sum(sum(1 for i in part if batch.loss_mask[i])),
@@ -448,10 +528,12 @@ class RLRunner(TrainingRun):
             ids = micro[k] if k < len(micro) else []
             olds = None if single or not ids else torch.cat([old.old[i] for i in ids])
             refs = torch.cat([old.ref[i] for i in ids]) if self.ref is not None and ids else None
-            totals.add(self._micro_step(batch, ids, olds, refs, counts, selection), first)
+            keep = torch.cat([high.keep[i] for i in ids]) if high is not None and ids else None
+            totals.add(self._micro_step(batch, ids, olds, refs, counts, selection, keep), first)
         totals.grad_norms.append(self.optimizer_step())
 
-    def step_metrics(self, batch: Batch, old: OldPass, totals: UpdateSums) -> dict:
+    def step_metrics(self, batch: Batch, old: OldPass, totals: UpdateSums, high: HighEntropyTokens | None = None
+                     ) -> dict:
         """The step's metrics: every process's sums together, per token of the trained rows where not said."""
         g, acc, temp = self.r.grpo, totals.sums, self.r.rollout.temperature
         tokens = self.dist.sum(acc["tokens"]) or 1.0
@@ -474,14 +556,17 @@ class RLRunner(TrainingRun):
             "trained_rows": self.dist.sum(len(old.trained)) / max(1.0, self.dist.sum(len(batch.seqs))),
             "grad_norm": sum(totals.grad_norms) / len(totals.grad_norms),
             "lr": self.sched.get_last_lr()[0],
+            **({"loss_token_fraction": high.fraction} if high is not None else {}),
         }
 
-    def _micro_step(self, batch: Batch, ids: list[int], old_flat, ref_flat, counts: dict, selection: dict) -> dict:
+    def _micro_step(self, batch: Batch, ids: list[int], old_flat, ref_flat, counts: dict, selection: dict,
+                    keep_flat: torch.Tensor | None = None) -> dict:
         """Forward, loss and backward of one micro-batch; `ids` empty: a padding pass (FSDP), loss x 0. `old_flat`
-        None: the old log-probs are this forward's own (old_logprobs_from_training_forward). Returns its sums."""
-        r, g = self.r, self.r.grpo
+        None: the old log-probs are this forward's own (old_logprobs_from_training_forward). `keep_flat`: the
+        tokens the policy loss keeps (high_entropy_selection; None: all). Returns its sums."""
+        r, g, coef = self.r, self.r.grpo, self.entropy_coef
         seqs = [batch.seqs[i] for i in ids] or [self.dummy_seq()]
-        logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, g.entropy_coef != 0)
+        logp_flat, ent_flat, pb = self.forward_logps(self.model, seqs, r.rollout.temperature, coef != 0)
         if not ids:
             (logp_flat.sum() * 0.0).backward()
             return {"max_ratio_dev": 0.0}
@@ -498,9 +583,10 @@ class RLRunner(TrainingRun):
         loss_tok, ratio, low, high = grpo.clipped_policy_loss(m.logp, m.old, m.adv, g.epsilon, g.epsilon_high)
         loss_tok, sums["tis_capped"] = self.tis_weighted(loss_tok, m, old_flat, engine_flat)
         loss_tok, sums["cov_selected"] = self.covariance_applied(loss_tok, m, ratio, selection)
+        loss_tok = self.high_entropy_only(loss_tok, m, keep_flat)
         loss_tok, sums["kl_ref"] = self.kl_to_reference(loss_tok, m, ref_flat)
-        if g.entropy_coef != 0:  # the entropy bonus, at the sampling temperature
-            loss_tok = loss_tok - g.entropy_coef * m.pad(ent_flat)
+        if coef != 0:  # the entropy bonus, at the sampling temperature
+            loss_tok = loss_tok - coef * m.pad(ent_flat)
         loss = grpo.aggregate(loss_tok, m.mask, g.loss_aggregation, counts["tokens"], counts["seqs"], counts["rows"],
                               r.rollout.max_new_tokens)
         loss = self.guard_loss(loss)  # decided on every process together, before the update
@@ -541,6 +627,15 @@ class RLRunner(TrainingRun):
             plain = -(ratio * m.adv.unsqueeze(-1))
             loss_tok = plain + sel * g.kl_cov.coef * (m.logp - m.old).abs()
         return loss_tok, float(sel.sum())
+
+    def high_entropy_only(self, loss_tok: torch.Tensor, m: MicroBatch,
+                          keep_flat: torch.Tensor | None) -> torch.Tensor:
+        """grpo.top_entropy_quantile < 1: the policy loss (as the terms before shaped it) on the step's high-entropy
+        tokens alone (`keep_flat` [N]); the terms added after it, the KL to the reference and the entropy bonus,
+        keep every token, and the normaliser still counts every loss token (as TRL)."""
+        if keep_flat is None:
+            return loss_tok
+        return loss_tok * m.pad(keep_flat.to(loss_tok.device, loss_tok.dtype))
 
     def kl_to_reference(self, loss_tok: torch.Tensor, m: MicroBatch,
                         ref_flat: torch.Tensor | None) -> tuple[torch.Tensor, float]:

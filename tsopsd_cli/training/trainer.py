@@ -283,11 +283,12 @@ class TrainingRun:
             raise DataError(f"{len(over)} of {len(lengths)} training prompts are as long as or longer than the "
                             f"model's context ({context} tokens; the longest has {max(over)}): shorten or drop them")
 
-    def load(self, path, trainable: bool):
+    def load(self, path, trainable: bool, average: bool = False):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
-        shards for the trained model, model.dtype for frozen ones). A model sharded over several processes is read
-        by the main process alone; the others build it empty and receive their shards (sharding.prepare)."""
-        from_rank0 = sharding.shards_from_rank0(self.pl, trainable)
+        shards for the trained model, model.dtype for frozen ones; `average`: a frozen float32 model placed like
+        the trained one, whose weights follow it). A model sharded over several processes is read by the main
+        process alone; the others build it empty and receive their shards (sharding.prepare)."""
+        from_rank0 = sharding.shards_from_rank0(self.pl, trainable or average)
         failed: BaseException | None = None
         try:
             ld = load_checkpoint(path, self.r.model, dtype=checkpoint_dtype(path), device="cpu",
@@ -298,10 +299,15 @@ class TrainingRun:
             raise failed or CheckpointError(f"{path}: the main process could not load the checkpoint")
         if failed is not None:
             raise failed
-        return sharding.prepare(ld.model, self.pl, trainable), ld.tokenizer
+        return sharding.prepare(ld.model, self.pl, trainable, average), ld.tokenizer
 
     def frozen(self, path):
         return self.load(path, trainable=False)[0]
+
+    def ema_teacher(self):
+        """An EMA teacher: the input checkpoint in float32, placed like the trained policy and frozen; its weights
+        follow the policy's through sharding.ema_update after every optimiser step."""
+        return self.load(self.checkpoint, trainable=False, average=True)[0]
 
     # ------------------------------------------------------------------------------------------ rollout engine
     def rollout_engine(self):
