@@ -61,6 +61,9 @@ class ToyData(Section):
     num_prompts: PositiveInt = Field(64, description="Number of distinct problems.")
     levels: list[Literal[1, 2, 3]] = Field([1, 2, 3], min_length=1, description="Number of chained operations.")
     seed: int = Field(0, description="Seed of the problem draw.")
+    families: list[Literal["precedence", "bracket", "neutral"]] = Field(
+        ["precedence", "bracket", "neutral"], min_length=1, description="Problem families drawn (docs/toy.md), with "
+        "their natural weights renormalised; all three: the natural mix.")
 
 
 def _check_template(v: str) -> str:

@@ -45,3 +45,14 @@ def test_benchmark_metrics_hand_computed():
     assert m["mean_length"] == pytest.approx(90 / 8)
     assert m["truncation_rate"] == pytest.approx(1 / 8)
     assert m["mean_token_entropy"] == pytest.approx((0.5 * 70 + 1.0 * 20) / 90)  # token-weighted
+
+
+def test_right_plan_share_only_where_problems_have_one():
+    from tsopsd_cli.core.metrics import benchmark_metrics
+
+    s = lambda ok, plan: {"correct": ok, "answer_key": None, "length": 3, "finish_reason": "stop",  # noqa: E731
+                          "entropy": None, "right_plan": plan}
+    m = benchmark_metrics([[s(True, True), s(False, False)], [s(True, None), s(True, None)],
+                           [s(False, False), s(True, True)]])
+    assert m["right_plan"] == 0.5
+    assert "right_plan" not in benchmark_metrics([[s(True, None)]])

@@ -212,3 +212,59 @@ def test_briefly_trained_base_is_diverse_at_the_decision_point(one_thread):
     assert all(q == [0] for q in pos)
     at, other = toy.decision_entropy_means([c.entropies for c in comps], pos)
     assert at > 0.5, (at, other)
+
+
+def test_family_subsets_draw_only_those_families_and_leave_the_natural_draw_alone():
+    natural = toy.make_problems("train", 64, 3)
+    assert natural == toy.make_problems("train", 64, 3, families=toy.FAMILIES)  # the default path, unchanged
+    assert natural == toy.make_problems("train", 64, 3, families=("neutral", "bracket", "precedence"))
+    sub = toy.make_problems("train", 200, 3, families=("bracket", "neutral"))
+    assert sub == toy.make_problems("train", 200, 3, families=("neutral", "bracket"))
+    count = Counter(p.family for p in sub)
+    assert set(count) == {"bracket", "neutral"} and count["bracket"] > 40
+    only = toy.make_problems("test", 30, 0, families=("bracket",))
+    assert {p.family for p in only} == {"bracket"} and {p.level for p in only} <= {2, 3}
+    assert all(toy.split_of(p.expression) == "test" for p in only)
+    with pytest.raises(toy.DataError, match="level 1 problems are all neutral"):
+        toy.make_problems("test", 3, 0, levels=(1,), families=("bracket",))
+
+
+def test_a_family_pool_is_every_problem_of_it_in_the_split():
+    pool = toy.family_problems("test", "bracket")
+    assert len(pool) == 127 == len({p.expression for p in pool})
+    assert [p.expression for p in pool] == sorted(p.expression for p in pool)
+    assert all(p.family == "bracket" and toy.split_of(p.expression) == "test" for p in pool)
+    assert all(toy.make_problem(p.expression) == p for p in pool)
+    # the draw of the same family finds nothing outside the pool
+    drawn = {p.expression for p in toy.make_problems("test", 60, 1, families=("bracket",))}
+    assert drawn <= {p.expression for p in pool}
+    assert len(toy.family_problems("train", "bracket")) == 990
+
+
+def test_right_plan_of_a_completion():
+    bracket, prec, neutral = toy.make_problem("(3+4)*2"), toy.make_problem("3+4*2"), toy.make_problem("3*4+2")
+    assert toy.right_plan(bracket, "L\n3+4=7\n7*2=14\n\\boxed{14}") is True
+    assert toy.right_plan(bracket, "P\n4*2=8") is False
+    assert toy.right_plan(bracket, "") is False
+    assert toy.right_plan(prec, "P\n4*2=8") is True
+    assert toy.right_plan(neutral, "P") is None
+    tok = toy.build_tokenizer()
+    assert toy.right_plan(bracket.to_problem(0), tok("L\n3+4")["input_ids"]) is True
+    from tsopsd_cli.tasks import right_plan
+
+    assert right_plan(bracket.to_problem(0), "L") is True
+    assert right_plan(Problem(id="x", prompt="1+1", answer="2"), "L") is None
+
+
+def test_the_toy_family_sets():
+    from tsopsd_cli.tasks.benchmarks import NAMES, load_benchmark
+
+    assert {"toy", "toy-bracket", "toy-precedence", "toy-neutral"} <= set(NAMES)
+    full = load_benchmark("toy-bracket", None, "{question}", toy_num=1000)
+    assert len(full) == 127 and all(p.meta["family"] == "bracket" for p in full)
+    again = load_benchmark("toy-bracket", None, "{question}", toy_num=1000)
+    assert [p.prompt for p in full] == [p.prompt for p in again]
+    other = load_benchmark("toy-bracket", None, "{question}", toy_num=1000, toy_seed=1)
+    assert [p.prompt for p in other] != [p.prompt for p in full] and sorted(p.prompt for p in other) == sorted(
+        p.prompt for p in full)
+    assert len(load_benchmark("toy-bracket", None, "{question}", toy_num=20)) == 20

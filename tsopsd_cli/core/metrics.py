@@ -40,7 +40,8 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
 def benchmark_metrics(groups: list[list[dict]]) -> dict:
     """Metrics of one benchmark. `groups`: per problem, its samples as dicts with `correct` (bool),
     `answer_key` (normalised extracted answer or None), `length` (tokens), `finish_reason`, `entropy` (mean token
-    entropy of the sample or None)."""
+    entropy of the sample or None) and optionally `right_plan` (whether it chose its problem's right plan; None
+    where the problem has none)."""
     if not groups:
         raise ValueError("no problems")
     n = min(len(g) for g in groups)
@@ -60,4 +61,7 @@ def benchmark_metrics(groups: list[list[dict]]) -> dict:
     tokens = sum(length for _, length in ents)
     out["mean_token_entropy"] = sum(e * length for e, length in ents) / tokens if tokens else None
     out["accuracy"] = out[f"avg@{n}"]
+    plans = [s["right_plan"] for s in samples if s.get("right_plan") is not None]
+    if plans:  # tasks with a right plan per problem (the toy world): the share of samples that chose it
+        out["right_plan"] = sum(plans) / len(plans)
     return out

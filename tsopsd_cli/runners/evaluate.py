@@ -27,8 +27,9 @@ from tsopsd_cli.recipe import EvalRecipe
 from tsopsd_cli.recipe_loading import recipe_to_yaml
 from tsopsd_cli.report import json_safe
 from tsopsd_cli.rundir import RunDir, run_key
+from tsopsd_cli.tasks import right_plan
 from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template
-from tsopsd_cli.tasks.benchmarks import load_benchmark, load_custom, template_text
+from tsopsd_cli.tasks.benchmarks import is_toy, load_benchmark, load_custom, template_text
 from tsopsd_cli.tasks.grading import Grader, normalize
 
 SAMPLES_FILE = "samples.jsonl"
@@ -129,7 +130,7 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
         for bench, problems in sets.items():
             done = done_ids(rows, bench, n)
             advance(len([p for p in problems if p.id in done]) * n)
-            chat = ev.chat_template and bench != "toy"
+            chat = ev.chat_template and not is_toy(bench)
             for s in range(0, len(problems), ev.chunk_problems):
                 chunk = problems[s:s + ev.chunk_problems]
                 todo = [p for p in chunk if p.id not in done]
@@ -156,7 +157,7 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
     report = summarize(recipe, checkpoint, fp, sets, rows, n)
     report["grader_timeouts"] = timeouts
     # each benchmark's first prompt exactly as the model read it (template, and chat template when on)
-    report["first_prompts"] = {bench: prompt_text(tokenizer, ps[0], ev.chat_template and bench != "toy")
+    report["first_prompts"] = {bench: prompt_text(tokenizer, ps[0], ev.chat_template and not is_toy(bench))
                                for bench, ps in sets.items() if ps}
     return report
 
@@ -166,10 +167,11 @@ def summarize(recipe: EvalRecipe, checkpoint: str, fp: str, sets: dict[str, list
     per_bench = {}
     for bench, problems in sets.items():
         by_id: dict[str, list[dict]] = {p.id: [] for p in problems}
+        problem = {p.id: p for p in problems}
         for r in rows:
             if r["benchmark"] == bench and r["problem_id"] in by_id:
-                by_id[r["problem_id"]].append({**r, "answer_key": normalize(r["extracted"])
-                                               if r["extracted"] else None})
+                by_id[r["problem_id"]].append({**r, "answer_key": normalize(r["extracted"]) if r["extracted"] else None,
+                                               "right_plan": right_plan(problem[r["problem_id"]], r["completion"])})
         groups = [sorted(g, key=lambda r: r["sample_index"])[:n] for g in by_id.values()]
         per_bench[bench] = benchmark_metrics(groups)
     keys = ["accuracy", f"avg@{n}", f"maj@{n}", "mean_length", "truncation_rate"]

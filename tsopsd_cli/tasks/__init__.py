@@ -50,7 +50,9 @@ class ToySource:
 
         levels = tuple(sorted(set(data.levels)))
         num = min(data.num_prompts, limit) if limit else data.num_prompts  # a draw of `limit` problems
-        return [p.to_problem(i) for i, p in enumerate(toy.make_problems(data.split, num, data.seed, levels))]
+        families = tuple(data.families)
+        return [p.to_problem(i) for i, p in enumerate(toy.make_problems(data.split, num, data.seed, levels,
+                                                                        families=families))]
 
     def name(self, data):
         return "toy"
@@ -166,6 +168,16 @@ def validation_sets(section, data, tokenizer, limit: int | None = None) -> dict[
     template = template_text(section.prompt_template)
     return {name: load_benchmark(name, section.data_dir, template, n, toy_num=n or 200, toy_seed=0,
                                  chat_tokenizer=chat) for name in names}
+
+
+def right_plan(problem: Problem, completion) -> bool | None:
+    """Whether a completion (text or token ids) chose its problem's right plan at its decision point (the toy
+    world's plan letter); None where a task has no single right plan (neutral toy problems, the math benchmarks)."""
+    if "family" not in problem.meta:
+        return None
+    from tsopsd_cli.tasks import toy
+
+    return toy.right_plan(problem, completion)
 
 
 def decision_positions(problem: Problem, token_ids: list[int]) -> list[int] | None:

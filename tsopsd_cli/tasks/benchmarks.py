@@ -4,6 +4,7 @@ mappings, gold-answer normalisers and the prompt templates the field uses."""
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,15 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
                   ("question", "problem"), ("final_answer", "answer"), _gold_dollar,
                   local_names=("olympiadbench", "olympiad_bench")),
 ]}
-NAMES = ["toy", *BENCHMARKS]
+# The toy world's test problems: `toy` the natural mix (a seeded draw), `toy-<family>` every test problem of one
+# family (tasks.toy.family_problems, in a seeded order; the bracket family's 127 are the study's primary set).
+TOY_SETS = {"toy": None, "toy-precedence": "precedence", "toy-bracket": "bracket", "toy-neutral": "neutral"}
+NAMES = [*TOY_SETS, *BENCHMARKS]
+
+
+def is_toy(name: str) -> bool:
+    """Whether a benchmark name is one of the toy world's sets (its own prompt format: no template, no chat)."""
+    return name in TOY_SETS
 DEFAULT_BENCHMARK = "math500"  # what diagnose and eval sample on a checkpoint that is not a toy-world one
 
 
@@ -155,12 +164,18 @@ def records_to_problems(name: str, rows: list[dict], question_fields, answer_fie
 
 def load_benchmark(name: str, data_dir: Path | None, template: str, limit: int | None = None,
                    toy_num: int = 200, toy_seed: int = 0, chat_tokenizer=None) -> list[Problem]:
-    """Problems of a named benchmark. `template` is a text with {question} (ignored by `toy`, whose prompts are
-    the toy model's native format); `chat_tokenizer`: wrap each prompt in its chat template (not toy)."""
-    if name == "toy":
+    """Problems of a named benchmark. `template` is a text with {question} (ignored by the toy sets, whose prompts
+    are the toy model's native format); `chat_tokenizer`: wrap each prompt in its chat template (not toy)."""
+    if name in TOY_SETS:
         from tsopsd_cli.tasks import toy
 
-        probs = [p.to_problem(i) for i, p in enumerate(toy.make_problems("test", toy_num, toy_seed))]
+        if TOY_SETS[name] is None:
+            found = toy.make_problems("test", toy_num, toy_seed)
+        else:  # the whole family, shuffled by the seed, at most toy_num of it
+            found = toy.family_problems("test", TOY_SETS[name])
+            random.Random(f"toy-set-{name}-{toy_seed}").shuffle(found)
+            found = found[:toy_num]
+        probs = [p.to_problem(i) for i, p in enumerate(found)]
         return probs[:limit] if limit else probs
     spec = BENCHMARKS[name]
     local = _find_local(spec, Path(data_dir)) if data_dir else None

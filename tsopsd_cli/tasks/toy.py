@@ -265,14 +265,18 @@ def _structures(level: int, max_operand: int) -> dict[str, list]:
     return _STRUCTURES[key]
 
 
-def draw_problem(rng: random.Random, level: int, family: str | None = None,
+def draw_problem(rng: random.Random, level: int, family: str | tuple[str, ...] | None = None,
                  max_operand: int = MAX_OPERAND) -> ToyProblem:
-    """One problem with `level` operators (of `family`, else drawn with FAMILY_WEIGHTS), operands in
+    """One problem with `level` operators (of `family`; of one of a tuple of families, drawn with their
+    FAMILY_WEIGHTS; else of any, drawn with FAMILY_WEIGHTS), operands in
     [1, max_operand]: an operator/bracket pattern that can give the family, uniformly, then operands until the
     expression is of the family."""
     if family is None:
         fams = families_at(level)
         family = rng.choices(fams, [FAMILY_WEIGHTS[f] for f in fams])[0]
+    elif isinstance(family, tuple):  # one of these families, with their FAMILY_WEIGHTS renormalised
+        fams = [f for f in families_at(level) if f in family]
+        family = fams[0] if len(fams) == 1 else rng.choices(fams, [FAMILY_WEIGHTS[f] for f in fams])[0]
     if family not in families_at(level):
         raise ValueError(f"no {family} problems at level {level}")
     patterns = _structures(level, max_operand)[family]
@@ -299,22 +303,32 @@ def make_problem(expression: str) -> ToyProblem:
 
 
 def make_problems(split: str, num: int, seed: int, levels: tuple[int, ...] = LEVELS,
-                  max_operand: int = MAX_OPERAND) -> list[ToyProblem]:
+                  max_operand: int = MAX_OPERAND, families: tuple[str, ...] = FAMILIES) -> list[ToyProblem]:
     """`num` distinct problems of `split`, levels drawn uniformly from `levels` and families with
     FAMILY_WEIGHTS, reproducible from `seed`. (When a level's pool of distinct problems runs low, later draws
-    of it are duplicates and are skipped, so small levels end up under-represented.)"""
+    of it are duplicates and are skipped, so small levels end up under-represented.) `families`: only these
+    (their weights renormalised; levels without any of them are not drawn); all three: the natural mix, drawn
+    exactly as before the option existed."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    rng = random.Random(f"toy-{split}-{seed}")
+    subset = tuple(f for f in FAMILIES if f in families)
+    if set(subset) != set(FAMILIES):
+        levels = tuple(lv for lv in levels if set(families_at(lv)) & set(subset))
+        if not subset or not levels:
+            raise DataError(f"no toy problems of the families {list(families)} at the levels asked for (level 1 "
+                            "problems are all neutral)")
+    rng = random.Random(f"toy-{split}-{seed}" if subset == FAMILIES else f"toy-{split}-{seed}-{'+'.join(subset)}")
+    fam = None if subset == FAMILIES else subset
     out: list[ToyProblem] = []
     seen: set[str] = set()
     misses = 0  # draws in a row that gave nothing new (the pools are finite: the test split's holds a few thousand)
     while len(out) < num:
         if misses > 20_000:
-            raise DataError(f"could not draw {num} distinct toy {split} problems at levels {list(levels)}: the "
-                            f"draws stopped giving new ones after {len(out)}; ask for fewer (data.num_prompts, "
+            kinds = "" if fam is None else f" of the families {list(fam)}"
+            raise DataError(f"could not draw {num} distinct toy {split} problems{kinds} at levels {list(levels)}: "
+                            f"the draws stopped giving new ones after {len(out)}; ask for fewer (data.num_prompts, "
                             f"eval.toy_num_problems) or add levels")
-        p = draw_problem(rng, rng.choice(levels), max_operand=max_operand)
+        p = draw_problem(rng, rng.choice(levels), fam, max_operand=max_operand)
         if p.expression in seen or split_of(p.expression) != split:
             misses += 1
             continue
@@ -322,6 +336,37 @@ def make_problems(split: str, num: int, seed: int, levels: tuple[int, ...] = LEV
         seen.add(p.expression)
         out.append(p)
     return out
+
+
+_POOLS: dict[tuple, list] = {}
+
+
+def family_problems(split: str, family: str, levels: tuple[int, ...] = LEVELS) -> list[ToyProblem]:
+    """Every distinct problem of one family in a split, enumerated (every operator/bracket pattern that can give
+    the family, every operand), sorted by expression: the whole population a sample of it comes from. The bracket
+    family's test split holds 127 problems, its train split 990 (the precedence family 285 / 2,631, the neutral one
+    4,620 / 42,234); found once per process (~2 s for bracket, ~15 s for neutral)."""
+    import itertools
+
+    if split not in ("train", "test") or family not in FAMILIES:
+        raise ValueError(f"unknown split {split!r} or family {family!r}")
+    key = (split, family, tuple(sorted(set(levels))))
+    if key not in _POOLS:
+        found: dict[str, ToyProblem] = {}
+        for level in key[2]:
+            if family not in families_at(level):
+                continue
+            for ops, bracket in _structures(level, MAX_OPERAND)[family]:
+                for operands in itertools.product(range(1, MAX_OPERAND + 1), repeat=level + 1):
+                    if classify(operands, ops, bracket) != family:
+                        continue
+                    expression = _format(operands, ops, bracket)
+                    if expression not in found and split_of(expression) == split:
+                        steps = tuple(true_steps(operands, ops, bracket))
+                        found[expression] = ToyProblem(expression=expression, steps=steps, answer=steps[-1][3],
+                                                       level=level, family=family)
+        _POOLS[key] = [found[e] for e in sorted(found)]
+    return list(_POOLS[key])
 
 
 def iter_train_examples(seed: int, levels: tuple[int, ...] = LEVELS, max_operand: int = MAX_OPERAND,
@@ -366,6 +411,17 @@ def trace_decisions(problem, completion) -> list[tuple[int, str | None]]:
     if not text:
         return []
     return [(0, next((h for h, letter in PLAN.items() if text[0] == letter), None))]
+
+
+def right_plan(problem, completion) -> bool | None:
+    """Whether a completion's plan letter is its problem's right plan (`P` for the precedence family, `L` for the
+    bracket family); None for a neutral problem (both plans are right) or one without a family."""
+    family = problem.family if isinstance(problem, ToyProblem) else getattr(problem, "meta", {}).get("family")
+    habit = {"precedence": "prec", "bracket": "ltr"}.get(family)
+    if habit is None:
+        return None
+    decisions = trace_decisions(problem, completion)
+    return bool(decisions) and decisions[0][1] == habit
 
 
 def decision_positions(problem, completion) -> list[int]:

@@ -492,8 +492,11 @@ class TrainingRun:
         res = self.validator.run(lambda prompts, params: self.generate(engine, prompts, params, agree=False),
                                  self.dist)
         self.model.train(was)
-        return {"val_accuracy": res["accuracy"], "val_entropy": res["entropy"], "val_pass@k": res["pass@k"],
-                "val_length": res["mean_length"]}
+        row = {"val_accuracy": res["accuracy"], "val_entropy": res["entropy"], "val_pass@k": res["pass@k"],
+               "val_length": res["mean_length"]}
+        if res["right_plan"] is not None:  # the toy world: the share of samples that chose the right plan
+            row["val_right_plan"] = res["right_plan"]
+        return row
 
     def log_row(self, row: dict) -> None:
         self.history.append(row)

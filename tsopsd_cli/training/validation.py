@@ -9,7 +9,7 @@ from typing import Callable
 
 from tsopsd_cli.core.metrics import benchmark_metrics
 from tsopsd_cli.engines import encode_prompts, sampling_params
-from tsopsd_cli.tasks import validation_sets
+from tsopsd_cli.tasks import right_plan, validation_sets
 from tsopsd_cli.tasks.grading import Grader, normalize
 
 
@@ -28,7 +28,8 @@ class Validator:
 
     def run(self, generate: Callable, dist) -> dict:
         """`generate(prompt_ids, SamplingParams) -> completions` (this process's engine). Returns, on every
-        process, {'accuracy', 'pass@k', 'entropy', 'mean_length', 'benchmarks'} (macro over benchmarks)."""
+        process, {'accuracy', 'pass@k', 'entropy', 'mean_length', 'right_plan', 'benchmarks'} (macro over
+        benchmarks; right_plan over those whose problems have a right plan, else None)."""
         per = {}
         with Grader(workers=1, timeout=self.grader_timeout) as grader:
             for name, problems in self.sets.items():
@@ -42,7 +43,8 @@ class Validator:
                         groups[mine[c.prompt_index]].append({
                             "correct": g.correct, "answer_key": normalize(g.extracted) if g.extracted else None,
                             "length": len(c.token_ids), "finish_reason": c.finish_reason,
-                            "entropy": c.mean_entropy})
+                            "entropy": c.mean_entropy,
+                            "right_plan": right_plan(problems[mine[c.prompt_index]], c.token_ids)})
                 merged: dict[int, list[dict]] = {}
                 for part in dist.gather_objects(groups):
                     merged.update(part)
@@ -54,5 +56,10 @@ class Validator:
             "pass@k": {k: sum(b["pass@k"][k] for b in per.values()) / n for k in first["pass@k"]},
             "entropy": sum(b["mean_token_entropy"] or 0.0 for b in per.values()) / n,
             "mean_length": sum(b["mean_length"] for b in per.values()) / n,
+            "right_plan": _mean([b["right_plan"] for b in per.values() if "right_plan" in b]),
             "benchmarks": per,
         }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
