@@ -48,9 +48,11 @@ def clip_to_rows(seqs, rows: int):
 
 
 def token_pass(seqs, model, pad_id: int, device, temperatures, topk, chunk_size: int, batch_size: int,
-               ref_model=None, progress: Progress = NULL, rows: int | None = None):
+               ref_model=None, progress: Progress = NULL, rows: int | None = None,
+               ref_temperature: float | None = None):
     """Chunked statistics over all completion tokens of `seqs` [(prompt ids, completion ids)] under `model`
-    (against `ref_model` when given); `rows`: use only the first `rows` logits of each head (shared_rows).
+    (against `ref_model` when given; with `ref_temperature`, also the mass overlaps with the reference at that
+    temperature); `rows`: use only the first `rows` logits of each head (shared_rows).
     Returns (TokenStats, positions [N], LayerSimilarity or None)."""
     _, head = decoder_and_head(model)
     ref_head = decoder_and_head(ref_model)[1] if ref_model is not None else None
@@ -70,7 +72,8 @@ def token_pass(seqs, model, pad_id: int, device, temperatures, topk, chunk_size:
                 if len(layers) == len(ref_layers):
                     layer_sim.add(layers, ref_layers)
             parts.append(S.chunked_token_stats(hidden, head, temperatures, topk, chunk_size,
-                                               target=batch.targets, ref_hidden=ref_hidden, ref_head=ref_head))
+                                               target=batch.targets, ref_hidden=ref_hidden, ref_head=ref_head,
+                                               ref_temperature=ref_temperature))
             positions.append(batch.completion_pos)
             advance(len(chunk))
     return S._cat(parts), torch.cat(positions), layer_sim
@@ -111,14 +114,20 @@ def summarize(st: S.TokenStats, positions: torch.Tensor, entropy_thresholds=(0.1
 
 
 def compare_models(model, reference, pad_id: int, device, seqs, temperatures: list[float], topk: list[int],
-                   chunk_size: int = 256, batch_size: int = 16) -> dict:
+                   chunk_size: int = 256, batch_size: int = 16, ref_temperature: float | None = None) -> dict:
     """The statistics of `model` against `reference` on the same tokens (reheat's before/after summary): entropy
     at each of `temperatures` (keys formatted with :g), top-1 probability, top-k mass, KL both ways, top-1
-    agreement, Jaccard@k, per-layer CKA and cosine."""
-    st, pos, sim = token_pass(seqs, model, pad_id, device, temperatures, topk, chunk_size, batch_size, reference)
+    agreement, Jaccard@k, per-layer CKA and cosine; with `ref_temperature`, also `mass_overlap` (sum_v min(p, q))
+    and `topk_overlap_mass` (the share of q's top-k mass on tokens in the model's top-k), q = the reference at
+    that temperature (core.stats.mass_overlaps)."""
+    st, pos, sim = token_pass(seqs, model, pad_id, device, temperatures, topk, chunk_size, batch_size, reference,
+                              ref_temperature=ref_temperature)
     rep = summarize(st, pos)
     res = sim.result()
-    return {"entropy": rep["entropy"]["mean"], "top1_prob": rep["top1_prob"]["mean"],
+    extra = {} if st.mass_overlap is None else {
+        "mass_overlap": float(st.mass_overlap.double().mean()),
+        "topk_overlap_mass": {str(k): float(v.double().mean()) for k, v in st.topk_overlap_mass.items()}}
+    return {**extra, "entropy": rep["entropy"]["mean"], "top1_prob": rep["top1_prob"]["mean"],
             "temperature_entropy": rep["temperature_entropy"], "topk_mass": rep["topk_mass"],
             "kl_forward": rep["reference"]["kl_forward"], "kl_reverse": rep["reference"]["kl_reverse"],
             "top1_agreement": rep["reference"]["top1_agreement"],

@@ -171,3 +171,25 @@ def test_summaries():
     assert sum(h["counts"]) == 5 and len(h["edges"]) == 5
     means, counts = S.per_position_mean(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2]))
     assert means == [2.0, 0.0, 5.0] and counts == [2, 0, 1]
+
+
+def test_mass_overlaps_against_float64_reference():
+    a, b = rand_logits(seed=3), rand_logits(seed=4, scale=5.0)
+    st = S.logits_token_stats(a, [1.0], [1, 5], ref_logits=b, ref_temperature=1.6)
+    top = lambda r, k: sorted(range(len(r)), key=lambda j: -r[j])[:k]  # noqa: E731
+    for i, (ra, rb) in enumerate(zip(a.double().tolist(), b.double().tolist(), strict=True)):
+        p, q = ref_probs(ra), ref_probs([x / 1.6 for x in rb])
+        assert st.mass_overlap[i].item() == pytest.approx(sum(min(x, y) for x, y in zip(p, q)), abs=1e-5)
+        for k in (1, 5):
+            mine, theirs = set(top(ra, k)), top(rb, k)
+            want = sum(q[j] for j in theirs if j in mine) / sum(q[j] for j in theirs)
+            assert st.topk_overlap_mass[k][i].item() == pytest.approx(want, abs=1e-5)
+    same = S.logits_token_stats(b / 1.6, [1.0], [5], ref_logits=b, ref_temperature=1.6)
+    torch.testing.assert_close(same.mass_overlap, torch.ones(len(b)))  # the fold's distribution: overlap 1
+    torch.testing.assert_close(same.topk_overlap_mass[5], torch.ones(len(b)))
+    hidden, w = torch.randn(30, 8), torch.randn(40, 8)
+    chunked = S.chunked_token_stats(hidden, lambda h: h @ w.T, [1.0], [5], 7, None, hidden * 2, lambda h: h @ w.T,
+                                    ref_temperature=1.3)
+    whole = S.logits_token_stats(hidden @ w.T, [1.0], [5], None, (hidden * 2) @ w.T, 1.3)
+    torch.testing.assert_close(chunked.mass_overlap, whole.mass_overlap)
+    torch.testing.assert_close(chunked.topk_overlap_mass[5], whole.topk_overlap_mass[5])

@@ -7,7 +7,7 @@ All statistics are computed in float32 (or the input's dtype if wider), natural 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -62,12 +62,33 @@ class TokenStats:
     kl_reverse: torch.Tensor | None = None  # KL(model || reference)
     top1_agree: torch.Tensor | None = None  # float 0/1
     jaccard: dict[int, torch.Tensor] = field(default_factory=dict)
+    # against the reference at `ref_temperature` (q = softmax(ref_logits / ref_temperature)):
+    mass_overlap: torch.Tensor | None = None  # sum_v min(p_v, q_v) = 1 - total variation
+    topk_overlap_mass: dict[int, torch.Tensor] = field(default_factory=dict)  # q's top-k mass also in p's top-k
+
+
+def mass_overlaps(p: torch.Tensor, top_i: torch.Tensor, ref_logits: torch.Tensor, ref_temperature: float,
+                  topk: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """How much of a hotter reference's mass the model's distribution covers, per token: (sum_v min(p_v, q_v),
+    {k: the share of q's top-k mass that lies on tokens also in p's top-k}) with q = softmax(ref_logits /
+    ref_temperature). Unlike Jaccard@k, tokens that carry no mass count for nothing.
+    p: [N, V] probabilities; top_i: [N, kmax] p's top indices (descending); ref_logits: [N, V] -> [N], {k: [N]}"""
+    q = F.softmax(ref_logits / ref_temperature, dim=-1)  # [N, V]
+    overlap = torch.minimum(p, q).sum(-1)  # [N]
+    q_top, q_i = q.topk(top_i.shape[-1], dim=-1)  # [N, kmax]
+    shared = {}
+    for k in topk:
+        k = min(k, top_i.shape[-1])
+        inside = (q_i[:, :k].unsqueeze(-1) == top_i[:, :k].unsqueeze(-2)).any(-1)  # [N, k]: q's i-th in p's top-k
+        shared[k] = (q_top[:, :k] * inside).sum(-1) / q_top[:, :k].sum(-1)
+    return overlap, shared
 
 
 def logits_token_stats(logits: torch.Tensor, temperatures: list[float], topk: list[int],
-                       target: torch.Tensor | None = None,
-                       ref_logits: torch.Tensor | None = None) -> TokenStats:
-    """Statistics of a chunk of logits.  logits: [N, V]; target: [N] token ids; ref_logits: [N, V]."""
+                       target: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
+                       ref_temperature: float | None = None) -> TokenStats:
+    """Statistics of a chunk of logits.  logits: [N, V]; target: [N] token ids; ref_logits: [N, V];
+    ref_temperature: also the mass overlaps with softmax(ref_logits / ref_temperature) (`mass_overlaps`)."""
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     vocab = logits.shape[-1]
     logp = F.log_softmax(logits, dim=-1)  # [N, V]
@@ -89,6 +110,8 @@ def logits_token_stats(logits: torch.Tensor, temperatures: list[float], topk: li
         ref_i = logq.topk(kmax, dim=-1).indices  # [N, kmax]
         stats.top1_agree = (top_i[:, 0] == ref_i[:, 0]).float()
         stats.jaccard = {k: topk_jaccard(top_i[:, :min(k, vocab)], ref_i[:, :min(k, vocab)]) for k in topk}
+        if ref_temperature is not None:
+            stats.mass_overlap, stats.topk_overlap_mass = mass_overlaps(p, top_i, ref_logits, ref_temperature, topk)
     return stats
 
 
@@ -107,13 +130,16 @@ def _cat(parts: list[TokenStats]) -> TokenStats:
         kl_reverse=cat([s.kl_reverse for s in parts]),
         top1_agree=cat([s.top1_agree for s in parts]),
         jaccard={k: cat([s.jaccard[k] for s in parts]) for k in first.jaccard},
+        mass_overlap=cat([s.mass_overlap for s in parts]),
+        topk_overlap_mass={k: cat([s.topk_overlap_mass[k] for s in parts]) for k in first.topk_overlap_mass},
     )
 
 
 def chunked_token_stats(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                         temperatures: list[float], topk: list[int], chunk_size: int = 256,
                         target: torch.Tensor | None = None, ref_hidden: torch.Tensor | None = None,
-                        ref_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TokenStats:
+                        ref_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        ref_temperature: float | None = None) -> TokenStats:
     """Token statistics from final hidden states, projecting `chunk_size` tokens to the vocabulary at a time.
 
     hidden: [N, D] (after the final norm); head: [n, D] -> [n, V] (the LM head); target: [N];
@@ -130,25 +156,22 @@ def chunked_token_stats(hidden: torch.Tensor, head: Callable[[torch.Tensor], tor
             logits = head(hidden[s:e])  # [c, V]
             ref_logits = ref_head(ref_hidden[s:e]) if ref_hidden is not None else None
             st = logits_token_stats(logits, temperatures, topk,
-                                    target[s:e] if target is not None else None, ref_logits)
+                                    target[s:e] if target is not None else None, ref_logits, ref_temperature)
         del logits, ref_logits
         parts.append(_to_cpu(st))
     return _cat(parts)
 
 
 def _to_cpu(st: TokenStats) -> TokenStats:
+    """Every tensor of `st` (the dict-valued fields' too) as float32 on the CPU."""
     def c(x):
+        if isinstance(x, dict):
+            return {k: c(v) for k, v in x.items()}
         return None if x is None else x.detach().float().cpu()
 
-    return TokenStats(entropy=c(st.entropy), top1_prob=c(st.top1_prob),
-                      topk_mass={k: c(v) for k, v in st.topk_mass.items()},
-                      entropy_at={k: c(v) for k, v in st.entropy_at.items()},
-                      token_logprob=c(st.token_logprob), kl_forward=c(st.kl_forward),
-                      kl_reverse=c(st.kl_reverse), top1_agree=c(st.top1_agree),
-                      jaccard={k: c(v) for k, v in st.jaccard.items()})
+    return TokenStats(**{f.name: c(getattr(st, f.name)) for f in fields(st)})
 
 
-# ------------------------------------------------------------------------------------- summaries of [N] arrays
 def quantiles(x: torch.Tensor, qs=(0.05, 0.25, 0.5, 0.75, 0.95)) -> dict[str, float]:
     x = x.double()
     return {f"q{int(round(q * 100)):02d}": float(torch.quantile(x, q)) for q in qs}
