@@ -379,6 +379,9 @@ class ValidationSection(Section):
                             "problem, e.g. '\\n\\nProblem:').")
     enabled: bool = Field(True, description="Validate before training, every eval_every steps and at the end; "
                           "with several processes each validates its share of the problems.")
+    toy_split: Literal["test", "train"] = Field("test", description="Split of the toy sets validated on (toy, "
+                                                "toy-<family>); train: for choices that must not look at test "
+                                                "problems (the study's calibration, docs/demo.md).")
 
     @field_validator("benchmarks")
     @classmethod

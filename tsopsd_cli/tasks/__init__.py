@@ -167,7 +167,8 @@ def validation_sets(section, data, tokenizer, limit: int | None = None) -> dict[
     chat = tokenizer if getattr(section, "chat_template", False) else None
     template = template_text(section.prompt_template)
     return {name: load_benchmark(name, section.data_dir, template, n, toy_num=n or 200, toy_seed=0,
-                                 chat_tokenizer=chat) for name in names}
+                                 chat_tokenizer=chat, toy_split=getattr(section, "toy_split", "test"))
+            for name in names}
 
 
 def right_plan(problem: Problem, completion) -> bool | None:

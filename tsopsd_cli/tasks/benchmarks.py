@@ -163,16 +163,18 @@ def records_to_problems(name: str, rows: list[dict], question_fields, answer_fie
 
 
 def load_benchmark(name: str, data_dir: Path | None, template: str, limit: int | None = None,
-                   toy_num: int = 200, toy_seed: int = 0, chat_tokenizer=None) -> list[Problem]:
+                   toy_num: int = 200, toy_seed: int = 0, chat_tokenizer=None,
+                   toy_split: str = "test") -> list[Problem]:
     """Problems of a named benchmark. `template` is a text with {question} (ignored by the toy sets, whose prompts
-    are the toy model's native format); `chat_tokenizer`: wrap each prompt in its chat template (not toy)."""
+    are the toy model's native format); `chat_tokenizer`: wrap each prompt in its chat template (not toy);
+    `toy_split`: the toy sets' split (test; train for choices that must not look at test problems)."""
     if name in TOY_SETS:
         from tsopsd_cli.tasks import toy
 
         if TOY_SETS[name] is None:
-            found = toy.make_problems("test", toy_num, toy_seed)
+            found = toy.make_problems(toy_split, toy_num, toy_seed)
         else:  # the whole family, shuffled by the seed, at most toy_num of it
-            found = toy.family_problems("test", TOY_SETS[name])
+            found = toy.family_problems(toy_split, TOY_SETS[name])
             random.Random(f"toy-set-{name}-{toy_seed}").shuffle(found)
             found = found[:toy_num]
         probs = [p.to_problem(i) for i, p in enumerate(found)]

@@ -496,6 +496,9 @@ class TrainingRun:
                "val_length": res["mean_length"]}
         if res["right_plan"] is not None:  # the toy world: the share of samples that chose the right plan
             row["val_right_plan"] = res["right_plan"]
+        if len(res["benchmarks"]) > 1:  # several sets: each one's accuracy (and right-plan share) as well
+            row["val_by_set"] = {name: {k: b[k] for k in ("accuracy", "right_plan") if k in b}
+                                 for name, b in res["benchmarks"].items()}
         return row
 
     def log_row(self, row: dict) -> None:
