@@ -618,7 +618,17 @@ class ReheatRecipe(TrainingRecipe):
 
 # ------------------------------------------------------------------------------------------------------ demo
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-ARMS = ("continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat")
+# The study's arms (docs/demo.md): continued RL from the collapsed checkpoint as it is, with more steps (as many
+# rollouts as TS-OPSD's reheat + continued RL), with hotter rollouts; from its exact fold and from its TS-OPSD
+# reheat; with the entropy thermostat, with the loss on high-entropy tokens only, with an adaptive entropy bonus.
+ARMS = ("continued-rl", "continued-rl-matched", "rollout-temperature", "fold", "ts-opsd", "thermostat",
+        "high-entropy-tokens", "entropy-adaptive")
+ArmName = Literal["continued-rl", "continued-rl-matched", "rollout-temperature", "fold", "ts-opsd", "thermostat",
+                  "high-entropy-tokens", "entropy-adaptive"]
+TEMPERATURE_ARMS = ("rollout-temperature", "fold", "ts-opsd")  # their free setting: a temperature from demo.temps
+REMEDY_ARMS = ("thermostat", "high-entropy-tokens", "entropy-adaptive")  # theirs: one of demo.candidates[arm]
+REMEDY_SECTION = {"thermostat": "thermostat.", "high-entropy-tokens": "grpo.", "entropy-adaptive": "grpo."}
+MAX_SEEDS = 20  # the exact sign-flip test enumerates 2^seeds sign vectors (core.paired)
 
 
 class DemoStage(Section):
@@ -633,38 +643,85 @@ class DemoStage(Section):
 
 
 class DemoSection(Section):
-    temp: float = Field(1.6, gt=1, description="temp of TS-OPSD and of fold, and the rollout temperature of the "
-                       "rollout-temperature arm.")
-    arms: list[Literal["continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat"]] = Field(
-        list(ARMS), min_length=1, description="Continued-RL arms, each the `continued` stage's recipe and step "
-        "budget: from the collapsed checkpoint at rollout temperature 1 (continued-rl) or temp "
-        "(rollout-temperature), from its TS-OPSD reheat (ts-opsd), from its exact temperature fold (fold), and "
-        "from the collapsed checkpoint with the entropy thermostat on (thermostat: its reheat steps count in the "
-        "same budget).")
-    thermostat: dict[str, Any] = Field(
-        {"thermostat.enabled": True, "thermostat.threshold": 0.008, "thermostat.window": 5, "thermostat.min_gap": 10,
-         "thermostat.max_phase_steps": 40, "thermostat.temp": 1.6, "thermostat.teacher_top_p": 0.95,
-         "thermostat.target_entropy_ratio": 1.0},
-        description="The thermostat arm's `thermostat.*` settings, on top of the continued stage's recipe "
-        "(docs/demo.md says how they were chosen).")
-    seeds: list[int] = Field([0], min_length=1, description="Seeds of the continued-RL arms; with several, the "
-                             "summary gives mean and spread.")
-    topk: PositiveInt = Field(5, description="k of the top-k overlap (Jaccard) with the collapsed checkpoint.")
+    """The study's design (docs/demo.md), fixed before any arm runs."""
+
+    seeds: list[int] = Field([0], min_length=1, max_length=MAX_SEEDS, description="Seeds; each fixes the prompt "
+                             "stream, the sampling and the TS-OPSD reheat of every arm, so that arms are compared "
+                             "seed by seed (paired). A verdict needs several (recipes/demo/full.yaml: ten).")
+    arms: list[ArmName] = Field(list(ARMS), min_length=1, description="Arms compared with ts-opsd (which always "
+                                "runs): " + ", ".join(ARMS) + ".")
+    budget_steps: PositiveInt = Field(60, description="Continued-RL steps per arm (B), of the `continued` stage's "
+                                      "recipe; continued-rl-matched adds the steps whose rollouts equal TS-OPSD's "
+                                      "reheat rollouts; the thermostat's reheat steps count inside B.")
+    eval_points: PositiveInt = Field(5, description="Validation points over the budget (every B / eval_points "
+                                     "steps, plus the start): the primary metric's curve.")
+    primary_metric: Literal["stranded_accuracy_auc"] = Field(
+        "stranded_accuracy_auc", description="stranded_accuracy_auc: accuracy on the stranded family's test "
+        "problems (toy-bracket: all 127, x validation.num_generations samples at temperature 1), as the area under "
+        "its curve over the arm's continued-RL steps, normalised to [0, 1].")
+    escape_bar: float = Field(0.5, gt=0, lt=1, description="A run escaped when the stranded family's right-plan "
+                              "share (toy-bracket, at its last validation) is at least this.")
+    margin: float = Field(0.03, gt=0, description="Equivalence margin of the primary metric (p_tost).")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of every test.")
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field(
+        [0.6, 1.0, 1.3, 1.6], min_length=1, description="Sampling temperatures every arm's start and end are "
+        "evaluated at (toy-bracket and the natural toy set).")
+    eval_samples: PositiveInt = Field(4, description="Samples per problem of those evaluations.")
+    temps: list[Annotated[float, Field(gt=1)]] = Field(
+        [1.6], min_length=1, description="Candidate temperatures of rollout-temperature, fold and ts-opsd; with "
+        "several, each arm's is chosen by the calibration rule (docs/demo.md) on training problems.")
+    candidates: dict[Literal["thermostat", "high-entropy-tokens", "entropy-adaptive"], list[dict[str, Any]]] = Field(
+        {"thermostat": [{"thermostat.enabled": True, "thermostat.threshold": 0.008, "thermostat.window": 5,
+                         "thermostat.min_gap": 10, "thermostat.max_phase_steps": 20, "thermostat.temp": 1.6,
+                         "thermostat.teacher_top_p": 0.95, "thermostat.target_entropy_ratio": 1.0}],
+         "high-entropy-tokens": [{"grpo.top_entropy_quantile": 0.2}],
+         "entropy-adaptive": [{"grpo.entropy_target": 0.2, "grpo.entropy_coef_step": 0.002,
+                               "grpo.entropy_coef_max": 0.05}]},
+        description="Candidate settings of each remedy arm (`section.field: value`, on top of the continued "
+        "stage); with several, one is chosen by the calibration rule.")
+    calibration_seed: int = Field(1000, description="Seed of the calibration runs (not one of `seeds`).")
+    forgetting_tolerance: float = Field(0.05, ge=0, lt=1, description="Calibration rule: a candidate is admissible "
+                                        "when its natural-mix training accuracy at the end of the budget is at "
+                                        "least continued-rl's minus this.")
+    workers: PositiveInt | None = Field(None, description="Runs side by side, one thread each (None: one per "
+                                        "core; 1: one after another).")
+    topk: PositiveInt = Field(5, description="k of the top-k mass overlap in the representation comparison.")
+
+    @model_validator(mode="after")
+    def _design(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        if self.calibration_seed in self.seeds:
+            raise ValueError("calibration_seed must not be one of seeds (calibration runs are not study runs)")
+        if self.budget_steps % self.eval_points:
+            raise ValueError(f"budget_steps ({self.budget_steps}) must be a multiple of eval_points "
+                             f"({self.eval_points})")
+        for arm, options in self.candidates.items():
+            if not options:
+                raise ValueError(f"candidates.{arm}: give at least one setting")
+            bad = [k for o in options for k in o if not k.startswith(REMEDY_SECTION[arm])]
+            if bad:
+                raise ValueError(f"candidates.{arm}: only {REMEDY_SECTION[arm]}* fields ({bad[0]})")
+        missing = [a for a in REMEDY_ARMS if a in self.arms and a not in self.candidates]
+        if missing:
+            raise ValueError(f"candidates: no setting for the arm {missing[0]}")
+        return self
 
 
 class DemoRecipe(Section):
     command: Literal["demo"] = "demo"
     demo: DemoSection = DemoSection()
     init: DemoStage = DemoStage(recipe="toy/init.yaml")
-    # The defaults are recipes/demo/toy.yaml (tested), sized for <= 10 minutes on 2 CPU cores with one seed: the
-    # shipped rl recipe's full collapse, then 60 continued-RL steps per arm.
+    # The defaults are recipes/demo/toy.yaml (tested): one seed, one candidate per free setting (no calibration),
+    # sized for <= 10 minutes on 2 CPU cores. The continued stage is GRPO on the bracket and neutral families,
+    # where the bracket family's right plan is never punished: exploration is what a start can lack there.
     collapse: DemoStage = DemoStage(recipe="rl/toy.yaml")
     reheat: DemoStage = DemoStage(recipe="reheat/toy.yaml")
     continued: DemoStage = DemoStage(recipe="rl/toy.yaml", set={
-        "train.max_steps": 60, "train.prompts_per_step": 16, "train.eval_every": 10, "train.save_every": 0,
-        "validation.limit": 64})
-    diagnose: DemoStage = DemoStage(recipe="diagnose/toy.yaml")
-    eval: DemoStage = DemoStage(recipe="eval/toy.yaml", set={"eval.toy_num_problems": 128})
+        "data.families": ["bracket", "neutral"], "train.prompts_per_step": 16, "train.save_every": 0,
+        "validation.benchmarks": ["toy-bracket"], "validation.limit": None, "validation.num_generations": 8})
+    eval: DemoStage = DemoStage(recipe="eval/toy.yaml", set={"eval.benchmarks": ["toy-bracket", "toy"],
+                                                             "eval.toy_num_problems": 128})
     output: OutputSection = OutputSection()
 
     def stage_source(self, name: str, **extra: Any) -> tuple[Path, list[tuple[str, Any]]]:
@@ -675,21 +732,15 @@ class DemoRecipe(Section):
 
     @model_validator(mode="after")
     def _stages_valid(self, info: ValidationInfo):
-        """Every stage builds, the continued stage with the thermostat arm's settings too.
+        """Every stage builds, the continued stage with every candidate setting too.
 
         Building a stage reads its file and resolves it as a command would, which is the loader's work
         (recipe_loading), and the schema imports nothing of the loader: the loader hands its `build_recipe` in
         through the validation context whenever it validates a recipe (build_recipe, validate_file, defaults_yaml).
-        A DemoRecipe validated without it (made in code) gets only the check that reads no file."""
-        if any(not k.startswith("thermostat.") for k in self.demo.thermostat):
-            raise ValueError("demo.thermostat: only thermostat.* fields")
+        A DemoRecipe validated without it (made in code) gets only the checks that read no file."""
         build = (info.context or {}).get("build_recipe")
         if build is None:
             return self
-        try:
-            build("rl", *self.stage_source("continued", **self.demo.thermostat))
-        except RecipeError as e:
-            raise ValueError("demo.thermostat: " + "; ".join(e.lines)) from None
         for name, command in DEMO_STAGES.items():
             st = getattr(self, name)
             if not st.path().is_file():
@@ -699,11 +750,18 @@ class DemoRecipe(Section):
                 build(command, *self.stage_source(name))
             except RecipeError as e:
                 raise ValueError(f"{name}: " + "; ".join(e.lines)) from None
+        for arm, options in self.demo.candidates.items():
+            if arm not in self.demo.arms:
+                continue
+            for i, option in enumerate(options):
+                try:
+                    build("rl", *self.stage_source("continued", **option))
+                except RecipeError as e:
+                    raise ValueError(f"demo.candidates.{arm}.{i}: " + "; ".join(e.lines)) from None
         return self
 
 
-DEMO_STAGES = {"init": "toy-init", "collapse": "rl", "reheat": "reheat", "continued": "rl", "diagnose": "diagnose",
-               "eval": "eval"}
+DEMO_STAGES = {"init": "toy-init", "collapse": "rl", "reheat": "reheat", "continued": "rl", "eval": "eval"}
 
 
 RECIPES: dict[str, type[Section]] = {

@@ -1,4 +1,4 @@
-"""`tsopsd demo`: the paper's experiment in miniature on the toy world."""
+"""`tsopsd demo`: the study's claim tested in miniature on the toy world (docs/demo.md)."""
 
 from __future__ import annotations
 
@@ -10,28 +10,31 @@ import typer
 from tsopsd_cli.cli.common import (JsonOpt, OverwriteOpt, QuietOpt, RecipeOpt, SetOpt, print_json, progress_for,
                                    resolve, stdout_console)
 
-EPILOG = ("[bold]Example:[/bold] tsopsd demo --out runs/demo   (then open runs/demo/summary.md; "
-          "more seeds: --seeds 0,1,2)")
+EPILOG = ("[bold]Example:[/bold] tsopsd demo --out runs/demo   (one seed: a smoke of the design; the verdict needs "
+          "tsopsd demo --full)")
 
 
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's output and the summary.",
                                       rich_help_panel="Output")] = Path("runs/demo"),
-    temp: Annotated[Optional[float], typer.Option("--temp", help="Teacher temperature of TS-OPSD and fold, "
-                                                  "and the rollout temperature of the rollout-temperature arm "
-                                                  "(default 1.6).")] = None,
-    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds of the continued-RL arms "
-                                                 "(default 0).")] = None,
-    full: Annotated[bool, typer.Option("--full", help="The long demo: recipes/demo/full.yaml (5 seeds, 100 "
-                                       "continued-RL steps per arm; about 22 minutes on 2 cores).")] = False,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Use this temperature for rollout-temperature, "
+                                                  "fold and TS-OPSD instead of choosing one of demo.temps by the "
+                                                  "calibration rule.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds (default 0; --full: 0-9).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Runs side by side, one thread each "
+                                                   "(default: one per core).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="The study: recipes/demo/full.yaml (ten paired seeds, "
+                                       "calibration of every arm's setting; about an hour on 2 cores).")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished demo of --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished stages of an earlier demo in --out and "
                                          "continue where it stopped.")] = False,
     recipe: RecipeOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> int:
-    """Toy base -> RL until entropy collapse -> diagnose -> reheat (TS-OPSD and fold) -> continued RL from each
-    starting point -> eval; writes summary.md, summary.json and plots."""
+    """The study in miniature on the toy world: base -> RL until entropy collapse -> calibration of every arm's
+    setting on training problems -> per seed, TS-OPSD's reheat and continued RL from every arm's start (and the
+    base control) -> paired statistics and a verdict computed from them; writes summary.md, summary.json and a
+    plot (docs/demo.md)."""
     seed_list = None
     if seeds is not None:
         try:
@@ -49,30 +52,37 @@ def demo(
 
         recipe = RECIPES_DIR / "demo" / "full.yaml"
     rec = resolve("demo", recipe, set_, {"output.out": str(out), "output.overwrite": overwrite,
-                                         "demo.temp": temp, "demo.seeds": seed_list})
+                                         "demo.temps": [temp] if temp is not None else None,
+                                         "demo.seeds": seed_list, "demo.workers": workers})
     from tsopsd_cli.runners.demo import run_demo
 
     summary = run_demo(rec, progress_for(json_out, quiet), resume=resume, restart=restart)
     if json_out:
-        print_json({k: v for k, v in summary.items()})
+        print_json(summary)
         return 0
-    con = stdout_console()
-    c = summary["collapse"]
-    con.print(f"collapse: entropy {c['entropy_base']:.3f} -> {c['entropy_collapsed']:.3f} nats "
-              f"({c['entropy_ratio']:.1f}x), accuracy {c['accuracy_base']:.3f} -> {c['accuracy_collapsed']:.3f}")
+    render(summary)
+    return 0
+
+
+def render(s: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"tsopsd demo (temp {summary['temp']:g}, seeds {summary['seeds']})")
-    for col in ("arm", "start entropy", f"top-{summary['topk']} Jaccard", "CKA", "acc before", "acc after",
-                "pass@k after", "decision entropy start → end"):
+    con = stdout_console()
+    n = len(s["design"]["seeds"])
+    con.print(f"verdict: {s['verdict']} ({s['verdict_reason']})")
+    ctl = s["controls"]
+    con.print(f"controls: escaped from the base in {sum(ctl['base']['escaped_per_seed'])}/{n} seeds, from the "
+              f"collapsed checkpoint in {sum(ctl['collapsed']['escaped_per_seed'])}/{n}")
+    t = Table(title=f"tsopsd demo ({n} seed{'s' if n > 1 else ''}, budget {s['design']['budget_steps']} steps)")
+    for col in ("arm", "primary", "escaped", "rollouts", "ts-opsd - arm", "p (Holm)", "p (TOST)"):
         t.add_column(col, justify="left" if col == "arm" else "right")
-    pm = lambda m, sd: "—" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")  # noqa: E731
-    f4 = lambda x: "—" if x is None else f"{x:.4f}"  # noqa: E731
-    for name, a in summary["arms"].items():
-        t.add_row(name, f"{a['entropy']:.3f}", f"{a['topk_jaccard']:.3f}", f"{a['cka_last_layer']:.3f}",
-                  f"{a['accuracy_before']:.3f}", pm(a["accuracy_after"], a["accuracy_after_std"]),
-                  pm(a["pass@k_after"], a.get("pass@k_after_std")),
-                  f"{f4(a['decision_entropy_start'])} → {f4(a['decision_entropy_end'])}")
+    rows = {c["vs"]: c for c in s["comparisons"]}
+    for name, a in s["arms"].items():
+        xs = a["primary_per_seed"]
+        c = rows.get(name)
+        t.add_row(name, f"{sum(xs) / len(xs):.3f}", f"{sum(a['escaped_per_seed'])}/{n}",
+                  f"{sum(a['rollouts']) / len(a['rollouts']):,.0f}",
+                  "—" if c is None else f"{c['diff_mean']:+.4f}", "—" if c is None else f"{c['p_holm']:.3f}",
+                  "—" if c is None else f"{c['p_tost']:.3f}")
     con.print(t)
-    con.print(f"summary: {Path(summary['out']) / 'summary.md'} ({summary['seconds']:.0f} s)")
-    return 0
+    con.print(f"summary: {Path(s['out']) / 'summary.md'} ({s['seconds']:.0f} s)")

@@ -1,350 +1,344 @@
-"""`tsopsd demo`: the paper's experiment in miniature, end to end, on the toy world.
+"""`tsopsd demo`: the study's claim tested in miniature on the toy world (docs/demo.md has the design).
 
-    base (toy init) -> collapsed (rl) -> { ts-opsd (reheat), fold (reheat --method fold) }
-    continued RL, same budget, from: collapsed at rollout temperature 1 (continued-rl), collapsed at rollout
-    temperature temp (rollout-temperature), ts-opsd, fold; one run per arm and seed
-    diagnose of every starting point against the collapsed checkpoint; eval before and after continued RL
+    base (toy init) -> collapsed (rl on the natural mix)
+    calibration (training problems, calibration seed): each arm's free setting by one rule
+    per seed: ts-opsd's reheat; continued RL (the exploration-bound setting) for every arm and the base control;
+              every start and end evaluated at several temperatures; representation comparisons
+    summary: controls, paired statistics, verdict (runners/demo_report.py)
 
 Every stage is an ordinary tsopsd run (the same runners as the commands) writing into its own folder, each
 atomically, inside the demo's run directory (tsopsd_cli.rundir: `.OUT.partial/` until the summary is written,
-then renamed to --out); with --resume, finished stages are kept and an interrupted one resumes from its last
-checkpoint. The summary reports what happened, whichever arm comes out ahead.
+then renamed to --out). Independent runs go side by side, one thread each (runners/jobs.py). With --resume,
+finished runs are kept and an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import statistics
+import math
 import time
 from pathlib import Path
 
 from tsopsd_cli import signals
 from tsopsd_cli.checkpoint import check_out
-from tsopsd_cli.errors import Interrupted
+from tsopsd_cli.errors import Interrupted, UsageError
 from tsopsd_cli.progress import NULL, Progress
-from tsopsd_cli.recipe import DemoRecipe
+from tsopsd_cli.recipe import REMEDY_ARMS, TEMPERATURE_ARMS, DemoRecipe
 from tsopsd_cli.recipe_loading import demo_stage, recipe_to_yaml
-from tsopsd_cli.report import json_safe, pyplot
 from tsopsd_cli.rundir import RunDir, run_key
+from tsopsd_cli.runners.jobs import Job, default_workers, run_jobs
 
-ARM_TITLES = {"continued-rl": "continued RL (rollout T = 1)", "rollout-temperature": "rollout temperature = temp",
-              "ts-opsd": "TS-OPSD reheat, then RL", "fold": "exact fold (norm / temp), then RL",
-              "thermostat": "RL with the entropy thermostat"}
+HERE = "tsopsd_cli.runners.demo"
 
 
+# ---------------------------------------------------------------------------------------- the jobs (workers)
+def _partial(target: Path) -> bool:
+    return (target.parent / f".{target.name}.partial").exists()
+
+
+def job_rl(recipe: dict, checkpoint: str) -> None:
+    from tsopsd_cli.recipe import RLRecipe
+    from tsopsd_cli.runners.rl import run_rl
+
+    rec = RLRecipe.model_validate(recipe)
+    run_rl(rec, checkpoint, resume=_partial(Path(rec.output.out)))
+
+
+def job_reheat(recipe: dict, checkpoint: str) -> None:
+    from tsopsd_cli.recipe import ReheatRecipe
+    from tsopsd_cli.runners.reheat import run_reheat
+
+    rec = ReheatRecipe.model_validate(recipe)
+    run_reheat(rec, checkpoint, resume=_partial(Path(rec.output.out)))
+
+
+def job_then(rl: dict | None, checkpoint: str, evals: list[dict], reheat: dict | None = None) -> None:
+    """A run and its evaluations, each skipped when its output exists: an optional reheat of `checkpoint`, an
+    optional rl run (from the reheat's output when there is one), then eval of the last output (or of
+    `checkpoint`) at each recipe of `evals`."""
+    from tsopsd_cli.recipe import EvalRecipe
+    from tsopsd_cli.runners.evaluate import run_eval
+
+    current = checkpoint
+    for recipe, fn in ((reheat, job_reheat), (rl, job_rl)):
+        if recipe is not None:
+            out = Path(recipe["output"]["out"])
+            if not out.exists():
+                fn(recipe, current)
+            current = str(out)
+    for ev in evals:
+        if not Path(ev["output"]["out"]).exists():
+            run_eval(EvalRecipe.model_validate(ev), current)
+
+
+def job_representation(collapsed: str, points: dict[str, str], temp: float, topk: int, seed: int,
+                       out: str) -> None:
+    """`points` {name: checkpoint} and the collapsed weights plus a random change of TS-OPSD's per-tensor norms,
+    each against the collapsed checkpoint at `temp` (analysis.compare_models), on fixed rollouts of the collapsed
+    checkpoint; written to `out` (JSON) atomically."""
+    import torch
+
+    from tsopsd_cli.analysis import compare_models
+    from tsopsd_cli.checkpoint import load_checkpoint
+    from tsopsd_cli.engines import SamplingParams, encode_prompts
+    from tsopsd_cli.engines.hf import HFEngine
+    from tsopsd_cli.tasks import toy
+
+    ref = load_checkpoint(collapsed, device="cpu")
+    problems = toy.make_problems("test", 64, 0)
+    comps = HFEngine(ref.model, ref.tokenizer, batch_size=256).generate(
+        encode_prompts(ref.tokenizer, [p.prompt for p in problems]),
+        SamplingParams(num_generations=4, temperature=1.0, max_new_tokens=48, seed=0))
+    seqs = [(c.prompt_ids, c.token_ids) for c in comps if c.token_ids]
+    models = {name: load_checkpoint(path, device="cpu").model for name, path in points.items()}
+    models["random-perturbation"] = perturbed(ref.model, models["ts-opsd-start"], seed)
+    result = {}
+    for name, model in models.items():
+        with torch.no_grad():
+            result[name] = compare_models(model, ref.model, ref.tokenizer.pad_token_id, "cpu", seqs, [1.0], [1, topk],
+                                          ref_temperature=temp)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+
+
+def perturbed(base, changed, seed: int):
+    """A copy of `base` whose every tensor moved by a random direction with the norm of `changed`'s move from
+    `base` (the same per-tensor change size as the reheat, in no learnt direction)."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(out.named_parameters(), changed.named_parameters(), strict=True):
+            delta = (q.double() - p.double()).norm()
+            direction = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.add_((direction / direction.norm().clamp_min(1e-30) * delta).to(p.dtype))
+    return out
+
+
+def weights_sha256(ckpt: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ the study
 class Demo:
     def __init__(self, recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False, restart: bool = False):
         self.r = recipe
+        self.d = recipe.demo
         self.progress = progress
         self.final = Path(recipe.output.out or "runs/demo")
-        self.temp = recipe.demo.temp
         check_out(self.final, recipe.output.overwrite)
-        text = recipe_to_yaml(recipe)
-        self.rundir = RunDir(self.final, key=run_key(recipe), log_name="stages.jsonl",
-                          resume=resume, restart=restart, what="demo",
-                             overwrite=recipe.output.overwrite)
+        self.rundir = RunDir(self.final, key=run_key(recipe), log_name="stages.jsonl", resume=resume,
+                             restart=restart, what="demo", overwrite=recipe.output.overwrite)
         self.out = self.rundir.path  # every stage works in here until the whole demo is done
-        (self.out / "recipe.yaml").write_text(text)
+        (self.out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        self.workers = self.d.workers or default_workers()
 
-    # ------------------------------------------------------------------ stages
-    def stage(self, name: str, target: Path, fn) -> Path:
-        """Run `fn()` unless `target` (an atomically written output) is already there."""
-        if target.exists():
-            self.progress.log(f"[demo] {name}: done before, kept ({target})")
-            return target
-        signals.check(f"the demo, before {name}")
-        self.progress.log(f"[demo] {name} -> {target}")
-        t0 = time.time()
-        fn()
-        self.rundir.log.append([{"stage": name, "seconds": round(time.time() - t0, 1)}])
-        return target
+    # ------------------------------------------------------------------ building blocks
+    def recipe(self, stage: str, command: str, out: Path, **extra) -> dict:
+        return demo_stage(self.r, stage, command, **{"output.out": str(out), **extra}).model_dump(mode="json")
 
-    @staticmethod
-    def interrupted(target: Path) -> bool:
-        """An rl/reheat run into `target` was started and not finished: resume it."""
-        return (target.parent / f".{target.name}.partial").exists()
+    def jobs(self, title: str, jobs: list[Job]) -> None:
+        """Run `jobs` side by side; their times go to the stage log."""
+        if not jobs:
+            return
+        signals.check(f"the demo, before {title}")
+        self.progress.log(f"[demo] {title}: {len(jobs)} runs, {min(self.workers, len(jobs))} at a time")
+        with self.progress.task(title, total=len(jobs)) as advance:
+            seconds = run_jobs(jobs, self.workers, lambda m: self.progress.log(f"[demo] {m}"), advance)
+        self.rundir.log.append([{"stage": name, "seconds": s} for name, s in seconds.items()])
 
-    def sub(self, stage: str, command: str, out: Path, **extra):
-        return demo_stage(self.r, stage, command, **{"output.out": str(out), **extra})
+    def continued(self, out: Path, *, seed: int, steps: int | None = None, validation_split: str = "test",
+                  **extra) -> dict:
+        """The continued stage's recipe for one run: the budget (or `steps`), validation every B / eval_points
+        steps on the stranded family (training runs of the calibration: its train split, with the natural mix)."""
+        d = self.d
+        sets = {} if validation_split == "test" else {
+            "validation.toy_split": "train", "validation.benchmarks": ["toy-bracket", "toy"], "validation.limit": 128}
+        return self.recipe("continued", "rl", out, **{"train.max_steps": steps or d.budget_steps,
+                                                      "train.eval_every": d.budget_steps // d.eval_points,
+                                                      "train.seed": seed, **sets, **extra})
 
+    def evals(self, folder: Path) -> list[dict]:
+        """Evaluations of one checkpoint at every temperature of the design, into folder/eval-T<t>."""
+        return [self.recipe("eval", "eval", folder / f"eval-T{t:g}", **{
+            "rollout.temperature": t, "rollout.num_generations": self.d.eval_samples}) for t in self.d.temperatures]
+
+    # ------------------------------------------------------------------ the run
     def run(self) -> dict:
-        from tsopsd_cli.runners.reheat import run_fold, run_reheat
-        from tsopsd_cli.runners.rl import run_rl
-        from tsopsd_cli.runners.toy_init import run_toy_init
+        from tsopsd_cli.runners import demo_report
 
         started = time.time()
-        d, o, p = self.r.demo, self.out, self.progress
-        base = self.stage("toy init", o / "base", lambda: run_toy_init(self.sub("init", "toy-init", o / "base"), p))
-        collapsed = self.stage("rl until collapse", o / "collapsed",
-                               lambda: run_rl(self.sub("collapse", "rl", o / "collapsed"), str(base), p,
-                                              resume=self.interrupted(o / "collapsed")))
-        starts = {"continued-rl": collapsed, "rollout-temperature": collapsed, "thermostat": collapsed}
-        if "ts-opsd" in d.arms:
-            starts["ts-opsd"] = self.stage(
-                "reheat (TS-OPSD)", o / "ts-opsd",
-                lambda: run_reheat(self.sub("reheat", "reheat", o / "ts-opsd", **{"reheat.temp": self.temp}),
-                                   str(collapsed), p, resume=self.interrupted(o / "ts-opsd")))
-        if "fold" in d.arms:
-            starts["fold"] = self.stage(
-                "reheat (fold)", o / "fold",
-                lambda: run_fold(self.sub("reheat", "reheat", o / "fold", **{"reheat.method": "fold",
-                                                                              "reheat.temp": self.temp}),
-                                 str(collapsed), p))
-        points = {"base": base, "collapsed": collapsed, **{k: v for k, v in starts.items()
-                                                           if k in ("ts-opsd", "fold")}}
-        diag = {name: self.diagnose(name, ckpt, collapsed) for name, ckpt in points.items()}
-        evals = {name: self.evaluate(name, ckpt) for name, ckpt in points.items()}
-        runs: dict[str, list[dict]] = {}
-        for arm in d.arms:
-            for seed in d.seeds:
-                runs.setdefault(arm, []).append(self.continued(arm, seed, starts[arm]))
-        summary = self.summarize(diag, evals, runs)
+        o = self.out
+        base, collapsed = o / "base", o / "collapsed"
+        self.jobs("base and collapse", [
+            Job("toy init", base, f"{HERE}:job_toy_init", {"recipe": self.recipe("init", "toy-init", base)}),
+        ])
+        self.jobs("collapse", [Job("rl until collapse", collapsed, f"{HERE}:job_rl",
+                                   {"recipe": self.recipe("collapse", "rl", collapsed), "checkpoint": str(base)})])
+        settings = self.calibrate(collapsed)
+        runs = self.study(base, collapsed, settings)
+        summary = demo_report.summarize(self.r, o, settings, runs)
         summary["seconds"] = round(time.time() - started, 1)  # this invocation
         # every stage's time from the stage log, stages finished by an earlier (interrupted) invocation included
         summary["stage_seconds"] = {row["stage"]: row["seconds"] for row in self.rundir.log.rows() if "stage" in row}
         summary["total_seconds"] = round(sum(summary["stage_seconds"].values()), 1)
-        self.write(summary)
+        demo_report.write(summary, o, plots=self.r.output.plots)
         summary["out"] = str(self.rundir.finish(before_rename=lambda: signals.check("the demo's finish")))
         return summary
 
-    def diagnose(self, name: str, ckpt: Path, collapsed: Path | None) -> dict:
-        """Diagnose of `ckpt` on its own rollouts (against `collapsed` when given and different)."""
-        from tsopsd_cli.runners.diagnose import run_diagnose
+    # ------------------------------------------------------------------ calibration
+    def candidates(self) -> dict[str, list[dict]]:
+        """Each arm's candidate settings (as recipe overrides of its runs): a temperature from demo.temps for the
+        temperature arms, one of demo.candidates for the remedies."""
+        out: dict[str, list[dict]] = {}
+        for arm in study_arms(self.d.arms):
+            if arm in TEMPERATURE_ARMS:
+                out[arm] = [{"temp": t} for t in self.d.temps]
+            elif arm in REMEDY_ARMS:
+                out[arm] = list(self.d.candidates[arm])
+        return out
 
-        target = self.out / "diagnose" / name
-        extra = {"diagnose.reference": str(collapsed)} if collapsed is not None and ckpt != collapsed else {}
-        temps = sorted({1.0, self.temp})
-        self.stage(f"diagnose {name}", target, lambda: run_diagnose(self.sub(
-            "diagnose", "diagnose", target, **extra, **{"diagnose.temperatures": temps,
-                                                        "diagnose.topk": [1, self.r.demo.topk]}), str(ckpt),
-            self.progress))
-        return json.loads((target / "report.json").read_text())
+    def calibrate(self, collapsed: Path) -> dict:
+        """Each arm's setting, chosen before any arm of the study runs, by one rule on training problems with the
+        calibration seed (docs/demo.md): the candidate with the largest stranded-family accuracy AUC over the
+        budget whose natural-mix accuracy at the end stays within demo.forgetting_tolerance of continued-rl's. An
+        arm with one candidate takes it (nothing to choose, nothing run)."""
+        from tsopsd_cli.runners.demo_report import choose
 
-    def evaluate(self, name: str, ckpt: Path) -> dict:
-        from tsopsd_cli.runners.evaluate import run_eval
+        cands = {arm: c for arm, c in self.candidates().items() if len(c) > 1}
+        chosen = {arm: {"setting": c[0], "candidates": None} for arm, c in self.candidates().items() if len(c) == 1}
+        if not cands:
+            return chosen
+        cal, seed = self.out / "calibration", self.d.calibration_seed
+        self.jobs("calibration reheats", [
+            Job(f"calibration reheat at {c['temp']:g}", cal / f"reheat-{c['temp']:g}", f"{HERE}:job_reheat",
+                {"recipe": self.reheat_recipe(cal / f"reheat-{c['temp']:g}", c["temp"], seed),
+                 "checkpoint": str(collapsed)})
+            for c in cands.get("ts-opsd", [])] + [
+            Job(f"calibration fold at {c['temp']:g}", cal / f"fold-{c['temp']:g}", f"{HERE}:job_reheat",
+                {"recipe": self.fold_recipe(cal / f"fold-{c['temp']:g}", c["temp"]), "checkpoint": str(collapsed)})
+            for c in cands.get("fold", [])])
+        runs = {"continued-rl": [cal / "continued-rl"]}
+        jobs = [Job("calibration: continued-rl", cal / "continued-rl", f"{HERE}:job_rl",
+                    {"recipe": self.continued(cal / "continued-rl", seed=seed, validation_split="train"),
+                     "checkpoint": str(collapsed)})]
+        for arm, options in cands.items():
+            for i, option in enumerate(options):
+                out = cal / f"{arm}-{i}"
+                start, extra = self.start_of(arm, option, collapsed, cal, calibration=True)
+                jobs.append(Job(f"calibration: {arm} #{i}", out, f"{HERE}:job_rl",
+                                {"recipe": self.continued(out, seed=seed, validation_split="train", **extra),
+                                 "checkpoint": str(start)}))
+                runs.setdefault(arm, []).append(out)
+        self.jobs("calibration runs", jobs)
+        chosen.update(choose(cands, runs, self.d.forgetting_tolerance))
+        (self.out / "calibration.json").write_text(json.dumps(chosen, indent=1) + "\n")
+        return chosen
 
-        target = self.out / "eval" / name
-        self.stage(f"eval {name}", target, lambda: run_eval(self.sub("eval", "eval", target), str(ckpt),
-                                                             self.progress))
-        return json.loads((target / "report.json").read_text())
+    def reheat_recipe(self, out: Path, temp: float, seed: int) -> dict:
+        return self.recipe("reheat", "reheat", out, **{"reheat.temp": temp, "train.seed": seed})
 
-    def continued(self, arm: str, seed: int, start: Path) -> dict:
-        from tsopsd_cli.runners.rl import run_rl
+    def fold_recipe(self, out: Path, temp: float) -> dict:
+        return self.recipe("reheat", "reheat", out, **{"reheat.method": "fold", "reheat.temp": temp})
 
-        target = self.out / "arms" / arm / f"seed-{seed}"
-        extra = {"train.seed": seed}
+    def start_of(self, arm: str, setting: dict, collapsed: Path, folder: Path, calibration: bool = False,
+                 seed: int | None = None) -> tuple[Path, dict]:
+        """(the checkpoint an arm's continued RL starts from, the overrides of its runs) for one setting."""
+        if arm == "ts-opsd":
+            where = folder / (f"reheat-{setting['temp']:g}" if calibration else f"reheat/seed-{seed}")
+            return where, {}
+        if arm == "fold":
+            return folder / (f"fold-{setting['temp']:g}" if calibration else "fold"), {}
         if arm == "rollout-temperature":
-            extra["rollout.temperature"] = self.temp
-        if arm == "thermostat":
-            extra.update(self.r.demo.thermostat)
-        self.stage(f"continued RL: {arm}, seed {seed}", target, lambda: run_rl(
-            self.sub("continued", "rl", target, **extra), str(start), self.progress,
-            resume=self.interrupted(target)))
-        ev = self.evaluate(f"{arm}-seed-{seed}", target)
-        diag = self.diagnose(f"{arm}-seed-{seed}", target, None)
-        rows = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        report = json.loads((target / "report.json").read_text())
-        return {"seed": seed, "checkpoint": str(target), "eval": ev, "diagnose": diag, "metrics": rows,
-                "thermostat": report.get("thermostat")}
+            return collapsed, {"rollout.temperature": setting["temp"]}
+        return collapsed, dict(setting)
 
-    # ------------------------------------------------------------------ summary
-    def summarize(self, diag: dict, evals: dict, runs: dict) -> dict:
-        """The demo's summary: the collapse, every starting point, and each arm before and after continued RL."""
-        arms = {arm: self.arm_summary(arm, seed_runs, diag, evals) for arm, seed_runs in runs.items()}
-        base, coll = diag["base"], diag["collapsed"]
-        return {
-            "command": "demo", "temp": self.temp, "seeds": self.r.demo.seeds, "topk": self.r.demo.topk,
-            "collapse": {"entropy_base": base["entropy"]["mean"], "entropy_collapsed": coll["entropy"]["mean"],
-                         "entropy_ratio": base["entropy"]["mean"] / max(coll["entropy"]["mean"], 1e-12),
-                         "accuracy_base": _accuracy(evals["base"])["avg"],
-                         "accuracy_collapsed": _accuracy(evals["collapsed"])["avg"]},
-            "points": {name: {"entropy": diag[name]["entropy"]["mean"], "accuracy": _accuracy(evals[name])["avg"],
-                              "pass@k": _accuracy(evals[name])["pass@k"],
-                              "decision_entropy": _decision(diag[name])[0],
-                              "other_entropy": _decision(diag[name])[1]}
-                       for name in diag},
-            "arms": arms,
-        }
+    # ------------------------------------------------------------------ the study's runs
+    def study(self, base: Path, collapsed: Path, settings: dict) -> dict:
+        """Every arm's runs for every seed (and the base control's); returns where each run's outputs are."""
+        o, d = self.out, self.d
+        ts, fold = settings["ts-opsd"]["setting"]["temp"], (settings.get("fold") or {}).get("setting")
+        reheat_jobs = [Job(f"reheat (TS-OPSD), seed {s}", o / "reheat" / f"seed-{s}", f"{HERE}:job_then", {
+            "rl": None, "checkpoint": str(collapsed), "evals": self.evals(o / "reheat" / f"seed-{s}-start"),
+            "reheat": self.reheat_recipe(o / "reheat" / f"seed-{s}", ts, s)}) for s in d.seeds]
+        # (a job's target is its last output: the reheat is in, its evaluations follow it)
+        reheat_jobs = [Job(j.name, Path(j.kwargs["evals"][-1]["output"]["out"]), j.fn, j.kwargs) for j in reheat_jobs]
+        if fold is not None:
+            reheat_jobs.append(Job("reheat (fold)", o / "fold-start" / f"eval-T{d.temperatures[-1]:g}",
+                                   f"{HERE}:job_then", {"rl": None, "checkpoint": str(collapsed),
+                                                        "evals": self.evals(o / "fold-start"),
+                                                        "reheat": self.fold_recipe(o / "fold", fold["temp"])}))
+        for name, ckpt in (("base", base), ("collapsed", collapsed)):
+            reheat_jobs.append(Job(f"eval {name}", o / f"{name}-start" / f"eval-T{d.temperatures[-1]:g}",
+                                   f"{HERE}:job_then", {"rl": None, "checkpoint": str(ckpt),
+                                                        "evals": self.evals(o / f"{name}-start")}))
+        self.jobs("reheats and starting points", reheat_jobs)
+        runs: dict[str, dict[int, Path]] = {}
+        jobs = []
+        for arm in study_arms(d.arms):
+            for s in d.seeds:
+                out = o / "arms" / arm / f"seed-{s}"
+                runs.setdefault(arm, {})[s] = out
+                jobs.append(self.arm_job(arm, s, out, base, collapsed, settings))
+        self.jobs("continued RL", jobs)
+        self.jobs("representation", [Job(f"representation, seed {s}", o / "representation" / f"seed-{s}.json",
+                                         f"{HERE}:job_representation", {
+            "collapsed": str(collapsed), "temp": ts, "topk": d.topk, "seed": s,
+            "out": str(o / "representation" / f"seed-{s}.json"),
+            "points": {"ts-opsd-start": str(o / "reheat" / f"seed-{s}"),
+                       "continued-rl-end": str(runs["continued-rl"][s] / "run")}}) for s in d.seeds])
+        return runs
 
-    def arm_summary(self, arm: str, seed_runs: list[dict], diag: dict, evals: dict) -> dict:
-        """One arm: its starting point against the collapsed checkpoint, its accuracy before continued RL, and
-        after it over the seeds (mean, spread and each seed's)."""
-        point = "collapsed" if arm in ("continued-rl", "rollout-temperature", "thermostat") else arm
-        row = _start_row(point, diag[point], str(self.r.demo.topk), f"{self.temp:g}",
-                         sampled_at_temp=arm == "rollout-temperature")
-        before = _accuracy(evals[point])
-        per_seed = [_seed_row(r) for r in seed_runs]
-        start_at, start_other = _decision(diag[point])
-        acc_mean, acc_std = _spread([p["accuracy"] for p in per_seed])
-        pk_mean, pk_std = _spread([p["pass@k"] for p in per_seed])
-        return {
-            "title": ARM_TITLES[arm], **row,
-            "accuracy_before": before["avg"], "pass@k_before": before["pass@k"], "k": before["k"],
-            "accuracy_after": acc_mean, "accuracy_after_std": acc_std,
-            "accuracy_after_per_seed": [p["accuracy"] for p in per_seed],
-            "pass@k_after": pk_mean, "pass@k_after_std": pk_std,
-            "zero_variance_groups_last_quarter": _spread([p["zero_variance_groups_last_quarter"]
-                                                          for p in per_seed])[0],
-            "decision_entropy_start": start_at, "other_entropy_start": start_other,
-            "decision_entropy_end": _spread([p["decision_entropy"] for p in per_seed])[0],
-            "other_entropy_end": _spread([p["other_entropy"] for p in per_seed])[0],
-            "per_seed": per_seed,
-            # (the curves of the earlier summary format, kept for scripts that read them)
-            "curves": [{"seed": p["seed"], "entropy": p["entropy"], "reward": p["reward"],
-                        "val_accuracy": p["val_accuracy"]} for p in per_seed],
-        }
+    def arm_job(self, arm: str, seed: int, out: Path, base: Path, collapsed: Path, settings: dict) -> Job:
+        o = self.out
+        if arm == "base-control":
+            start, extra, steps = base, {}, None
+        elif arm in ("continued-rl", "continued-rl-matched"):
+            start, extra = collapsed, {}
+            steps = self.matched_steps(seed) if arm == "continued-rl-matched" else None
+        else:
+            start, extra = self.start_of(arm, settings[arm]["setting"], collapsed, o, seed=seed)
+            steps = None
+        return Job(f"continued RL: {arm}, seed {seed}", out / f"eval-T{self.d.temperatures[-1]:g}",
+                   f"{HERE}:job_then", {"rl": self.continued(out / "run", seed=seed, steps=steps, **extra),
+                                        "checkpoint": str(start), "evals": self.evals(out)})
 
-    def write(self, summary: dict) -> None:
-        if self.r.output.plots:
-            summary["plots"] = plot(summary, self.out)
-        files = {"summary.json": json.dumps(json_safe(summary), indent=2) + "\n", "summary.md": markdown(summary)}
-        for name, text in files.items():
-            tmp = self.out / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.out / name)
+    def matched_steps(self, seed: int) -> int:
+        """continued-rl-matched's budget: B plus the steps whose rollouts equal this seed's TS-OPSD reheat's."""
+        report = json.loads((self.out / "reheat" / f"seed-{seed}" / "report.json").read_text())
+        rec = report["recipe"]
+        reheat_rollouts = report["steps"] * rec["train"]["prompts_per_step"] * rec["rollout"]["num_generations"]
+        cont = self.continued(self.out / "unused", seed=seed)
+        per_step = cont["train"]["prompts_per_step"] * cont["rollout"]["num_generations"]
+        return self.d.budget_steps + math.ceil(reheat_rollouts / per_step)
 
 
-def _accuracy(ev: dict) -> dict:
-    m = ev["macro"]
-    kmax = max(m["pass@k"], key=int)  # pass@n: solved by at least one of the n samples
-    return {"avg": m["accuracy"], "pass@k": m["pass@k"][kmax], "k": int(kmax)}
+def study_arms(arms: list[str]) -> list[str]:
+    """The runs of the study: the base control, continued-rl (the collapsed control) and ts-opsd always; then the
+    other arms asked for, in their order."""
+    return list(dict.fromkeys(["base-control", "continued-rl", "ts-opsd", *arms]))
 
 
-def _start_row(point: str, rep: dict, k: str, temp_key: str, sampled_at_temp: bool = False) -> dict:
-    """A starting point's diagnose report (`rep`) against the collapsed checkpoint: entropy, top-k overlap, CKA."""
-    ref = rep.get("reference") or {}
-    cka = ref.get("cka") or []
-    return {
-        "start": point,
-        "entropy": rep["temperature_entropy"][temp_key] if sampled_at_temp else rep["entropy"]["mean"],
-        "topk_jaccard": ref.get("topk_jaccard", {}).get(k, 1.0),
-        "top1_agreement": ref.get("top1_agreement", 1.0),
-        "cka_last_layer": cka[-1] if cka else 1.0,
-        "cka_mean": sum(cka) / len(cka) if cka else 1.0,
-    }
+def job_toy_init(recipe: dict) -> None:
+    from tsopsd_cli.recipe import ToyInitRecipe
+    from tsopsd_cli.runners.toy_init import run_toy_init
 
-
-def _spread(xs: list) -> tuple[float | None, float | None]:
-    xs = [x for x in xs if x is not None]
-    return (statistics.fmean(xs) if xs else None, statistics.stdev(xs) if len(xs) > 1 else None)
-
-
-def _decision(rep: dict) -> tuple[float | None, float | None]:
-    dp = rep.get("decision_points") or {}
-    return dp.get("entropy"), dp.get("other_entropy")
-
-
-def _seed_row(r: dict) -> dict:
-    """One continued-RL run: its final accuracy and entropies, and its curves from the run's metrics."""
-    a = _accuracy(r["eval"])
-    m = r["metrics"]
-    train_rows = [x for x in m if "step_seconds" in x]
-    zv = [(x["step"], x["zero_variance_groups"]) for x in train_rows if "zero_variance_groups" in x]
-    tail = [v for _, v in zv[len(zv) * 3 // 4:]]
-    at, other = _decision(r["diagnose"])
-    val_rows = [x for x in m if x.get("val_accuracy") is not None]
-    kmax = lambda d: d[max(d, key=int)] if d else None  # noqa: E731
-    return {
-        "seed": r["seed"], "accuracy": a["avg"], "pass@k": a["pass@k"],
-        "zero_variance_groups_last_quarter": statistics.fmean(tail) if tail else None,
-        "decision_entropy": at, "other_entropy": other,
-        "thermostat_phases": (r["thermostat"] or {}).get("count"),
-        "val_accuracy": [(x["step"], x["val_accuracy"]) for x in val_rows],
-        "val_pass@k": [(x["step"], kmax(x.get("val_pass@k") or {})) for x in val_rows],
-        "zero_variance_groups": zv,
-        "entropy": [(x["step"], x["entropy"]) for x in train_rows if "entropy" in x],
-        "reward": [(x["step"], x["reward"]) for x in train_rows if "reward" in x],
-    }
-
-
-def markdown(s: dict) -> str:
-    c = s["collapse"]
-    f = lambda x, n=3: "—" if x is None else f"{x:.{n}f}"  # noqa: E731
-    lines = [
-        "# tsopsd demo: reheating a collapsed toy policy",
-        "",
-        f"temp = {s['temp']:g}; seeds {s['seeds']}; accuracy = avg@n on toy test problems at temperature 1.",
-        "",
-        f"Collapse (rl from the toy base): mean token entropy {f(c['entropy_base'])} -> {f(c['entropy_collapsed'])} "
-        f"nats ({c['entropy_ratio']:.1f}x lower), accuracy {f(c['accuracy_base'])} -> {f(c['accuracy_collapsed'])}.",
-        "",
-        f"| arm | start entropy | top-{s['topk']} Jaccard vs collapsed | top-1 agreement | CKA (last layer) | "
-        "accuracy before | accuracy after continued RL |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, a in s["arms"].items():
-        after = f(a["accuracy_after"])
-        if a["accuracy_after_std"] is not None:
-            after += f" ± {a['accuracy_after_std']:.3f}"
-        lines.append(f"| {name}: {a['title']} | {f(a['entropy'])} | {f(a['topk_jaccard'])} | "
-                     f"{f(a['top1_agreement'])} | {f(a['cka_last_layer'])} | {f(a['accuracy_before'])} | {after} |")
-    lines += ["", "Start entropy: mean token entropy of the starting checkpoint on its own rollouts (the "
-              "rollout-temperature arm: the collapsed checkpoint's entropy at temp). Overlap, agreement and CKA are "
-              "measured on those rollouts against the collapsed checkpoint.", ""]
-    pm = lambda m, sd: f(m) + (f" ± {sd:.3f}" if sd is not None else "")  # noqa: E731
-    k = next(iter(s["arms"].values()))["k"] if s["arms"] else "n"
-    lines += ["## Over the continued-RL steps", "",
-              f"| arm | accuracy after | pass@{k} after | zero-variance groups (last quarter of steps) | entropy at "
-              "decision points: start → end | elsewhere: start → end | thermostat phases per seed |",
-              "|---|---|---|---|---|---|---|"]
-    for name, a in s["arms"].items():
-        phases = [p["thermostat_phases"] for p in a["per_seed"]] if name == "thermostat" else None
-        lines.append(f"| {name} | {pm(a['accuracy_after'], a['accuracy_after_std'])} | "
-                     f"{pm(a['pass@k_after'], a.get('pass@k_after_std'))} | "
-                     f"{f(a['zero_variance_groups_last_quarter'])} | {f(a['decision_entropy_start'], 4)} → "
-                     f"{f(a['decision_entropy_end'], 4)} | {f(a['other_entropy_start'], 4)} → "
-                     f"{f(a['other_entropy_end'], 4)} | {phases if phases is not None else '—'} |")
-    lines += ["", "Accuracy and pass@k: eval of each arm's final checkpoint (mean ± standard deviation over seeds). "
-              "Zero-variance groups: share of sampled groups whose rewards were all equal. Entropy at decision "
-              "points (the toy world's plan letter) vs every other token: diagnose of the starting checkpoint and "
-              "of each final checkpoint (mean over seeds), on their own rollouts at temperature 1.", "",
-              "| arm | seed | accuracy | pass@k | zero-variance (last quarter) | entropy at decision points |",
-              "|---|---|---|---|---|---|"]
-    for name, a in s["arms"].items():
-        for p in a["per_seed"]:
-            lines.append(f"| {name} | {p['seed']} | {f(p['accuracy'])} | {f(p['pass@k'])} | "
-                         f"{f(p['zero_variance_groups_last_quarter'])} | {f(p['decision_entropy'], 4)} |")
-    lines.append("")
-    if s.get("plots"):
-        lines += [f"![{p}]({p})" for p in s["plots"]] + [""]
-    return "\n".join(lines)
-
-
-def plot(s: dict, out: Path) -> list[str]:
-    plt = pyplot()
-    if plt is None:
-        return []
-    files = []
-    for key, ylabel, fname in (("entropy", "token entropy (nats)", "entropy.png"),
-                               ("val_accuracy", "validation accuracy", "accuracy.png"),
-                               ("val_pass@k", "validation pass@k", "pass_at_k.png"),
-                               ("zero_variance_groups", "zero-variance groups", "zero_variance.png")):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for name, a in s["arms"].items():
-            for i, c in enumerate(a["per_seed"]):
-                pts = [(x, y) for x, y in c[key] if y is not None]
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, label=name if i == 0 else None, color=f"C{list(s['arms']).index(name)}",
-                            alpha=0.9 if len(a["curves"]) == 1 else 0.6)
-        ax.set_xlabel("continued-RL step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        tmp = out / f".{fname}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(out / fname)
-        plt.close(fig)
-        files.append(fname)
-    return files
+    run_toy_init(ToyInitRecipe.model_validate(recipe))
 
 
 def run_demo(recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False, restart: bool = False) -> dict:
     from tsopsd_cli import launch
 
     if launch.several_processes():
-        from tsopsd_cli.errors import UsageError
-
         raise UsageError("tsopsd demo runs in one process (it is the CPU miniature of the study); launch rl and "
                          "reheat with torchrun for several processes (docs/cluster.md)")
     demo = Demo(recipe, progress, resume, restart)
@@ -358,4 +352,3 @@ def run_demo(recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False
         raise Interrupted(f"{e}; the demo continues from there with the same command and --resume") from None
     finally:
         demo.rundir.close()
-
