@@ -218,7 +218,7 @@ def _pm(xs: list[float]) -> str:
 def markdown(s: dict) -> str:
     d, ctl = s["design"], s["controls"]
     n = len(d["seeds"])
-    lines = [f"# tsopsd demo: is a TS-OPSD-reheated checkpoint a better start for continued RL?", "",
+    lines = ["# tsopsd demo: is a TS-OPSD-reheated checkpoint a better start for continued RL?", "",
              f"**Verdict: {s['verdict']}** — {s['verdict_reason']}.", "",
              f"Design: {n} paired seeds {d['seeds']}; budget {d['budget_steps']} continued-RL steps on the bracket "
              f"and neutral families; primary metric {d['primary_metric']} (accuracy on the stranded family's "
