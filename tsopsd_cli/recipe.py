@@ -666,7 +666,7 @@ class DemoSection(Section):
     temperatures: list[Annotated[float, Field(gt=0)]] = Field(
         [0.6, 1.0, 1.3, 1.6], min_length=1, description="Sampling temperatures every arm's start and end are "
         "evaluated at (toy-bracket and the natural toy set).")
-    eval_samples: PositiveInt = Field(4, description="Samples per problem of those evaluations.")
+    eval_samples: PositiveInt = Field(2, description="Samples per problem of those evaluations.")
     temps: list[Annotated[float, Field(gt=1)]] = Field(
         [1.6], min_length=1, description="Candidate temperatures of rollout-temperature, fold and ts-opsd; with "
         "several, each arm's is chosen by the calibration rule (docs/demo.md) on training problems.")
@@ -675,8 +675,8 @@ class DemoSection(Section):
                          "thermostat.min_gap": 10, "thermostat.max_phase_steps": 20, "thermostat.temp": 1.6,
                          "thermostat.teacher_top_p": 0.95, "thermostat.target_entropy_ratio": 1.0}],
          "high-entropy-tokens": [{"grpo.top_entropy_quantile": 0.2}],
-         "entropy-adaptive": [{"grpo.entropy_target": 0.2, "grpo.entropy_coef_step": 0.002,
-                               "grpo.entropy_coef_max": 0.05}]},
+         "entropy-adaptive": [{"grpo.entropy_target": 0.03, "grpo.entropy_coef_step": 0.005,
+                               "grpo.entropy_coef_max": 0.1}]},
         description="Candidate settings of each remedy arm (`section.field: value`, on top of the continued "
         "stage); with several, one is chosen by the calibration rule.")
     calibration_seed: int = Field(1000, description="Seed of the calibration runs (not one of `seeds`).")
