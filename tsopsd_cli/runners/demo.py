@@ -150,6 +150,8 @@ class Demo:
         """Run `jobs` side by side; their times go to the stage log."""
         if not jobs:
             return
+        # (a target is how a finished job is recognised: two jobs writing one would skip each other)
+        assert len({j.target for j in jobs}) == len(jobs), f"{title}: two jobs write the same output"
         signals.check(f"the demo, before {title}")
         self.progress.log(f"[demo] {title}: {len(jobs)} runs, {min(self.workers, len(jobs))} at a time")
         with self.progress.task(title, total=len(jobs)) as advance:
@@ -220,12 +222,13 @@ class Demo:
             return chosen
         cal, seed = self.out / "calibration", self.d.calibration_seed
         self.jobs("calibration reheats", [
-            Job(f"calibration reheat at {c['temp']:g}", cal / f"reheat-{c['temp']:g}", f"{HERE}:job_reheat",
-                {"recipe": self.reheat_recipe(cal / f"reheat-{c['temp']:g}", c["temp"], seed),
+            Job(f"calibration reheat at {c['temp']:g}", cal / f"start-reheat-T{c['temp']:g}", f"{HERE}:job_reheat",
+                {"recipe": self.reheat_recipe(cal / f"start-reheat-T{c['temp']:g}", c["temp"], seed),
                  "checkpoint": str(collapsed)})
             for c in cands.get("ts-opsd", [])] + [
-            Job(f"calibration fold at {c['temp']:g}", cal / f"fold-{c['temp']:g}", f"{HERE}:job_reheat",
-                {"recipe": self.fold_recipe(cal / f"fold-{c['temp']:g}", c["temp"]), "checkpoint": str(collapsed)})
+            Job(f"calibration fold at {c['temp']:g}", cal / f"start-fold-T{c['temp']:g}", f"{HERE}:job_reheat",
+                {"recipe": self.fold_recipe(cal / f"start-fold-T{c['temp']:g}", c["temp"]),
+                 "checkpoint": str(collapsed)})
             for c in cands.get("fold", [])])
         runs = {"continued-rl": [cal / "continued-rl"]}
         jobs = [Job("calibration: continued-rl", cal / "continued-rl", f"{HERE}:job_rl",
@@ -254,10 +257,10 @@ class Demo:
                  seed: int | None = None) -> tuple[Path, dict]:
         """(the checkpoint an arm's continued RL starts from, the overrides of its runs) for one setting."""
         if arm == "ts-opsd":
-            where = folder / (f"reheat-{setting['temp']:g}" if calibration else f"reheat/seed-{seed}")
+            where = folder / (f"start-reheat-T{setting['temp']:g}" if calibration else f"reheat/seed-{seed}")
             return where, {}
         if arm == "fold":
-            return folder / (f"fold-{setting['temp']:g}" if calibration else "fold"), {}
+            return folder / (f"start-fold-T{setting['temp']:g}" if calibration else "fold"), {}
         if arm == "rollout-temperature":
             return collapsed, {"rollout.temperature": setting["temp"]}
         return collapsed, dict(setting)

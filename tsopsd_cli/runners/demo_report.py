@@ -35,13 +35,14 @@ def rows(run: Path) -> list[dict]:
 
 
 def curve(run: Path, key: str = "val_accuracy", set_name: str | None = None) -> list[tuple[int, float]]:
-    """(step, value) of a run's validations (one per step: the last row that has it)."""
+    """(step, value) of a run's validations (one per step: the last row that has it); `set_name`: that set's
+    accuracy (key val_accuracy) or right-plan share (val_right_plan) in the rows' val_by_set."""
     out: dict[int, float] = {}
     for r in rows(run):
-        if set_name is not None and "val_by_set" in r:
-            v = r["val_by_set"].get(set_name, {}).get("accuracy" if key == "val_accuracy" else "right_plan")
-        else:
+        if set_name is None:
             v = r.get(key)
+        else:  # one set's value, from the rows of a run that validates on several
+            v = r.get("val_by_set", {}).get(set_name, {}).get("accuracy" if key == "val_accuracy" else "right_plan")
         if v is not None:
             out[r["step"]] = v
     return sorted(out.items())

@@ -127,11 +127,11 @@ def _run_side_by_side(todo: list[Job], workers: int, log, advance) -> dict[str, 
                 j = running.pop(fut)
                 try:
                     outcome, secs, code, lines = fut.result()
-                except BrokenProcessPool:  # a worker died (killed from outside, out of memory)
-                    outcome, secs, code, lines = "failed", 0.0, EXIT_FAILURE, [
+                except BrokenProcessPool:  # a worker died: killed (a signal before its handlers were set)
+                    broken = True
+                    outcome, secs, code, lines = ("interrupted" if interrupted else "failed"), 0.0, EXIT_FAILURE, [
                         "its worker process died (killed, or out of memory?); the finished runs are kept: "
                         "continue with the same command and --resume"]
-                    broken = True
                 if outcome == "ok":
                     seconds[j.name] = round(secs, 1)
                     log(f"{j.name}: done in {secs:.0f} s")
