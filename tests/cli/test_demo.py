@@ -1,4 +1,5 @@
-"""`tsopsd demo` end to end on a shrunken recipe, through the real entry point."""
+"""`tsopsd demo` end to end on a shrunken study (whole pipelines: slow), through `main(argv)` in this process; the
+run that a SIGTERM stops is a process of its own."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import one_error_line, run_main
 
 TINY_RL = {"train.max_steps": 2, "train.prompts_per_step": 2, "rollout.num_generations": 2,
            "rollout.max_new_tokens": 8, "rollout.batch_size": 8, "validation.limit": 4,
@@ -20,63 +23,72 @@ SHRINK = {
                "rollout.max_new_tokens": 8, "validation.limit": 4, "validation.num_generations": 2,
                "validation.max_new_tokens": 8, "reheat.report_prompts": 4, "train.save_every": 0,
                "reheat.target_entropy_ratio": None},
-    "continued": TINY_RL,
-    "diagnose": {"data.num_prompts": 4, "rollout.num_generations": 2, "rollout.max_new_tokens": 8},
-    "eval": {"eval.toy_num_problems": 4, "rollout.num_generations": 2, "rollout.max_new_tokens": 8},
+    "continued": {k: v for k, v in TINY_RL.items() if k not in ("train.max_steps", "train.eval_every")},
+    "eval": {"eval.toy_num_problems": 4, "rollout.max_new_tokens": 8},
 }
+DEMO = {"budget_steps": 2, "eval_points": 2, "temperatures": [1.0, 1.6], "eval_samples": 1}
+STUDY_ARMS = {"base-control", "continued-rl", "continued-rl-matched", "rollout-temperature", "fold", "ts-opsd",
+              "thermostat", "high-entropy-tokens", "entropy-adaptive"}
 
 
-def shrunken_demo_recipe() -> dict:
-    """The shipped recipes/demo/toy.yaml, every stage shrunk to a smoke run, two seeds."""
+def shrunken_demo_recipe(**demo) -> dict:
+    """The shipped recipes/demo/toy.yaml, every stage shrunk to a smoke run."""
     tree = yaml.safe_load((Path(__file__).resolve().parents[2] / "recipes" / "demo" / "toy.yaml").read_text())
     for stage, extra in SHRINK.items():
         tree[stage]["set"] = {**(tree[stage].get("set") or {}), **extra}
-    tree["demo"]["seeds"] = [0, 1]
+    tree["demo"].update({**DEMO, **demo})
     return tree
 
 
-def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
+@pytest.mark.slow
+def test_the_study_runs_every_arm_side_by_side_calibrates_and_computes_a_verdict(tmp_path):
     recipe = tmp_path / "demo.yaml"
-    recipe.write_text(yaml.safe_dump(shrunken_demo_recipe()))
+    recipe.write_text(yaml.safe_dump(shrunken_demo_recipe(
+        seeds=[0, 1], workers=2, temps=[1.4, 2.0],
+        candidates={"high-entropy-tokens": [{"grpo.top_entropy_quantile": q} for q in (0.2, 0.5, 1.0)]})))
     out = tmp_path / "demo"
-    r = cli("demo", "--recipe", str(recipe), "--out", str(out), "--json")
+    r = run_main("demo", "--recipe", str(recipe), "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads(r.stdout)  # --json: exactly one JSON object
-    assert set(summary["arms"]) == {"continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat"}
-    for name, arm in summary["arms"].items():
-        assert len(arm["accuracy_after_per_seed"]) == 2 and arm["accuracy_after_std"] is not None
-        assert 0 <= arm["accuracy_before"] <= 1 and 0 <= arm["topk_jaccard"] <= 1 and arm["entropy"] > 0
-        assert [c["seed"] for c in arm["curves"]] == [0, 1] and arm["curves"][0]["entropy"]
-        # per arm and seed: accuracy and pass@k, curves over the continued steps, zero-variance groups, entropy at
-        # the toy world's decision points vs elsewhere (start and end), mean and spread over seeds
-        assert [p["seed"] for p in arm["per_seed"]] == [0, 1] and arm["pass@k_after_std"] is not None
-        for p in arm["per_seed"]:
-            assert 0 <= p["accuracy"] <= p["pass@k"] <= 1
-            assert p["val_accuracy"] and p["val_pass@k"] and p["zero_variance_groups"]
-            assert 0 <= p["zero_variance_groups_last_quarter"] <= 1
-            assert p["decision_entropy"] is not None and p["other_entropy"] is not None
-            assert (p["thermostat_phases"] is not None) == (name == "thermostat")
-        assert arm["decision_entropy_start"] is not None and arm["decision_entropy_end"] is not None
-    assert summary["arms"]["continued-rl"]["topk_jaccard"] == 1.0  # it starts from the collapsed checkpoint
-    assert summary["arms"]["fold"]["top1_agreement"] > 0.99  # dividing logits by tau keeps every argmax
-    assert json.loads((out / "summary.json").read_text())["arms"].keys() == summary["arms"].keys()
+    s = json.loads(r.stdout)  # --json: exactly one JSON object
+    assert s["verdict"] in ("untestable", "supported", "refuted", "not separated") and s["verdict_reason"]
+    assert s["design"]["seeds"] == [0, 1] and s["design"]["primary_metric"] == "stranded_accuracy_auc"
+    assert set(s["arms"]) == STUDY_ARMS
+    for name, arm in s["arms"].items():
+        assert len(arm["primary_per_seed"]) == len(arm["escaped_per_seed"]) == len(arm["rollouts"]) == 2
+        assert all(0 <= x <= 1 for x in arm["primary_per_seed"])
+        assert set(arm["accuracy_by_temperature"]["end"]) == {"1", "1.6"}
+        assert set(arm["accuracy_by_temperature"]["end"]["1"]) == {"toy-bracket", "toy"}
+        assert len(set(arm["start_sha256_per_seed"])) == (2 if name == "ts-opsd" else 1)  # reheat re-run per seed
+    rollouts = {a: v["rollouts"][0] for a, v in s["arms"].items()}
+    assert rollouts["continued-rl"] == 2 * 2 * 8  # budget x prompts x samples
+    reheat = 1 * 2 * 2  # its one step of 2 prompts x 2
+    assert rollouts["ts-opsd"] == rollouts["continued-rl"] + reheat
+    assert rollouts["continued-rl-matched"] >= rollouts["ts-opsd"]  # extra steps cover the reheat's rollouts
+    assert [c["vs"] for c in s["comparisons"]] == [a for a in s["arms"] if a not in ("base-control", "ts-opsd")]
+    for c in s["comparisons"]:
+        assert c["arm"] == "ts-opsd" and len(c["ci"]) == 2 and 0 <= c["p"] <= c["p_holm"] <= 1
+    assert set(s["controls"]) >= {"base", "collapsed", "separated", "mcnemar_p"}
+    assert set(s["representation"]) == {"ts-opsd-start", "continued-rl-end", "random-perturbation"}
+    # the calibration chose among several candidates on training problems, before the study's runs
+    cal = json.loads((out / "calibration.json").read_text())
+    assert len(cal["ts-opsd"]["candidates"]) == 2 and len(cal["high-entropy-tokens"]["candidates"]) == 3
+    assert s["settings"]["ts-opsd"]["setting"] in ({"temp": 1.4}, {"temp": 2.0})
     md = (out / "summary.md").read_text()
-    assert "| ts-opsd" in md and "| fold" in md and "| thermostat" in md and "## Over the continued-RL steps" in md
-    assert summary["points"]["base"]["decision_entropy"] is not None
-    for d in ("base", "collapsed", "ts-opsd", "fold", "arms/fold/seed-1", "eval/fold-seed-1"):
+    assert md.splitlines()[2].startswith(f"**Verdict: {s['verdict']}**") and "## Controls" in md
+    for d in ("base", "collapsed", "fold", "reheat/seed-1", "arms/fold/seed-1/run", "arms/fold/seed-1/eval-T1.6",
+              "calibration/start-fold-T2", "calibration/fold-1"):
         assert (out / d).is_dir(), d
 
-    again = cli("demo", "--recipe", str(recipe), "--out", str(out))
-    assert again.returncode == 2 and "already exists" in again.stderr and again.stderr.count("\n") == 1
+    again = run_main("demo", "--recipe", str(recipe), "--out", str(out))
+    assert "already exists" in one_error_line(again)
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     recipe = tmp_path / "demo.yaml"
-    tree = shrunken_demo_recipe()
-    tree["demo"]["seeds"] = [0]
-    recipe.write_text(yaml.safe_dump(tree))
+    recipe.write_text(yaml.safe_dump(shrunken_demo_recipe(workers=1)))
     out = tmp_path / "demo"
-    # SIGTERM at the third training setup: the first continued-RL arm, after every earlier stage finished; the
+    # SIGTERM at the third training setup: after the collapse and the reheat, in the first continued-RL run; the
     # first try passes --overwrite and the resume does not (the output settings are not part of what must match)
     r = cli("demo", "--recipe", str(recipe), "--out", str(out), "--overwrite", env={"TSOPSD_FAULT": "TERM@setup#3"})
     assert r.returncode == 130, r.stderr[-3000:]
@@ -85,24 +97,30 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     partial = tmp_path / ".demo.partial"
     assert not out.exists() and (partial / "collapsed" / "model.safetensors").is_file()
     stamp = (partial / "collapsed" / "model.safetensors").stat().st_mtime_ns
-    plain = cli("demo", "--recipe", str(recipe), "--out", str(out))
-    assert plain.returncode == 2 and "pass --resume" in plain.stderr
-    resumed = cli("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
+    plain = run_main("demo", "--recipe", str(recipe), "--out", str(out))
+    assert "pass --resume" in one_error_line(plain)
+    resumed = run_main("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continued-rl" in resumed.stdout and "done before, kept" in resumed.stderr
+    assert "verdict: untestable" in resumed.stdout and "done before, kept" in resumed.stderr
     assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "untestable" and "do not separate" in summary["verdict_reason"]  # one seed
     # the stages the first invocation finished keep their times; total_seconds adds up every stage
-    assert {"toy init", "rl until collapse", "continued RL: continued-rl, seed 0"} <= summary["stage_seconds"].keys()
+    assert {"toy init", "rl until collapse", "reheat (TS-OPSD), seed 0"} <= summary["stage_seconds"].keys()
     assert summary["total_seconds"] == pytest.approx(sum(summary["stage_seconds"].values()), abs=0.2)
     assert summary["seconds"] < summary["total_seconds"]
     assert not partial.exists() and not (tmp_path / ".demo.lock").exists()
 
 
-def test_demo_bad_input_is_one_line_and_exit_2(cli, tmp_path):
+def test_demo_bad_input_is_one_line_and_exit_2(tmp_path):
     for args, msg in ((["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
                       (["--resume"], "--resume: no unfinished demo at"),
-                      (["--temp", "0.5"], "demo.temp: Input should be greater than 1")):
-        r = cli("demo", "--out", str(tmp_path / "d"), *args)
-        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+                      (["--temp", "0.5"], "demo.temps.0: Input should be greater than 1"),
+                      (["--seeds", "0,0"], "seeds must be distinct"),
+                      (["--seeds", "1000"], "calibration_seed must not be one of seeds"),
+                      (["--set", "demo.budget_steps=7"], "must be a multiple of eval_points"),
+                      (["--set", "demo.candidates={thermostat: [{grpo.beta: 1}]}"], "only thermostat.* fields"),
+                      (["--set", "demo.candidates={high-entropy-tokens: [{grpo.top_entropy_quantile: 2}]}"],
+                       "demo.candidates.high-entropy-tokens.0")):
+        assert msg in one_error_line(run_main("demo", "--out", str(tmp_path / "d"), *args))
         assert not (tmp_path / "d").exists()

@@ -14,7 +14,6 @@ finished runs are kept and an interrupted one resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -121,13 +120,6 @@ def perturbed(base, changed, seed: int):
     return out
 
 
-def weights_sha256(ckpt: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(ckpt).glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ the study
 class Demo:
     def __init__(self, recipe: DemoRecipe, progress: Progress = NULL, resume: bool = False, restart: bool = False):
@@ -154,9 +146,12 @@ class Demo:
         assert len({j.target for j in jobs}) == len(jobs), f"{title}: two jobs write the same output"
         signals.check(f"the demo, before {title}")
         self.progress.log(f"[demo] {title}: {len(jobs)} runs, {min(self.workers, len(jobs))} at a time")
+        t0 = time.time()
         with self.progress.task(title, total=len(jobs)) as advance:
             seconds = run_jobs(jobs, self.workers, lambda m: self.progress.log(f"[demo] {m}"), advance)
         self.rundir.log.append([{"stage": name, "seconds": s} for name, s in seconds.items()])
+        if seconds:  # the phase's wall time (its runs went side by side)
+            self.rundir.log.append([{"phase": title, "seconds": round(time.time() - t0, 1)}])
 
     def continued(self, out: Path, *, seed: int, steps: int | None = None, validation_split: str = "test",
                   **extra) -> dict:
@@ -190,9 +185,16 @@ class Demo:
         runs = self.study(base, collapsed, settings)
         summary = demo_report.summarize(self.r, o, settings, runs)
         summary["seconds"] = round(time.time() - started, 1)  # this invocation
-        # every stage's time from the stage log, stages finished by an earlier (interrupted) invocation included
-        summary["stage_seconds"] = {row["stage"]: row["seconds"] for row in self.rundir.log.rows() if "stage" in row}
-        summary["total_seconds"] = round(sum(summary["stage_seconds"].values()), 1)
+        # every run's time and every phase's wall time from the stage log, those of an earlier (interrupted)
+        # invocation included: total_seconds is the wall time of every phase, side-by-side runs counted once
+        rows = self.rundir.log.rows()
+        summary["stage_seconds"] = {row["stage"]: row["seconds"] for row in rows if "stage" in row}
+        phases: dict[str, float] = {}
+        for row in rows:
+            if "phase" in row:
+                phases[row["phase"]] = round(phases.get(row["phase"], 0.0) + row["seconds"], 1)
+        summary["phase_seconds"] = phases
+        summary["total_seconds"] = round(sum(summary["phase_seconds"].values()), 1)
         demo_report.write(summary, o, plots=self.r.output.plots)
         summary["out"] = str(self.rundir.finish(before_rename=lambda: signals.check("the demo's finish")))
         return summary

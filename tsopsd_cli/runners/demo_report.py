@@ -6,6 +6,7 @@ Nothing here is tuned or edited by hand: the verdict is `core.paired.verdict` of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -74,6 +75,13 @@ def rollouts_of(run: Path) -> int:
     return report["steps"] * rec["train"]["prompts_per_step"] * rec["rollout"]["num_generations"]
 
 
+def weights_sha256(ckpt: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------- calibration
 def choose(candidates: dict[str, list[dict]], runs: dict[str, list[Path]], tolerance: float) -> dict:
     """The calibration rule (docs/demo.md), per arm: among its candidates whose natural-mix training accuracy at
@@ -107,8 +115,6 @@ def start_folder(out: Path, arm: str, seed: int) -> tuple[Path, Path]:
 
 
 def arm_numbers(recipe, out: Path, arm: str, seed_runs: dict[int, Path]) -> dict:
-    from tsopsd_cli.runners.demo import weights_sha256
-
     d = recipe.demo
     temps = d.temperatures
     per_seed = []
