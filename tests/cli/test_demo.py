@@ -1,4 +1,5 @@
-"""`tsopsd demo` end to end on a shrunken recipe, through the real entry point."""
+"""`tsopsd demo` end to end on a shrunken recipe, through the real entry point (two whole pipelines: slow); its bad
+input through `main(argv)`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import one_error_line, run_main
 
 TINY_RL = {"train.max_steps": 2, "train.prompts_per_step": 2, "rollout.num_generations": 2,
            "rollout.max_new_tokens": 8, "rollout.batch_size": 8, "validation.limit": 4,
@@ -35,6 +38,7 @@ def shrunken_demo_recipe() -> dict:
     return tree
 
 
+@pytest.mark.slow
 def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
     recipe = tmp_path / "demo.yaml"
     recipe.write_text(yaml.safe_dump(shrunken_demo_recipe()))
@@ -70,6 +74,7 @@ def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr and again.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     recipe = tmp_path / "demo.yaml"
     tree = shrunken_demo_recipe()
@@ -99,10 +104,9 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     assert not partial.exists() and not (tmp_path / ".demo.lock").exists()
 
 
-def test_demo_bad_input_is_one_line_and_exit_2(cli, tmp_path):
+def test_demo_bad_input_is_one_line_and_exit_2(tmp_path):
     for args, msg in ((["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
                       (["--resume"], "--resume: no unfinished demo at"),
                       (["--temp", "0.5"], "demo.temp: Input should be greater than 1")):
-        r = cli("demo", "--out", str(tmp_path / "d"), *args)
-        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+        assert msg in one_error_line(run_main("demo", "--out", str(tmp_path / "d"), *args))
         assert not (tmp_path / "d").exists()

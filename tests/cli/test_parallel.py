@@ -1,17 +1,21 @@
-"""Several processes through the real CLI (2 gloo ranks, started as srun starts them): `train.strategy: fsdp` and
-`ddp` give the single-process update with the same global batch, with the lean forward and activation
-checkpointing; a SIGTERM under fsdp saves sharded state that --resume continues exactly; bf16 compute keeps
-float32 master weights so that lr 1e-6 updates are not rounded away."""
+"""Several processes through the real CLI (2 gloo ranks, started as srun starts them or by `accelerate launch`):
+`train.strategy: fsdp` and `ddp` give the single-process update with the same global batch, with the lean forward
+and activation checkpointing; a SIGTERM under fsdp saves sharded state that --resume continues exactly; bf16
+compute keeps float32 master weights so that lr 1e-6 updates are not rounded away."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import launch_ranks, run_cli
+from tests.conftest import free_port, cli_env, launch_ranks, run_cli
 
 TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s", "step_seconds"}
 # Adam's early steps are ~ lr * sign(gradient): a gradient that is 0 up to rounding one way and 1e-12 the other
@@ -58,20 +62,43 @@ def two(*args, env=None):
     return procs
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_rl_on_two_processes_equals_one(tiny_ckpt, tmp_path, strategy):
-    one = run_cli("rl", str(tiny_ckpt), *RL, "--out", str(tmp_path / "one"), "--json")
+def accelerate_two(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of 2 CPU processes of `python -m tsopsd_cli ARGS` (the launcher users start from)."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate is a dependency"
+    p = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                        "-m", "tsopsd_cli", *args], capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def rl_one_process(tiny_ckpt, tmp_path_factory):
+    """The one-process run every two-process rl run is compared with: (its directory, its report)."""
+    out = tmp_path_factory.mktemp("one") / "one"
+    one = run_cli("rl", str(tiny_ckpt), *RL, "--out", str(out), "--json")
     assert one.returncode == 0, one.stderr
+    return out, json.loads(one.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,launcher", [("fsdp", "srun"), ("ddp", "accelerate")])
+def test_rl_on_two_processes_equals_one(tiny_ckpt, tmp_path, strategy, launcher, rl_one_process):
+    """Ranks started as srun starts them (fsdp) or by `accelerate launch` (ddp)."""
+    one, one_report = rl_one_process
     extra = FSDP if strategy == "fsdp" else ["--set", "train.strategy=ddp"]
-    procs = two("rl", str(tiny_ckpt), *RL, *extra, "--out", str(tmp_path / "two"), "--json")
-    report = json.loads(procs[0].stdout)
+    args = ("rl", str(tiny_ckpt), *RL, *extra, "--out", str(tmp_path / "two"), "--json")
+    stdout = two(*args)[0].stdout if launcher == "srun" else accelerate_two(*args).stdout
+    assert stdout.count("\n") == 1  # one JSON object, from the main process only
+    report = json.loads(stdout)
     par = report["parallel"]
+    assert report["processes"] == 2
     assert par["strategy"] == strategy and par["world_size"] == 2 and len(par["per_rank"]) == 2
-    assert_same_run(tmp_path / "one", tmp_path / "two",
-                    ["loss", "grad_norm", "reward", "entropy", "kl_old", "tokens", "val_accuracy", "val_entropy"])
+    assert_same_run(one, tmp_path / "two", ["loss", "grad_norm", "reward", "entropy", "kl_old", "tokens",
+                                           "response_length", "groups_used", "val_accuracy", "val_entropy"])
     if strategy == "fsdp":  # each rank holds about half of the parameters and optimiser state
-        full = json.loads(one.stdout)["parallel"]["per_rank"][0]
+        full = one_report["parallel"]["per_rank"][0]
         for rank in par["per_rank"]:
             assert rank["parameter_bytes"] == pytest.approx(full["parameter_bytes"] / 2, rel=0.05)
             assert rank["optimizer_state_bytes"] == pytest.approx(full["optimizer_state_bytes"] / 2, rel=0.05)
@@ -196,8 +223,6 @@ def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
     sharding. Now only the main process reads it; the other builds on the meta device and receives its shards.
     The sharded weights (float32 policy, bf16 teacher) equal the bf16 checkpoint's exactly, the embeddings stay
     tied, and the rotary buffers (not in the state dict) are right on the meta-built process."""
-    import sys
-
     from tests.qwen_ckpt import make_qwen_checkpoint
 
     ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
@@ -219,8 +244,6 @@ def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
 def test_a_failed_read_on_the_main_process_stops_every_process_at_once(tmp_path):
     """The process that receives its shards must not wait (up to the collective timeout) for a main process whose
     read failed: the failure is agreed on and every process exits with the checkpoint error."""
-    import sys
-
     from tests.qwen_ckpt import make_qwen_checkpoint
 
     ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
