@@ -1,5 +1,5 @@
-"""`tsopsd demo` end to end on a shrunken recipe, through the real entry point (two whole pipelines: slow); its bad
-input through `main(argv)`."""
+"""`tsopsd demo` end to end on a shrunken recipe (two whole pipelines: slow), through `main(argv)` in this process;
+the run that a SIGTERM stops is a process of its own."""
 
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ def shrunken_demo_recipe() -> dict:
 
 
 @pytest.mark.slow
-def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
+def test_demo_runs_every_arm_writes_a_summary_and_resumes(tmp_path):
     recipe = tmp_path / "demo.yaml"
     recipe.write_text(yaml.safe_dump(shrunken_demo_recipe()))
     out = tmp_path / "demo"
-    r = cli("demo", "--recipe", str(recipe), "--out", str(out), "--json")
+    r = run_main("demo", "--recipe", str(recipe), "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # --json: exactly one JSON object
     assert set(summary["arms"]) == {"continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat"}
@@ -70,7 +70,7 @@ def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
     for d in ("base", "collapsed", "ts-opsd", "fold", "arms/fold/seed-1", "eval/fold-seed-1"):
         assert (out / d).is_dir(), d
 
-    again = cli("demo", "--recipe", str(recipe), "--out", str(out))
+    again = run_main("demo", "--recipe", str(recipe), "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr and again.stderr.count("\n") == 1
 
 
@@ -90,9 +90,9 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     partial = tmp_path / ".demo.partial"
     assert not out.exists() and (partial / "collapsed" / "model.safetensors").is_file()
     stamp = (partial / "collapsed" / "model.safetensors").stat().st_mtime_ns
-    plain = cli("demo", "--recipe", str(recipe), "--out", str(out))
+    plain = run_main("demo", "--recipe", str(recipe), "--out", str(out))
     assert plain.returncode == 2 and "pass --resume" in plain.stderr
-    resumed = cli("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
+    resumed = run_main("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continued-rl" in resumed.stdout and "done before, kept" in resumed.stderr
     assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone

@@ -62,7 +62,7 @@ def uninterrupted(tiny_ckpt, tmp_path_factory):
     outs = {}
     for name, args in CMDS.items():
         out = tmp_path_factory.mktemp("full") / name
-        p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(out))
+        p = run_main(args[0], str(tiny_ckpt), *args[1:], "--out", str(out))
         assert p.returncode == 0, p.stderr
         outs[name] = out
     return outs
@@ -122,7 +122,7 @@ def test_kill_9_at_a_random_moment_then_resume_equals_the_uninterrupted_run(tiny
             assert not (tmp_path / ".cut.partial").exists()
             break
     else:
-        p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--out", str(out), "--resume")
+        p = run_main(*RL[:1], str(tiny_ckpt), *RL[1:], "--out", str(out), "--resume")
         assert p.returncode == 0, p.stderr
     assert_same(uninterrupted["rl"], out)
 
@@ -134,8 +134,8 @@ def test_kill_9_before_the_first_checkpoint_then_resume_logs_each_step_once(tiny
                 env={"TSOPSD_FAULT": "KILL@step#2"})
     assert p.returncode == -signal.SIGKILL
     assert [r["step"] for r in rows(tmp_path / ".early.partial")] == [0, 1]
-    p = run_cli(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "train.save_every=0", "--max-steps", "2", "--out", str(out),
-                "--resume")
+    p = run_main(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "train.save_every=0", "--max-steps", "2", "--out", str(out),
+                 "--resume")
     assert p.returncode == 0, p.stderr
     assert steps_of(out) == [0, 1, 2, 2]  # validation, two steps, final validation: no duplicates
 
@@ -177,7 +177,7 @@ def test_sigterm_at_each_phase_exits_130_with_one_line_and_resumes_exactly(name,
     line = one_error_line(p, code=130)
     assert "SIGTERM received" in line and "--resume" in line
     assert not out.exists() and (tmp_path / ".cut.partial").is_dir() and not (tmp_path / ".cut.lock").exists()
-    p = run_cli(args[0], str(tiny_ckpt), *args[1:], "--out", str(out), "--resume")
+    p = run_main(args[0], str(tiny_ckpt), *args[1:], "--out", str(out), "--resume")
     assert p.returncode == 0, p.stderr
     assert_same(uninterrupted[name], out)
 
@@ -186,7 +186,7 @@ def test_sigterm_at_each_phase_exits_130_with_one_line_and_resumes_exactly(name,
 def test_sigterm_during_eval_exits_130_then_the_same_command_finishes(tiny_ckpt, tmp_path):
     args = ["eval", str(tiny_ckpt), "--set", "eval.toy_num_problems=12", "--set", "eval.chunk_problems=4", "-n", "2",
             "--max-new-tokens", "8", "--set", "eval.grader_workers=1"]
-    full = run_cli(*args, "--json")
+    full = run_main(*args, "--json")
     assert full.returncode == 0, full.stderr
     out = tmp_path / "ev"
     p = run_cli(*args, "--out", str(out), "--quiet", env={"TSOPSD_FAULT": "TERM@eval-chunk#2"})
@@ -194,7 +194,7 @@ def test_sigterm_during_eval_exits_130_then_the_same_command_finishes(tiny_ckpt,
     assert "run the same command again" in line
     rows_done = (tmp_path / ".ev.partial" / "samples.jsonl").read_text().splitlines()
     assert len(rows_done) == 4 * 2  # the first chunk is on disk
-    p = run_cli(*args, "--out", str(out), "--json")
+    p = run_main(*args, "--out", str(out), "--json")
     assert p.returncode == 0, p.stderr
     a, b = json.loads(full.stdout), json.loads(p.stdout)
     assert a["macro"] == b["macro"]  # the resumed eval sampled exactly what an uninterrupted one did
@@ -320,7 +320,7 @@ def test_eval_grade_on_adversarial_completions_finishes_within_the_time_limits(t
     f = tmp_path / "adv.jsonl"
     f.write_text("".join(json.dumps({"completion": c, "answer": g}) + "\n" for c, g, _ in cases))
     t0 = time.time()
-    p = run_cli("eval", "grade", str(f), "--timeout", "5", "--json")
+    p = run_main("eval", "grade", str(f), "--timeout", "5", "--json")
     took = time.time() - t0
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout)
@@ -604,7 +604,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tiny_
         else:
             for shard in (ckpts / "step-000002" / "state").glob("*.distcp"):
                 shard.unlink()
-        p = run_cli(*args, "--out", str(out), "--resume")
+        p = run_main(*args, "--out", str(out), "--resume")
         assert p.returncode == 0, p.stderr
         warnings = [x for x in p.stderr.splitlines() if x.startswith("tsopsd: warning:")]
         assert len(warnings) == 1 and "step-000002" in warnings[0] and "falling back" in warnings[0], p.stderr

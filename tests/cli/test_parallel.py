@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import free_port, cli_env, launch_ranks, run_cli
+from tests.conftest import cli_env, free_port, launch_ranks, run_cli, run_main
 
 TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s", "step_seconds"}
 # Adam's early steps are ~ lr * sign(gradient): a gradient that is 0 up to rounding one way and 1e-12 the other
@@ -77,7 +77,7 @@ def accelerate_two(*args: str) -> subprocess.CompletedProcess:
 def rl_one_process(tiny_ckpt, tmp_path_factory):
     """The one-process run every two-process rl run is compared with: (its directory, its report)."""
     out = tmp_path_factory.mktemp("one") / "one"
-    one = run_cli("rl", str(tiny_ckpt), *RL, "--out", str(out), "--json")
+    one = run_main("rl", str(tiny_ckpt), *RL, "--out", str(out), "--json")
     assert one.returncode == 0, one.stderr
     return out, json.loads(one.stdout)
 
@@ -106,7 +106,7 @@ def test_rl_on_two_processes_equals_one(tiny_ckpt, tmp_path, strategy, launcher,
 
 @pytest.mark.slow
 def test_reheat_on_two_fsdp_processes_equals_one(tiny_ckpt, tmp_path):
-    one = run_cli("reheat", str(tiny_ckpt), *REHEAT, "--out", str(tmp_path / "one"), "--json")
+    one = run_main("reheat", str(tiny_ckpt), *REHEAT, "--out", str(tmp_path / "one"), "--json")
     assert one.returncode == 0, one.stderr
     procs = two("reheat", str(tiny_ckpt), *REHEAT, *FSDP, "--out", str(tmp_path / "two"), "--json")
     r1, r2 = json.loads(one.stdout), json.loads(procs[0].stdout)
@@ -145,11 +145,11 @@ def test_bf16_compute_keeps_float32_master_weights_so_small_updates_land(tiny_ck
         n = sum(v.numel() for v in ref.values())
         return sum(int((after[k] != ref[k]).sum()) for k in ref) / n
 
-    p = run_cli(*args, "--out", str(tmp_path / "master"), "--json")
+    p = run_main(*args, "--out", str(tmp_path / "master"), "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["parallel"]["master_dtype"] == "float32"
     assert changed(tmp_path / "master", before) >= 0.9
-    pure = run_cli(*args, "--set", "train.master_weights=model_dtype", "--out", str(tmp_path / "pure"))
+    pure = run_main(*args, "--set", "train.master_weights=model_dtype", "--out", str(tmp_path / "pure"))
     assert pure.returncode == 0, pure.stderr
     rounded = {k: v.to(torch.bfloat16).float() for k, v in before.items()}  # what pure bf16 starts from
     assert changed(tmp_path / "pure", rounded) < 0.5  # bf16 weights: most lr-1e-6 updates round away
@@ -271,7 +271,7 @@ def test_two_fsdp_processes_equal_one_on_a_real_tokenizer_tied_bf16_checkpoint(t
             "--set", "grpo.reward=tests.rewards:even_length", "--max-steps", "2", "--lr", "1e-3",
             "--set", "train.micro_batch_size=2", "--set", "train.save_every=0", "--set", "output.dtype=float32",
             *LINEAR]
-    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    one = run_main(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two(*args, *FSDP, "--out", str(tmp_path / "two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", ["loss", "grad_norm", "reward", "entropy", "tokens"])
@@ -305,7 +305,7 @@ def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_
     the prompt order from the global step: the finished runs equal the uninterrupted one-process run."""
     args = ["rl", str(tiny_ckpt), *RL, *FSDP]
     full = tmp_path / "full"
-    p = run_cli(*args, "--out", str(full))
+    p = run_main(*args, "--out", str(full))
     assert p.returncode == 0, p.stderr
     # 2 -> 1
     a = tmp_path / "a"
@@ -327,7 +327,7 @@ def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_
                 [{n: v for n, v in g.items() if n not in drop} for g in sb[k]], k
         else:
             assert sa[k] == sb[k], k
-    p = run_cli(*args, "--out", str(a), "--resume")
+    p = run_main(*args, "--out", str(a), "--resume")
     assert p.returncode == 0, p.stderr
     two(*args, "--out", str(b), "--resume")
     for out in (a, b):

@@ -94,7 +94,7 @@ def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterru
             "--set", "thermostat.min_gap=2", "--set", "thermostat.max_phase_steps=2",
             "--set", "thermostat.target_entropy_ratio=null", "--set", "thermostat.target_entropy=1000"]
     full = tmp_path / "full"
-    p = run_cli("rl", str(tiny_ckpt), "--out", str(full), *SMALL, *THERMO, *fire, "--json")
+    p = run_main("rl", str(tiny_ckpt), "--out", str(full), *SMALL, *THERMO, *fire, "--json")
     assert p.returncode == 0, p.stderr
     rows = steps(full)
     assert [r["phase"] for r in rows] == ["grpo", "grpo", "reheat", "reheat", "grpo", "grpo", "reheat", "reheat"]
@@ -108,7 +108,7 @@ def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterru
                 env={"TSOPSD_FAULT": "TERM@step#3"})
     assert p.returncode == 130, p.stderr
     assert (tmp_path / ".cut.partial" / "checkpoints" / "step-000003" / "snapshot").is_dir()  # its teacher
-    p = run_cli("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--resume")
+    p = run_main("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--resume")
     assert p.returncode == 0, p.stderr
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING | {"weight_sync_seconds"}} for r in rs]  # noqa
     a, b = strip(steps(full)), strip(steps(cut))
