@@ -116,10 +116,19 @@ def test_reheat_on_two_fsdp_processes_equals_one(tiny_ckpt, tmp_path):
     assert r2["after"]["entropy"] == pytest.approx(r1["after"]["entropy"], rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def rl_fsdp_one_process(tiny_ckpt, tmp_path_factory):
+    """The uninterrupted run the fsdp resumes are compared with, on one process (which two fsdp processes equal:
+    test_rl_on_two_processes_equals_one)."""
+    full = tmp_path_factory.mktemp("full") / "full"
+    p = run_main("rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(full))
+    assert p.returncode == 0, p.stderr
+    return full
+
+
 @pytest.mark.slow
-def test_fsdp_sigterm_after_step_2_then_resume_equals_the_uninterrupted_run(tiny_ckpt, tmp_path):
-    full = tmp_path / "full"
-    two("rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(full))
+def test_fsdp_sigterm_after_step_2_then_resume_equals_the_uninterrupted_run(tiny_ckpt, tmp_path, rl_fsdp_one_process):
+    full = rl_fsdp_one_process
     cut = tmp_path / "cut"
     procs = launch_ranks(2, "rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(cut), env={"TSOPSD_FAULT": "TERM@step#2"})
     assert [p.returncode for p in procs] == [130, 130], [p.stderr[-2000:] for p in procs]
@@ -299,14 +308,12 @@ def _dcp_contents(state_dir, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_path):
+def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_path, rl_fsdp_one_process):
     """A pre-empted job that comes back on fewer (or more) processes: the checkpoint of step 2 holds the same
     weights and optimiser state whether 1 or 2 fsdp processes wrote it, and a resume on the other number continues
     the prompt order from the global step: the finished runs equal the uninterrupted one-process run."""
     args = ["rl", str(tiny_ckpt), *RL, *FSDP]
-    full = tmp_path / "full"
-    p = run_main(*args, "--out", str(full))
-    assert p.returncode == 0, p.stderr
+    full = rl_fsdp_one_process
     # 2 -> 1
     a = tmp_path / "a"
     procs = launch_ranks(2, *args, "--out", str(a), env={"TSOPSD_FAULT": "TERM@step#2"})
