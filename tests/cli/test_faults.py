@@ -204,7 +204,7 @@ def test_sigterm_during_eval_exits_130_then_the_same_command_finishes(tiny_ckpt,
 def test_non_finite_recipe_numbers_are_refused(tiny_ckpt, tmp_path):
     for value in (".inf", "nan", "-.inf"):
         line = one_error_line(run_main(*RL[:1], str(tiny_ckpt), "--out", str(tmp_path / "x"), "--set",
-                                      f"optim.lr={value}"))
+                                       f"optim.lr={value}"))
         assert "optim.lr" in line and "finite" in line
     assert not list(tmp_path.iterdir())
 
@@ -213,7 +213,7 @@ def test_non_finite_recipe_numbers_are_refused(tiny_ckpt, tmp_path):
 def test_a_diverging_update_exits_3_before_anything_is_saved(lr, tiny_ckpt, tmp_path):
     out = tmp_path / "x"
     p = run_main(*RL[:1], str(tiny_ckpt), *RL[1:], "--lr", lr, "--set", "optim.eps=1e-8", "--out", str(out),
-                "--quiet")
+                 "--quiet")
     line = one_error_line(p, code=3)
     assert "diverged" in line or "non-finite" in line
     assert not out.exists() and not (tmp_path / ".x.partial" / "checkpoints").exists()
@@ -292,7 +292,7 @@ def test_refusals_leave_nothing_behind(tiny_ckpt, tmp_path):
     i = RL.index("data.num_prompts=64")
     small = RL[1:i - 1] + RL[i + 1:]  # (a jsonl source has no num_prompts)
     p = run_main("rl", str(tiny_ckpt), *small, "--data", str(data), "--set", "data.question_field=question",
-                "--max-steps", "1", "--set", "validation.enabled=false", "--out", str(out))
+                 "--max-steps", "1", "--set", "validation.enabled=false", "--out", str(out))
     assert p.returncode == 0, p.stderr  # the corrected command is not refused
 
 

@@ -81,7 +81,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     line = one_error_line(run_main("plan", RL_4B, "--set", "train.micro_batch_size=0"))
     assert "micro_batch_size" in line
     line = one_error_line(run_main("plan", str(ROOT / "recipes/reheat/qwen3-4b-base.yaml"),
-                                  "--set", "reheat.method=fold"))
+                                   "--set", "reheat.method=fold"))
     assert "fold" in line
 
 

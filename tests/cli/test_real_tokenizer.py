@@ -27,7 +27,7 @@ def ok(res) -> dict:
 # ------------------------------------------------------------------------------------------- diagnose (case 1)
 def test_diagnose_samples_math500_by_default_on_a_real_checkpoint(qwen3_base, benchmark_dir):
     r = ok(run_main("diagnose", str(qwen3_base), "--data-dir", str(benchmark_dir), "--num-prompts", "2", *TINY,
-                   "--json"))
+                    "--json"))
     assert r["mode"] == "sampled"
     assert r["recipe"]["data"]["type"] == "benchmark" and r["recipe"]["data"]["name"] == "math500"
     assert r["rollouts"]["num_prompts"] == 2 and r["num_tokens"] > 0
@@ -59,7 +59,7 @@ def test_diagnose_offline_without_a_local_copy_says_what_to_pass(qwen3_base, tmp
 
 def test_diagnose_benchmark_option(qwen3_base, benchmark_dir):
     r = ok(run_main("diagnose", str(qwen3_base), "-b", "gsm8k", "--data-dir", str(benchmark_dir),
-                   "--num-prompts", "1", *TINY, "--json", "-q"))
+                    "--num-prompts", "1", *TINY, "--json", "-q"))
     assert r["recipe"]["data"]["name"] == "gsm8k" and r["rollouts"]["num_prompts"] == 1
 
 
@@ -88,13 +88,13 @@ def test_diagnose_toy_checkpoint_keeps_toy_defaults(tiny_ckpt):
 # --------------------------------------------------------------------------------------------- case 6
 def test_diagnose_num_prompts_limits_a_jsonl_source(qwen3_base, math_jsonl):
     r = ok(run_main("diagnose", str(qwen3_base), "--data", str(math_jsonl), "--num-prompts", "2", *TINY,
-                   "--json", "-q"))
+                    "--json", "-q"))
     assert r["rollouts"]["num_prompts"] == 2
 
 
 def test_diagnose_reference_with_a_padded_vocabulary(qwen3_base, qwen3_padded, math_jsonl):
     r = ok(run_main("diagnose", str(qwen3_base), "--reference", str(qwen3_padded), "--data", str(math_jsonl),
-                   "--num-prompts", "2", *TINY, "--json"))
+                    "--num-prompts", "2", *TINY, "--json"))
     rows = r["reference"]["vocab_rows"]
     assert rows["checkpoint"] == 151_936 and rows["reference"] == 152_064 and rows["compared"] == 151_936
     assert r["reference"]["kl_forward"] >= 0 and len(r["reference"]["cka"]) == 2
@@ -105,7 +105,7 @@ def test_diagnose_padded_checkpoint_against_a_smaller_reference(qwen3_padded, qw
     texts = tmp_path / "pairs.jsonl"
     texts.write_text(json.dumps({"prompt": "1+1=", "completion": " 2, so \\boxed{2}"}) + "\n")
     r = ok(run_main("diagnose", str(qwen3_padded), "--reference", str(qwen3_base), "--texts", str(texts),
-                   "--json", "-q"))
+                    "--json", "-q"))
     assert r["reference"]["vocab_rows"]["compared"] == 151_936
 
 
@@ -146,7 +146,7 @@ def test_eval_with_each_template(template, qwen3_base, benchmark_dir):
     from tsopsd_cli.tasks.benchmarks import PROMPT_TEMPLATES
 
     r = ok(run_main("eval", str(qwen3_base), "-b", "math500", "--data-dir", str(benchmark_dir), "--limit", "1",
-                   "-n", "1", "--max-new-tokens", "3", "--prompt-template", template, "--json", "-q"))
+                    "-n", "1", "--max-new-tokens", "3", "--prompt-template", template, "--json", "-q"))
     first = r["first_prompts"]["math500"]
     tail = PROMPT_TEMPLATES.get(template, template).split("{question}")[-1]
     assert first.endswith(tail) and "{question}" not in first
@@ -154,7 +154,7 @@ def test_eval_with_each_template(template, qwen3_base, benchmark_dir):
 
 def test_eval_chat_template_on_an_instruct_checkpoint(qwen3_instruct, benchmark_dir):
     r = ok(run_main("eval", str(qwen3_instruct), "-b", "math500", "--data-dir", str(benchmark_dir), "--limit", "1",
-                   "-n", "1", "--max-new-tokens", "3", "--chat-template", "--json", "-q"))
+                    "-n", "1", "--max-new-tokens", "3", "--chat-template", "--json", "-q"))
     first = r["first_prompts"]["math500"]
     assert first.startswith("<|im_start|>user\n") and first.endswith("<|im_start|>assistant\n")
 
@@ -218,8 +218,8 @@ def test_validation_follows_the_run_data(math_jsonl):
 @pytest.mark.slow
 def test_rl_two_steps_from_a_local_jsonl(qwen3_base, math_jsonl, tmp_path):
     r = ok(run_main("rl", str(qwen3_base), "--out", str(tmp_path / "rl"), "--data", str(math_jsonl),
-                   "--max-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "3",
-                   "--set", "validation.limit=2", "--set", "validation.num_generations=1", "--json", "-q"))
+                    "--max-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "3",
+                    "--set", "validation.limit=2", "--set", "validation.num_generations=1", "--json", "-q"))
     assert r["steps"] == 2
     assert r["first_prompt"].endswith("\\boxed{}.")
     assert r["recipe"]["validation"]["max_new_tokens"] == 3  # validation samples like the run's rollouts
@@ -229,10 +229,10 @@ def test_rl_two_steps_from_a_local_jsonl(qwen3_base, math_jsonl, tmp_path):
 @pytest.mark.slow
 def test_reheat_two_steps_with_the_chat_template(qwen3_instruct, math_jsonl, tmp_path):
     r = ok(run_main("reheat", str(qwen3_instruct), "--out", str(tmp_path / "hot"), "--data", str(math_jsonl),
-                   "--chat-template", "--max-steps", "2", "--set", "train.prompts_per_step=2",
-                   "--set", "rollout.num_generations=2", "--set", "rollout.max_new_tokens=3",
-                   "--set", "validation.limit=2", "--set", "validation.num_generations=1",
-                   "--set", "reheat.report_prompts=2", "--json", "-q"))
+                    "--chat-template", "--max-steps", "2", "--set", "train.prompts_per_step=2",
+                    "--set", "rollout.num_generations=2", "--set", "rollout.max_new_tokens=3",
+                    "--set", "validation.limit=2", "--set", "validation.num_generations=1",
+                    "--set", "reheat.report_prompts=2", "--json", "-q"))
     assert r["steps"] == 2 and r["before"] is not None
     assert r["first_prompt"].startswith("<|im_start|>user\n") and r["recipe"]["data"]["chat_template"]
 
@@ -241,7 +241,7 @@ def test_reheat_two_steps_with_the_chat_template(qwen3_instruct, math_jsonl, tmp
 def test_fold_on_a_real_checkpoint_needs_no_data(name, request, tmp_path):
     ckpt = request.getfixturevalue(name)
     r = ok(run_main("reheat", str(ckpt), "--method", "fold", "--temp", "1.6", "--out", str(tmp_path / "f"),
-                   "--json", "-q"))
+                    "--json", "-q"))
     assert r["method"] == "fold" and r["max_logit_error"] < 1e-3
 
 
@@ -293,7 +293,7 @@ def test_chat_rendering_gives_the_chat_templates_tokens():
 
 def test_eval_defaults_to_math500_on_a_real_checkpoint(qwen3_base, benchmark_dir):
     r = ok(run_main("eval", str(qwen3_base), "--data-dir", str(benchmark_dir), "--limit", "1", "-n", "1",
-                   "--max-new-tokens", "3", "--json", "-q"))
+                    "--max-new-tokens", "3", "--json", "-q"))
     assert list(r["benchmarks"]) == ["math500"]
     from tsopsd_cli.recipe import REAL_MAX_NEW_TOKENS, build_recipe
 

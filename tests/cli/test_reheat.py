@@ -39,7 +39,7 @@ def test_fold_cli_writes_an_exactly_scaled_checkpoint(tiny_ckpt, tmp_path):
 def test_frozen_teacher_at_tau_one_gives_zero_loss_and_no_update(tiny_ckpt, tmp_path):
     out = tmp_path / "same"
     p = run_main("reheat", str(tiny_ckpt), "--temp", "1.0", "--max-steps", "1", "--out", str(out), *SMALL,
-                "--set", "validation.enabled=false", "--json")
+                 "--set", "validation.enabled=false", "--json")
     assert p.returncode == 0, p.stderr
     step = [m for m in metrics(out) if "loss" in m][0]
     assert step["loss"] == pytest.approx(0.0, abs=1e-6) and step["grad_norm"] == pytest.approx(0.0, abs=1e-5)
@@ -53,7 +53,7 @@ def test_ts_opsd_raises_entropy_and_keeps_top1(toy_base, tmp_path):
     # entropy of 16 completions is noisy; at 1e-4 six steps moved it less than that noise (measured: first step
     # 0.145, last three 0.147, 0.123, 0.139, while the report prompts went 0.111 -> 0.133)
     p = run_main("reheat", str(toy_base), "--temp", "1.6", "--max-steps", "6", "--lr", "3e-4", "--out", str(out),
-                *SMALL, "--set", "train.prompts_per_step=8", "--json")
+                 *SMALL, "--set", "train.prompts_per_step=8", "--json")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     steps = [m for m in metrics(out) if "loss" in m]
@@ -71,7 +71,7 @@ def test_reheat_recipe_errors(tiny_ckpt, tmp_path):
     line = one_error_line(run_main("reheat", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--divergence", "l2"))
     assert "reheat.divergence" in line
     p = run_main("reheat", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--target-entropy", "1",
-                "--target-entropy-ratio", "0.5")
+                 "--target-entropy-ratio", "0.5")
     assert p.returncode == 2 and "at most one of target_entropy and target_entropy_ratio" in p.stderr
 
 
@@ -79,7 +79,7 @@ def test_the_report_has_the_entropy_at_any_teacher_temperature(tiny_ckpt, tmp_pa
     """--temp 1.8 is not one of diagnose's default temperatures: the report used to say nan there."""
     out = tmp_path / "hot18"
     p = run_main("reheat", str(tiny_ckpt), "--temp", "1.8", "--max-steps", "1", "--out", str(out), *SMALL,
-                "--set", "validation.enabled=false", "--json")
+                 "--set", "validation.enabled=false", "--json")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     at = r["entropy_at_temp"]
@@ -87,7 +87,7 @@ def test_the_report_has_the_entropy_at_any_teacher_temperature(tiny_ckpt, tmp_pa
     assert set(r["before"]["temperature_entropy"]) == {"1", "1.8"}
     assert at["before"] == r["before"]["temperature_entropy"]["1.8"] > r["before"]["entropy"]
     table = run_main("reheat", str(tiny_ckpt), "--temp", "1.8", "--max-steps", "1", "--out", str(tmp_path / "t"),
-                    *SMALL, "--set", "validation.enabled=false")
+                     *SMALL, "--set", "validation.enabled=false")
     assert table.returncode == 0 and "nan" not in table.stdout
 
 

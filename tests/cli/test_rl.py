@@ -62,7 +62,7 @@ def test_non_finite_loss_stops_with_exit_3_before_the_update(tiny_ckpt, tmp_path
 
 def test_bad_reward_spec_is_a_usage_error(tiny_ckpt, tmp_path):
     line = one_error_line(run_main("rl", str(tiny_ckpt), "--out", str(tmp_path / "x"), *SMALL,
-                                  "--set", "grpo.reward=nope.nothing:fn"))
+                                   "--set", "grpo.reward=nope.nothing:fn"))
     assert "grpo.reward: cannot import" in line
 
 
@@ -74,8 +74,8 @@ def test_a_thermostat_that_never_fires_gives_exactly_the_plain_run(tiny_ckpt, tm
     plain = run_main("rl", str(tiny_ckpt), "--out", str(tmp_path / "plain"), *SMALL, *THERMO[:-2], "--max-steps", "3")
     assert plain.returncode == 0, plain.stderr
     never = run_main("rl", str(tiny_ckpt), "--out", str(tmp_path / "never"), *SMALL, *THERMO[:-2], "--max-steps", "3",
-                    "--set", "thermostat.enabled=true", "--set", "thermostat.threshold=0.0001",
-                    "--set", "thermostat.window=1", "--set", "thermostat.min_gap=1", "--json")
+                     "--set", "thermostat.enabled=true", "--set", "thermostat.threshold=0.0001",
+                     "--set", "thermostat.window=1", "--set", "thermostat.min_gap=1", "--json")
     assert never.returncode == 0, never.stderr
     assert steps(tmp_path / "plain") == steps(tmp_path / "never")
     assert all(r["phase"] == "grpo" for r in steps(tmp_path / "never"))

@@ -73,12 +73,12 @@ def test_recipe_runs_for_a_couple_of_steps(group, tiny_ckpt, tmp_path):
     extra = [*OFFLINE[kind], "--set", "model.dtype=float32"] if recipe.stem.startswith("qwen") else []
     if kind == "diagnose":
         p = run_main("diagnose", str(tiny_ckpt), "--recipe", str(recipe), *extra, *SHRINK[kind], "--out", str(out),
-                "--json")
+                     "--json")
     elif kind == "rl":
         p = run_main("rl", str(tiny_ckpt), "--recipe", str(recipe), *extra, *SHRINK[kind], "--out", str(out), "--json")
     elif kind == "reheat":
         p = run_main("reheat", str(tiny_ckpt), "--recipe", str(recipe), *extra, *SHRINK[kind], "--out", str(out),
-                "--json")
+                     "--json")
     elif kind == "eval":
         p = run_main("eval", str(tiny_ckpt), "--recipe", str(recipe), *extra, *SHRINK[kind], "--out", str(out),
                      "--json")
