@@ -1,4 +1,5 @@
-"""`tsopsd demo` end to end on a shrunken recipe, through the real entry point."""
+"""`tsopsd demo` end to end on a shrunken recipe (two whole pipelines: slow), through `main(argv)` in this process;
+the run that a SIGTERM stops is a process of its own."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import one_error_line, run_main
 
 TINY_RL = {"train.max_steps": 2, "train.prompts_per_step": 2, "rollout.num_generations": 2,
            "rollout.max_new_tokens": 8, "rollout.batch_size": 8, "validation.limit": 4,
@@ -35,11 +38,12 @@ def shrunken_demo_recipe() -> dict:
     return tree
 
 
-def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
+@pytest.mark.slow
+def test_demo_runs_every_arm_writes_a_summary_and_resumes(tmp_path):
     recipe = tmp_path / "demo.yaml"
     recipe.write_text(yaml.safe_dump(shrunken_demo_recipe()))
     out = tmp_path / "demo"
-    r = cli("demo", "--recipe", str(recipe), "--out", str(out), "--json")
+    r = run_main("demo", "--recipe", str(recipe), "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # --json: exactly one JSON object
     assert set(summary["arms"]) == {"continued-rl", "rollout-temperature", "ts-opsd", "fold", "thermostat"}
@@ -66,10 +70,11 @@ def test_demo_runs_every_arm_writes_a_summary_and_resumes(cli, tmp_path):
     for d in ("base", "collapsed", "ts-opsd", "fold", "arms/fold/seed-1", "eval/fold-seed-1"):
         assert (out / d).is_dir(), d
 
-    again = cli("demo", "--recipe", str(recipe), "--out", str(out))
+    again = run_main("demo", "--recipe", str(recipe), "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr and again.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     recipe = tmp_path / "demo.yaml"
     tree = shrunken_demo_recipe()
@@ -85,9 +90,9 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     partial = tmp_path / ".demo.partial"
     assert not out.exists() and (partial / "collapsed" / "model.safetensors").is_file()
     stamp = (partial / "collapsed" / "model.safetensors").stat().st_mtime_ns
-    plain = cli("demo", "--recipe", str(recipe), "--out", str(out))
+    plain = run_main("demo", "--recipe", str(recipe), "--out", str(out))
     assert plain.returncode == 2 and "pass --resume" in plain.stderr
-    resumed = cli("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
+    resumed = run_main("demo", "--recipe", str(recipe), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continued-rl" in resumed.stdout and "done before, kept" in resumed.stderr
     assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone
@@ -99,10 +104,9 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     assert not partial.exists() and not (tmp_path / ".demo.lock").exists()
 
 
-def test_demo_bad_input_is_one_line_and_exit_2(cli, tmp_path):
+def test_demo_bad_input_is_one_line_and_exit_2(tmp_path):
     for args, msg in ((["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
                       (["--resume"], "--resume: no unfinished demo at"),
                       (["--temp", "0.5"], "demo.temp: Input should be greater than 1")):
-        r = cli("demo", "--out", str(tmp_path / "d"), *args)
-        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+        assert msg in one_error_line(run_main("demo", "--out", str(tmp_path / "d"), *args))
         assert not (tmp_path / "d").exists()
