@@ -63,12 +63,12 @@ def _free_port() -> int:
 
 
 def launch_ranks(n: int, *args: str, env: dict | None = None, timeout: int = 900,
-                 command: list[str] | None = None) -> list:
+                 command: list[str] | None = None, port: int | None = None) -> list:
     """Start `n` processes of the real entry point (or of `command`, e.g. [python, script]) as one job (as srun or
-    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on loopback; gloo on CPU); returns their
-    CompletedProcess objects, rank order."""
+    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on loopback, `port` or a free one; gloo on
+    CPU); returns their CompletedProcess objects, rank order."""
     root = str(Path(__file__).resolve().parents[1])
-    port = _free_port()
+    port = port or _free_port()
     exe = Path(sys.executable).parent / "tsopsd"
     cmd = command or ([str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"])
     procs = []
