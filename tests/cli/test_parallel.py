@@ -311,6 +311,7 @@ def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_
         assert_same_run(full, out, ["loss", "grad_norm", "reward", "val_accuracy"])
 
 
+@pytest.mark.slow
 def test_a_rendezvous_port_held_by_another_program_ends_every_rank_within_the_rendezvous_timeout(tiny_ckpt, tmp_path):
     """#31: with MASTER_PORT held by another program rank 0 exited at once while rank 1 waited for the 30-minute
     rendezvous deadline. A rank that reaches no working store within TSOPSD_RENDEZVOUS_TIMEOUT ends with the job's
