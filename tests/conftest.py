@@ -137,11 +137,11 @@ def free_port() -> int:
 
 
 def launch_ranks(n: int, *args: str, env: dict | None = None, timeout: int = 900,
-                 command: list[str] | None = None) -> list:
+                 command: list[str] | None = None, port: int | None = None) -> list:
     """Start `n` processes of the real entry point (or of `command`, e.g. [python, script]) as one job (as srun or
-    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on loopback; gloo on CPU); returns their
-    CompletedProcess objects, rank order."""
-    port = free_port()
+    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on loopback, `port` or a free one; gloo on
+    CPU); returns their CompletedProcess objects, rank order."""
+    port = port or free_port()
     cmd = command or cli_command()
     procs = []
     for rank in range(n):

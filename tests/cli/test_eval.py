@@ -119,3 +119,19 @@ def test_vllm_and_hf_engines_agree_on_toy_accuracy(toy_base):
     assert 0.05 < p1 < 0.95 and abs(p1 - p2) < 4 * se + 1e-9, (p1, p2)
     assert abs(hf["mean_length"] - vl["mean_length"]) < 0.2 * hf["mean_length"]
     assert vl["mean_token_entropy"] == pytest.approx(hf["mean_token_entropy"], rel=0.5, abs=0.05)
+
+
+def test_a_custom_set_named_like_a_benchmark_asked_for_is_refused_and_its_name_is_the_files(tiny_ckpt, tmp_path):
+    """#31: `eval -b aime24 --data my/aime24.jsonl` replaced the built-in set with the file's problems under the
+    same name. And the custom set's name was read back from its first problem id, cut at the last '-'."""
+    data = tmp_path / "toy.jsonl"
+    data.write_text(json.dumps({"id": "a-1", "problem": "1+1=?", "answer": "2"}) + "\n")
+    line = one_error_line(run_cli("eval", str(tiny_ckpt), "-b", "toy", "--data", str(data), "-n", "1",
+                                  "--max-new-tokens", "4", "--out", str(tmp_path / "e")))
+    assert "toy" in line and "--data" in line and "rename" in line, line
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["toy.jsonl"]
+    custom = tmp_path / "mine.jsonl"
+    data.rename(custom)
+    r = eval_json(str(tiny_ckpt), "-b", "toy", "--limit", "2", "--data", str(custom), "-n", "1",
+                  "--max-new-tokens", "4")
+    assert set(r["benchmarks"]) == {"toy", "mine"}

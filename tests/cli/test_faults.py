@@ -9,14 +9,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import one_error_line, run_cli, run_main, start_cli
+from tests.conftest import cli_command, cli_env, one_error_line, run_cli, run_main, start_cli
 
 TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s", "step_seconds"}
 LINEAR = ["--set", "optim.eps=1.0"]  # see tests/cli/test_parallel.py
@@ -253,28 +252,36 @@ def test_a_diverging_update_exits_3_before_anything_is_saved(lr, tiny_ckpt, tmp_
     assert not out.exists() and not (tmp_path / ".x.partial" / "checkpoints").exists()
 
 
-def test_a_non_finite_loss_later_in_a_run_keeps_the_last_good_checkpoints(tiny_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cause", ["loss", "reward"])
+def test_a_non_finite_loss_or_reward_later_in_a_run_keeps_the_last_good_checkpoints(cause, tiny_ckpt, tmp_path):
+    """A non-finite loss at step 3 is the non-finite guard's (exit 3); a non-finite reward at step 3 is the reward
+    function's fault (exit 7, naming grpo.reward: it used to surface as a non-finite loss). Either way the
+    checkpoints of steps 1 and 2 stay and --resume finishes the run."""
     (tmp_path / "late_nan.py").write_text(
         "calls = 0\n"
         "def reward(completions, answers):\n"
         "    global calls\n"
         "    calls += 1\n"
         "    return [float('nan') if calls >= 3 else float(len(c) % 2) for c in completions]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "x"
-    p = run_main(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "grpo.reward=late_nan:reward", "--out", str(out),
-                 "--set", "validation.enabled=false", "--quiet")
-    line = one_error_line(p, code=3)
-    assert "non-finite" in line and "step 3" in line
+    args = [*RL[:1], str(tiny_ckpt), *RL[1:], "--out", str(out), "--set", "validation.enabled=false", "--quiet"]
+    if cause == "reward":
+        args += ["--set", "grpo.reward=late_nan:reward"]
+    p = run_cli(*args, env={"PYTHONPATH": str(tmp_path),
+                            **({"TSOPSD_FAULT": "NAN@step#3"} if cause == "loss" else {})})
+    if cause == "loss":
+        line = one_error_line(p, code=3)
+        assert "non-finite" in line and "step 3" in line
+    else:
+        line = one_error_line(p, code=7)
+        assert "grpo.reward" in line and "non-finite" in line and "step 3" in line and "--resume" in line
     ckpts = sorted(p.name for p in (tmp_path / ".x.partial" / "checkpoints").glob("step-*"))
     assert ckpts == ["step-000001", "step-000002"]
     st = torch.load(tmp_path / ".x.partial" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
     assert st["step"] == 2
-    # the kept checkpoint is resumable with the same recipe (imported afresh, as by a new process, the reward's call
-    # counter restarts, so the resumed steps 3 and 4 get finite rewards)
-    monkeypatch.delitem(sys.modules, "late_nan")
-    p = run_main(*RL[:1], str(tiny_ckpt), *RL[1:], "--set", "grpo.reward=late_nan:reward", "--out", str(out),
-                 "--set", "validation.enabled=false", "--resume", "--quiet")
+    # the kept checkpoint is resumable with the same recipe (the reward's call counter restarts in a new process,
+    # so the resumed steps 3 and 4 get finite rewards)
+    p = run_cli(*args, "--resume", env={"PYTHONPATH": str(tmp_path)})
     assert p.returncode == 0, p.stderr
     assert steps_of(out) == [1, 2, 3, 4]
 
@@ -646,11 +653,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tiny_
         assert steps_of(out) == [1, 2, 3]
 
 
-def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, tmp_path, monkeypatch):
-    """A full disk during a step checkpoint: torch.distributed.checkpoint raises CheckpointException, which derives
-    from BaseException (it escaped every handler before)."""
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_exit_8_and_resumable(tiny_ckpt, tmp_path, monkeypatch):
+    """A full disk during a step checkpoint: torch.distributed.checkpoint raises CheckpointException (a
+    BaseException, which escaped every handler once) holding the rank's OSError and its traceback; the line quoted
+    a fragment of that traceback and never said that the disk was full."""
     import contextlib
     import io
+    import traceback
 
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -663,8 +672,11 @@ def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, t
     def save_state(path, model, opt):
         calls.append(path)
         if len(calls) == 2:
-            raise CheckpointException("CheckpointException ranks:dict_keys([0])",
-                                      {0: (OSError(28, "No space left on device"), None)})
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as e:  # as torch wraps a rank's failure: the exception and its formatted traceback
+                raise CheckpointException("CheckpointException ranks:dict_keys([0])",
+                                          {0: (e, traceback.extract_tb(e.__traceback__))}) from None
         return real(path, model, opt)
 
     monkeypatch.setattr(dcp, "save_state", save_state)
@@ -673,8 +685,9 @@ def test_a_failed_checkpoint_write_is_one_line_exit_1_and_resumable(tiny_ckpt, t
     with contextlib.redirect_stderr(err):
         code = app.main(["rl", str(tiny_ckpt), *SMALL, "--max-steps", "3", "--out", str(out)])
     lines = [x for x in err.getvalue().splitlines() if x.strip()]
-    assert code == 1 and len(lines) == 1, err.getvalue()
+    assert code == 8 and len(lines) == 1, err.getvalue()
     assert "checkpoint of step 2" in lines[0] and "step 1 is kept" in lines[0] and "--resume" in lines[0]
+    assert "no space left on the device" in lines[0] and "Traceback" not in lines[0] and "File " not in lines[0]
     ckpts = tmp_path / ".x.partial" / "checkpoints"
     assert sorted(x.name for x in ckpts.iterdir()) == ["step-000001"]  # no half-written staging folder
     monkeypatch.setattr(dcp, "save_state", real)
@@ -714,3 +727,212 @@ def test_a_rank_with_a_bad_flag_stops_its_peers_waiting_in_the_rendezvous(tiny_c
         assert f"rank {bad} failed" in errors_of(done[good][1])[0], done[good][1]
         assert [x for x in done[bad][1].splitlines() if x.strip()] == errors_of(done[bad][1])  # one line, no noise
         assert not out.exists() and left_behind(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- the third fault round (#31)
+def _finished(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+
+def _freeze(folder):
+    """Make `folder`'s entries impossible to add, remove or rename (as `chattr +i` does, or a read-only mode for a
+    user other than root); returns the function that undoes it."""
+    import os
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    p = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"chattr +i is not available here: {p.stderr.strip()}")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_failed_final_rename_keeps_the_finished_run_and_resume_moves_it_into_place(tiny_ckpt, tmp_path):
+    """The output folder's parent became unwritable right before the end: finish() had deleted state.json before
+    the rename failed (exit 1 naming the lock), and the --resume that followed refused the finished run as one of
+    "a different recipe or input" and offered --restart."""
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    out = parent / "x"
+    args = ["rl", str(tiny_ckpt), *SMALL, "--out", str(out)]
+    p = start_cli(*args, env={"TSOPSD_FAULT": "STOP@finish"})
+    thaw = None
+    try:
+        _wait_for(lambda: _stopped(p.pid) or p.poll() is not None, what="the run to reach its finish")
+        thaw = _freeze(parent)
+    finally:
+        p.send_signal(signal.SIGCONT)
+        try:
+            done = _finished(p)
+        finally:
+            if thaw is not None:
+                thaw()
+    line = one_error_line(done, code=8)
+    assert str(out) in line and "--resume" in line and "complete" in line, line
+    partial = parent / ".x.partial"
+    assert json.loads((partial / "state.json").read_text())["complete"] is True
+    assert (partial / "model.safetensors").is_file() and not out.exists()
+    p = run_cli(*args, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert (out / "model.safetensors").is_file() and steps_of(out) == [1, 2]
+    assert not (out / "state.json").exists() and not (out / "checkpoints").exists()
+    assert sorted(x.name for x in parent.iterdir()) == ["x"]  # no partial, no lock
+
+
+def test_the_inputs_files_copied_into_the_output_are_those_read_at_start_up(tiny_ckpt, tmp_path):
+    """The input checkpoint removed between steps of `rl`: exit 0 with a made-up generation config (and the
+    output dtype of a config that was no longer there) where the docs promise a byte copy of the input's."""
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    gen = json.loads((ck / "generation_config.json").read_text())
+    gen_bytes = (json.dumps({**gen, "tsopsd_test": "kept"}, indent=1) + "\n").encode()
+    (ck / "generation_config.json").write_bytes(gen_bytes)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    out = tmp_path / "x"
+    p = start_cli("rl", str(ck), *SMALL, "--out", str(out), env={"TSOPSD_FAULT": "STOP@finish"})
+    try:
+        _wait_for(lambda: _stopped(p.pid) or p.poll() is not None, what="the run to reach its finish")
+        ck.rename(tmp_path / "ck-moved")
+    finally:
+        p.send_signal(signal.SIGCONT)
+    done = _finished(p)
+    assert done.returncode == 0, done.stderr
+    assert (out / "generation_config.json").read_bytes() == gen_bytes
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def _limited_file_size(limit: int):
+    """preexec_fn: files this process writes may not grow past `limit` bytes (writes beyond fail with EFBIG, a
+    refusal of the filesystem as a full disk's ENOSPC is: the same path through the code, no root needed)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _run_limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    return subprocess.run([*cli_command(), *args], capture_output=True, text=True, env=cli_env(), timeout=600,
+                          preexec_fn=_limited_file_size(limit))
+
+
+@pytest.mark.parametrize("where", ["final weights", "step checkpoint"])
+def test_a_refused_write_is_exit_8_with_one_line_and_the_run_resumes(where, tiny_ckpt, tmp_path):
+    """The disk filling during the final weight write was exit 1 "internal error" quoting SafetensorError; during
+    a step checkpoint the line quoted a traceback fragment. A file that cannot grow (model.safetensors is
+    ~100 KB, a step checkpoint ~300 KB) is refused by the filesystem the same way."""
+    out = tmp_path / "x"
+    args = ["rl", str(tiny_ckpt), *SMALL, "--out", str(out)]
+    if where == "final weights":
+        args += ["--set", "train.save_every=0"]
+    p = _run_limited(args, limit=60_000 if where == "final weights" else 200_000)
+    line = one_error_line(p, code=8)
+    assert "file too large" in line and "--resume" in line and ".x.partial" in line, line
+    assert ("final" in line) if where == "final weights" else ("checkpoint of step 1" in line)
+    assert not out.exists() and (tmp_path / ".x.partial").is_dir()
+    p = run_cli(*args, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert steps_of(out) == [1, 2]
+
+
+REWARD_FUNCTIONS = """
+def raises(completions, answers):
+    return [1.0 / 0 for c in completions]
+
+
+def one_too_many(completions, answers):
+    return [1.0] * (len(completions) + 1)
+
+
+def words(completions, answers):
+    return ["good" for c in completions]
+"""
+
+
+@pytest.mark.parametrize("spec,fragment", [("rw:raises", "raised ZeroDivisionError"),
+                                           ("rw:one_too_many", "returned 5 values for 4 completions"),
+                                           ("rw:words", "('good') is not a number"),
+                                           ("rw_import:reward", "importing")])
+def test_a_reward_function_that_fails_its_contract_is_exit_7_naming_grpo_reward(spec, fragment, tiny_ckpt,
+                                                                                 tmp_path):
+    """One value too many trained with every reward shifted by one (exit 0); a raising one was exit 1 "internal
+    error". The user's code failing is exit 7, with one line naming grpo.reward."""
+    (tmp_path / "rw.py").write_text(REWARD_FUNCTIONS)
+    (tmp_path / "rw_import.py").write_text("raise RuntimeError('no settings file')\n")
+    p = run_cli("rl", str(tiny_ckpt), *SMALL, "--set", f"grpo.reward={spec}", "--out", str(tmp_path / "x"),
+                env={"PYTHONPATH": str(tmp_path)})
+    line = one_error_line(p, code=7)
+    assert "grpo.reward" in line and spec in line and fragment in line, line
+
+
+@pytest.mark.parametrize("question", [None, 12])
+def test_a_null_or_non_text_question_is_bad_input_everywhere(question, tiny_ckpt, tmp_path):
+    """A null question was trained and diagnosed as the prompt "None\\n..." (eval refused it); a number was
+    rendered as text by every command."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+1=?", "answer": "2"}) + "\n" +
+                    json.dumps({"problem": question, "answer": "2"}) + "\n")
+    for args in (["rl", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "x")],
+                 ["diagnose", str(tiny_ckpt), "--data", str(data), "--num-generations", "1", "--max-new-tokens",
+                  "4"],
+                 ["eval", str(tiny_ckpt), "--data", str(data), "-n", "1", "--max-new-tokens", "4",
+                  "--out", str(tmp_path / "e")]):
+        line = one_error_line(run_cli(*args))
+        assert "d.jsonl" in line and "question" in line and "text" in line, (args[0], line)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_prompts_the_models_context_cannot_take_are_refused_by_every_command(tiny_ckpt, tmp_path):
+    """eval and diagnose sampled a 400-token prompt on a checkpoint with a 128-token context (exit 0, no warning)
+    where rl refused the same file."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"problem": "1+" * 200 + "1=?", "answer": "201"}) + "\n")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"problem": "1+1=?", "answer": "2"}) + "\n")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "math500.jsonl").write_text(long.read_text())
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"prompt": "1+1=?", "completion": "2" * 300}) + "\n")
+    for args in (["eval", str(tiny_ckpt), "--data", str(long), "-n", "1", "--max-new-tokens", "4",
+                  "--out", str(tmp_path / "e")],
+                 ["diagnose", str(tiny_ckpt), "--data", str(long), "--num-generations", "1"],
+                 ["diagnose", str(tiny_ckpt), "--texts", str(texts)],
+                 ["reheat", str(tiny_ckpt), "--data", str(long), "--out", str(tmp_path / "r")],
+                 ["rl", str(tiny_ckpt), "--data", str(short), "--set", "validation.benchmarks=[math500]",
+                  "--set", f"validation.data_dir={bench}", "--out", str(tmp_path / "x")]):
+        line = one_error_line(run_cli(*args))
+        assert "model's context (128 tokens" in line, (args, line)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bench", "long.jsonl", "short.jsonl", "texts.jsonl"]
+
+
+def test_an_eval_refused_at_start_up_leaves_nothing_and_the_corrected_command_runs(tiny_ckpt, tmp_path):
+    """The refusal left `.OUT.partial` holding only state.json; the corrected command was then refused as "a
+    different recipe"."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+1=?", "answer": "2"}) + "\n")
+    args = ["eval", str(tiny_ckpt), "--data", str(data), "-n", "1", "--max-new-tokens", "4", "--out",
+            str(tmp_path / "e")]
+    line = one_error_line(run_cli(*args, "--chat-template"))
+    assert "chat template" in line
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+
+
+def test_a_damaged_row_in_an_unfinished_evals_samples_is_dropped_and_redone(tiny_ckpt, tmp_path):
+    """A samples file with a row that lacks its fields (a hand edit, a foreign tool) ended the resumed eval with
+    exit 1 (KeyError)."""
+    args = ["eval", str(tiny_ckpt), "--set", "eval.toy_num_problems=8", "--set", "eval.chunk_problems=4", "-n", "1",
+            "--max-new-tokens", "4", "--set", "eval.grader_workers=1", "--out", str(tmp_path / "e"), "--quiet"]
+    one_error_line(run_cli(*args, env={"TSOPSD_FAULT": "TERM@eval-chunk#2"}), code=130)
+    samples = tmp_path / ".e.partial" / "samples.jsonl"
+    with open(samples, "a") as fh:
+        fh.write('{"benchmark": "toy"}\n')
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    assert len((tmp_path / "e" / "samples.jsonl").read_text().splitlines()) == 8

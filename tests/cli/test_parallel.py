@@ -371,3 +371,28 @@ def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_
     two(*args, "--out", str(b), "--resume")
     for out in (a, b):
         assert_same_run(full, out, ["loss", "grad_norm", "reward", "val_accuracy"])
+
+
+@pytest.mark.slow
+def test_a_rendezvous_port_held_by_another_program_ends_every_rank_within_the_rendezvous_timeout(tiny_ckpt, tmp_path):
+    """#31: with MASTER_PORT held by another program rank 0 exited at once while rank 1 waited for the 30-minute
+    rendezvous deadline. A rank that reaches no working store within TSOPSD_RENDEZVOUS_TIMEOUT ends with the job's
+    code (6) and one line naming the port."""
+    import socket
+    import time
+
+    with socket.socket() as other:  # another program: it accepts connections and never answers
+        other.bind(("127.0.0.1", 0))
+        other.listen(8)
+        port = other.getsockname()[1]
+        t0 = time.time()
+        procs = launch_ranks(2, "rl", str(tiny_ckpt), *RL, "--out", str(tmp_path / "x"), port=port, timeout=240,
+                             env={"TSOPSD_RENDEZVOUS_TIMEOUT": "15"})
+        took = time.time() - t0
+    assert [p.returncode for p in procs] == [6, 6], [p.stderr[-2000:] for p in procs]
+    assert took < 120, took
+    for p in procs:
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("tsopsd: error:") and str(port) in lines[0], p.stderr
+    assert "TSOPSD_RENDEZVOUS_TIMEOUT" in procs[1].stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == []

@@ -47,13 +47,11 @@ def test_rl_writes_a_loadable_checkpoint_with_log_and_report(tiny_ckpt, tmp_path
     assert "already exists" in line
 
 
-def test_non_finite_loss_stops_with_exit_3_before_the_update(tiny_ckpt, tmp_path, monkeypatch):
-    (tmp_path / "nan_reward.py").write_text(
-        "def reward(completions, answers):\n    return [float('nan')] * len(completions)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_non_finite_loss_stops_with_exit_3_before_the_update(tiny_ckpt, tmp_path):
+    # (a reward function returning NaN made this loss once; that is now the reward's own error, exit 7)
     out = tmp_path / "nan"
     p = run_main("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL,
-                 "--set", "grpo.reward=nan_reward:reward", "--set", "validation.enabled=false", "--quiet")
+                 "--set", "validation.enabled=false", "--quiet", env={"TSOPSD_FAULT": "NAN@step#1"})
     line = one_error_line(p, code=3)
     assert "non-finite loss" in line and "step 1" in line and "before the update" in line
     assert not out.exists()  # nothing published; no checkpoint with NaN weights (tests/cli/test_faults.py keeps
