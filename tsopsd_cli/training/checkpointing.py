@@ -34,7 +34,7 @@ from tsopsd_cli.parallel import dcp, group
 
 if TYPE_CHECKING:
     from tsopsd_cli.rundir import RunDir
-    from tsopsd_cli.training.trainer import PromptStream
+    from tsopsd_cli.training.prompts import PromptStream
 
 TRAINER_STATE = "trainer_state.pt"
 MODEL_STATE = "state"  # the DCP folder inside a checkpoint

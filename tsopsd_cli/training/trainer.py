@@ -46,7 +46,7 @@ from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.devices import release_host_memory
 from tsopsd_cli.engines import check_context, context_length, encode_prompts, open_engine, sampling_params
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.errors import (CheckpointError, DataError, EnvironmentFailure, Interrupted, RecipeError,
+from tsopsd_cli.errors import (CheckpointError, EnvironmentFailure, Interrupted, RecipeError,
                                TsopsdError, UsageError, WeightSyncError, storage)
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.parallel import group, reductions, sharding
@@ -58,6 +58,7 @@ from tsopsd_cli.training import checkpointing
 from tsopsd_cli.training import optim as O
 from tsopsd_cli.training.checkpointing import RunState
 from tsopsd_cli.training.policy import RunPolicy
+from tsopsd_cli.training.prompts import PromptStream
 from tsopsd_cli.training.sink import MetricsSink
 from tsopsd_cli.training.validation import Validator
 from tsopsd_cli.tasks import load_problems
@@ -65,35 +66,6 @@ from tsopsd_cli.tasks.base import Problem
 
 if TYPE_CHECKING:
     from tsopsd_cli.engines.base import Engine
-
-
-class PromptStream:
-    """An endless, reshuffled-every-epoch sequence of problems; its position is part of the resumable state."""
-
-    def __init__(self, problems: list[Problem], seed: int):
-        if not problems:
-            raise DataError("no training prompts")
-        self.problems = problems
-        self.seed = seed
-        self.position = 0
-        self._perm_epoch = -1
-        self._perm: list[int] = []
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(len(self.problems), generator=g).tolist()
-            self._perm_epoch = epoch
-        return self._perm
-
-    def take(self, k: int) -> list[tuple[int, Problem]]:
-        """The next k problems with their global stream positions."""
-        out = []
-        for pos in range(self.position, self.position + k):
-            epoch, i = divmod(pos, len(self.problems))
-            out.append((pos, self.problems[self._order(epoch)[i]]))
-        self.position += k
-        return out
 
 
 class Finished(Interrupted):
