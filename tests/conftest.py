@@ -1,17 +1,25 @@
-"""Shared fixtures: tiny Qwen3 checkpoints built from a config with the toy tokenizer (no downloads)."""
+"""Shared fixtures and helpers: tiny Qwen3 checkpoints built from a config with the toy tokenizer (no downloads),
+the CLI in a process of its own (run_cli, start_cli, launch_ranks) or in this one (run_main), and the check of a
+refusal (one_error_line)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# The tests' matrices are tiny: a second thread gains nothing and, on a busy machine, stalls for seconds per step
+# (measured: tests/unit/test_rl_runner.py and test_engine.py took 45 s with 2 threads, 15 s with 1). Processes the
+# tests start get OMP_NUM_THREADS=1 (cli_env).
+torch.set_num_threads(1)
 
 
 def make_tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
@@ -49,15 +57,70 @@ def tiny_sharp_ckpt(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-sharp", seed=0, logit_scale=30.0)
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run the real console entry point; returns CompletedProcess with text stdout/stderr."""
-    root = str(Path(__file__).resolve().parents[1])  # so that `tests.rewards` imports in the subprocess
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(x for x in (full_env.get("PYTHONPATH"), root) if x)
-    full_env.pop("TSOPSD_PROGRESS", None)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a `tsopsd` process started by a test: `tests.rewards` importable (the worktree on
+    PYTHONPATH, after any PYTHONPATH `env` gives), one torch thread (as this process), no progress bars forced."""
+    full = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    full["PYTHONPATH"] = os.pathsep.join(x for x in (full.get("PYTHONPATH"), str(ROOT)) if x)
+    full.pop("TSOPSD_PROGRESS", None)
+    return full
+
+
+def cli_command() -> list[str]:
+    """The installed console script, or `python -m tsopsd_cli` where there is none."""
     exe = Path(sys.executable).parent / "tsopsd"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the real console entry point in a new process; returns CompletedProcess with text stdout/stderr."""
+    return subprocess.run([*cli_command(), *args], capture_output=True, text=True, cwd=cwd, env=cli_env(env),
+                          timeout=timeout)
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """The real entry point, started without waiting (run_cli's environment; text pipes)."""
+    return subprocess.Popen([*cli_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(env))
+
+
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`tsopsd ARGS` in this process through `cli.app.main(argv)`: the exit code, stdout and stderr, as run_cli
+    returns them, without a new interpreter (for checks where no process boundary is under test: bad input,
+    --json shape, recipe and plan). Warnings the command raises land on its stderr, as in a process of its own
+    (pytest would otherwise collect them): a check that stderr holds one line sees them."""
+    from tsopsd_cli.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update({"TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    os.environ.pop("TSOPSD_PROGRESS", None)
+    try:
+        with warnings.catch_warnings(record=True) as caught, \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            warnings.resetwarnings()  # Python's defaults, not pytest's
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            code = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    for w in caught:
+        err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    return subprocess.CompletedProcess(["tsopsd", *args], code, out.getvalue(), err.getvalue())
+
+
+def one_error_line(proc, code: int = 2) -> str:
+    """The one line a refused command leaves: exit `code`, stderr exactly one `tsopsd: error: ...` line (no
+    traceback, nothing else), nothing on stdout."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tsopsd: error: "), proc.stderr
+    assert proc.stdout == "", proc.stdout[-500:]
+    return lines[0]
 
 
 @pytest.fixture
@@ -65,7 +128,7 @@ def cli():
     return run_cli
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -74,21 +137,16 @@ def _free_port() -> int:
 
 
 def launch_ranks(n: int, *args: str, env: dict | None = None, timeout: int = 900,
-                 command: list[str] | None = None) -> list:
+                 command: list[str] | None = None, port: int | None = None) -> list:
     """Start `n` processes of the real entry point (or of `command`, e.g. [python, script]) as one job (as srun or
-    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on loopback; gloo on CPU); returns their
-    CompletedProcess objects, rank order."""
-    root = str(Path(__file__).resolve().parents[1])
-    port = _free_port()
-    exe = Path(sys.executable).parent / "tsopsd"
-    cmd = command or ([str(exe)] if exe.exists() else [sys.executable, "-m", "tsopsd_cli"])
+    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on loopback, `port` or a free one; gloo on
+    CPU); returns their CompletedProcess objects, rank order."""
+    port = port or free_port()
+    cmd = command or cli_command()
     procs = []
     for rank in range(n):
-        full = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {}),
-                "WORLD_SIZE": str(n), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port)}
-        full["PYTHONPATH"] = os.pathsep.join(x for x in (full.get("PYTHONPATH"), root) if x)
-        full.pop("TSOPSD_PROGRESS", None)
+        full = cli_env({**(env or {}), "WORLD_SIZE": str(n), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         procs.append(subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=full))
     out = []
@@ -103,7 +161,7 @@ def launch_ranks(n: int, *args: str, env: dict | None = None, timeout: int = 900
     return out
 
 
-SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+SHARED_BENCHMARKS = ROOT.parent / "shared" / "data" / "benchmarks"
 
 
 @pytest.fixture(scope="session")
@@ -123,12 +181,7 @@ def toy_base(tmp_path_factory) -> Path:
     recipe = build_recipe("toy-init", None, parse_set_options([
         f"output.out={out}", "train.steps=300", "model.hidden_size=64", "model.num_layers=3",
         "model.intermediate_size=192", "model.num_heads=2", "train.levels=[1,2]", "train.eval_problems=32"]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only stalls (seconds per step) on a busy machine
-    try:
-        run_toy_init(recipe)
-    finally:
-        torch.set_num_threads(threads)
+    run_toy_init(recipe)
     return out
 
 

@@ -8,7 +8,10 @@ warning unless `trust_remote_code` is on. Outputs are refused before any work wh
 
 Saving writes into a hidden temporary sibling and renames it into place, so a crash never leaves a directory that
 looks complete. Weights are streamed one tensor at a time into sharded safetensors (with an index when over
-5 GB), in the output dtype, so a sharded model is written without any process holding a second full copy.
+5 GB), in the output dtype, so a sharded model is written without any process holding a second full copy. What an
+output copies from its input (the generation config, the dtype of `output.dtype: auto`) is read once when the
+run starts (`read_source`): an input removed or changed during a run cannot change its output. A filesystem that
+refuses a write (full, read-only) is one EnvironmentFailure line (exit 8) naming what is kept.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tsopsd_cli import __version__
-from tsopsd_cli.errors import CheckpointError, OutputExistsError
+from tsopsd_cli.errors import CheckpointError, OutputExistsError, storage
 
 PROVENANCE_FILE = "tsopsd.json"
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -65,8 +68,8 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def check_safetensors(file: Path) -> dict:
     """Read and check a safetensors header against the file size; returns the header."""
-    size = file.stat().st_size
     try:
+        size = file.stat().st_size
         with open(file, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
@@ -80,6 +83,8 @@ def check_safetensors(file: Path) -> dict:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors file ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
     return header
@@ -100,6 +105,8 @@ def inspect_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> t
         assert isinstance(config, dict)
     except (ValueError, AssertionError):
         raise CheckpointError(f"{cfg_file}: not valid JSON") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror})") from None
     files = _safetensors_files(path)
     if not files:
         pickles = [path / n for n in PICKLE_WEIGHTS if (path / n).is_file()]
@@ -255,6 +262,25 @@ def checkpoint_dtype(path: str | os.PathLike) -> str:
     return dt if dt in ("float32", "bfloat16", "float16") else "float32"
 
 
+@dataclass(frozen=True)
+class Source:
+    """What an output copies from its input checkpoint, read once when the run starts (`read_source`)."""
+
+    dtype: str  # the dtype its config.json declares: the output dtype of `output.dtype: auto`
+    generation_config: bytes | None  # its generation_config.json byte for byte (None: it has none)
+
+
+def read_source(path: str | os.PathLike) -> Source:
+    """The input's files an output copies, read now (start-up), not when the output is written: an input removed
+    or changed during a run then cannot change (or silently replace) what the output says."""
+    gen = Path(path) / "generation_config.json"
+    try:
+        data = gen.read_bytes() if gen.is_file() else None
+    except OSError as e:
+        raise CheckpointError(f"{gen}: cannot read ({e.strerror})") from None
+    return Source(dtype=checkpoint_dtype(path), generation_config=data)
+
+
 def warn(message: str) -> None:
     sys.stderr.write(f"tsopsd: warning: {message}\n")
     sys.stderr.flush()
@@ -288,10 +314,12 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        yield tmp
-        move_into_place(tmp, out)
+        with storage(f"writing {out}", f"nothing was written to {out}; free space or fix the permissions, then "
+                                       "run the same command again"):
+            tmp.mkdir()
+            yield tmp
+            move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -303,7 +331,11 @@ def move_into_place(src: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
-        src.rename(out)
+        try:
+            src.rename(out)
+        except BaseException:
+            old.rename(out)  # the previous output goes back: `out` is never missing
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         src.rename(out)
@@ -360,7 +392,7 @@ def provenance(command: str, recipe: Any, source: str | None, source_fingerprint
 
 
 def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: str | None = None,
-                     source: str | os.PathLike | None = None, tensors=None, write: bool = True,
+                     generation_config: bytes | None = None, tensors=None, write: bool = True,
                      max_shard_bytes: int = 5 * 2**30) -> None:
     """Write a Hugging Face checkpoint into an existing (temporary) directory: config, safetensors weights
     (sharded with an index above `max_shard_bytes`), tokenizer, generation config, tsopsd.json provenance.
@@ -368,10 +400,9 @@ def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: st
     The weights are streamed one tensor at a time from `tensors` (default: the model's own parameters and
     persistent buffers; sharding.full_tensors for a sharded model, whose every process must call this,
     with `write` True on one), cast to `dtype` (default: the model's), so no second full copy is ever held.
-    The generation config is the `source` checkpoint's, byte for byte, when it has one; else one that samples
-    without hidden top-k/top-p."""
+    The generation config is `generation_config` (the input's bytes, `read_source`) when given; else one that
+    samples without hidden top-k/top-p."""
     import transformers
-    from safetensors.torch import save_file
 
     from tsopsd_cli.devices import DTYPES
     from tsopsd_cli.modeling import persistent_buffers
@@ -391,15 +422,32 @@ def write_checkpoint(model, tokenizer, directory: Path, prov: dict, *, dtype: st
         buffer[name] = t
         shard = plan[files.index(file_of[name])]
         if len(buffer) == len(shard):
-            save_file(buffer, directory / file_of[name], metadata={"format": "pt"})
+            _save_safetensors(buffer, directory / file_of[name])
             buffer = {}
     if not write:
         return
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    _write_configs(model, tokenizer, directory, out_dtype, source)
+    _write_configs(model, tokenizer, directory, out_dtype, generation_config)
     (directory / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+
+
+def _save_safetensors(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its I/O failures as the OSError they are: the library reports them as
+    SafetensorError("... (os error N)") without an errno, which is read back here, where the write happens."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def _shard_plan(params: list, out_dtype, max_shard_bytes: int) -> tuple[dict[str, int], list[list[str]], list[str]]:
@@ -420,9 +468,9 @@ def _shard_plan(params: list, out_dtype, max_shard_bytes: int) -> tuple[dict[str
     return sizes, plan, files
 
 
-def _write_configs(model, tokenizer, directory: Path, out_dtype, source: str | os.PathLike | None) -> None:
+def _write_configs(model, tokenizer, directory: Path, out_dtype, generation_config: bytes | None) -> None:
     """config.json (the weights' dtype, the architecture without FSDP's wrapper class), the tokenizer, and the
-    `source` checkpoint's generation config byte for byte, else one that samples without hidden top-k/top-p."""
+    input's generation config byte for byte, else one that samples without hidden top-k/top-p."""
     config = copy.deepcopy(model.config)
     config.dtype = out_dtype
     base = next((c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP")
@@ -431,9 +479,8 @@ def _write_configs(model, tokenizer, directory: Path, out_dtype, source: str | o
         config.architectures = [base]
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    src_gen = Path(source) / "generation_config.json" if source is not None else None
-    if src_gen is not None and src_gen.is_file():
-        shutil.copyfile(src_gen, directory / "generation_config.json")
+    if generation_config is not None:
+        (directory / "generation_config.json").write_bytes(generation_config)
     else:
         from transformers import GenerationConfig
 

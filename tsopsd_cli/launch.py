@@ -1,7 +1,8 @@
 """Which process of how many this is, and where the job's processes meet, as the launcher (torchrun, srun) wrote
 it into the environment: the only reader of WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 
-`env_number` parses these and the process group's own settings (TSOPSD_PEER_TIMEOUT) alike.
+`env_number` parses these and the process group's own settings (TSOPSD_PEER_TIMEOUT, TSOPSD_RENDEZVOUS_TIMEOUT)
+alike.
 
 Callers need different things from a bad value, so there is one reader per need:
 - `world()`, `rank()`, `local_rank()`, `rendezvous()` (joining the process group): unset or blank is the default;

@@ -589,6 +589,14 @@ class RLRecipe(TrainingRecipe):
                              f"({self.train.prompts_per_step} x {self.rollout.num_generations})")
         return self
 
+    @model_validator(mode="after")
+    def _groups_of_two(self):
+        if self.rollout.num_generations < 2:  # (validation may sample one completion per prompt)
+            raise ValueError(f"rollout.num_generations is {self.rollout.num_generations}: GRPO compares each "
+                             "completion with the others of its prompt, so it needs at least 2 (with 1 every "
+                             "advantage is 0 and nothing is trained)")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------- reheat
 class ReheatSection(DistillSection):

@@ -5,10 +5,17 @@ The defaults follow the checkpoint's world (toy or real, tasks.toy.is_toy_checkp
 world's prompts and completion lengths are not applied silently. Every problem is reported as `field.path: message`
 (RecipeError, exit 2) before anything is written; the effective recipe (recipe_to_yaml) is saved beside every
 output. What a recipe may say, its fields and their checks, is tsopsd_cli/recipe.py.
+
+Every YAML a recipe is read from (files, `--set` values) goes through `UniqueKeyLoader`: a key given twice in one
+mapping (two `optim:` sections, `lr:` twice) is refused with both line numbers, never resolved by the last one
+silently. A `--set` value for a text field is that text as written (`eval.prompt_template={question}` is not a
+YAML mapping); `data.type` is applied before the other `data.*` overrides whatever their order.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +35,79 @@ REAL_MAX_NEW_TOKENS = 4096
 
 
 # ------------------------------------------------------------------------------------------- reading the layers
+class DuplicateKey(yaml.YAMLError):
+    """A mapping of a recipe's YAML that gives one key twice."""
+
+    def __init__(self, key, first: int, second: int):
+        super().__init__(f"duplicate key {key!r} (line {first} and line {second}): give each key once")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a mapping that gives a key twice (with both line numbers)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                if seen is not None:
+                    raise DuplicateKey(key, seen.line + 1, key_node.start_mark.line + 1)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as yaml.safe_load reads it, but a key given twice in one mapping is refused (DuplicateKey)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_value(text: str) -> Any:
     """A `--set` value: YAML scalars and flow collections (1.6, true, null, [1, 2]); anything else is a string."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
+    except DuplicateKey:
+        raise
     except yaml.YAMLError:
         return text
+
+
+def _annotations(cls: type, parts: list[str]) -> list:
+    """The annotations the field at the dotted path `parts` has in the recipe class `cls` (several when a section
+    is a union, such as data's sources; none when no such field)."""
+    field = getattr(cls, "model_fields", {}).get(parts[0])
+    if field is None:
+        return []
+    if len(parts) == 1:
+        return [field.annotation]
+    return [a for m in _models_in(field.annotation) for a in _annotations(m, parts[1:])]
+
+
+def _models_in(annotation) -> list[type]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _text_only(annotation) -> bool:
+    """str, Optional[str] or an Annotated str: a field whose value is text."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _text_only(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_text_only(a) for a in args)
+    return annotation is str
+
+
+def is_text_field(dotted: str) -> bool:
+    """True when the dotted path names a text field in every recipe that has it (eval.prompt_template,
+    data.question_field, ...)."""
+    found = [a for cls in RECIPES.values() for a in _annotations(cls, dotted.split("."))]
+    return bool(found) and all(_text_only(a) for a in found)
 
 
 def set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -52,12 +126,21 @@ def set_path(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_set_options(items: list[str]) -> list[tuple[str, Any]]:
+    """`section.field=value` items as (dotted key, value): the value read as YAML (parse_value), except that a text
+    field keeps the text as written where YAML would read something else (`{question}` is not a mapping)."""
     out = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set {item}: expected section.field=value")
-        out.append((key.strip(), parse_value(raw)))
+        key = key.strip()
+        try:
+            value = parse_value(raw)
+        except DuplicateKey as e:
+            raise RecipeError(f"--set {key}: {e}") from None
+        if value is not None and not isinstance(value, str) and is_text_field(key):
+            value = raw
+        out.append((key, value))
     return out
 
 
@@ -71,7 +154,9 @@ def read_recipe_file(path: Path) -> dict:
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKey as e:
+        raise RecipeError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -134,9 +219,10 @@ def _real_world_defaults(command: str, tree: dict, user_keys: set[str], user_dat
 
 
 def _apply_overrides(tree: dict, overrides: list[tuple[str, Any]]) -> None:
-    """`--set` (and typed flags) over the tree; a new `data.type` starts its source afresh."""
+    """`--set` (and typed flags) over the tree; a new `data.type` starts its source afresh, before the other
+    `data.*` overrides whatever their order on the command line (a field given before the type is kept)."""
     data_override = any(k.startswith("data.") for k, _ in overrides)
-    for key, value in overrides:
+    for key, value in sorted(overrides, key=lambda kv: kv[0] != "data.type"):  # (stable: else in order)
         if key == "data.type" and isinstance(tree.get("data"), dict) and tree["data"].get("type") != value:
             # switching prompt source: the old source's fields do not apply, except how a question is asked
             kept = {f: tree["data"][f] for f in PROMPT_FIELDS if f in tree["data"]}

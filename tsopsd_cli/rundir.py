@@ -8,7 +8,8 @@ With `--out DIR` all work happens in the hidden sibling `.DIR.partial/`, guarded
     .DIR.partial/checkpoints/step-N/   a training run's resumable state, each written atomically
 
 `finish()` marks the state complete and renames the directory to DIR in one step, so DIR only ever appears
-complete. A run stopped after it was marked complete only needs that rename, which resuming does.
+complete; the state file goes only once DIR is in place. A run stopped after it was marked complete — a signal,
+or a rename the filesystem refused (exit 8) — only needs that rename, which resuming does.
 
 Resuming: `resume=True` (`--resume`) continues an unfinished run and refuses when there is none; `resume=False`
 refuses an existing partial directory unless `restart` (`--restart`) discards it; `resume=None` continues a
@@ -31,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from tsopsd_cli.errors import OutputExistsError, UsageError
+from tsopsd_cli.errors import OutputExistsError, UsageError, exit_code_of, storage, with_code
 
 STATE_FILE = "state.json"
 
@@ -99,7 +100,10 @@ class Lock:
 
     def release(self) -> None:
         if self._fh is not None:
-            self.path.unlink(missing_ok=True)  # while still holding it (see the inode check above)
+            try:
+                self.path.unlink(missing_ok=True)  # while still holding it (see the inode check above)
+            except OSError:
+                pass  # a folder that became unwritable: the file stays, unlocked (the next run locks it again)
             self._fh.close()
             self._fh = None
 
@@ -166,19 +170,22 @@ class RunDir:
         self.lock: Lock | None = None
         self.keep = False  # set once the run has state worth keeping: a failure then leaves the partial directory
         self.nonce = uuid.uuid4().hex
+        # what continues this run: eval (resume=None) continues by itself, a training run with --resume
+        self.again = "run the same command again" if resume is None else "run the same command with --resume"
         outcome: dict = {}
         if self.dist.main:
             try:
-                self._open(resume, restart, what)
+                with storage(f"creating the run directory {self.path}", "nothing was created"):
+                    self._open(resume, restart, what)
             except Exception as e:  # noqa: BLE001 - told to the other processes, then raised here
-                outcome = {"error": str(e), "exc": e}
+                outcome = {"error": str(e), "code": exit_code_of(e), "exc": e}
             outcome.update(resumed=self.resumed, complete=self.complete, nonce=self.nonce)
         try:
             shared = self._broadcast({k: v for k, v in outcome.items() if k != "exc"})
             if "exc" in outcome:
                 raise outcome["exc"]
             if shared.get("error"):  # another process's refusal: stop too (only the main process reports it)
-                raise UsageError(shared["error"])
+                raise with_code(shared["error"], shared["code"])
             self.resumed, self.complete = shared["resumed"], shared["complete"]
             self._same_directory(shared["nonce"])
         except BaseException:
@@ -298,7 +305,9 @@ class RunDir:
     def finish(self, before_rename: Callable[[], None] | None = None) -> Path:
         """Mark complete (every output is in place), then rename to --out, replacing an existing --out only with
         `overwrite` (otherwise refused: the complete run stays in the partial directory). `before_rename` runs
-        between the two: a signal checked there leaves a complete, resumable directory."""
+        between the two: a signal checked there leaves a complete, resumable directory. The state file, which
+        says the run is complete and whose key a resume checks, is removed only once --out is in place: a rename
+        the filesystem refuses (exit 8) leaves a complete run that the same command moves into place."""
         self.mark_complete()
         if before_rename is not None:
             before_rename()
@@ -306,9 +315,15 @@ class RunDir:
             from tsopsd_cli.checkpoint import move_into_place
 
             self._refuse_existing()  # still holding the lock: only something outside tsopsd can have made it
-            shutil.rmtree(self.checkpoint_root, ignore_errors=True)
-            (self.path / STATE_FILE).unlink(missing_ok=True)
-            move_into_place(self.path, self.out)
+            shutil.rmtree(self.checkpoint_root, ignore_errors=True)  # complete: only the rename is left to do
+            with storage(f"moving the finished run to {self.out}",
+                         f"it is complete in {self.path}: make {self.out.parent} writable (or free space), then "
+                         f"{self.again} to move it into place"):
+                move_into_place(self.path, self.out)
+            try:
+                (self.out / STATE_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass  # (a finished output with its state file is still complete)
         self.dist.barrier()
         return self.out
 

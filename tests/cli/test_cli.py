@@ -1,4 +1,5 @@
-"""The real `tsopsd` entry point: exit codes, one-line errors on stderr, clean --json stdout, nothing half-written."""
+"""`tsopsd`: exit codes, one-line errors on stderr, clean --json stdout, nothing half-written. The version, one
+--json run and `python -m` go through the real entry point; the rest calls `main(argv)` in this process."""
 
 from __future__ import annotations
 
@@ -6,16 +7,9 @@ import json
 
 import pytest
 
+from tests.conftest import one_error_line, run_main
 from tests.unit.test_checkpoint import broken_copies
 from tsopsd_cli import __version__
-
-
-def one_error_line(proc, code=2):
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("tsopsd: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 def test_version_and_help_examples(cli):
@@ -25,7 +19,7 @@ def test_version_and_help_examples(cli):
                  ["recipe", "--help"], ["recipe", "validate", "--help"], ["recipe", "show", "--help"],
                  ["eval", "--help"], ["eval", "grade", "--help"], ["rl", "--help"], ["reheat", "--help"],
                  ["demo", "--help"], ["plan", "--help"]):
-        p = cli(*args)
+        p = run_main(*args)
         assert p.returncode == 0 and "Example:" in p.stdout, args
 
 
@@ -37,48 +31,49 @@ def test_python_dash_m_entry_point():
     assert p.returncode == 0 and __version__ in p.stdout
 
 
-def test_each_bad_checkpoint_exits_2_with_one_line_and_writes_nothing(cli, tiny_ckpt, tmp_path):
+def test_each_bad_checkpoint_exits_2_with_one_line_and_writes_nothing(tiny_ckpt, tmp_path):
     for name, path, fragment in broken_copies(tiny_ckpt, tmp_path):
         out = tmp_path / f"out-{name}"
-        line = one_error_line(cli("diagnose", str(path), "--texts", "unused.jsonl", "--out", str(out)))
+        line = one_error_line(run_main("diagnose", str(path), "--texts", "unused.jsonl", "--out", str(out)))
         assert fragment in line, (name, line)
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_bad_flags_and_recipe_values_exit_2(cli, tiny_ckpt, tmp_path):
+def test_bad_flags_and_recipe_values_exit_2(tiny_ckpt, tmp_path):
     out = tmp_path / "o"
-    line = one_error_line(cli("diagnose", str(tiny_ckpt), "--set", "rollout.temperature=-1", "--out", str(out)))
+    line = one_error_line(run_main("diagnose", str(tiny_ckpt), "--set", "rollout.temperature=-1", "--out",
+                                   str(out)))
     assert "rollout.temperature: Input should be greater than 0" in line
-    line = one_error_line(cli("diagnose", str(tiny_ckpt), "--set", "rollout.nope=1"))
+    line = one_error_line(run_main("diagnose", str(tiny_ckpt), "--set", "rollout.nope=1"))
     assert "rollout.nope: unknown field" in line
-    line = one_error_line(cli("diagnose", str(tiny_ckpt), "--no-such-flag"))
+    line = one_error_line(run_main("diagnose", str(tiny_ckpt), "--no-such-flag"))
     assert "No such option" in line
-    p = cli("diagnose", str(tiny_ckpt), "--set", "rollout.temperature=-1", "--set", "diagnose.topk=[0]")
+    p = run_main("diagnose", str(tiny_ckpt), "--set", "rollout.temperature=-1", "--set", "diagnose.topk=[0]")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 2
-    line = one_error_line(cli("diagnose", str(tiny_ckpt), "--texts", str(tmp_path / "missing.jsonl")))
+    line = one_error_line(run_main("diagnose", str(tiny_ckpt), "--texts", str(tmp_path / "missing.jsonl")))
     assert "missing.jsonl: no such file" in line
     assert not out.exists()
     # more toy problems than the split holds: a data error, not an internal one
-    line = one_error_line(cli("diagnose", str(tiny_ckpt), "--set", "data.num_prompts=100", "--set", "data.levels=[1]",
-                              "--out", str(out)))
+    line = one_error_line(run_main("diagnose", str(tiny_ckpt), "--set", "data.num_prompts=100",
+                                   "--set", "data.levels=[1]", "--out", str(out)))
     assert "could not draw 100 distinct toy test problems at levels [1]" in line and "data.num_prompts" in line
     assert not out.exists()
 
 
-def test_recipe_validate_and_show(cli, tmp_path):
-    p = cli("recipe", "show", "diagnose")
+def test_recipe_validate_and_show(tmp_path):
+    p = run_main("recipe", "show", "diagnose")
     assert p.returncode == 0 and p.stdout.startswith("command: diagnose")
     good = tmp_path / "good.yaml"
     good.write_text(p.stdout)
     bad = tmp_path / "bad.yaml"
     bad.write_text("command: diagnose\nrollout:\n  top_p: 2\n")
-    p = cli("recipe", "validate", str(good))
+    p = run_main("recipe", "validate", str(good))
     assert p.returncode == 0 and p.stdout.strip() == f"ok {good}"
-    p = cli("recipe", "validate", str(good), str(bad))
+    p = run_main("recipe", "validate", str(good), str(bad))
     assert p.returncode == 2
     assert p.stderr.strip() == f"tsopsd: error: {bad}: rollout.top_p: Input should be less than or equal to 1"
-    one_error_line(cli("recipe", "show", "nonsense"))
+    one_error_line(run_main("recipe", "show", "nonsense"))
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +86,10 @@ def texts_file(tmp_path_factory):
 
 
 def test_diagnose_texts_json_is_one_clean_object_and_deterministic(cli, tiny_ckpt, tiny_ckpt_other, texts_file):
+    """The real entry point's stdout (anything a library prints to the process's stdout lands there too) is one JSON
+    object; the same command in this process gives the same numbers."""
     args = ("diagnose", str(tiny_ckpt), "--texts", str(texts_file), "--reference", str(tiny_ckpt_other), "--json")
-    p1, p2 = cli(*args), cli(*args)
+    p1, p2 = cli(*args), run_main(*args)
     assert p1.returncode == 0, p1.stderr
     r = json.loads(p1.stdout)  # exactly one JSON object: json.loads fails on anything else
     assert p1.stdout.count("\n") == 1
@@ -105,16 +102,16 @@ def test_diagnose_texts_json_is_one_clean_object_and_deterministic(cli, tiny_ckp
     ref = r["reference"]
     assert ref["kl_forward"] > 0 and ref["kl_reverse"] > 0 and 0 <= ref["top1_agreement"] <= 1
     assert set(ref["topk_jaccard"]) == {"1", "5", "10", "50"} and len(ref["cka"]) == 2
-    same = json.loads(cli("diagnose", str(tiny_ckpt), "--texts", str(texts_file), "--reference", str(tiny_ckpt),
-                          "--json").stdout)["reference"]
+    same = json.loads(run_main("diagnose", str(tiny_ckpt), "--texts", str(texts_file), "--reference", str(tiny_ckpt),
+                               "--json").stdout)["reference"]
     assert same["kl_forward"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1
     assert same["topk_jaccard"]["10"] == 1 and same["cka"] == pytest.approx([1.0, 1.0])
 
 
-def test_diagnose_sampled_writes_outputs_atomically_and_refuses_existing(cli, tiny_ckpt, tmp_path):
+def test_diagnose_sampled_writes_outputs_atomically_and_refuses_existing(tiny_ckpt, tmp_path):
     out = tmp_path / "diag"
-    p = cli("diagnose", str(tiny_ckpt), "--num-prompts", "4", "--num-generations", "2", "--max-new-tokens", "16",
-            "--out", str(out))
+    p = run_main("diagnose", str(tiny_ckpt), "--num-prompts", "4", "--num-generations", "2", "--max-new-tokens",
+                 "16", "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "entropy mean" in p.stdout
     names = {f.name for f in out.iterdir()}
@@ -130,9 +127,9 @@ def test_diagnose_sampled_writes_outputs_atomically_and_refuses_existing(cli, ti
         pass
     header = (out / "per_position.csv").read_text().splitlines()[0]
     assert header == "position,count,entropy,top1_prob"
-    line = one_error_line(cli("diagnose", str(tiny_ckpt), "--num-prompts", "2", "--out", str(out)))
+    line = one_error_line(run_main("diagnose", str(tiny_ckpt), "--num-prompts", "2", "--out", str(out)))
     assert "already exists (pass --overwrite" in line
-    p = cli("diagnose", str(tiny_ckpt), "--num-prompts", "2", "--num-generations", "1", "--out", str(out),
-            "--overwrite", "--json")
+    p = run_main("diagnose", str(tiny_ckpt), "--num-prompts", "2", "--num-generations", "1", "--out", str(out),
+                 "--overwrite", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["rollouts"]["num_prompts"] == 2
     assert sorted(x.name for x in tmp_path.iterdir()) == ["diag"]

@@ -1,26 +1,25 @@
-"""`tsopsd eval` and `tsopsd eval grade` through the real entry point."""
+"""`tsopsd eval` and `tsopsd eval grade` (`main(argv)` in this process; the eval killed mid-way is a process of
+its own)."""
 
 from __future__ import annotations
 
 import json
 import math
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.cli.test_cli import one_error_line
-from tests.conftest import run_cli
+from tests.conftest import one_error_line, run_cli, run_main, start_cli
 
 
-def eval_json(*args):
-    p = run_cli("eval", *args, "--json")
+def eval_json(*args, run=run_main):
+    p = run("eval", *args, "--json")
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
 
+@pytest.mark.slow
 def test_eval_toy_report_and_samples(toy_base, tmp_path):
     out = tmp_path / "ev"
     r = eval_json(str(toy_base), "--benchmark", "toy", "--limit", "24", "-n", "4", "--out", str(out))
@@ -56,23 +55,23 @@ def test_eval_on_real_benchmark_records_runs(tiny_ckpt, benchmark_dir, tmp_path)
     graded = tmp_path / "right.jsonl"
     graded.write_text("".join(json.dumps({"completion": f"so the answer is \\boxed{{{s['answer']}}}.",
                                           "answer": s["answer"]}) + "\n" for s in samples))
-    p = run_cli("eval", "grade", str(graded), "--json")
+    p = run_main("eval", "grade", str(graded), "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["accuracy"] == 1.0
 
 
 def test_eval_bad_inputs(tiny_ckpt, tmp_path):
-    assert "unknown benchmark 'nope'" in one_error_line(run_cli("eval", str(tiny_ckpt), "--benchmark", "nope"))
-    line = one_error_line(run_cli("eval", str(tiny_ckpt), "--benchmark", "aime24", "--data-dir", str(tmp_path)))
+    assert "unknown benchmark 'nope'" in one_error_line(run_main("eval", str(tiny_ckpt), "--benchmark", "nope"))
+    line = one_error_line(run_main("eval", str(tiny_ckpt), "--benchmark", "aime24", "--data-dir", str(tmp_path)))
     assert "no aime24.jsonl" in line
 
 
+@pytest.mark.slow
 def test_interrupted_eval_resumes_and_matches_uninterrupted(toy_base, tmp_path):
     args = [str(toy_base), "--benchmark", "toy", "--limit", "48", "-n", "2", "--set", "eval.chunk_problems=4"]
     full = eval_json(*args, "--out", str(tmp_path / "full"))
     out = tmp_path / "resumed"
     partial = tmp_path / ".resumed.partial" / "samples.jsonl"
-    exe = [sys.executable, "-m", "tsopsd_cli", "eval", *args, "--out", str(out), "--json"]
-    proc = subprocess.Popen(exe, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start_cli("eval", *args, "--out", str(out), "--json")
     deadline = time.time() + 120
     while time.time() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 16):
         time.sleep(0.05)
@@ -88,7 +87,7 @@ def test_interrupted_eval_resumes_and_matches_uninterrupted(toy_base, tmp_path):
     # a different recipe does not silently reuse or discard someone's partial eval
     (tmp_path / ".other.partial").mkdir()
     (tmp_path / ".other.partial" / "state.json").write_text('{"key": "something else"}')
-    line = one_error_line(run_cli("eval", *args, "--out", str(tmp_path / "other")))
+    line = one_error_line(run_main("eval", *args, "--out", str(tmp_path / "other")))
     assert "pass --restart" in line
 
 
@@ -97,7 +96,7 @@ def test_eval_grade(tmp_path):
     rows = [{"completion": r"so \boxed{27}", "answer": 27.0}, {"completion": r"\boxed{\frac12}", "answer": "0.5"},
             {"completion": "no idea", "answer": "3"}, {"completion": r"\boxed{9^{9^{9^{9}}}}", "answer": "5"}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p = run_cli("eval", "grade", str(f), "--json", "--timeout", "2", "--out", str(tmp_path / "g"))
+    p = run_main("eval", "grade", str(f), "--json", "--timeout", "2", "--out", str(tmp_path / "g"))
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["n"] == 4 and r["accuracy"] == pytest.approx(0.5) and r["timeouts"] == 1
@@ -105,15 +104,7 @@ def test_eval_grade(tmp_path):
     assert [g["correct"] for g in graded] == [True, True, False, False]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
-    assert "needs a string 'completion'" in one_error_line(run_cli("eval", "grade", str(bad)))
-
-
-def test_vllm_missing_is_a_clear_error(tiny_ckpt):
-    code = ("import sys; sys.modules['vllm'] = None; from tsopsd_cli.cli.app import main; "
-            f"sys.exit(main(['eval', {str(tiny_ckpt)!r}, '--engine', 'vllm', '--limit', '1']))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.returncode == 4, p.stderr
-    assert "vLLM is not installed" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "needs a string 'completion'" in one_error_line(run_main("eval", "grade", str(bad)))
 
 
 @pytest.mark.vllm
@@ -121,9 +112,26 @@ def test_vllm_and_hf_engines_agree_on_toy_accuracy(toy_base):
     pytest.importorskip("vllm")
     args = [str(toy_base), "--benchmark", "toy", "--limit", "100", "-n", "4", "--device", "cpu"]
     hf = eval_json(*args, "--engine", "hf")["benchmarks"]["toy"]
-    vl = eval_json(*args, "--engine", "vllm", "--set", "rollout.vllm.max_model_len=128")["benchmarks"]["toy"]
+    vl = eval_json(*args, "--engine", "vllm", "--set", "rollout.vllm.max_model_len=128",
+                   run=run_cli)["benchmarks"]["toy"]  # vLLM in a process of its own
     p1, p2, n = hf["avg@4"], vl["avg@4"], 400
     se = math.sqrt(p1 * (1 - p1) / n + p2 * (1 - p2) / n)
     assert 0.05 < p1 < 0.95 and abs(p1 - p2) < 4 * se + 1e-9, (p1, p2)
     assert abs(hf["mean_length"] - vl["mean_length"]) < 0.2 * hf["mean_length"]
     assert vl["mean_token_entropy"] == pytest.approx(hf["mean_token_entropy"], rel=0.5, abs=0.05)
+
+
+def test_a_custom_set_named_like_a_benchmark_asked_for_is_refused_and_its_name_is_the_files(tiny_ckpt, tmp_path):
+    """#31: `eval -b aime24 --data my/aime24.jsonl` replaced the built-in set with the file's problems under the
+    same name. And the custom set's name was read back from its first problem id, cut at the last '-'."""
+    data = tmp_path / "toy.jsonl"
+    data.write_text(json.dumps({"id": "a-1", "problem": "1+1=?", "answer": "2"}) + "\n")
+    line = one_error_line(run_cli("eval", str(tiny_ckpt), "-b", "toy", "--data", str(data), "-n", "1",
+                                  "--max-new-tokens", "4", "--out", str(tmp_path / "e")))
+    assert "toy" in line and "--data" in line and "rename" in line, line
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["toy.jsonl"]
+    custom = tmp_path / "mine.jsonl"
+    data.rename(custom)
+    r = eval_json(str(tiny_ckpt), "-b", "toy", "--limit", "2", "--data", str(custom), "-n", "1",
+                  "--max-new-tokens", "4")
+    assert set(r["benchmarks"]) == {"toy", "mine"}

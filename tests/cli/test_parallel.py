@@ -1,17 +1,21 @@
-"""Several processes through the real CLI (2 gloo ranks, started as srun starts them): `train.strategy: fsdp` and
-`ddp` give the single-process update with the same global batch, with the lean forward and activation
-checkpointing; a SIGTERM under fsdp saves sharded state that --resume continues exactly; bf16 compute keeps
-float32 master weights so that lr 1e-6 updates are not rounded away."""
+"""Several processes through the real CLI (2 gloo ranks, started as srun starts them or by `accelerate launch`):
+`train.strategy: fsdp` and `ddp` give the single-process update with the same global batch, with the lean forward
+and activation checkpointing; a SIGTERM under fsdp saves sharded state that --resume continues exactly; bf16
+compute keeps float32 master weights so that lr 1e-6 updates are not rounded away."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import launch_ranks, run_cli
+from tests.conftest import cli_env, free_port, launch_ranks, run_cli, run_main
 
 TIMING = {"rollout_seconds", "train_seconds", "tokens_per_s", "step_seconds"}
 # Adam's early steps are ~ lr * sign(gradient): a gradient that is 0 up to rounding one way and 1e-12 the other
@@ -58,20 +62,43 @@ def two(*args, env=None):
     return procs
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_rl_on_two_processes_equals_one(tiny_ckpt, tmp_path, strategy):
-    one = run_cli("rl", str(tiny_ckpt), *RL, "--out", str(tmp_path / "one"), "--json")
+def accelerate_two(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of 2 CPU processes of `python -m tsopsd_cli ARGS` (the launcher users start from)."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate is a dependency"
+    p = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                        "-m", "tsopsd_cli", *args], capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def rl_one_process(tiny_ckpt, tmp_path_factory):
+    """The one-process run every two-process rl run is compared with: (its directory, its report)."""
+    out = tmp_path_factory.mktemp("one") / "one"
+    one = run_main("rl", str(tiny_ckpt), *RL, "--out", str(out), "--json")
     assert one.returncode == 0, one.stderr
+    return out, json.loads(one.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,launcher", [("fsdp", "srun"), ("ddp", "accelerate")])
+def test_rl_on_two_processes_equals_one(tiny_ckpt, tmp_path, strategy, launcher, rl_one_process):
+    """Ranks started as srun starts them (fsdp) or by `accelerate launch` (ddp)."""
+    one, one_report = rl_one_process
     extra = FSDP if strategy == "fsdp" else ["--set", "train.strategy=ddp"]
-    procs = two("rl", str(tiny_ckpt), *RL, *extra, "--out", str(tmp_path / "two"), "--json")
-    report = json.loads(procs[0].stdout)
+    args = ("rl", str(tiny_ckpt), *RL, *extra, "--out", str(tmp_path / "two"), "--json")
+    stdout = two(*args)[0].stdout if launcher == "srun" else accelerate_two(*args).stdout
+    assert stdout.count("\n") == 1  # one JSON object, from the main process only
+    report = json.loads(stdout)
     par = report["parallel"]
+    assert report["processes"] == 2
     assert par["strategy"] == strategy and par["world_size"] == 2 and len(par["per_rank"]) == 2
-    assert_same_run(tmp_path / "one", tmp_path / "two",
-                    ["loss", "grad_norm", "reward", "entropy", "kl_old", "tokens", "val_accuracy", "val_entropy"])
+    assert_same_run(one, tmp_path / "two", ["loss", "grad_norm", "reward", "entropy", "kl_old", "tokens",
+                                           "response_length", "groups_used", "val_accuracy", "val_entropy"])
     if strategy == "fsdp":  # each rank holds about half of the parameters and optimiser state
-        full = json.loads(one.stdout)["parallel"]["per_rank"][0]
+        full = one_report["parallel"]["per_rank"][0]
         for rank in par["per_rank"]:
             assert rank["parameter_bytes"] == pytest.approx(full["parameter_bytes"] / 2, rel=0.05)
             assert rank["optimizer_state_bytes"] == pytest.approx(full["optimizer_state_bytes"] / 2, rel=0.05)
@@ -79,7 +106,7 @@ def test_rl_on_two_processes_equals_one(tiny_ckpt, tmp_path, strategy):
 
 @pytest.mark.slow
 def test_reheat_on_two_fsdp_processes_equals_one(tiny_ckpt, tmp_path):
-    one = run_cli("reheat", str(tiny_ckpt), *REHEAT, "--out", str(tmp_path / "one"), "--json")
+    one = run_main("reheat", str(tiny_ckpt), *REHEAT, "--out", str(tmp_path / "one"), "--json")
     assert one.returncode == 0, one.stderr
     procs = two("reheat", str(tiny_ckpt), *REHEAT, *FSDP, "--out", str(tmp_path / "two"), "--json")
     r1, r2 = json.loads(one.stdout), json.loads(procs[0].stdout)
@@ -89,12 +116,22 @@ def test_reheat_on_two_fsdp_processes_equals_one(tiny_ckpt, tmp_path):
     assert r2["after"]["entropy"] == pytest.approx(r1["after"]["entropy"], rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def rl_fsdp_one_process(tiny_ckpt, tmp_path_factory):
+    """The uninterrupted run the fsdp resumes are compared with, on one process (which two fsdp processes equal:
+    test_rl_on_two_processes_equals_one)."""
+    full = tmp_path_factory.mktemp("full") / "full"
+    p = run_main("rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(full))
+    assert p.returncode == 0, p.stderr
+    return full
+
+
 @pytest.mark.slow
 def test_high_entropy_tokens_on_two_fsdp_processes_equal_one(tiny_sharp_ckpt, tmp_path):
     """The threshold is taken over every process's tokens: two processes train the tokens one process trains
     (a checkpoint whose token entropies are far apart compared with float32 rounding: see its fixture)."""
     args = [*RL, "--set", "grpo.top_entropy_quantile=0.3"]
-    one = run_cli("rl", str(tiny_sharp_ckpt), *args, "--out", str(tmp_path / "one"))
+    one = run_main("rl", str(tiny_sharp_ckpt), *args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two("rl", str(tiny_sharp_ckpt), *args, *FSDP, "--out", str(tmp_path / "two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", ["loss", "grad_norm", "loss_token_fraction", "reward",
@@ -108,7 +145,7 @@ def test_an_ema_teacher_on_two_fsdp_processes_stopped_and_resumed_equals_one_pro
     """The EMA teacher is sharded like the policy (each process averages its own shards), saved sharded and
     resumed: two processes stopped after step 2 and resumed end as one uninterrupted process."""
     args = [*REHEAT, "--set", "reheat.teacher=ema", "--set", "reheat.teacher_ema_decay=0.7"]
-    one = run_cli("reheat", str(tiny_ckpt), *args, "--out", str(tmp_path / "one"))
+    one = run_main("reheat", str(tiny_ckpt), *args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     cut = tmp_path / "two"
     procs = launch_ranks(2, "reheat", str(tiny_ckpt), *args, *FSDP, "--out", str(cut),
@@ -122,9 +159,8 @@ def test_an_ema_teacher_on_two_fsdp_processes_stopped_and_resumed_equals_one_pro
 
 
 @pytest.mark.slow
-def test_fsdp_sigterm_after_step_2_then_resume_equals_the_uninterrupted_run(tiny_ckpt, tmp_path):
-    full = tmp_path / "full"
-    two("rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(full))
+def test_fsdp_sigterm_after_step_2_then_resume_equals_the_uninterrupted_run(tiny_ckpt, tmp_path, rl_fsdp_one_process):
+    full = rl_fsdp_one_process
     cut = tmp_path / "cut"
     procs = launch_ranks(2, "rl", str(tiny_ckpt), *RL, *FSDP, "--out", str(cut), env={"TSOPSD_FAULT": "TERM@step#2"})
     assert [p.returncode for p in procs] == [130, 130], [p.stderr[-2000:] for p in procs]
@@ -150,11 +186,11 @@ def test_bf16_compute_keeps_float32_master_weights_so_small_updates_land(tiny_ck
         n = sum(v.numel() for v in ref.values())
         return sum(int((after[k] != ref[k]).sum()) for k in ref) / n
 
-    p = run_cli(*args, "--out", str(tmp_path / "master"), "--json")
+    p = run_main(*args, "--out", str(tmp_path / "master"), "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["parallel"]["master_dtype"] == "float32"
     assert changed(tmp_path / "master", before) >= 0.9
-    pure = run_cli(*args, "--set", "train.master_weights=model_dtype", "--out", str(tmp_path / "pure"))
+    pure = run_main(*args, "--set", "train.master_weights=model_dtype", "--out", str(tmp_path / "pure"))
     assert pure.returncode == 0, pure.stderr
     rounded = {k: v.to(torch.bfloat16).float() for k, v in before.items()}  # what pure bf16 starts from
     assert changed(tmp_path / "pure", rounded) < 0.5  # bf16 weights: most lr-1e-6 updates round away
@@ -228,8 +264,6 @@ def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
     sharding. Now only the main process reads it; the other builds on the meta device and receives its shards.
     The sharded weights (float32 policy, bf16 teacher) equal the bf16 checkpoint's exactly, the embeddings stay
     tied, and the rotary buffers (not in the state dict) are right on the meta-built process."""
-    import sys
-
     from tests.qwen_ckpt import make_qwen_checkpoint
 
     ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
@@ -251,8 +285,6 @@ def test_fsdp_loading_reads_the_checkpoint_once_and_shards_it_exactly(tmp_path):
 def test_a_failed_read_on_the_main_process_stops_every_process_at_once(tmp_path):
     """The process that receives its shards must not wait (up to the collective timeout) for a main process whose
     read failed: the failure is agreed on and every process exits with the checkpoint error."""
-    import sys
-
     from tests.qwen_ckpt import make_qwen_checkpoint
 
     ckpt = make_qwen_checkpoint(tmp_path / "ck", dtype="bfloat16", tie_word_embeddings=True)
@@ -280,7 +312,7 @@ def test_two_fsdp_processes_equal_one_on_a_real_tokenizer_tied_bf16_checkpoint(t
             "--set", "grpo.reward=tests.rewards:even_length", "--max-steps", "2", "--lr", "1e-3",
             "--set", "train.micro_batch_size=2", "--set", "train.save_every=0", "--set", "output.dtype=float32",
             *LINEAR]
-    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    one = run_main(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two(*args, *FSDP, "--out", str(tmp_path / "two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", ["loss", "grad_norm", "reward", "entropy", "tokens"])
@@ -308,14 +340,12 @@ def _dcp_contents(state_dir, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_path):
+def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_path, rl_fsdp_one_process):
     """A pre-empted job that comes back on fewer (or more) processes: the checkpoint of step 2 holds the same
     weights and optimiser state whether 1 or 2 fsdp processes wrote it, and a resume on the other number continues
     the prompt order from the global step: the finished runs equal the uninterrupted one-process run."""
     args = ["rl", str(tiny_ckpt), *RL, *FSDP]
-    full = tmp_path / "full"
-    p = run_cli(*args, "--out", str(full))
-    assert p.returncode == 0, p.stderr
+    full = rl_fsdp_one_process
     # 2 -> 1
     a = tmp_path / "a"
     procs = launch_ranks(2, *args, "--out", str(a), env={"TSOPSD_FAULT": "TERM@step#2"})
@@ -336,8 +366,33 @@ def test_resume_on_another_number_of_processes_2_to_1_and_1_to_2(tiny_ckpt, tmp_
                 [{n: v for n, v in g.items() if n not in drop} for g in sb[k]], k
         else:
             assert sa[k] == sb[k], k
-    p = run_cli(*args, "--out", str(a), "--resume")
+    p = run_main(*args, "--out", str(a), "--resume")
     assert p.returncode == 0, p.stderr
     two(*args, "--out", str(b), "--resume")
     for out in (a, b):
         assert_same_run(full, out, ["loss", "grad_norm", "reward", "val_accuracy"])
+
+
+@pytest.mark.slow
+def test_a_rendezvous_port_held_by_another_program_ends_every_rank_within_the_rendezvous_timeout(tiny_ckpt, tmp_path):
+    """#31: with MASTER_PORT held by another program rank 0 exited at once while rank 1 waited for the 30-minute
+    rendezvous deadline. A rank that reaches no working store within TSOPSD_RENDEZVOUS_TIMEOUT ends with the job's
+    code (6) and one line naming the port."""
+    import socket
+    import time
+
+    with socket.socket() as other:  # another program: it accepts connections and never answers
+        other.bind(("127.0.0.1", 0))
+        other.listen(8)
+        port = other.getsockname()[1]
+        t0 = time.time()
+        procs = launch_ranks(2, "rl", str(tiny_ckpt), *RL, "--out", str(tmp_path / "x"), port=port, timeout=240,
+                             env={"TSOPSD_RENDEZVOUS_TIMEOUT": "15"})
+        took = time.time() - t0
+    assert [p.returncode for p in procs] == [6, 6], [p.stderr[-2000:] for p in procs]
+    assert took < 120, took
+    for p in procs:
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("tsopsd: error:") and str(port) in lines[0], p.stderr
+    assert "TSOPSD_RENDEZVOUS_TIMEOUT" in procs[1].stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == []

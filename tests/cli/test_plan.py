@@ -1,4 +1,5 @@
-"""`tsopsd plan` through the real entry point: table, --json, bad input, a config.json path."""
+"""`tsopsd plan` through `main(argv)` (pure arithmetic, no process boundary to test): table, --json, bad input, a
+config.json path."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import one_error_line, run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 RL_4B = str(ROOT / "recipes/rl/qwen3-4b-base.yaml")
@@ -18,16 +19,8 @@ QWEN3_4B_CONFIG = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
                    "max_position_embeddings": 32768, "torch_dtype": "bfloat16"}
 
 
-def one_error_line(p) -> str:
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tsopsd: error: "), p.stderr
-    assert p.stdout == ""
-    return lines[0]
-
-
 def plan_json(*args: str) -> dict:
-    p = run_cli("plan", *args, "--json")
+    p = run_main("plan", *args, "--json")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -35,7 +28,7 @@ def plan_json(*args: str) -> dict:
 
 
 def test_table_names_every_item_and_the_answer():
-    p = run_cli("plan", RL_4B, "--gpus", "8", "--gpu-memory", "80")
+    p = run_main("plan", RL_4B, "--gpus", "8", "--gpu-memory", "80")
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "qwen3-4b" in out and "fsdp" in out  # the model from the file name, the recipe's strategy
@@ -57,7 +50,7 @@ def test_json_is_one_object_with_fits():
 def test_one_gpu_does_not_fit_and_still_exits_0():
     d = plan_json(RL_8B, "--gpus", "1")
     assert d["fits"] is False and d["strategy"] == "single"
-    p = run_cli("plan", RL_8B, "--gpus", "1")
+    p = run_main("plan", RL_8B, "--gpus", "1")
     assert p.returncode == 0 and "fits: NO" in p.stdout
 
 
@@ -73,22 +66,22 @@ def test_options_move_the_figures():
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
-    assert "not found" in one_error_line(run_cli("plan", str(tmp_path / "nope.yaml")))
-    line = one_error_line(run_cli("plan", str(ROOT / "recipes/diagnose/qwen3-4b-base.yaml")))
+    assert "not found" in one_error_line(run_main("plan", str(tmp_path / "nope.yaml")))
+    line = one_error_line(run_main("plan", str(ROOT / "recipes/diagnose/qwen3-4b-base.yaml")))
     assert "plan covers training recipes" in line
-    assert "not a built-in shape" in one_error_line(run_cli("plan", RL_4B, "--model", "gpt-9"))
-    line = one_error_line(run_cli("plan", str(ROOT / "recipes/rl/toy.yaml")))
+    assert "not a built-in shape" in one_error_line(run_main("plan", RL_4B, "--model", "gpt-9"))
+    line = one_error_line(run_main("plan", str(ROOT / "recipes/rl/toy.yaml")))
     assert "--model" in line  # no model name in the file name
-    assert "gpus" in one_error_line(run_cli("plan", RL_4B, "--gpus", "0"))
+    assert "gpus" in one_error_line(run_main("plan", RL_4B, "--gpus", "0"))
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
-    assert "JSON" in one_error_line(run_cli("plan", RL_4B, "--model", str(bad)))
+    assert "JSON" in one_error_line(run_main("plan", RL_4B, "--model", str(bad)))
     bad.write_text(json.dumps({"hidden_size": 8}))
-    assert "lacks" in one_error_line(run_cli("plan", RL_4B, "--model", str(bad)))
-    line = one_error_line(run_cli("plan", RL_4B, "--set", "train.micro_batch_size=0"))
+    assert "lacks" in one_error_line(run_main("plan", RL_4B, "--model", str(bad)))
+    line = one_error_line(run_main("plan", RL_4B, "--set", "train.micro_batch_size=0"))
     assert "micro_batch_size" in line
-    line = one_error_line(run_cli("plan", str(ROOT / "recipes/reheat/qwen3-4b-base.yaml"),
-                                  "--set", "reheat.method=fold"))
+    line = one_error_line(run_main("plan", str(ROOT / "recipes/reheat/qwen3-4b-base.yaml"),
+                                   "--set", "reheat.method=fold"))
     assert "fold" in line
 
 
@@ -102,7 +95,7 @@ def test_a_config_json_path_or_checkpoint_directory(tmp_path):
         assert d["model"]["params"] == by_name["model"]["params"] == 4_022_468_096
         assert d["model"]["name"] == str(model)
     assert plan_json(RL_4B, "--model", "Qwen/Qwen3-4B-Base")["model"]["name"] == "qwen3-4b"
-    assert "no config.json" in one_error_line(run_cli("plan", RL_4B, "--model", str(tmp_path)))
+    assert "no config.json" in one_error_line(run_main("plan", RL_4B, "--model", str(tmp_path)))
 
 
 @pytest.mark.parametrize("recipe", ["rl/qwen3-4b-base", "rl/qwen3-8b-base", "reheat/qwen3-4b-base",
@@ -125,4 +118,4 @@ def test_a_cpu_run(tmp_path):
     assert r["device"] == "cpu" and "validation" not in r["phases"] and "weight_sync" not in r["phases"]
     assert r["per_gpu"]["weights"]["bytes"] == 596_049_920 * 4 // 2  # float32 master, 2 fsdp shards
     assert "overhead" not in r["assumptions"] and r["assumptions"]["values"]["cpu_runtime_gib"] == 0.6
-    assert "--device" in one_error_line(run_cli("plan", RL_4B, "--device", "tpu"))
+    assert "--device" in one_error_line(run_main("plan", RL_4B, "--device", "tpu"))

@@ -1,5 +1,5 @@
 """Every command on checkpoints with the real Qwen3 tokenizer (151,936-row vocabulary, byte-level BPE, special
-tokens, chat template), through the real entry point: base-like and instruct-like end tokens, tied and untied,
+tokens, chat template), through `main(argv)` in this process: base-like and instruct-like end tokens, tied and untied,
 Qwen3, Qwen2 and Llama, a vocabulary padded to 152,064 rows. Small shapes (hidden 64, 2 layers) and a few tokens
 per completion keep each run to seconds; what is measured here is that nothing breaks and that the toy world's
 defaults are not applied to a real model, not accuracy (the weights are random)."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import one_error_line, run_cli, run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 BRACES = "{question} Put your final answer in \\boxed{}. Not {answer}, not {0}."
@@ -24,17 +24,10 @@ def ok(res) -> dict:
     return json.loads(res.stdout)
 
 
-def one_line_error(res, code: int = 2) -> str:
-    assert res.returncode == code, (res.returncode, res.stdout[-500:], res.stderr[-2000:])
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("tsopsd: error:")]
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    return lines[0]
-
-
 # ------------------------------------------------------------------------------------------- diagnose (case 1)
 def test_diagnose_samples_math500_by_default_on_a_real_checkpoint(qwen3_base, benchmark_dir):
-    r = ok(run_cli("diagnose", str(qwen3_base), "--data-dir", str(benchmark_dir), "--num-prompts", "2", *TINY,
-                   "--json"))
+    r = ok(run_main("diagnose", str(qwen3_base), "--data-dir", str(benchmark_dir), "--num-prompts", "2", *TINY,
+                    "--json"))
     assert r["mode"] == "sampled"
     assert r["recipe"]["data"]["type"] == "benchmark" and r["recipe"]["data"]["name"] == "math500"
     assert r["rollouts"]["num_prompts"] == 2 and r["num_tokens"] > 0
@@ -55,16 +48,18 @@ def test_diagnose_default_recipe_on_a_real_checkpoint():
     assert build_recipe("diagnose", None, [("rollout.max_new_tokens", 7)], world="real").rollout.max_new_tokens == 7
 
 
+@pytest.mark.slow
 def test_diagnose_offline_without_a_local_copy_says_what_to_pass(qwen3_base, tmp_path):
+    # a process of its own: huggingface_hub reads HF_HUB_OFFLINE when it is imported
     res = run_cli("diagnose", str(qwen3_base), *TINY, "--json", env={"HF_DATASETS_OFFLINE": "1",
-                                                                      "HF_HUB_OFFLINE": "1"})
-    line = one_line_error(res)
+                                                                     "HF_HUB_OFFLINE": "1"})
+    line = one_error_line(res)
     assert "--data-dir" in line
 
 
 def test_diagnose_benchmark_option(qwen3_base, benchmark_dir):
-    r = ok(run_cli("diagnose", str(qwen3_base), "-b", "gsm8k", "--data-dir", str(benchmark_dir),
-                   "--num-prompts", "1", *TINY, "--json", "-q"))
+    r = ok(run_main("diagnose", str(qwen3_base), "-b", "gsm8k", "--data-dir", str(benchmark_dir),
+                    "--num-prompts", "1", *TINY, "--json", "-q"))
     assert r["recipe"]["data"]["name"] == "gsm8k" and r["rollouts"]["num_prompts"] == 1
 
 
@@ -72,7 +67,7 @@ def test_diagnose_benchmark_option(qwen3_base, benchmark_dir):
 @pytest.mark.parametrize("name", ["qwen3_instruct", "qwen3_untied", "qwen2_ckpt", "llama_ckpt"])
 def test_diagnose_sampled_on_every_family(name, request, math_jsonl):
     ckpt = request.getfixturevalue(name)
-    r = ok(run_cli("diagnose", str(ckpt), "--data", str(math_jsonl), "--num-prompts", "2", *TINY, "--json", "-q"))
+    r = ok(run_main("diagnose", str(ckpt), "--data", str(math_jsonl), "--num-prompts", "2", *TINY, "--json", "-q"))
     assert r["rollouts"]["num_prompts"] == 2 and r["num_tokens"] > 0
 
 
@@ -80,26 +75,26 @@ def test_diagnose_texts_on_a_real_checkpoint(qwen3_base, tmp_path):
     texts = tmp_path / "pairs.jsonl"
     texts.write_text(json.dumps({"prompt": "What is 2+3? Put it in \\boxed{}.", "completion": " \\boxed{5}<|im_end|>"})
                      + "\n")
-    r = ok(run_cli("diagnose", str(qwen3_base), "--texts", str(texts), "--json", "-q"))
+    r = ok(run_main("diagnose", str(qwen3_base), "--texts", str(texts), "--json", "-q"))
     assert r["mode"] == "texts" and r["num_tokens"] > 3
 
 
 def test_diagnose_toy_checkpoint_keeps_toy_defaults(tiny_ckpt):
-    r = ok(run_cli("diagnose", str(tiny_ckpt), "--num-prompts", "3", *TINY, "--json", "-q"))
+    r = ok(run_main("diagnose", str(tiny_ckpt), "--num-prompts", "3", *TINY, "--json", "-q"))
     assert r["recipe"]["data"]["type"] == "toy" and r["rollouts"]["num_prompts"] == 3
     assert "decision_points" in r
 
 
 # --------------------------------------------------------------------------------------------- case 6
 def test_diagnose_num_prompts_limits_a_jsonl_source(qwen3_base, math_jsonl):
-    r = ok(run_cli("diagnose", str(qwen3_base), "--data", str(math_jsonl), "--num-prompts", "2", *TINY,
-                   "--json", "-q"))
+    r = ok(run_main("diagnose", str(qwen3_base), "--data", str(math_jsonl), "--num-prompts", "2", *TINY,
+                    "--json", "-q"))
     assert r["rollouts"]["num_prompts"] == 2
 
 
 def test_diagnose_reference_with_a_padded_vocabulary(qwen3_base, qwen3_padded, math_jsonl):
-    r = ok(run_cli("diagnose", str(qwen3_base), "--reference", str(qwen3_padded), "--data", str(math_jsonl),
-                   "--num-prompts", "2", *TINY, "--json"))
+    r = ok(run_main("diagnose", str(qwen3_base), "--reference", str(qwen3_padded), "--data", str(math_jsonl),
+                    "--num-prompts", "2", *TINY, "--json"))
     rows = r["reference"]["vocab_rows"]
     assert rows["checkpoint"] == 151_936 and rows["reference"] == 152_064 and rows["compared"] == 151_936
     assert r["reference"]["kl_forward"] >= 0 and len(r["reference"]["cka"]) == 2
@@ -109,8 +104,8 @@ def test_diagnose_reference_with_a_padded_vocabulary(qwen3_base, qwen3_padded, m
 def test_diagnose_padded_checkpoint_against_a_smaller_reference(qwen3_padded, qwen3_base, tmp_path):
     texts = tmp_path / "pairs.jsonl"
     texts.write_text(json.dumps({"prompt": "1+1=", "completion": " 2, so \\boxed{2}"}) + "\n")
-    r = ok(run_cli("diagnose", str(qwen3_padded), "--reference", str(qwen3_base), "--texts", str(texts),
-                   "--json", "-q"))
+    r = ok(run_main("diagnose", str(qwen3_padded), "--reference", str(qwen3_base), "--texts", str(texts),
+                    "--json", "-q"))
     assert r["reference"]["vocab_rows"]["compared"] == 151_936
 
 
@@ -150,29 +145,29 @@ def test_jsonl_source_renders_braces_as_written(math_jsonl):
 def test_eval_with_each_template(template, qwen3_base, benchmark_dir):
     from tsopsd_cli.tasks.benchmarks import PROMPT_TEMPLATES
 
-    r = ok(run_cli("eval", str(qwen3_base), "-b", "math500", "--data-dir", str(benchmark_dir), "--limit", "1",
-                   "-n", "1", "--max-new-tokens", "3", "--prompt-template", template, "--json", "-q"))
+    r = ok(run_main("eval", str(qwen3_base), "-b", "math500", "--data-dir", str(benchmark_dir), "--limit", "1",
+                    "-n", "1", "--max-new-tokens", "3", "--prompt-template", template, "--json", "-q"))
     first = r["first_prompts"]["math500"]
     tail = PROMPT_TEMPLATES.get(template, template).split("{question}")[-1]
     assert first.endswith(tail) and "{question}" not in first
 
 
 def test_eval_chat_template_on_an_instruct_checkpoint(qwen3_instruct, benchmark_dir):
-    r = ok(run_cli("eval", str(qwen3_instruct), "-b", "math500", "--data-dir", str(benchmark_dir), "--limit", "1",
-                   "-n", "1", "--max-new-tokens", "3", "--chat-template", "--json", "-q"))
+    r = ok(run_main("eval", str(qwen3_instruct), "-b", "math500", "--data-dir", str(benchmark_dir), "--limit", "1",
+                    "-n", "1", "--max-new-tokens", "3", "--chat-template", "--json", "-q"))
     first = r["first_prompts"]["math500"]
     assert first.startswith("<|im_start|>user\n") and first.endswith("<|im_start|>assistant\n")
 
 
 # --------------------------------------------------------------------------------------------- cases 4, 5
 def test_rl_on_a_real_checkpoint_without_data_refuses(qwen3_base, tmp_path):
-    line = one_line_error(run_cli("rl", str(qwen3_base), "--out", str(tmp_path / "rl")))
+    line = one_error_line(run_main("rl", str(qwen3_base), "--out", str(tmp_path / "rl")))
     assert "--data" in line and "toy" in line
     assert not (tmp_path / "rl").exists()
 
 
 def test_reheat_on_a_real_checkpoint_without_data_refuses(qwen3_base, tmp_path):
-    line = one_line_error(run_cli("reheat", str(qwen3_base), "--out", str(tmp_path / "hot")))
+    line = one_error_line(run_main("reheat", str(qwen3_base), "--out", str(tmp_path / "hot")))
     assert "--data" in line
 
 
@@ -222,9 +217,9 @@ def test_validation_follows_the_run_data(math_jsonl):
 
 @pytest.mark.slow
 def test_rl_two_steps_from_a_local_jsonl(qwen3_base, math_jsonl, tmp_path):
-    r = ok(run_cli("rl", str(qwen3_base), "--out", str(tmp_path / "rl"), "--data", str(math_jsonl),
-                   "--max-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "3",
-                   "--set", "validation.limit=2", "--set", "validation.num_generations=1", "--json", "-q"))
+    r = ok(run_main("rl", str(qwen3_base), "--out", str(tmp_path / "rl"), "--data", str(math_jsonl),
+                    "--max-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "3",
+                    "--set", "validation.limit=2", "--set", "validation.num_generations=1", "--json", "-q"))
     assert r["steps"] == 2
     assert r["first_prompt"].endswith("\\boxed{}.")
     assert r["recipe"]["validation"]["max_new_tokens"] == 3  # validation samples like the run's rollouts
@@ -233,11 +228,11 @@ def test_rl_two_steps_from_a_local_jsonl(qwen3_base, math_jsonl, tmp_path):
 
 @pytest.mark.slow
 def test_reheat_two_steps_with_the_chat_template(qwen3_instruct, math_jsonl, tmp_path):
-    r = ok(run_cli("reheat", str(qwen3_instruct), "--out", str(tmp_path / "hot"), "--data", str(math_jsonl),
-                   "--chat-template", "--max-steps", "2", "--set", "train.prompts_per_step=2",
-                   "--set", "rollout.num_generations=2", "--set", "rollout.max_new_tokens=3",
-                   "--set", "validation.limit=2", "--set", "validation.num_generations=1",
-                   "--set", "reheat.report_prompts=2", "--json", "-q"))
+    r = ok(run_main("reheat", str(qwen3_instruct), "--out", str(tmp_path / "hot"), "--data", str(math_jsonl),
+                    "--chat-template", "--max-steps", "2", "--set", "train.prompts_per_step=2",
+                    "--set", "rollout.num_generations=2", "--set", "rollout.max_new_tokens=3",
+                    "--set", "validation.limit=2", "--set", "validation.num_generations=1",
+                    "--set", "reheat.report_prompts=2", "--json", "-q"))
     assert r["steps"] == 2 and r["before"] is not None
     assert r["first_prompt"].startswith("<|im_start|>user\n") and r["recipe"]["data"]["chat_template"]
 
@@ -245,20 +240,20 @@ def test_reheat_two_steps_with_the_chat_template(qwen3_instruct, math_jsonl, tmp
 @pytest.mark.parametrize("name", ["qwen3_base", pytest.param("qwen3_untied", marks=pytest.mark.slow)])
 def test_fold_on_a_real_checkpoint_needs_no_data(name, request, tmp_path):
     ckpt = request.getfixturevalue(name)
-    r = ok(run_cli("reheat", str(ckpt), "--method", "fold", "--temp", "1.6", "--out", str(tmp_path / "f"),
-                   "--json", "-q"))
+    r = ok(run_main("reheat", str(ckpt), "--method", "fold", "--temp", "1.6", "--out", str(tmp_path / "f"),
+                    "--json", "-q"))
     assert r["method"] == "fold" and r["max_logit_error"] < 1e-3
 
 
 def test_recipe_validate_every_shipped_recipe():
     files = sorted(str(p) for p in (ROOT / "recipes").glob("*/*.yaml"))
-    res = run_cli("recipe", "validate", *files)
+    res = run_main("recipe", "validate", *files)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("recipe", ["rl/qwen3-4b-base.yaml", "reheat/qwen3-4b-base.yaml"])
 def test_plan_on_a_real_checkpoint_config(recipe, qwen3_base):
-    res = run_cli("plan", str(ROOT / "recipes" / recipe), "--model", str(qwen3_base), "--json")
+    res = run_main("plan", str(ROOT / "recipes" / recipe), "--model", str(qwen3_base), "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and json.loads(res.stdout)
 
@@ -297,8 +292,8 @@ def test_chat_rendering_gives_the_chat_templates_tokens():
 
 
 def test_eval_defaults_to_math500_on_a_real_checkpoint(qwen3_base, benchmark_dir):
-    r = ok(run_cli("eval", str(qwen3_base), "--data-dir", str(benchmark_dir), "--limit", "1", "-n", "1",
-                   "--max-new-tokens", "3", "--json", "-q"))
+    r = ok(run_main("eval", str(qwen3_base), "--data-dir", str(benchmark_dir), "--limit", "1", "-n", "1",
+                    "--max-new-tokens", "3", "--json", "-q"))
     assert list(r["benchmarks"]) == ["math500"]
     from tsopsd_cli.recipe_loading import REAL_MAX_NEW_TOKENS, build_recipe
 

@@ -1,20 +1,15 @@
-"""`tsopsd rl` through the real entry point: outputs, SIGTERM + --resume, non-finite guard, several processes."""
+"""`tsopsd rl`: outputs, the non-finite guard, the thermostat, progress lines (`main(argv)` in this process; an
+injected SIGTERM through the real entry point). SIGTERM + --resume from outside: tests/cli/test_faults.py; several
+processes: tests/cli/test_parallel.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.cli.test_cli import one_error_line
-from tests.conftest import run_cli
+from tests.conftest import one_error_line, run_cli, run_main
 
 SMALL = ["--set", "data.num_prompts=64", "--prompts-per-step", "4", "--num-generations", "4",
          "--max-new-tokens", "12", "--set", "validation.limit=8", "--set", "validation.num_generations=2",
@@ -30,7 +25,7 @@ def steps(path):
 
 def test_rl_writes_a_loadable_checkpoint_with_log_and_report(tiny_ckpt, tmp_path):
     out = tmp_path / "rl"
-    p = run_cli("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL, "--json")
+    p = run_main("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL, "--json")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["steps"] == 2 and r["out"] == str(out)
@@ -48,41 +43,15 @@ def test_rl_writes_a_loadable_checkpoint_with_log_and_report(tiny_ckpt, tmp_path
     prov = json.loads((out / "tsopsd.json").read_text())
     assert prov["command"] == "rl" and prov["source_checkpoint"] == str(tiny_ckpt)
     assert not list(tmp_path.glob(".*"))
-    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "1", *SMALL))
+    line = one_error_line(run_main("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "1", *SMALL))
     assert "already exists" in line
 
 
-def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tiny_ckpt, tmp_path):
-    args = ["rl", str(tiny_ckpt), "--max-steps", "5", *SMALL, "--set", "validation.enabled=false",
-            "--set", "train.save_every=0"]
-    full = tmp_path / "full"
-    assert run_cli(*args, "--out", str(full)).returncode == 0
-    out = tmp_path / "cut"
-    log = tmp_path / ".cut.partial" / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "tsopsd_cli", *args, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "SIGTERM received" in err and "checkpoint of step" in err and "--resume" in err
-    assert not out.exists()
-    p = run_cli(*args, "--out", str(out))
-    assert p.returncode == 2 and "pass --resume" in p.stderr
-    p = run_cli(*args, "--out", str(out), "--resume")
-    assert p.returncode == 0, p.stderr
-    assert steps(out) == steps(full)
-
-
 def test_non_finite_loss_stops_with_exit_3_before_the_update(tiny_ckpt, tmp_path):
-    (tmp_path / "nan_reward.py").write_text(
-        "def reward(completions, answers):\n    return [float('nan')] * len(completions)\n")
+    # (a reward function returning NaN made this loss once; that is now the reward's own error, exit 7)
     out = tmp_path / "nan"
-    p = run_cli("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL,
-                "--set", "grpo.reward=nan_reward:reward", "--set", "validation.enabled=false", "--quiet",
-                env={"PYTHONPATH": str(tmp_path)})
+    p = run_main("rl", str(tiny_ckpt), "--out", str(out), "--max-steps", "2", *SMALL,
+                 "--set", "validation.enabled=false", "--quiet", env={"TSOPSD_FAULT": "NAN@step#1"})
     line = one_error_line(p, code=3)
     assert "non-finite loss" in line and "step 1" in line and "before the update" in line
     assert not out.exists()  # nothing published; no checkpoint with NaN weights (tests/cli/test_faults.py keeps
@@ -90,32 +59,9 @@ def test_non_finite_loss_stops_with_exit_3_before_the_update(tiny_ckpt, tmp_path
 
 
 def test_bad_reward_spec_is_a_usage_error(tiny_ckpt, tmp_path):
-    line = one_error_line(run_cli("rl", str(tiny_ckpt), "--out", str(tmp_path / "x"), *SMALL,
-                                  "--set", "grpo.reward=nope.nothing:fn"))
+    line = one_error_line(run_main("rl", str(tiny_ckpt), "--out", str(tmp_path / "x"), *SMALL,
+                                   "--set", "grpo.reward=nope.nothing:fn"))
     assert "grpo.reward: cannot import" in line
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(tiny_ckpt, tmp_path):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    assert accelerate, "accelerate is a dependency"
-    args = ["rl", str(tiny_ckpt), "--max-steps", "2", *SMALL, "--set", "validation.enabled=false", "--json"]
-    one = run_cli(*args, "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tsopsd_cli", *args,
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("\n") == 1  # only the main process prints
-    r = json.loads(two.stdout)
-    assert r["processes"] == 2
-    a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
-    for x, y in zip(a, b, strict=True):
-        for k in ("reward", "response_length", "groups_used", "tokens"):
-            assert x[k] == pytest.approx(y[k]), k
-        for k in ("loss", "entropy", "grad_norm", "kl_old"):
-            assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-6), k
 
 
 THERMO = ["--set", "validation.enabled=false", "--set", "train.save_every=1", "--set", "optim.eps=1.0",
@@ -123,11 +69,11 @@ THERMO = ["--set", "validation.enabled=false", "--set", "train.save_every=1", "-
 
 
 def test_a_thermostat_that_never_fires_gives_exactly_the_plain_run(tiny_ckpt, tmp_path):
-    plain = run_cli("rl", str(tiny_ckpt), "--out", str(tmp_path / "plain"), *SMALL, *THERMO[:-2], "--max-steps", "3")
+    plain = run_main("rl", str(tiny_ckpt), "--out", str(tmp_path / "plain"), *SMALL, *THERMO[:-2], "--max-steps", "3")
     assert plain.returncode == 0, plain.stderr
-    never = run_cli("rl", str(tiny_ckpt), "--out", str(tmp_path / "never"), *SMALL, *THERMO[:-2], "--max-steps", "3",
-                    "--set", "thermostat.enabled=true", "--set", "thermostat.threshold=0.0001",
-                    "--set", "thermostat.window=1", "--set", "thermostat.min_gap=1", "--json")
+    never = run_main("rl", str(tiny_ckpt), "--out", str(tmp_path / "never"), *SMALL, *THERMO[:-2], "--max-steps", "3",
+                     "--set", "thermostat.enabled=true", "--set", "thermostat.threshold=0.0001",
+                     "--set", "thermostat.window=1", "--set", "thermostat.min_gap=1", "--json")
     assert never.returncode == 0, never.stderr
     assert steps(tmp_path / "plain") == steps(tmp_path / "never")
     assert all(r["phase"] == "grpo" for r in steps(tmp_path / "never"))
@@ -149,7 +95,7 @@ def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterru
             "--set", "thermostat.target_entropy_ratio=null", "--set", "thermostat.target_entropy=1000",
             "--set", f"thermostat.teacher={teacher}", "--set", "thermostat.teacher_ema_decay=0.5"]
     full = tmp_path / "full"
-    p = run_cli("rl", str(tiny_ckpt), "--out", str(full), *SMALL, *THERMO, *fire, "--json")
+    p = run_main("rl", str(tiny_ckpt), "--out", str(full), *SMALL, *THERMO, *fire, "--json")
     assert p.returncode == 0, p.stderr
     rows = steps(full)
     assert [r["phase"] for r in rows] == ["grpo", "grpo", "reheat", "reheat", "grpo", "grpo", "reheat", "reheat"]
@@ -164,7 +110,7 @@ def test_the_thermostat_reheats_and_a_resume_inside_a_phase_equals_the_uninterru
     assert p.returncode == 130, p.stderr
     saved = tmp_path / ".cut.partial" / "checkpoints" / "step-000003"
     assert (saved / "snapshot").is_dir() and (saved / "ema_teacher").is_dir() == (teacher == "ema")  # its teachers
-    p = run_cli("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--resume")
+    p = run_main("rl", str(tiny_ckpt), "--out", str(cut), *SMALL, *THERMO, *fire, "--resume")
     assert p.returncode == 0, p.stderr
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING | {"weight_sync_seconds"}} for r in rs]  # noqa
     a, b = strip(steps(full)), strip(steps(cut))
@@ -180,7 +126,7 @@ def test_a_log_gets_plain_progress_lines_and_quiet_silences_them(tiny_ckpt, tmp_
     """stderr not a terminal (a cluster log): plain lines with step/total, metrics, elapsed and ETA, also with
     --json (stdout keeps its one object); --quiet: none."""
     args = ["rl", str(tiny_ckpt), "--max-steps", "3", *SMALL, "--set", "validation.enabled=false"]
-    p = run_cli(*args, "--out", str(tmp_path / "a"), "--json", env={"TSOPSD_LOG_EVERY": "0"})
+    p = run_main(*args, "--out", str(tmp_path / "a"), "--json", env={"TSOPSD_LOG_EVERY": "0"})
     assert p.returncode == 0, p.stderr
     json.loads(p.stdout)
     lines = [x for x in p.stderr.splitlines() if "] rl" in x]
@@ -188,5 +134,5 @@ def test_a_log_gets_plain_progress_lines_and_quiet_silences_them(tiny_ckpt, tmp_
     steps = [x for x in lines if " rl  " in x]
     assert len(steps) >= 3 and "1/3" in steps[0] and "reward" in steps[0] and "elapsed" in steps[0]
     assert any("eta" in x for x in steps) and steps[-1].endswith("done")
-    q = run_cli(*args, "--out", str(tmp_path / "b"), "--quiet", env={"TSOPSD_LOG_EVERY": "0"})
+    q = run_main(*args, "--out", str(tmp_path / "b"), "--quiet", env={"TSOPSD_LOG_EVERY": "0"})
     assert q.returncode == 0 and q.stderr == ""

@@ -117,11 +117,23 @@ def test_fsdp_memory_smoke():
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_rollout_engines_smoke():
+    """Its summary (the last line) holds both arms' timings of the smoke run (4 prompts x 16 tokens, toy shape) and
+    the vLLM arm's start-up and weight-sync seconds, all positive; the table above it prints the same rates."""
     pytest.importorskip("vllm")
     out = run("rollout_engines.py")
-    assert "tokens/s" in out
+    toy = json.loads(out.strip().splitlines()[-1])["toy"]
+    assert set(toy) == {"hf", "vllm"}
+    for name, arm in toy.items():
+        assert arm["arm"] == name and arm["shape"] == "toy" and arm["tokens"] == 4 * 16, arm
+        assert arm["seconds"] > 0 and arm["tokens_per_s"] == pytest.approx(arm["tokens"] / arm["seconds"])
+    vllm = toy["vllm"]
+    assert vllm["startup_s"] > 0 and vllm["parameters"] > 0
+    assert len(vllm["sync_all_s"]) == 1 and vllm["sync_s"] == vllm["sync_all_s"][0] > 0
+    assert f"toy hf tokens/s:   {toy['hf']['tokens_per_s']:8.0f}" in out
+    assert f"toy vllm tokens/s: {vllm['tokens_per_s']:8.0f}" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["diagnose_memory.py", "reheat_memory.py"])
 def test_memory_benchmarks_run_on_a_tiny_shape(script):
     out = run(script, "--vocab", "1000", "--tokens", "64", "--seqs", "2", "--hidden", "32", smoke=False)

@@ -52,7 +52,7 @@ def test_custom_set_and_toy(tmp_path):
     f.write_text('{"q": "1+1?", "a": 2.0}\n{"q": "2+2?", "a": "4"}\n')
     probs = load_custom(f, "q", "a", "{question}")
     assert [p.answer for p in probs] == ["2", "4"] and probs[0].id.startswith("mine-")
-    with pytest.raises(DataError, match="none of the question fields"):
+    with pytest.raises(DataError, match="no question"):
         load_custom(f, "question", "a", "{question}")
     toy = load_benchmark("toy", None, "ignored {question}", toy_num=10)
     assert len(toy) == 10 and toy[0].prompt.endswith("=?\n")

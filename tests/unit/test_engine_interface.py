@@ -140,8 +140,11 @@ def test_an_engine_without_sleep_mode_releases_nothing(fake_vllm, tmp_path):
 
 
 @pytest.mark.parametrize("drop", ["enqueue", "logprobs_mode", "flat_logprobs", "reload"])
-def test_a_vllm_without_what_the_engine_calls_is_refused_with_the_version_needed(fake_vllm, tmp_path, monkeypatch,
-                                                                                 drop):
+def test_a_vllm_without_what_the_engine_calls_is_refused_with_the_version_needed(fake_vllm, tiny_ckpt, tmp_path,
+                                                                                 monkeypatch, drop):
+    """engines.require and the engine refuse an old vLLM; so does every command that asks for it, before any work:
+    exit 4, one line naming the version needed, nothing created."""
+    from tests.conftest import one_error_line, run_main
     from tsopsd_cli.engines.vllm import VLLM_FLOOR
 
     fake_vllm["vllm"].__version__ = "0.16.0"
@@ -159,6 +162,12 @@ def test_a_vllm_without_what_the_engine_calls_is_refused_with_the_version_needed
     with pytest.raises(MissingDependencyError):
         make(tmp_path)
     assert FakeLLM.calls == []  # refused before any engine was built
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the commands run on this machine's CPU
+    for args in (["eval", str(tiny_ckpt), "--engine", "vllm", "--out", str(tmp_path / "ev")],
+                 ["rl", str(tiny_ckpt), "--out", str(tmp_path / "rl"), "--set", "rollout.engine=vllm"]):
+        line = one_error_line(run_main(*args), code=4)
+        assert f"needs vllm>={VLLM_FLOOR} (installed: 0.16.0" in line, line
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "rl").exists() and FakeLLM.calls == []
 
 
 def test_the_installed_vllm_has_every_feature(fake_vllm):

@@ -83,6 +83,7 @@ def test_pathological_answer_is_graded_wrong_without_stalling():
     assert time.monotonic() - t0 < 20
 
 
+@pytest.mark.slow  # every MATH-500 and AIME reference solution graded: ~13 s
 def test_reference_solutions_grade_correct_and_deranged_golds_do_not(benchmark_dir):
     import json
     import random

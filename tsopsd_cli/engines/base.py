@@ -154,3 +154,25 @@ def encode_prompts(tokenizer, texts: list[str], chat_template: bool = False) -> 
                                              tokenize=False)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
+
+
+def context_length(config) -> int | None:
+    """The longest sequence (prompt and completion together) a checkpoint's model takes: max_position_embeddings
+    of its config (config.json as a dict, or a transformers config); None when it declares none."""
+    n = config.get("max_position_embeddings") if isinstance(config, dict) else \
+        getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_context(lengths: list[int], context: int | None, what: str, whole: bool = False) -> None:
+    """The context check of every command (diagnose, eval, rl, reheat, validation sets): refuse (DataError,
+    exit 2, with the counts) the `what` whose token `lengths` the model's context cannot take: a prompt that leaves
+    no room for a completion, or with `whole` (teacher-forced prompt and completion) a sequence longer than the
+    context. A prompt that leaves less room than max_new_tokens is not refused (docs/cli.md, "Context")."""
+    over = [n for n in lengths if (n > context if whole else n >= context)] if context else []
+    if over:
+        limit = "longer than" if whole else "as long as or longer than"
+        from tsopsd_cli.errors import DataError
+
+        raise DataError(f"{len(over)} of {len(lengths)} {what} are {limit} the model's context ({context} tokens; "
+                        f"the longest has {max(over)}): shorten or drop them")

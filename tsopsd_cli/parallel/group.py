@@ -31,6 +31,9 @@ from tsopsd_cli import launch
 # processes watch each other.
 HEARTBEAT = 0.5
 PEER_DEAD = 60.0  # default of TSOPSD_PEER_TIMEOUT: long enough for a process busy in a call that holds the GIL
+# default of TSOPSD_RENDEZVOUS_TIMEOUT: how long a process waits to reach a working store at MASTER_ADDR:MASTER_PORT
+# (rank 0 serves it; rank 0 starting minutes after the others is within it; a port held by another program is not)
+STORE_REACH = 300.0
 GRACE = 5.0
 _KEY = "tsopsd/"
 _ACTIVE: "Dist | None" = None
@@ -44,7 +47,11 @@ def _failure_record(store) -> dict | None:
 def announce_early_failure(code: int, message: str, wait: float = 15.0) -> None:
     """A process of a multi-process job that failed before it joined the others (a bad flag or recipe): post the
     failure on the job's store so that the others, waiting in the rendezvous, stop with the same code instead of
-    waiting out the timeout. Rank 0 serves the store for up to `wait` seconds (until the others have read it)."""
+    waiting out the timeout. Rank 0 serves the store for up to `wait` seconds (until the others have read it). The
+    whole of it is bounded: a port held by another program, which accepts and never answers, would block the
+    store's client for good (it runs in a daemon thread, left behind)."""
+    import sys
+    import threading
     import time
 
     try:
@@ -55,24 +62,29 @@ def announce_early_failure(code: int, message: str, wait: float = 15.0) -> None:
     if world <= 1 or torch.distributed.is_initialized():
         return
     value = json.dumps({"rank": rank, "code": code, "message": message})
-    import sys
+
+    def post():
+        try:
+            store = torch.distributed.TCPStore(host, port, world, rank == 0, timeout=timedelta(seconds=5),
+                                               wait_for_workers=False)
+            store.compare_set(_KEY + "abort", "", value)
+            store.set(f"{_KEY}left/{rank}", "1")
+            if rank == 0:
+                others = [f"{_KEY}left/{r}" for r in range(1, world)]
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < wait and not store.check(others):
+                    time.sleep(0.1)
+        except Exception:  # noqa: BLE001 - the others are not there (yet): they time out instead
+            pass
 
     sys.stderr.flush()
     saved = os.dup(2)  # c10d logs connection retries with C++ stack traces on stderr: keep it to one line
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        store = torch.distributed.TCPStore(host, port, world, rank == 0, timeout=timedelta(seconds=5),
-                                           wait_for_workers=False)
-        store.compare_set(_KEY + "abort", "", value)
-        store.set(f"{_KEY}left/{rank}", "1")
-        if rank == 0:
-            others = [f"{_KEY}left/{r}" for r in range(1, world)]
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < wait and not store.check(others):
-                time.sleep(0.1)
-    except Exception:  # noqa: BLE001 - the others are not there (yet): they time out instead
-        pass
+        t = threading.Thread(target=post, name="tsopsd-announce", daemon=True)
+        t.start()
+        t.join(wait + 10.0)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -124,9 +136,11 @@ class Dist:
                 box["error"] = e
 
         t = threading.Thread(target=connect, name="tsopsd-rendezvous", daemon=True)
+        reach = launch.env_seconds("TSOPSD_RENDEZVOUS_TIMEOUT", STORE_REACH)
         t.start()
         probe = None
-        deadline = time.monotonic() + minutes * 60
+        t0 = time.monotonic()
+        deadline = t0 + minutes * 60
         while t.is_alive():
             t.join(0.2)
             if signals.requested() is not None:
@@ -138,6 +152,10 @@ class Dist:
                 probe.set(f"{_KEY}left/{self.rank}", "1")
                 self.failure = f
                 raise with_code(f"rank {f['rank']} failed: {f['message']}", f["code"])
+            if "store" not in box and time.monotonic() - t0 > reach:  # (the thread is left behind: a daemon)
+                raise PeerFailed(f"no working rendezvous store at {host}:{port} within {reach:g} s "
+                                 "(TSOPSD_RENDEZVOUS_TIMEOUT): is MASTER_PORT used by another program, or did rank 0 "
+                                 "not start?")
             if time.monotonic() > deadline:
                 raise PeerFailed(f"the other processes of the job did not all start within {minutes:g} min "
                                  f"(rendezvous at {host}:{port})")

@@ -30,7 +30,9 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
+def texts_sequences(tokenizer, path: Path, context: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, completion) token ids of a --texts file; each pair must fit the model's `context`."""
+    from tsopsd_cli.engines import check_context
     from tsopsd_cli.tasks import read_jsonl
 
     seqs = []
@@ -42,20 +44,25 @@ def texts_sequences(tokenizer, path: Path) -> list[tuple[list[int], list[int]]]:
         if not p or not c:
             raise DataError(f"{path}:{n}: empty prompt or completion")
         seqs.append((p, c))
+    check_context([len(p) + len(c) for p, c in seqs], context, f"prompt and completion pairs of {path}", whole=True)
     return seqs
 
 
-def diagnose_prompts(recipe: DiagnoseRecipe, checkpoint: str) -> list:
-    """The prompts to sample, read before any model (a data error is one line, before any progress line); the
-    checkpoint's tokenizer is read only for its chat template."""
+def diagnose_prompts(recipe: DiagnoseRecipe, checkpoint: str, config: dict) -> list:
+    """The prompts to sample, read before any model (a data error is one line, before any progress line) and
+    checked against the model's context (engines.check_context); the checkpoint's tokenizer is read for its chat
+    template and the prompts' lengths."""
     from tsopsd_cli.checkpoint import load_tokenizer
+    from tsopsd_cli.engines import check_context, context_length, encode_prompts
     from tsopsd_cli.tasks import load_problems
 
-    tok = load_tokenizer(Path(checkpoint), recipe.model.trust_remote_code) \
-        if getattr(recipe.data, "chat_template", False) else None
-    problems = load_problems(recipe.data, tok, limit=recipe.diagnose.num_prompts)
+    tok = load_tokenizer(Path(checkpoint), recipe.model.trust_remote_code)
+    problems = load_problems(recipe.data, tok if getattr(recipe.data, "chat_template", False) else None,
+                             limit=recipe.diagnose.num_prompts)
     if not problems:
         raise DataError("the prompt source gave no problems")
+    check_context([len(ids) for ids in encode_prompts(tok, [p.prompt for p in problems])], context_length(config),
+                  "prompts")
     return problems
 
 
@@ -138,14 +145,14 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
     check_out(out, recipe.output.overwrite, (checkpoint, d.reference, d.texts, getattr(recipe.data, "path", None),
                                              getattr(recipe.data, "data_dir", None)))
     started = time.time()
-    problems = check_inputs(recipe, checkpoint, progress)
+    problems, texts = check_inputs(recipe, checkpoint, progress)
     progress.log(f"loading {checkpoint}")
     loaded = load_checkpoint(checkpoint, recipe.model)
     ref, vocab_rows, rows = load_reference(recipe, loaded, progress)
     check_head_matches(loaded.model, loaded.tokenizer)
     rollout_summary = marks = first_prompt = None
-    if d.texts is not None:
-        seqs = texts_sequences(loaded.tokenizer, d.texts)
+    if texts is not None:
+        seqs = texts
     else:
         seqs, rollout_summary, marks, first_prompt = sample_sequences(recipe, loaded, problems, progress)
         if not seqs:
@@ -186,9 +193,10 @@ def run_diagnose(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress = N
     return report
 
 
-def check_inputs(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress) -> list | None:
+def check_inputs(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress) -> tuple[list | None, list | None]:
     """What can be checked without loading a model, before any progress line (bad input is one line on stderr):
-    the engine, the checkpoints, the texts file; in sampled mode, the prompts (returned; None in texts mode)."""
+    the engine, the checkpoints, and against the model's context the prompts (sampled mode) or the texts file's
+    sequences (teacher-forced mode); returns (the prompts or None, the texts' token ids or None)."""
     d = recipe.diagnose
     if d.texts is None:
         from tsopsd_cli.engines import require
@@ -196,17 +204,20 @@ def check_inputs(recipe: DiagnoseRecipe, checkpoint: str, progress: Progress) ->
         require(recipe.rollout.engine)
     from tsopsd_cli.tasks import require_file
 
-    for path in (checkpoint, d.reference):
-        if path is not None:
-            check_checkpoint(path, recipe.model)
+    config = check_checkpoint(checkpoint, recipe.model)
+    if d.reference is not None:
+        check_checkpoint(d.reference, recipe.model)
     if d.texts is not None:
-        require_file(d.texts)
-        return None
+        from tsopsd_cli.checkpoint import load_tokenizer
+        from tsopsd_cli.engines import context_length
+
+        tok = load_tokenizer(Path(checkpoint), recipe.model.trust_remote_code)
+        return None, texts_sequences(tok, require_file(d.texts), context_length(config))
     from tsopsd_cli.tasks import source_name
 
-    problems = diagnose_prompts(recipe, checkpoint)
+    problems = diagnose_prompts(recipe, checkpoint, config)
     progress.log(f"prompts: {len(problems)} from {source_name(recipe.data)} ({recipe.data.type})")
-    return problems
+    return problems, None
 
 
 def load_reference(recipe: DiagnoseRecipe, loaded: Loaded, progress: Progress):

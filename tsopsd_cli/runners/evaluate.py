@@ -5,7 +5,11 @@ chunk of problems (sampled and graded) is appended to its `samples.jsonl` and fl
 command (same recipe, same checkpoint fingerprint) skips the problems already there. A signal stops it at the next
 chunk or generation batch with exit 130, the finished chunks kept. When everything is done the directory gets
 `report.json` and is renamed to DIR in one step. Sampling seeds derive from (seed, benchmark, first problem id of
-the chunk), so a resumed eval samples exactly what an uninterrupted one would have.
+the chunk), so a resumed eval samples exactly what an uninterrupted one would have. A resumed eval keeps the
+samples of problems that have all of theirs (a damaged row, or a chunk cut by a kill, is sampled again).
+
+Everything that can refuse the inputs (data, prompt templates, chat templates, the model's context) is checked
+before the partial directory is made: a refusal leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from tsopsd_cli import engines, signals
 from tsopsd_cli.checkpoint import check_out, fingerprint, inspect_checkpoint, load_checkpoint, load_tokenizer
 from tsopsd_cli.core.metrics import benchmark_metrics
-from tsopsd_cli.engines import encode_prompts, sampling_params
+from tsopsd_cli.engines import check_context, context_length, encode_prompts, sampling_params
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.errors import Interrupted
+from tsopsd_cli.errors import DataError, Interrupted, storage
 from tsopsd_cli.progress import NULL, Progress
 from tsopsd_cli.recipe import EvalRecipe
 from tsopsd_cli.recipe_loading import recipe_to_yaml
@@ -29,22 +34,51 @@ from tsopsd_cli.report import json_safe
 from tsopsd_cli.rundir import RunDir, run_key
 from tsopsd_cli.tasks import right_plan
 from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template
-from tsopsd_cli.tasks.benchmarks import is_toy, load_benchmark, load_custom, template_text
+from tsopsd_cli.tasks.benchmarks import custom_name, is_toy, load_benchmark, load_custom, template_text
 from tsopsd_cli.tasks.grading import Grader, normalize
 
 SAMPLES_FILE = "samples.jsonl"
+SAMPLE_FIELDS = ("benchmark", "problem_id", "sample_index", "completion", "extracted", "answer", "correct",
+                 "length", "finish_reason")  # what a row of samples.jsonl must hold to be kept by a resumed eval
 
 
 def plan(recipe: EvalRecipe) -> dict[str, list[Problem]]:
-    """Every benchmark's problems, loaded up front so that data errors come before any sampling."""
+    """Every benchmark's problems, loaded up front so that data errors come before any sampling. A custom set
+    (`--data FILE`) is named after its file; one named like a benchmark that is asked for too is refused (it
+    would replace that benchmark's problems under the same name)."""
     ev = recipe.eval
     template = template_text(ev.prompt_template)
+    if ev.data is not None and custom_name(ev.data) in ev.benchmarks:
+        raise DataError(f"--data {ev.data}: this set would be reported as {custom_name(ev.data)!r}, the benchmark "
+                        f"also asked for (-b {custom_name(ev.data)}); rename the file or leave out the benchmark")
     sets = {name: load_benchmark(name, ev.data_dir, template, ev.limit, ev.toy_num_problems,
                                  recipe.rollout.seed) for name in ev.benchmarks}
     if ev.data is not None:
-        custom = load_custom(ev.data, ev.question_field, ev.answer_field, template, ev.limit)
-        sets[custom[0].id.rsplit("-", 1)[0]] = custom
+        sets[custom_name(ev.data)] = load_custom(ev.data, ev.question_field, ev.answer_field, template, ev.limit)
     return sets
+
+
+def model_prompts(recipe: EvalRecipe, config: dict, tokenizer, sets: dict[str, list[Problem]]) -> dict[str, list]:
+    """Each set's prompts as the model reads them (template, and chat template when on), checked against the
+    model's context (engines.check_context, exit 2); {benchmark: [text per problem]}."""
+    out = {}
+    for bench, problems in sets.items():
+        chat = recipe.eval.chat_template and not is_toy(bench)
+        out[bench] = [prompt_text(tokenizer, p, chat) for p in problems]
+        check_context([len(ids) for ids in encode_prompts(tokenizer, out[bench])], context_length(config),
+                      f"prompts of {bench}")
+    return out
+
+
+def resumable_rows(run: RunDir, n: int) -> list[dict]:
+    """The samples an unfinished eval keeps (the file is rewritten with them): rows with every field, of problems
+    with all `n` of their samples. A damaged or foreign row, or the rest of a chunk a kill cut, is sampled again."""
+    def whole(r: dict) -> bool:
+        return all(k in r for k in SAMPLE_FIELDS) and isinstance(r["benchmark"], str) and \
+            isinstance(r["problem_id"], str)
+
+    counts = Counter((r["benchmark"], r["problem_id"]) for r in run.log.rows() if whole(r))
+    return run.log.keep(lambda r: whole(r) and counts[(r["benchmark"], r["problem_id"])] >= n)
 
 
 def open_engine(recipe: EvalRecipe, checkpoint: str):
@@ -75,39 +109,41 @@ def run_eval(recipe: EvalRecipe, checkpoint: str, progress: Progress = NULL, res
     started = time.time()
     out, ev = recipe.output.out, recipe.eval
     check_out(out, recipe.output.overwrite, (checkpoint, ev.data, ev.data_dir))
-    inspect_checkpoint(checkpoint, allow_pickle=recipe.model.allow_pickle)
+    config, _ = inspect_checkpoint(checkpoint, allow_pickle=recipe.model.allow_pickle)
     require_engine(recipe.rollout.engine)
     sets = plan(recipe)
+    prompts = model_prompts(recipe, config, load_tokenizer(Path(checkpoint), recipe.model.trust_remote_code), sets)
     fp = fingerprint(checkpoint)
     run = RunDir(out, key=run_key(recipe, fp), log_name=SAMPLES_FILE, resume=None, restart=restart,
                  what="eval", overwrite=recipe.output.overwrite) if out is not None else None
-    stored = False
     try:
         if run is not None and run.complete:
             report = json.loads((run.path / "report.json").read_text())
             report["out"] = str(run.finish())
             return report
-        rows: list[dict] = run.log.keep() if run is not None and run.resumed else []
+        rows = resumable_rows(run, recipe.rollout.num_generations) if run is not None and run.resumed else []
         if rows:
             progress.log(f"resuming the unfinished eval in {run.path} ({len(rows)} samples done)")
         engine, tokenizer = open_engine(recipe, checkpoint)
-        stored = True  # from here on the partial directory holds what a rerun continues from
         try:
-            report = _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run, progress)
+            report = _sample_and_grade(recipe, checkpoint, fp, sets, prompts, engine, tokenizer, rows, run,
+                                       progress)
         finally:
             engine.close()
         report["seconds"] = round(time.time() - started, 3)
         if run is not None:
-            (run.path / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
-            (run.path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+            with storage(f"writing the report into {run.path}", f"the samples are kept in {run.path}: free "
+                                                                "space, then run the same command again"):
+                (run.path / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+                (run.path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
             report["out"] = str(run.finish(before_rename=lambda: signals.check("finishing")))
         return report
     except Interrupted as e:
         where = f"; the finished chunks are in {run.path}: run the same command again to continue" if run else ""
         raise Interrupted(f"{e}{where}") from None
     except BaseException:
-        if run is not None and not stored:
-            run.close(discard=True)
+        if run is not None and not run.complete and not run.log.rows():
+            run.close(discard=True)  # no sample stored: nothing a rerun could continue (a refusal leaves nothing)
         raise
     finally:
         if run is not None:
@@ -120,7 +156,7 @@ def prompt_text(tokenizer, problem: Problem, chat: bool) -> str:
     return apply_chat_template(tokenizer, problem.prompt) if chat else problem.prompt
 
 
-def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run, progress) -> dict:
+def _sample_and_grade(recipe, checkpoint, fp, sets, prompts, engine, tokenizer, rows, run, progress) -> dict:
     params = sampling_params(recipe.rollout)
     n = params.num_generations
     ev = recipe.eval
@@ -130,7 +166,7 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
         for bench, problems in sets.items():
             done = done_ids(rows, bench, n)
             advance(len([p for p in problems if p.id in done]) * n)
-            chat = ev.chat_template and not is_toy(bench)
+            text_of = dict(zip((p.id for p in problems), prompts[bench]))
             for s in range(0, len(problems), ev.chunk_problems):
                 chunk = problems[s:s + ev.chunk_problems]
                 todo = [p for p in chunk if p.id not in done]
@@ -139,8 +175,7 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
                 signals.check("eval")
                 signals.fault_point("eval-chunk")
                 seeded = dataclasses.replace(params, seed=chunk_seed(params.seed, bench, chunk[0].id))
-                comps = engine.generate(encode_prompts(tokenizer, [prompt_text(tokenizer, p, chat) for p in todo]),
-                                        seeded)
+                comps = engine.generate(encode_prompts(tokenizer, [text_of[p.id] for p in todo]), seeded)
                 grades = grader.grade_many([(c.text, todo[c.prompt_index].answer) for c in comps])
                 new = []
                 for c, g in zip(comps, grades):
@@ -151,14 +186,16 @@ def _sample_and_grade(recipe, checkpoint, fp, sets, engine, tokenizer, rows, run
                                 "finish_reason": c.finish_reason, "entropy": c.mean_entropy})
                 rows.extend(new)
                 if run is not None:
-                    run.log.append(new, durable=True)
+                    with storage(f"writing samples to {run.log.path}", f"the finished chunks are kept in "
+                                                                       f"{run.path}: free space, then run the same "
+                                                                       "command again"):
+                        run.log.append(new, durable=True)
                 advance(len(new))
         timeouts = grader.timeouts
     report = summarize(recipe, checkpoint, fp, sets, rows, n)
     report["grader_timeouts"] = timeouts
     # each benchmark's first prompt exactly as the model read it (template, and chat template when on)
-    report["first_prompts"] = {bench: prompt_text(tokenizer, ps[0], ev.chat_template and not is_toy(bench))
-                               for bench, ps in sets.items() if ps}
+    report["first_prompts"] = {bench: texts[0] for bench, texts in prompts.items() if texts}
     return report
 
 

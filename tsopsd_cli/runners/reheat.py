@@ -38,7 +38,7 @@ import time
 import torch
 
 from tsopsd_cli.analysis import compare_models
-from tsopsd_cli.checkpoint import (atomic_dir, check_out, checkpoint_dtype, load_checkpoint, provenance,
+from tsopsd_cli.checkpoint import (atomic_dir, check_out, load_checkpoint, provenance, read_source,
                                    write_checkpoint)
 from tsopsd_cli.engines import SamplingParams, encode_prompts
 from tsopsd_cli.errors import CheckpointError
@@ -96,6 +96,7 @@ def run_fold(recipe: ReheatRecipe, checkpoint: str, progress: Progress = NULL) -
     out = recipe.output.out
     check_out(out, recipe.output.overwrite, (checkpoint,))
     ld = load_checkpoint(checkpoint, recipe.model)
+    source = read_source(checkpoint)  # what the output copies, read with the weights
     temp = recipe.reheat.temp
     err = fold_temperature(ld.model, ld.tokenizer, temp)
     report = {"command": "reheat", "method": "fold", "checkpoint": str(checkpoint),
@@ -103,9 +104,9 @@ def run_fold(recipe: ReheatRecipe, checkpoint: str, progress: Progress = NULL) -
               "dtype": str(ld.dtype).removeprefix("torch."), "seconds": round(time.time() - started, 3)}
     prov = provenance("reheat", recipe, str(checkpoint), ld.fingerprint, {"method": "fold", "temp": temp,
                                                                          "max_logit_error": err}, started)
-    dtype = recipe.output.dtype if recipe.output.dtype != "auto" else checkpoint_dtype(checkpoint)
+    dtype = recipe.output.dtype if recipe.output.dtype != "auto" else source.dtype
     with atomic_dir(out, recipe.output.overwrite) as tmp:
-        write_checkpoint(ld.model, ld.tokenizer, tmp, prov, dtype=dtype, source=checkpoint)
+        write_checkpoint(ld.model, ld.tokenizer, tmp, prov, dtype=dtype, generation_config=source.generation_config)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     report["out"] = str(out)
     return report

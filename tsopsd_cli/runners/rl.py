@@ -37,6 +37,7 @@ from training.checkpointing.
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,7 +47,7 @@ import torch
 from tsopsd_cli.core import grpo
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.engines import encode_prompts, sampling_params
-from tsopsd_cli.errors import RecipeError
+from tsopsd_cli.errors import RecipeError, UserCodeError
 from tsopsd_cli.modeling import PackedBatch
 from tsopsd_cli.parallel import dcp, sharding
 from tsopsd_cli.progress import NULL, Progress
@@ -59,14 +60,58 @@ from tsopsd_cli.tasks.grading import Grader
 
 
 def load_reward(spec: str):
-    """The reward function: 'math' (grader) or 'module:function(completions, answers) -> list[float]'."""
+    """The reward function: 'math' (grader) or 'module:function(completions, answers) -> list[float]'. A module
+    or function that is not there is bad input (exit 2); a module that fails while it is imported is the user's
+    code failing (exit 7)."""
     if spec == "math":
         return None
     mod, _, fn = spec.partition(":")
+    bad = RecipeError(f"grpo.reward: cannot import {spec!r} (expected 'math' or 'module:function')")
+    if not mod or mod.startswith(".") or not fn:
+        raise bad
     try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError, ValueError):
-        raise RecipeError(f"grpo.reward: cannot import {spec!r} (expected 'math' or 'module:function')") from None
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (mod == e.name or mod.startswith(e.name + ".")):
+            raise bad from None  # the module the recipe names is not there
+        raise UserCodeError(f"grpo.reward ({spec}): importing {mod} failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module raised while it was imported
+        raise UserCodeError(f"grpo.reward ({spec}): importing {mod} raised {type(e).__name__}: "
+                            f"{_first_line(e)}") from None
+    reward = getattr(module, fn, None)
+    if not callable(reward):
+        raise RecipeError(f"grpo.reward: {mod} has no function {fn!r} (expected 'math' or 'module:function')")
+    return reward
+
+
+def checked_rewards(spec: str, call: Callable[[], object], n: int, step: int, kept: str) -> list[float]:
+    """The user's reward function's values for `n` completions, or UserCodeError (exit 7) naming grpo.reward when
+    it raises or returns anything but `n` finite numbers (a wrong length used to shift every reward silently)."""
+    where = f"grpo.reward ({spec}) at step {step}"
+    then = f"; {kept}: fix it, then run the same command with --resume"
+    try:
+        values = call()
+    except Exception as e:  # noqa: BLE001 - the user's code: any exception
+        raise UserCodeError(f"{where} raised {type(e).__name__}: {_first_line(e)}{then}") from None
+    try:
+        values = list(values)
+    except TypeError:
+        raise UserCodeError(f"{where} returned {type(values).__name__}, not a list of numbers{then}") from None
+    if len(values) != n:
+        raise UserCodeError(f"{where} returned {len(values)} values for {n} completions{then}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):  # (a bool counts as 0 or 1)
+            raise UserCodeError(f"{where}: value {i} ({v!r}) is not a number{then}")
+        out.append(float(v))
+        if not math.isfinite(out[-1]):
+            raise UserCodeError(f"{where}: value {i} is non-finite ({out[-1]}){then}")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else "(no message)"
 
 
 # -------------------------------------------------------------------------------------------------- rollouts
@@ -300,7 +345,9 @@ class RLRunner(TrainingRun):
     # ---------------------------------------------------------------- rollouts
     def rewards(self, comps, problems: list[Problem]) -> list[float]:
         if self.reward_fn is not None:
-            return [float(x) for x in self.reward_fn([c.text for c in comps], [p.answer for p in problems])]
+            texts, answers = [c.text for c in comps], [p.answer for p in problems]
+            return checked_rewards(self.r.grpo.reward, lambda: self.reward_fn(texts, answers), len(comps),
+                                   self.state.step + 1, self.kept())
         grades = self.grader.grade_many([(c.text, p.answer or "") for c, p in zip(comps, problems)])
         return [1.0 if g.correct else 0.0 for g in grades]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tsopsd_cli.errors import DataError
-from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, render_template
+from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, question_text, render_template
 
 
 class PromptSource(Protocol):
@@ -96,7 +96,8 @@ def row_problems(data, rows: list[dict], source, tokenizer, limit: int | None,
             if not answer and require_answers:
                 empty.append(n)
         pid = str(row[data.id_field]) if data.id_field and data.id_field in row else str(n - 1)
-        prompt = render_template(template, row[data.question_field])
+        question = question_text(row[data.question_field], f"{source}:{n}", repr(data.question_field))
+        prompt = render_template(template, question)
         if tokenizer is not None:
             prompt = apply_chat_template(tokenizer, prompt)
         out.append(Problem(id=pid, prompt=prompt, answer=answer))

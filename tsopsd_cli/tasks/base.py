@@ -15,6 +15,17 @@ def answer_text(value) -> str:
     return str(value).strip()
 
 
+def question_text(value, where: str, field: str) -> str:
+    """A record's question as the text a template is rendered with. Null, a number, a list... are bad input
+    (DataError, exit 2) in every command: rendered, a null became the prompt "None"."""
+    if isinstance(value, str):
+        return value
+    kind = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+    from tsopsd_cli.errors import DataError
+
+    raise DataError(f"{where}: the question ({field}) is {kind}, not a text")
+
+
 def render_template(template: str, question: str) -> str:
     """`template` with every `{question}` replaced by `question`; every other character, braces included, as
     written (`'{question} Put your final answer in \\boxed{}.'`, `{answer}`, LaTeX). The one rendering of a prompt

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from tsopsd_cli.errors import DataError, MissingDependencyError
-from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, render_template
+from tsopsd_cli.tasks.base import Problem, answer_text, apply_chat_template, question_text, render_template
 from tsopsd_cli.tasks.grading import extract_boxed
 
 # Templates are plain text in which `{question}` is replaced (tasks.base.render_template); no other brace is special.
@@ -110,7 +110,10 @@ def read_records(path: Path) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:
             raise MissingDependencyError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - a damaged or unreadable file: ArrowInvalid, OSError, ...
+            raise DataError(f"{path}: cannot read as parquet ({str(e).splitlines()[0][:200]})") from None
     from tsopsd_cli.tasks import read_jsonl
 
     return read_jsonl(path)
@@ -145,7 +148,9 @@ def records_to_problems(name: str, rows: list[dict], question_fields, answer_fie
     for n, row in enumerate(rows):
         q = _pick(row, tuple(question_fields))
         if q is None:
-            raise DataError(f"{source}: record {n}: none of the question fields {list(question_fields)} present")
+            raise DataError(f"{source}: record {n}: no question (none of the fields {list(question_fields)} holds "
+                            "a text)")
+        q = question_text(q, f"{source}: record {n}", f"one of {list(question_fields)}")
         gold = _pick(row, tuple(answer_fields))
         gold = normalize_gold(gold) if gold is not None else _gold_from_solution(row)
         if gold is None or gold == "":
@@ -190,10 +195,15 @@ def load_benchmark(name: str, data_dir: Path | None, template: str, limit: int |
     return problems[:limit] if limit else problems
 
 
+def custom_name(path: Path) -> str:
+    """The name a custom set (`eval --data FILE`) is reported under: its file's stem."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)
+
+
 def load_custom(path: Path, question_field: str, answer_field: str, template: str,
                 limit: int | None = None) -> list[Problem]:
     rows = read_records(Path(path))
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)
+    name = custom_name(path)
     problems = records_to_problems(name, rows, (question_field,), (answer_field,), answer_text,
                                    ("id", "unique_id", "idx"), template, str(path))
     return problems[:limit] if limit else problems

@@ -12,14 +12,14 @@
   (a method's stop criterion met) and `method` (the method's own state: TrainingRun.method_state).
 
 The state saved is that of the last completed step; a run stopped inside a step saves the cursor taken before
-the step, so that the resumed run draws the same prompts and seeds again. A write that fails (a full disk) removes
-its staging folder and keeps the previous checkpoint (CheckpointWriteError, exit 1). A resume takes the newest
-intact checkpoint; a damaged one is passed over with one line saying so.
+the step, so that the resumed run draws the same prompts and seeds again. A write that fails removes its staging
+folder and keeps the previous checkpoint: a filesystem that refused it (full, over quota, read-only) is exit 8
+(EnvironmentFailure, the line says which), any other failure CheckpointWriteError (exit 1). A resume takes the
+newest intact checkpoint; a damaged one is passed over with one line saying so.
 """
 
 from __future__ import annotations
 
-import errno
 import random
 import shutil
 from dataclasses import dataclass
@@ -29,19 +29,20 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from tsopsd_cli.checkpoint import warn
-from tsopsd_cli.errors import CheckpointError, Interrupted, TsopsdError
+from tsopsd_cli.errors import CheckpointError, EnvironmentFailure, Interrupted, TsopsdError, storage_refusal
 from tsopsd_cli.parallel import dcp, group
 
 if TYPE_CHECKING:
     from tsopsd_cli.rundir import RunDir
-    from tsopsd_cli.training.trainer import PromptStream
+    from tsopsd_cli.training.prompts import PromptStream
 
 TRAINER_STATE = "trainer_state.pt"
 MODEL_STATE = "state"  # the DCP folder inside a checkpoint
 
 
 class CheckpointWriteError(TsopsdError):
-    """A step checkpoint could not be written (a full disk, an I/O error): exit 1, the previous one is kept."""
+    """A step checkpoint could not be written for a reason other than the filesystem's refusal (that is
+    EnvironmentFailure, exit 8): exit 1, the previous one is kept."""
 
 
 @dataclass
@@ -91,22 +92,33 @@ def save(run: RunDir, dist: group.Dist, state: RunState, model, opt, extra_model
         for name, frozen in extra_models.items():
             dcp.save_model(tmp / name, frozen)
         if dist.main:
-            torch.save(trainer_state(), tmp / TRAINER_STATE)
+            with open(tmp / TRAINER_STATE, "wb") as fh:  # (through Python's file: a failed write keeps its errno)
+                torch.save(trainer_state(), fh)
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit, Interrupted)):
             raise
         if dist.main:
             shutil.rmtree(tmp, ignore_errors=True)  # the half-written staging folder (and the space it took)
-        raise CheckpointWriteError(write_failure(e, state, run.path)) from None
+        refused = storage_refusal(e)
+        error = EnvironmentFailure if refused is not None else CheckpointWriteError
+        raise error(write_failure(refused or _first_failure(e), state, run.path)) from None
     run.publish(state.step, keep_last)
     state.saved_step = state.step
 
 
-def write_failure(e: BaseException, state: RunState, path: Path) -> str:
+def _first_failure(e: BaseException) -> str:
+    """What went wrong, in a few words: the first line of the (first rank's) exception, never a traceback (a
+    CheckpointException's text is one per rank)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def write_failure(cause: str, state: RunState, path: Path) -> str:
     """The one line a failed checkpoint write ends the run with."""
-    cause = " ".join(str(e).split())[:200] or type(e).__name__
-    if "No space left" in cause or getattr(e, "errno", None) == errno.ENOSPC:
-        cause = "no space left on the device"
     kept = (f"the checkpoint of step {state.saved_step} is kept" if state.saved_step >= 0
             else "no earlier checkpoint: a resume starts from step 0")
     return (f"writing the checkpoint of step {state.step} in {path} failed ({cause}); {kept}: free "

@@ -1,10 +1,14 @@
-"""Optional mirrors of a training run's metrics log: TensorBoard and Weights & Biases (main process only)."""
+"""Optional mirrors of a training run's metrics log: TensorBoard and Weights & Biases (main process only).
+
+A mirror that cannot start (wandb's login or network, a folder tensorboard cannot write) stops the run at
+start-up with one line (exit 8), before any step; metrics.jsonl stays the record of every run.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tsopsd_cli.errors import MissingDependencyError
+from tsopsd_cli.errors import EnvironmentFailure, MissingDependencyError, storage
 
 
 class MetricsSink:
@@ -18,13 +22,20 @@ class MetricsSink:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MissingDependencyError("logging.tensorboard needs the tensorboard package") from None
-            self.tb = SummaryWriter(str(run_path / "tensorboard"))
+            with storage(f"logging.tensorboard: creating {run_path / 'tensorboard'}", "nothing was kept"):
+                self.tb = SummaryWriter(str(run_path / "tensorboard"))
         if logging_section.wandb_project:
             try:
                 import wandb
             except ImportError:
                 raise MissingDependencyError("logging.wandb_project needs the wandb package") from None
-            self.wandb = wandb.init(project=logging_section.wandb_project, name=run_name, config=config)
+            try:
+                self.wandb = wandb.init(project=logging_section.wandb_project, name=run_name, config=config)
+            except Exception as e:  # noqa: BLE001 - wandb reports login, network and service failures in many types
+                text = str(e).strip().splitlines()
+                raise EnvironmentFailure(f"logging.wandb_project: wandb could not start a run "
+                                         f"({text[0][:200] if text else type(e).__name__}); check `wandb login` "
+                                         "and the network, or turn logging.wandb_project off") from None
 
     def write(self, row: dict) -> None:
         step = row.get("step", 0)

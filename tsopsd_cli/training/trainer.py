@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from tsopsd_cli import lean, signals
-from tsopsd_cli.checkpoint import (check_out, checkpoint_dtype, fingerprint, inspect_checkpoint, load_checkpoint,
-                                   load_tokenizer, provenance, write_checkpoint)
+from tsopsd_cli.checkpoint import (Source, check_out, checkpoint_dtype, fingerprint, inspect_checkpoint,
+                                   load_checkpoint, load_tokenizer, provenance, read_source, write_checkpoint)
 from tsopsd_cli.core.chunked import token_logps
 from tsopsd_cli.devices import release_host_memory
-from tsopsd_cli.engines import encode_prompts, open_engine, sampling_params
+from tsopsd_cli.engines import check_context, context_length, encode_prompts, open_engine, sampling_params
 from tsopsd_cli.engines import require as require_engine
-from tsopsd_cli.errors import (CheckpointError, DataError, Interrupted, RecipeError, TsopsdError, UsageError,
-                               WeightSyncError)
+from tsopsd_cli.errors import (CheckpointError, EnvironmentFailure, Interrupted, RecipeError,
+                               TsopsdError, UsageError, WeightSyncError, storage)
 from tsopsd_cli.modeling import completion_hidden, decoder_and_head, pack
 from tsopsd_cli.parallel import group, reductions, sharding
 from tsopsd_cli.progress import NULL, Progress
@@ -58,6 +58,7 @@ from tsopsd_cli.training import checkpointing
 from tsopsd_cli.training import optim as O
 from tsopsd_cli.training.checkpointing import RunState
 from tsopsd_cli.training.policy import RunPolicy
+from tsopsd_cli.training.prompts import PromptStream
 from tsopsd_cli.training.sink import MetricsSink
 from tsopsd_cli.training.validation import Validator
 from tsopsd_cli.tasks import load_problems
@@ -65,35 +66,6 @@ from tsopsd_cli.tasks.base import Problem
 
 if TYPE_CHECKING:
     from tsopsd_cli.engines.base import Engine
-
-
-class PromptStream:
-    """An endless, reshuffled-every-epoch sequence of problems; its position is part of the resumable state."""
-
-    def __init__(self, problems: list[Problem], seed: int):
-        if not problems:
-            raise DataError("no training prompts")
-        self.problems = problems
-        self.seed = seed
-        self.position = 0
-        self._perm_epoch = -1
-        self._perm: list[int] = []
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(len(self.problems), generator=g).tolist()
-            self._perm_epoch = epoch
-        return self._perm
-
-    def take(self, k: int) -> list[tuple[int, Problem]]:
-        """The next k problems with their global stream positions."""
-        out = []
-        for pos in range(self.position, self.position + k):
-            epoch, i = divmod(pos, len(self.problems))
-            out.append((pos, self.problems[self._order(epoch)[i]]))
-        self.position += k
-        return out
 
 
 class Finished(Interrupted):
@@ -127,6 +99,7 @@ class TrainingRun:
         self.started = 0.0  # time.time() when setup began
         self.dist: group.Dist | None = None
         self.source_fp: str | None = None  # the input checkpoint's fingerprint
+        self.source: Source | None = None  # what the output copies from the input, read at start-up
         self.run: RunDir | None = None
         self.stream: PromptStream | None = None
         self.pl: sharding.Placement | None = None
@@ -196,6 +169,7 @@ class TrainingRun:
                 if getattr(r.data, "chat_template", False) else None  # prompts in the checkpoint's chat template
             problems = load_problems(r.data, chat_tok, require_answers=self.needs_answers)  # before anything is made
             self.source_fp = fingerprint(self.checkpoint)
+            self.source = read_source(self.checkpoint)
         except (Interrupted, KeyboardInterrupt):
             raise
         except TsopsdError as e:
@@ -251,6 +225,8 @@ class TrainingRun:
         self.sched = O.build_scheduler(self.opt, r.optim, r.train.max_steps)
         self.gen = torch.Generator().manual_seed(r.train.seed)
         self.validator = Validator(r.validation, self.tok, r.data) if r.validation.enabled else None
+        for name, probs in (self.validator.sets.items() if self.validator is not None else ()):
+            self.check_prompt_lengths(probs, f"prompts of the validation set {name}")
         ckpt, st = checkpointing.resume_point(self.run, self.dist, self.model, self.opt)
         method_state: dict = {}
         if ckpt is not None:
@@ -265,23 +241,19 @@ class TrainingRun:
         self.sink = MetricsSink(r.logging, self.run.path, f"{self.command}-{key}", r.model_dump(mode="json"),
                                 self.dist.main)
         if self.dist.main:
-            (self.run.path / "recipe.yaml").write_text(recipe_to_yaml(r))
+            with storage(f"writing {self.run.path / 'recipe.yaml'}", "nothing was kept"):
+                (self.run.path / "recipe.yaml").write_text(recipe_to_yaml(r))
         self.engine = self.rollout_engine()
         self.setup_method()
         if ckpt is not None:
             self.load_method_state(method_state, ckpt)
         self.wnorm = reductions.weight_norm(self.model, self.pl, self.dist)
 
-    def check_prompt_lengths(self, problems: list[Problem]) -> None:
-        """Refuse (exit 2) training prompts that leave no room for a completion in the model's context."""
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        if not context:
-            return
+    def check_prompt_lengths(self, problems: list[Problem], what: str = "training prompts") -> None:
+        """Refuse (exit 2) prompts that leave no room for a completion in the model's context (the check every
+        command makes: engines.check_context)."""
         lengths = [len(ids) for ids in encode_prompts(self.tok, [p.prompt for p in problems])]
-        over = [n for n in lengths if n >= context]
-        if over:
-            raise DataError(f"{len(over)} of {len(lengths)} training prompts are as long as or longer than the "
-                            f"model's context ({context} tokens; the longest has {max(over)}): shorten or drop them")
+        check_context(lengths, context_length(self.model.config), what)
 
     def load(self, path, trainable: bool, average: bool = False):
         """(model, tokenizer): read on the CPU in the checkpoint's own dtype, then placed (master dtype and FSDP
@@ -295,6 +267,10 @@ class TrainingRun:
                                  weights=self.dist.main or not from_rank0)
         except Exception as e:  # noqa: BLE001 - decided collectively below, then raised
             failed = e
+        if failed is not None and self.run is not None and self.run.keep and not Path(path).is_dir():
+            failed = EnvironmentFailure(f"{path}: the input checkpoint is gone (removed or moved during the run, "
+                                        f"and needed again now); {self.kept()}: put it back, then run the same "
+                                        "command with --resume")
         if from_rank0 and self.dist.any(failed is not None):  # no process may wait for shards that never come
             raise failed or CheckpointError(f"{path}: the main process could not load the checkpoint")
         if failed is not None:
@@ -504,8 +480,10 @@ class TrainingRun:
     def log_row(self, row: dict) -> None:
         self.history.append(row)
         if self.dist.main:
-            self.run.log.append([json_safe(row)])
-            self.sink.write(row)
+            with storage(f"writing the metrics of step {row['step']} to {self.run.log.path}",
+                         f"{self.kept()}: free space, then run the same command with --resume"):
+                self.run.log.append([json_safe(row)])
+                self.sink.write(row)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self, cursor: dict | None = None, pending_row: dict | None = None) -> None:
@@ -531,6 +509,12 @@ class TrainingRun:
         """Stop here if any process received a signal (all processes agree)."""
         if self.dist.any(signals.requested() is not None):
             raise Interrupted(f"{signals.requested() or 'a signal'} received during {where}")
+
+    def kept(self) -> str:
+        """What a failed run leaves to resume from, in words."""
+        if self.state.saved_step < 0:
+            return f"no checkpoint was saved yet (a resume starts again from step 0 in {self.run.path})"
+        return f"the checkpoint of step {self.state.saved_step} is kept in {self.run.path}"
 
     def interrupted(self, e: Interrupted) -> Interrupted:
         if self.state.saved_step < 0:
@@ -627,22 +611,29 @@ class TrainingRun:
                    "val_accuracy_last": (report["validation"]["last"] or {}).get("val_accuracy"),
                    **{k: v for k, v in report.items() if k in ("entropy", "reward")}}
         prov = provenance(self.command, self.r, self.checkpoint, self.source_fp, metrics, self.started)
-        dtype = self.r.output.dtype if self.r.output.dtype != "auto" else checkpoint_dtype(self.checkpoint)
-        if self.dist.main or self.pl.fsdp:  # under FSDP every process takes part in gathering the weights
-            write_checkpoint(self.model, self.tok, self.run.path, prov, dtype=dtype, source=self.checkpoint,
-                             tensors=sharding.full_tensors(self.model) if self.pl.fsdp else None,
-                             write=self.dist.main)
-        if self.dist.main:
-            if self.r.output.plots:
-                with tempfile.TemporaryDirectory() as d:
-                    png = Path(d) / "curves.png"
-                    keys = [*self.plot_keys, ("val_accuracy", "validation accuracy")]
-                    if plot_curves(self.history, keys, png, self.phases()):
-                        (self.run.path / "curves.png").write_bytes(png.read_bytes())
-            (self.run.path / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+        dtype = self.r.output.dtype if self.r.output.dtype != "auto" else self.source.dtype
+        with storage(f"writing the final model into {self.run.path}",
+                     f"{self.kept()}: free space (or fix the permissions), then run the same command with --resume"):
+            if self.dist.main or self.pl.fsdp:  # under FSDP every process takes part in gathering the weights
+                write_checkpoint(self.model, self.tok, self.run.path, prov, dtype=dtype,
+                                 generation_config=self.source.generation_config,
+                                 tensors=sharding.full_tensors(self.model) if self.pl.fsdp else None,
+                                 write=self.dist.main)
+            if self.dist.main:
+                self.write_report(report)
         out = self.run.finish(before_rename=self._before_rename)
         report["out"] = str(out)
         return report
+
+    def write_report(self, report: dict) -> None:
+        """report.json and, with output.plots, curves.png into the run directory."""
+        if self.r.output.plots:
+            with tempfile.TemporaryDirectory() as d:
+                png = Path(d) / "curves.png"
+                keys = [*self.plot_keys, ("val_accuracy", "validation accuracy")]
+                if plot_curves(self.history, keys, png, self.phases()):
+                    (self.run.path / "curves.png").write_bytes(png.read_bytes())
+        (self.run.path / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
 
     def _before_rename(self) -> None:
         if self.dist.any(signals.requested() is not None):
@@ -651,7 +642,13 @@ class TrainingRun:
 
     def finish_complete(self) -> dict:
         """--resume of a run stopped after it was complete: move it into place and return its report."""
-        report = json.loads((self.run.path / "report.json").read_text()) if self.dist.main else {}
+        report = {}
+        if self.dist.main:
+            try:
+                report = json.loads((self.run.path / "report.json").read_text())
+            except (OSError, ValueError):
+                raise CheckpointError(f"{self.run.path}: the finished run's report.json is missing or damaged; pass "
+                                      "--restart to run it again") from None
         report["out"] = str(self.run.finish())
         return report
 
