@@ -650,6 +650,15 @@ class DemoStage(Section):
         return p if p.is_absolute() else RECIPES_DIR / p
 
 
+DEFAULT_CANDIDATES = {
+    "thermostat": [{"thermostat.enabled": True, "thermostat.threshold": 0.008, "thermostat.window": 5,
+                    "thermostat.min_gap": 10, "thermostat.max_phase_steps": 20, "thermostat.temp": 1.6,
+                    "thermostat.teacher_top_p": 0.95, "thermostat.target_entropy_ratio": 1.0}],
+    "high-entropy-tokens": [{"grpo.top_entropy_quantile": 0.2}],
+    "entropy-adaptive": [{"grpo.entropy_target": 0.03, "grpo.entropy_coef_step": 0.005, "grpo.entropy_coef_max": 0.1}],
+}
+
+
 class DemoSection(Section):
     """The study's design (docs/demo.md), fixed before any arm runs."""
 
@@ -679,14 +688,9 @@ class DemoSection(Section):
         [1.6], min_length=1, description="Candidate temperatures of rollout-temperature, fold and ts-opsd; with "
         "several, each arm's is chosen by the calibration rule (docs/demo.md) on training problems.")
     candidates: dict[Literal["thermostat", "high-entropy-tokens", "entropy-adaptive"], list[dict[str, Any]]] = Field(
-        {"thermostat": [{"thermostat.enabled": True, "thermostat.threshold": 0.008, "thermostat.window": 5,
-                         "thermostat.min_gap": 10, "thermostat.max_phase_steps": 20, "thermostat.temp": 1.6,
-                         "thermostat.teacher_top_p": 0.95, "thermostat.target_entropy_ratio": 1.0}],
-         "high-entropy-tokens": [{"grpo.top_entropy_quantile": 0.2}],
-         "entropy-adaptive": [{"grpo.entropy_target": 0.03, "grpo.entropy_coef_step": 0.005,
-                               "grpo.entropy_coef_max": 0.1}]},
-        description="Candidate settings of each remedy arm (`section.field: value`, on top of the continued "
-        "stage); with several, one is chosen by the calibration rule.")
+        DEFAULT_CANDIDATES, description="Candidate settings of each remedy arm (`section.field: value`, on top of "
+        "the continued stage); with several, one is chosen by the calibration rule. An arm not named keeps its "
+        "default.")
     calibration_seed: int = Field(1000, description="Seed of the calibration runs (not one of `seeds`).")
     forgetting_tolerance: float = Field(0.05, ge=0, lt=1, description="Calibration rule: a candidate is admissible "
                                         "when its natural-mix training accuracy at the end of the budget is at "
@@ -694,6 +698,11 @@ class DemoSection(Section):
     workers: PositiveInt | None = Field(None, description="Runs side by side, one thread each (None: one per "
                                         "core; 1: one after another).")
     topk: PositiveInt = Field(5, description="k of the top-k mass overlap in the representation comparison.")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _keep_unnamed_defaults(cls, v):
+        return {**DEFAULT_CANDIDATES, **v} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _design(self):
@@ -710,9 +719,6 @@ class DemoSection(Section):
             bad = [k for o in options for k in o if not k.startswith(REMEDY_SECTION[arm])]
             if bad:
                 raise ValueError(f"candidates.{arm}: only {REMEDY_SECTION[arm]}* fields ({bad[0]})")
-        missing = [a for a in REMEDY_ARMS if a in self.arms and a not in self.candidates]
-        if missing:
-            raise ValueError(f"candidates: no setting for the arm {missing[0]}")
         return self
 
 

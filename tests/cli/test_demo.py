@@ -60,7 +60,7 @@ def test_the_study_runs_every_arm_side_by_side_calibrates_and_computes_a_verdict
         assert set(arm["accuracy_by_temperature"]["end"]["1"]) == {"toy-bracket", "toy"}
         assert len(set(arm["start_sha256_per_seed"])) == (2 if name == "ts-opsd" else 1)  # reheat re-run per seed
     rollouts = {a: v["rollouts"][0] for a, v in s["arms"].items()}
-    assert rollouts["continued-rl"] == 2 * 2 * 8  # budget x prompts x samples
+    assert rollouts["continued-rl"] == 2 * 2 * 2  # budget x prompts x samples
     reheat = 1 * 2 * 2  # its one step of 2 prompts x 2
     assert rollouts["ts-opsd"] == rollouts["continued-rl"] + reheat
     assert rollouts["continued-rl-matched"] >= rollouts["ts-opsd"]  # extra steps cover the reheat's rollouts
