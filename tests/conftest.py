@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 
 def make_tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
-                         logit_scale: float = 1.0) -> Path:
+                         logit_scale: float = 1.0, context: int = 128) -> Path:
     from transformers import Qwen3ForCausalLM
 
     from tsopsd_cli.checkpoint import provenance, save_checkpoint
@@ -31,7 +31,8 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, hidden: int = 32, layers: in
 
     torch.manual_seed(seed)
     tok = toy.build_tokenizer()
-    cfg = toy.build_model_config(len(tok), hidden, layers, 2, 2 * hidden, 128, tok.pad_token_id, tok.eos_token_id)
+    cfg = toy.build_model_config(len(tok), hidden, layers, 2, 2 * hidden, context, tok.pad_token_id,
+                                 tok.eos_token_id)
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():
         model.model.norm.weight.mul_(logit_scale)  # every logit x logit_scale (the fold of reheat --method fold)

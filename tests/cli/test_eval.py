@@ -38,9 +38,13 @@ def test_eval_toy_report_and_samples(toy_base, tmp_path):
     assert not list(tmp_path.glob(".*"))
 
 
-def test_eval_on_real_benchmark_records_runs(tiny_ckpt, benchmark_dir, tmp_path):
+def test_eval_on_real_benchmark_records_runs(benchmark_dir, tmp_path):
+    from tests.conftest import make_tiny_checkpoint
+
+    # the toy tokenizer spells an AIME problem in ~600 characters: a context that takes them
+    ckpt = make_tiny_checkpoint(tmp_path / "long", context=2048)
     out = tmp_path / "ev"
-    r = eval_json(str(tiny_ckpt), "--benchmark", "aime24,amc23", "--data-dir", str(benchmark_dir),
+    r = eval_json(str(ckpt), "--benchmark", "aime24,amc23", "--data-dir", str(benchmark_dir),
                   "--limit", "2", "-n", "2", "--max-new-tokens", "4", "--out", str(out))
     assert set(r["benchmarks"]) == {"aime24", "amc23"} and r["benchmarks"]["aime24"]["problems"] == 2
     # the golds graded against are the records' own answers, normalised (AMC's 27.0 -> 27)

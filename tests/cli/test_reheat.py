@@ -177,8 +177,9 @@ def _reheat_with_sleepy_engine(tiny_ckpt, tmp_path, monkeypatch, *sets):
         return real(model)
 
     monkeypatch.setattr(sharding, "gathered", gathered)
+    toy = [] if any(x.startswith("data.type=") for x in sets) else ["data.num_prompts=64"]  # a toy source's field
     r = build_recipe("reheat", None, parse_set_options([
-        "data.num_prompts=64", "train.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
+        *toy, "train.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
         "validation.limit=2", "validation.num_generations=1", "validation.max_new_tokens=8",
         "reheat.report_prompts=3", "train.max_steps=1", f"output.out={tmp_path / 'out'}", "output.plots=false",
         *sets]))
