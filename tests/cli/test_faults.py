@@ -252,6 +252,7 @@ def test_a_diverging_update_exits_3_before_anything_is_saved(lr, tiny_ckpt, tmp_
     assert not out.exists() and not (tmp_path / ".x.partial" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cause", ["loss", "reward"])
 def test_a_non_finite_loss_or_reward_later_in_a_run_keeps_the_last_good_checkpoints(cause, tiny_ckpt, tmp_path):
     """A non-finite loss at step 3 is the non-finite guard's (exit 3); a non-finite reward at step 3 is the reward
@@ -596,6 +597,7 @@ def test_a_closed_stdout_does_not_fail_a_finished_run(tiny_ckpt, tmp_path):
     assert (out / "model.safetensors").is_file() and "error" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_exit_130_with_one_line(tiny_ckpt, tmp_path):
     p = run_cli("rl", str(tiny_ckpt), *SMALL, "--out", str(tmp_path / "x"), env={"TSOPSD_FAULT": "INT@rollout#1"})
     line = one_error_line(p, code=130)
@@ -749,6 +751,7 @@ def _freeze(folder):
     return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_a_failed_final_rename_keeps_the_finished_run_and_resume_moves_it_into_place(tiny_ckpt, tmp_path):
     """The output folder's parent became unwritable right before the end: finish() had deleted state.json before
     the rename failed (exit 1 naming the lock), and the --resume that followed refused the finished run as one of
@@ -781,6 +784,7 @@ def test_a_failed_final_rename_keeps_the_finished_run_and_resume_moves_it_into_p
     assert sorted(x.name for x in parent.iterdir()) == ["x"]  # no partial, no lock
 
 
+@pytest.mark.slow
 def test_the_inputs_files_copied_into_the_output_are_those_read_at_start_up(tiny_ckpt, tmp_path):
     """The input checkpoint removed between steps of `rl`: exit 0 with a made-up generation config (and the
     output dtype of a config that was no longer there) where the docs promise a byte copy of the input's."""
@@ -820,6 +824,7 @@ def _run_limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
                           preexec_fn=_limited_file_size(limit))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["final weights", "step checkpoint"])
 def test_a_refused_write_is_exit_8_with_one_line_and_the_run_resumes(where, tiny_ckpt, tmp_path):
     """The disk filling during the final weight write was exit 1 "internal error" quoting SafetensorError; during
@@ -857,6 +862,7 @@ def words(completions, answers):
                                            ("rw:one_too_many", "returned 5 values for 4 completions"),
                                            ("rw:words", "('good') is not a number"),
                                            ("rw_import:reward", "importing")])
+@pytest.mark.slow
 def test_a_reward_function_that_fails_its_contract_is_exit_7_naming_grpo_reward(spec, fragment, tiny_ckpt,
                                                                                  tmp_path):
     """One value too many trained with every reward shifted by one (exit 0); a raising one was exit 1 "internal
@@ -869,6 +875,7 @@ def test_a_reward_function_that_fails_its_contract_is_exit_7_naming_grpo_reward(
     assert "grpo.reward" in line and spec in line and fragment in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("question", [None, 12])
 def test_a_null_or_non_text_question_is_bad_input_everywhere(question, tiny_ckpt, tmp_path):
     """A null question was trained and diagnosed as the prompt "None\\n..." (eval refused it); a number was
@@ -886,6 +893,7 @@ def test_a_null_or_non_text_question_is_bad_input_everywhere(question, tiny_ckpt
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]
 
 
+@pytest.mark.slow
 def test_prompts_the_models_context_cannot_take_are_refused_by_every_command(tiny_ckpt, tmp_path):
     """eval and diagnose sampled a 400-token prompt on a checkpoint with a 128-token context (exit 0, no warning)
     where rl refused the same file."""
@@ -910,6 +918,7 @@ def test_prompts_the_models_context_cannot_take_are_refused_by_every_command(tin
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bench", "long.jsonl", "short.jsonl", "texts.jsonl"]
 
 
+@pytest.mark.slow
 def test_an_eval_refused_at_start_up_leaves_nothing_and_the_corrected_command_runs(tiny_ckpt, tmp_path):
     """The refusal left `.OUT.partial` holding only state.json; the corrected command was then refused as "a
     different recipe"."""
@@ -924,6 +933,7 @@ def test_an_eval_refused_at_start_up_leaves_nothing_and_the_corrected_command_ru
     assert p.returncode == 0, p.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_row_in_an_unfinished_evals_samples_is_dropped_and_redone(tiny_ckpt, tmp_path):
     """A samples file with a row that lacks its fields (a hand edit, a foreign tool) ended the resumed eval with
     exit 1 (KeyError)."""

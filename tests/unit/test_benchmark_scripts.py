@@ -32,6 +32,7 @@ def test_gpu_check_smoke(tmp_path):
     assert fs["fsdp"]["optimizer_state_MiB"] == fs["plain"]["optimizer_state_MiB"]  # one process: the same state
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_ends_with_the_issue_30_line(tmp_path):
     """`gpu_check.py --smoke`: every arm (engine decode against transformers' generate, both training-forward
     layouts at two batches, the rollout inside the reheat runner against the bare engine, the plan arm with each

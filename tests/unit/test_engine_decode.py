@@ -111,6 +111,7 @@ def _same(a, b, tol: float) -> None:
         assert x.logprobs == pytest.approx(y.logprobs, abs=tol) and x.entropies == pytest.approx(y.entropies, abs=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row_seeds", [True, False])
 def test_static_step_eagerly_samples_what_the_lean_decoder_samples(toy_base, monkeypatch, row_seeds):
     """The static form (whole zero-filled cache, validity mask, batch-size buckets) run eagerly on the CPU: the same
@@ -133,6 +134,7 @@ def test_static_step_eagerly_samples_what_the_lean_decoder_samples(toy_base, mon
     assert all(b < a and b & (b - 1) == 0 for a, b in zip(strategy.buckets, strategy.buckets[1:]))
 
 
+@pytest.mark.slow
 def test_graph_capture_once_per_bucket_replays_on_static_buffers(toy_base, monkeypatch):
     """CUDA graphs as the engine uses them, with torch.cuda's graph and stream calls replaced by a recorder: one
     capture per batch-size bucket (batches of 16 and a last one of 4; buckets shrink as rows finish), every decode
