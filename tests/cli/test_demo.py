@@ -107,7 +107,9 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     assert summary["verdict"] == "untestable" and "do not separate" in summary["verdict_reason"]  # one seed
     # the stages the first invocation finished keep their times; total_seconds adds up every stage
     assert {"toy init", "rl until collapse", "reheat (TS-OPSD), seed 0"} <= summary["stage_seconds"].keys()
-    assert summary["total_seconds"] == pytest.approx(sum(summary["stage_seconds"].values()), abs=0.2)
+    # (one worker: a phase's wall time is its runs' times plus the bookkeeping between them, never less)
+    runs_seconds = sum(summary["stage_seconds"].values())
+    assert runs_seconds - 0.05 <= summary["total_seconds"] <= runs_seconds + 1.0
     assert summary["seconds"] < summary["total_seconds"]
     assert not partial.exists() and not (tmp_path / ".demo.lock").exists()
 

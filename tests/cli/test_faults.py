@@ -893,7 +893,6 @@ def test_a_null_or_non_text_question_is_bad_input_everywhere(question, tiny_ckpt
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]
 
 
-@pytest.mark.slow
 def test_prompts_the_models_context_cannot_take_are_refused_by_every_command(tiny_ckpt, tmp_path):
     """eval and diagnose sampled a 400-token prompt on a checkpoint with a 128-token context (exit 0, no warning)
     where rl refused the same file."""
@@ -913,12 +912,11 @@ def test_prompts_the_models_context_cannot_take_are_refused_by_every_command(tin
                  ["reheat", str(tiny_ckpt), "--data", str(long), "--out", str(tmp_path / "r")],
                  ["rl", str(tiny_ckpt), "--data", str(short), "--set", "validation.benchmarks=[math500]",
                   "--set", f"validation.data_dir={bench}", "--out", str(tmp_path / "x")]):
-        line = one_error_line(run_cli(*args))
+        line = one_error_line(run_main(*args))  # (bad input: in this process)
         assert "model's context (128 tokens" in line, (args, line)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bench", "long.jsonl", "short.jsonl", "texts.jsonl"]
 
 
-@pytest.mark.slow
 def test_an_eval_refused_at_start_up_leaves_nothing_and_the_corrected_command_runs(tiny_ckpt, tmp_path):
     """The refusal left `.OUT.partial` holding only state.json; the corrected command was then refused as "a
     different recipe"."""
@@ -926,10 +924,10 @@ def test_an_eval_refused_at_start_up_leaves_nothing_and_the_corrected_command_ru
     data.write_text(json.dumps({"problem": "1+1=?", "answer": "2"}) + "\n")
     args = ["eval", str(tiny_ckpt), "--data", str(data), "-n", "1", "--max-new-tokens", "4", "--out",
             str(tmp_path / "e")]
-    line = one_error_line(run_cli(*args, "--chat-template"))
+    line = one_error_line(run_main(*args, "--chat-template"))
     assert "chat template" in line
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]
-    p = run_cli(*args)
+    p = run_main(*args)
     assert p.returncode == 0, p.stderr
 
 

@@ -39,6 +39,11 @@ _KEY = "tsopsd/"
 _ACTIVE: "Dist | None" = None
 
 
+# set when this process found no working store at MASTER_ADDR:MASTER_PORT within TSOPSD_RENDEZVOUS_TIMEOUT: a port
+# held by another program blocks a store client for its whole timeout, so there is no failure to announce there
+_NO_STORE = False
+
+
 def _failure_record(store) -> dict | None:
     """The job's failure record {rank, code, message} on its store, or None while there is none."""
     return json.loads(store.get(_KEY + "abort")) if store.check([_KEY + "abort"]) else None
@@ -59,7 +64,7 @@ def announce_early_failure(code: int, message: str, wait: float = 15.0) -> None:
         host, port = launch.rendezvous()
     except Exception:  # noqa: BLE001 - nothing to announce with
         return
-    if world <= 1 or torch.distributed.is_initialized():
+    if world <= 1 or torch.distributed.is_initialized() or _NO_STORE:
         return
     value = json.dumps({"rank": rank, "code": code, "message": message})
 
@@ -125,10 +130,17 @@ class Dist:
         timeout = timedelta(minutes=minutes)
         box: dict = {}
 
+        reach = launch.env_seconds("TSOPSD_RENDEZVOUS_TIMEOUT", STORE_REACH)
+
         def connect():
             try:
-                store = torch.distributed.TCPStore(host, port, self.world, self.rank == 0, timeout=timeout,
+                # (the client's connection attempt blocks this process, signals and the deadline check included,
+                # for up to the store's timeout when the port answers but is no store: it gets `reach`, and the
+                # store the rendezvous' own timeout once it is reached)
+                first = timeout if self.rank == 0 else min(timeout, timedelta(seconds=reach))
+                store = torch.distributed.TCPStore(host, port, self.world, self.rank == 0, timeout=first,
                                                    wait_for_workers=False)
+                store.set_timeout(timeout)
                 box["store"] = store
                 torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world,
                                                      timeout=timeout)
@@ -136,7 +148,6 @@ class Dist:
                 box["error"] = e
 
         t = threading.Thread(target=connect, name="tsopsd-rendezvous", daemon=True)
-        reach = launch.env_seconds("TSOPSD_RENDEZVOUS_TIMEOUT", STORE_REACH)
         t.start()
         probe = None
         t0 = time.monotonic()
@@ -153,6 +164,8 @@ class Dist:
                 self.failure = f
                 raise with_code(f"rank {f['rank']} failed: {f['message']}", f["code"])
             if "store" not in box and time.monotonic() - t0 > reach:  # (the thread is left behind: a daemon)
+                global _NO_STORE
+                _NO_STORE = True  # nothing to announce a failure on: the others meet the same timeout
                 raise PeerFailed(f"no working rendezvous store at {host}:{port} within {reach:g} s "
                                  "(TSOPSD_RENDEZVOUS_TIMEOUT): is MASTER_PORT used by another program, or did rank 0 "
                                  "not start?")

@@ -151,7 +151,7 @@ class Demo:
             seconds = run_jobs(jobs, self.workers, lambda m: self.progress.log(f"[demo] {m}"), advance)
         self.rundir.log.append([{"stage": name, "seconds": s} for name, s in seconds.items()])
         if seconds:  # the phase's wall time (its runs went side by side)
-            self.rundir.log.append([{"phase": title, "seconds": round(time.time() - t0, 1)}])
+            self.rundir.log.append([{"phase": title, "seconds": round(time.time() - t0, 2)}])
 
     def continued(self, out: Path, *, seed: int, steps: int | None = None, validation_split: str = "test",
                   **extra) -> dict:
@@ -192,9 +192,9 @@ class Demo:
         phases: dict[str, float] = {}
         for row in rows:
             if "phase" in row:
-                phases[row["phase"]] = round(phases.get(row["phase"], 0.0) + row["seconds"], 1)
+                phases[row["phase"]] = round(phases.get(row["phase"], 0.0) + row["seconds"], 2)
         summary["phase_seconds"] = phases
-        summary["total_seconds"] = round(sum(summary["phase_seconds"].values()), 1)
+        summary["total_seconds"] = round(sum(summary["phase_seconds"].values()), 2)
         demo_report.write(summary, o, plots=self.r.output.plots)
         summary["out"] = str(self.rundir.finish(before_rename=lambda: signals.check("the demo's finish")))
         return summary

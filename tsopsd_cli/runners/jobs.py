@@ -96,7 +96,7 @@ def _run_here(todo: list[Job], log, advance) -> dict[str, float]:
         log(f"{j.name} -> {j.target}")
         t0 = time.time()
         _resolve(j.fn)(**j.kwargs)
-        seconds[j.name] = round(time.time() - t0, 1)
+        seconds[j.name] = round(time.time() - t0, 2)
         advance(1)
     return seconds
 
@@ -133,7 +133,7 @@ def _run_side_by_side(todo: list[Job], workers: int, log, advance) -> dict[str, 
                         "its worker process died (killed, or out of memory?); the finished runs are kept: "
                         "continue with the same command and --resume"]
                 if outcome == "ok":
-                    seconds[j.name] = round(secs, 1)
+                    seconds[j.name] = round(secs, 2)
                     log(f"{j.name}: done in {secs:.0f} s")
                     advance(1)
                 elif outcome == "interrupted":
