@@ -221,15 +221,15 @@ def classify(operands: tuple[int, ...], ops: tuple[str, ...], bracket: tuple[int
     exceeds `max_wrong_value`."""
     prec, ltr = habit_lines(operands, ops, "prec"), habit_lines(operands, ops, "ltr")
     true = true_steps(operands, ops, bracket)
-    value, p, l = true[-1][3], prec[-1][3], ltr[-1][3]
+    value, by_prec, by_ltr = true[-1][3], prec[-1][3], ltr[-1][3]
     top = lambda lines: max(s[3] for s in lines)  # noqa: E731
     if max(top(true), top(prec), top(ltr)) > max_wrong_value:
         return None
-    if p == value and l == value:
+    if by_prec == value and by_ltr == value:
         family, right = "neutral", prec + ltr
-    elif p == value:
+    elif by_prec == value:
         family, right = "precedence", prec
-    elif l == value:
+    elif by_ltr == value:
         family, right = "bracket", ltr
     else:
         return None
