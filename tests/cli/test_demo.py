@@ -105,6 +105,7 @@ def test_an_interrupted_demo_resumes_keeping_its_finished_stages(cli, tmp_path):
     assert (out / "collapsed" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was redone
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verdict"] == "untestable" and "do not separate" in summary["verdict_reason"]  # one seed
+    assert "a verdict needs more seeds: tsopsd demo --full" in summary["verdict_reason"]
     # the stages the first invocation finished keep their times; total_seconds adds up every stage
     assert {"toy init", "rl until collapse", "reheat (TS-OPSD), seed 0"} <= summary["stage_seconds"].keys()
     # (one worker: a phase's wall time is its runs' times plus the bookkeeping between them, never less)

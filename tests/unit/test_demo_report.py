@@ -71,3 +71,8 @@ def test_controls_separate_only_with_a_significant_difference_in_escapes():
     assert not R.controls(arms, 0.05)["separated"]  # 4 discordant pairs: p = 0.125
     one = {k: {"escaped_per_seed": v["escaped_per_seed"][:1], "primary_per_seed": [0.5]} for k, v in arms.items()}
     assert not R.controls(one, 0.05)["separated"]  # one seed can never separate
+    # the reason says so, and what would: more seeds (demo --full); ten seeds whose runs did not separate do not
+    assert "--full" in R.unseparated_reason(R.controls(one, 0.05), 1, 0.05)
+    assert "whatever the runs do (at best 1)" in R.unseparated_reason(R.controls(one, 0.05), 1, 0.05)
+    ten = R.unseparated_reason(R.controls(arms, 0.05), 10, 0.05)
+    assert "--full" not in ten and "cannot show whether a start restores exploration" in ten

@@ -206,3 +206,32 @@ def test_decoding_float32_weights_in_bfloat16_samples_from_one_copy(tiny_ckpt, l
     assert all(p.dtype == torch.float32 for p in ld.model.parameters())  # the engine's model is untouched
     float32 = HFEngine(ld.model, ld.tokenizer, lean=lean).generate(prompts, params)
     assert [c.logprobs for c in float32] != [c.logprobs for c in got]  # (it did compute in bfloat16)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_completion_ends_where_prompt_and_completion_fill_the_context(tiny_ckpt, lean):
+    """As vLLM does: a row whose prompt leaves less room than max_new_tokens ends by length where prompt and
+    completion fill max_position_embeddings, and samples nothing at a position the model does not take. Every row
+    (capped or not, with its own seed stream) samples what it samples with a context that is never reached, up to
+    its cap; a prompt with no room is refused (exit 2's DataError) by the engine itself."""
+    from tsopsd_cli.errors import DataError
+
+    ld = load_checkpoint(tiny_ckpt, device="cpu")
+    prompts = [ld.tokenizer(t)["input_ids"] for t in ("1+2=?\n", "(3*4)-5+(6*7)-8=?\n", "9=?\n")]
+    params = SamplingParams(num_generations=2, temperature=1.0, max_new_tokens=16, row_seeds=(1, 2, 3))
+    engine = HFEngine(ld.model, ld.tokenizer, lean=lean)
+    wide = engine.generate(prompts, params, ignore_eos=True)
+    context = max(len(p) for p in prompts) + 5  # the longest prompt has room for 5 tokens, the others for more
+    ld.model.config.max_position_embeddings = context
+    narrow = engine.generate(prompts, params, ignore_eos=True)
+    for w, c in zip(wide, narrow, strict=True):
+        cap = min(16, context - len(c.prompt_ids))
+        assert len(c.token_ids) == cap and len(c.prompt_ids) + len(c.token_ids) <= context
+        assert c.finish_reason == "length"
+        assert c.token_ids == w.token_ids[:cap]
+        assert c.logprobs == pytest.approx(w.logprobs[:cap], abs=1e-5)
+    lengths = [len(c.token_ids) for c in narrow]
+    assert min(lengths) == 5 and max(lengths) > 5  # capped rows beside rows with more room
+    ld.model.config.max_position_embeddings = len(prompts[1])
+    with pytest.raises(DataError, match="1 of 3 prompts are as long as or longer than the model's context"):
+        engine.generate(prompts, params)

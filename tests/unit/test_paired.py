@@ -87,3 +87,19 @@ def test_compare_and_verdict():
     assert P.verdict(True, noisy, ("m", "r")) == "not separated"
     with pytest.raises(ValueError):
         P.verdict(True, rows, ("m", "x"))
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_smallest_p_is_what_the_most_extreme_outcome_gives(n):
+    """smallest_p(n, k) equals the exact tests run on the most extreme outcome n seeds can have: every seed
+    discordant one way (McNemar), every difference of one sign (sign-flip), Holm's first step over k."""
+    assert P.smallest_p(n) == pytest.approx(P.mcnemar_p([True] * n, [False] * n))
+    diffs_up = [0.1 + 0.01 * i for i in range(n)]
+    assert P.smallest_p(n) == pytest.approx(P.sign_flip_p(diffs_up, [0.0] * n))
+    for k in (1, 2, 7):
+        raw = [P.sign_flip_p(diffs_up, [0.0] * n)] + [1.0] * (k - 1)
+        assert P.smallest_p(n, k) == pytest.approx(min(P.holm(raw)))
+    # the levels the study's design rests on: controls separable from 6 seeds, seven Holm comparisons from 9
+    assert (P.smallest_p(n) < 0.05) == (n >= 6) and (P.smallest_p(n, 7) < 0.05) == (n >= 9)
+    with pytest.raises(ValueError):
+        P.smallest_p(0)

@@ -13,6 +13,8 @@ library for the distributions); no torch, no I/O.
   diff >= +margin); the larger of the two p-values. Small p: the arms are equivalent within the margin.
 - `mcnemar_p`: the exact McNemar test of a binary outcome per seed (escaped or not): a two-sided binomial test of
   the discordant pairs (b01 vs b10) at 1/2; 1.0 when there are none.
+- `smallest_p`: the smallest p-value n seeds can give (2 * 2^-n, times a Holm family's size): whether a design can
+  reach a verdict at all, known before it runs.
 """
 
 from __future__ import annotations
@@ -129,6 +131,16 @@ def compare(arm: str, values: dict[str, list[float]], escaped: dict[str, list[bo
                        p_tost=tost_p(values[arm], values[o], margin),
                        mcnemar_p=mcnemar_p(escaped[arm], escaped[o]))
             for o, p, ph in zip(others, raw, adjusted)]
+
+
+def smallest_p(n: int, comparisons: int = 1) -> float:
+    """The smallest p-value n paired seeds can give, before any run: the exact McNemar test's and the exact sign-flip
+    test's (every seed discordant the same way, or every difference of one sign: 2 * 2^-n), times the size of a
+    Holm family of `comparisons` (its first step multiplies the smallest p by the family size); capped at 1. Below
+    the level a test needs, no outcome of the runs can reach it."""
+    if n < 1 or comparisons < 1:
+        raise ValueError(f"needs at least one seed and one comparison, not n={n}, comparisons={comparisons}")
+    return min(1.0, comparisons * 2.0 * 0.5 ** n)
 
 
 def verdict(controls_separated: bool, comparisons: list[Comparison], decisive: tuple[str, ...],

@@ -19,7 +19,7 @@ import torch
 from tsopsd_cli import signals
 from tsopsd_cli.core.chunked import nucleus, rows_per_block
 from tsopsd_cli.core.stats import entropy_from_logp
-from tsopsd_cli.engines.base import Completion, SamplingParams, end_token_ids
+from tsopsd_cli.engines.base import Completion, SamplingParams, check_context, context_length, end_token_ids
 
 
 _M64 = 2**64
@@ -208,6 +208,7 @@ class HFEngine:
     def _generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
                   ignore_eos: bool = False) -> list[Completion]:
         prompt_ids = prompts
+        check_context([len(p) for p in prompts], context_length(self.model.config), "prompts")
         jobs = [(i, j) for i in range(len(prompts)) for j in range(params.num_generations)]
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         out: list[Completion] = []
@@ -234,12 +235,16 @@ class HFEngine:
     def _generate_batch(self, ids: list[list[int]], jobs, params: SamplingParams, gen,
                         end_ids: tuple[int, ...], weights) -> list[Completion]:
         """One batch of prompts `ids` (completion `jobs[r]` = (prompt index, sample index) per row): prefill, the
-        decode loop, and each row's Completion."""
-        steps = params.max_new_tokens
+        decode loop, and each row's Completion. A row ends, as in vLLM, at max_new_tokens or where prompt and
+        completion fill the model's context (finish reason "length"): no token is sampled at a position the model
+        does not take."""
+        context = context_length(self.model.config)
+        caps = [min(params.max_new_tokens, context - len(x)) if context else params.max_new_tokens for x in ids]
+        steps = max(caps)
         input_ids, mask = _left_pad(ids, self.tokenizer.pad_token_id, self.device)
         decode = self._decode_strategy(weights)
         logits = decode.prefill(input_ids, mask, steps)
-        rows = _BatchRows(len(ids), steps, self.tokenizer.pad_token_id, self.device)
+        rows = _BatchRows(len(ids), steps, self.tokenizer.pad_token_id, self.device, caps)
         ends = torch.tensor(end_ids, dtype=torch.long, device=self.device)
         live = torch.arange(len(ids), device=self.device)  # rows still decoded: a strategy may drop finished ones
         gumbel = GumbelMax()
@@ -463,8 +468,10 @@ class _BatchRows:
     ended. Recorded, not searched for afterwards: the pad filler after the end may be the eos token itself
     (pad == eos is common)."""
 
-    def __init__(self, bsz: int, steps: int, pad: int, dev):
+    def __init__(self, bsz: int, steps: int, pad: int, dev, caps: list[int] | None = None):
         self.pad = pad
+        self.caps = caps if caps is not None else [steps] * bsz  # each row's most tokens (max_new_tokens, context)
+        self.min_cap = min(self.caps)
         self.tokens = torch.full((bsz, steps), pad, dtype=torch.long, device=dev)
         self.logps = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
         self.ents = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
@@ -500,6 +507,12 @@ class _BatchRows:
         for r in ended:
             self.done[r] = True
             self.length[r], self.reason[r] = n, "stop"
+        if n < self.min_cap:  # no row's room is used up yet (the usual case: no host sync here)
+            return
+        for r in live[~self.done[live]].tolist():
+            if n >= self.caps[r]:  # the row's room is used up: it ends here by length
+                self.done[r] = True
+                self.length[r] = n
 
     def completions(self, ids: list[list[int]], jobs, tok, stop) -> list[Completion]:
         n = self.n

@@ -169,6 +169,20 @@ def representation(out: Path, seeds: list[int]) -> dict:
     return result
 
 
+def unseparated_reason(ctl: dict, n: int, alpha: float) -> str:
+    """Why controls that do not separate leave the study untestable, and whether more seeds could change that: with
+    n paired seeds the exact McNemar test reaches 2 * 2^-n at best, so below 6 seeds no outcome separates them."""
+    why = (f"the controls do not separate: the base escaped in {sum(ctl['base']['escaped_per_seed'])} of {n} seeds, "
+           f"the collapsed checkpoint in {sum(ctl['collapsed']['escaped_per_seed'])} (exact McNemar p "
+           f"{ctl['mcnemar_p']:.3g}, needs < {alpha:g}): ")
+    best = paired.smallest_p(n)
+    if best >= alpha:
+        return why + (f"with {n} paired seed{'s' if n > 1 else ''} the test cannot reach p < {alpha:g} whatever the "
+                      f"runs do (at best {best:.3g}); a verdict needs more seeds: tsopsd demo --full (ten paired "
+                      "seeds)")
+    return why + "this setting cannot show whether a start restores exploration"
+
+
 def summarize(recipe, out: Path, settings: dict, runs: dict[str, dict[int, Path]]) -> dict:
     d = recipe.demo
     arms = {arm: arm_numbers(recipe, out, arm, seed_runs) for arm, seed_runs in runs.items()}
@@ -177,12 +191,9 @@ def summarize(recipe, out: Path, settings: dict, runs: dict[str, dict[int, Path]
     comparisons = paired.compare("ts-opsd", {a: v["primary_per_seed"] for a, v in compared.items()},
                                  {a: v["escaped_per_seed"] for a, v in compared.items()}, d.margin, d.alpha) \
         if len(d.seeds) > 1 else []
+    n = len(d.seeds)
     if not ctl["separated"]:
-        verdict = "untestable"
-        why = (f"the controls do not separate: the base escaped in {sum(ctl['base']['escaped_per_seed'])} of "
-               f"{len(d.seeds)} seeds, the collapsed checkpoint in {sum(ctl['collapsed']['escaped_per_seed'])} "
-               f"(exact McNemar p {ctl['mcnemar_p']:.3g}, needs < {d.alpha:g}): this setting cannot show whether "
-               "a start restores exploration")
+        verdict, why = "untestable", unseparated_reason(ctl, n, d.alpha)
     elif any(a not in compared for a in DECISIVE):
         verdict, why = "untestable", f"the decisive arms {', '.join(DECISIVE)} did not all run"
     else:
@@ -190,6 +201,10 @@ def summarize(recipe, out: Path, settings: dict, runs: dict[str, dict[int, Path]
         why = {"supported": "TS-OPSD is better than both decisive comparators (Holm-adjusted p < alpha)",
                "refuted": "TS-OPSD is worse than, or equivalent within the margin to, a decisive comparator",
                "not separated": "the decisive comparisons are neither significant nor equivalent"}[verdict]
+        best = paired.smallest_p(n, len(comparisons))
+        if verdict == "not separated" and best >= d.alpha:
+            why += (f"; with {n} paired seeds and {len(comparisons)} comparisons no Holm-adjusted p can fall below "
+                    f"{d.alpha:g} (at best {best:.3g}): a verdict needs more seeds")
     return {
         "command": "demo", "verdict": verdict, "verdict_reason": why,
         "design": {"seeds": d.seeds, "budget_steps": d.budget_steps, "primary_metric": d.primary_metric,
