@@ -138,12 +138,13 @@ def test_memory_benchmarks_run_on_a_tiny_shape(script):
 
 
 @pytest.mark.slow
-def test_real_shape_vs_trl_smoke():
+def test_real_shape_vs_trl_smoke(benchmark_dir):
     """The real-vocabulary comparison runs end to end (narrow model, real tokenizer and vocabulary, MATH-500
-    prompts); without TRL its rows are skipped with a note and their ratios are 'na'."""
+    prompts from the shared records, skipped like every test that needs them where a checkout has none beside it);
+    without TRL its rows are skipped with a note and their ratios are 'na'."""
     import importlib.util
 
-    out = run("real_shape_vs_trl.py")
+    out = run("real_shape_vs_trl.py", "--data-dir", str(benchmark_dir))
     last = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split())
     assert list(last) == ["reheat_time", "reheat_mem", "rl_time", "fwdbwd_2k", "mem_8k_over_2k"]
     assert float(last["fwdbwd_2k"]) > 0 and float(last["mem_8k_over_2k"]) > 0
