@@ -208,7 +208,8 @@ class HFEngine:
     def _generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
                   ignore_eos: bool = False) -> list[Completion]:
         prompt_ids = prompts
-        check_context([len(p) for p in prompts], context_length(self.model.config), "prompts")
+        context = context_length(self.model.config)
+        check_context([len(p) for p in prompts], context, "prompts")
         jobs = [(i, j) for i in range(len(prompts)) for j in range(params.num_generations)]
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         out: list[Completion] = []
@@ -225,7 +226,7 @@ class HFEngine:
                                          dtype=torch.int64, device=self.device)
                 out.extend(self._generate_batch([prompt_ids[i] for i, _ in batch], batch, params,
                                                 gen if seeds is None else seeds, () if ignore_eos else self.end_ids,
-                                                weights))
+                                                weights, context))
                 if progress is not None:
                     progress(len(batch))
         finally:
@@ -233,12 +234,11 @@ class HFEngine:
         return out
 
     def _generate_batch(self, ids: list[list[int]], jobs, params: SamplingParams, gen,
-                        end_ids: tuple[int, ...], weights) -> list[Completion]:
+                        end_ids: tuple[int, ...], weights, context: int | None) -> list[Completion]:
         """One batch of prompts `ids` (completion `jobs[r]` = (prompt index, sample index) per row): prefill, the
         decode loop, and each row's Completion. A row ends, as in vLLM, at max_new_tokens or where prompt and
         completion fill the model's context (finish reason "length"): no token is sampled at a position the model
-        does not take."""
-        context = context_length(self.model.config)
+        does not take (`context`: the model's, None when its config declares none)."""
         caps = [min(params.max_new_tokens, context - len(x)) if context else params.max_new_tokens for x in ids]
         steps = max(caps)
         input_ids, mask = _left_pad(ids, self.tokenizer.pad_token_id, self.device)
@@ -468,10 +468,10 @@ class _BatchRows:
     ended. Recorded, not searched for afterwards: the pad filler after the end may be the eos token itself
     (pad == eos is common)."""
 
-    def __init__(self, bsz: int, steps: int, pad: int, dev, caps: list[int] | None = None):
+    def __init__(self, bsz: int, steps: int, pad: int, dev, caps: list[int]):
         self.pad = pad
-        self.caps = caps if caps is not None else [steps] * bsz  # each row's most tokens (max_new_tokens, context)
-        self.min_cap = min(self.caps)
+        self.caps = caps  # each row's most tokens: max_new_tokens, or less where the context ends first
+        self.min_cap = min(caps)
         self.tokens = torch.full((bsz, steps), pad, dtype=torch.long, device=dev)
         self.logps = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)
         self.ents = torch.zeros((bsz, steps), dtype=torch.float32, device=dev)

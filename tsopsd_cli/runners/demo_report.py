@@ -185,13 +185,13 @@ def unseparated_reason(ctl: dict, n: int, alpha: float) -> str:
 
 def summarize(recipe, out: Path, settings: dict, runs: dict[str, dict[int, Path]]) -> dict:
     d = recipe.demo
+    n = len(d.seeds)
     arms = {arm: arm_numbers(recipe, out, arm, seed_runs) for arm, seed_runs in runs.items()}
     ctl = controls(arms, d.alpha)
     compared = {a: v for a, v in arms.items() if a != "base-control"}
     comparisons = paired.compare("ts-opsd", {a: v["primary_per_seed"] for a, v in compared.items()},
                                  {a: v["escaped_per_seed"] for a, v in compared.items()}, d.margin, d.alpha) \
-        if len(d.seeds) > 1 else []
-    n = len(d.seeds)
+        if n > 1 else []
     if not ctl["separated"]:
         verdict, why = "untestable", unseparated_reason(ctl, n, d.alpha)
     elif any(a not in compared for a in DECISIVE):
